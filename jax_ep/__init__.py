@@ -1,0 +1,28 @@
+"""jax_ep: expert-parallel dispatch and combine for Mixture-of-Experts in JAX.
+
+Normal mode (training, prefill): ``get_dispatch_layout``, ``dispatch``,
+``cached_dispatch``, ``combine``. Low-latency mode (decoding):
+``low_latency_dispatch``, ``low_latency_combine``. FP8: ``per_token_cast_to_fp8``,
+``per_token_cast_back``. Every op runs inside ``jax.shard_map`` over the EP
+axis, under ``jit``/``scan``, with ``backend="xla"`` (pure JAX, the reference)
+or ``backend="cuda"`` (the kernels), chosen by static options.
+"""
+
+from jax_ep.buffer import Buffer
+from jax_ep.fp8 import per_token_cast_back, per_token_cast_to_fp8
+from jax_ep.handle import DispatchHandle, LowLatencyHandle
+from jax_ep.layout import DispatchLayout, get_dispatch_layout
+from jax_ep.low_latency import LowLatencyDispatchOutput, low_latency_combine, low_latency_dispatch
+from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
+from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.validation import CapacityOverflowError, RoutingError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Buffer", "CapacityOverflowError", "DispatchHandle", "DispatchLayout", "DispatchOutput",
+    "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions",
+    "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
+    "get_dispatch_layout", "low_latency_combine", "low_latency_dispatch",
+    "per_token_cast_back", "per_token_cast_to_fp8",
+]

@@ -1,0 +1,174 @@
+"""Low-latency dispatch and combine: the packed per-expert layout of decoding.
+
+Call these inside ``jax.shard_map`` over the expert-parallel axis. Shapes are
+static (``M`` = ``options.num_max_dispatch_tokens_per_rank``), nothing is
+ever dropped, and the combine weights the returned rows by the top-k weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import validation
+from jax_ep.backends import get_backend, require
+from jax_ep.handle import LowLatencyHandle, LowLatencySpec
+from jax_ep.normal import _zero_cotangent
+from jax_ep.options import LowLatencyOptions
+
+
+class LowLatencyDispatchOutput(NamedTuple):
+    """What ``low_latency_dispatch`` returns on each rank.
+
+    Attributes:
+      recv_x: ``bfloat16 [E/R, R*M, H]`` (x's dtype), or with FP8 the pair
+        ``(float8_e4m3fn [E/R, R*M, H], scales)`` with scales ``float32
+        [E/R, R*M, H/128]`` or packed UE8M0 ``int32 [E/R, R*M, H/512]``.
+        Local expert ``e``'s tokens fill rows ``[0, recv_count[e])`` ordered by
+        (source rank, source token); the rest are zero.
+      recv_count: ``int32 [E/R]``, tokens received by each local expert.
+      handle: ``LowLatencyHandle`` for ``low_latency_combine``.
+    """
+
+    recv_x: jax.Array | tuple
+    recv_count: jax.Array
+    handle: LowLatencyHandle
+
+
+def _impl(spec: LowLatencySpec, op: str):
+    return require(get_backend(spec.options.backend), op, spec.options.backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ll_dispatch(x, handle, spec):
+    return _impl(spec, "ll_dispatch")(x, handle)
+
+
+def _ll_dispatch_fwd(x, handle, spec):
+    return _impl(spec, "ll_dispatch")(x, handle), handle
+
+
+def _ll_dispatch_bwd(spec, handle, ct):
+    if spec.options.fp8 is not None:
+        raise NotImplementedError(
+            "low_latency_dispatch with FP8 has no gradient (the cast is not differentiable); "
+            "differentiate a BF16 low_latency_dispatch (options.fp8=None) instead"
+        )
+    vals = _impl(spec, "ll_gather_back")(ct, handle)  # [T, K, H]
+    first = _first_slot_mask(handle)
+    grad = jnp.sum(jnp.where(first[..., None], vals, 0.0), axis=1).astype(ct.dtype)
+    return grad, _zero_cotangent(handle)
+
+
+_ll_dispatch.defvjp(_ll_dispatch_fwd, _ll_dispatch_bwd)
+
+
+def _first_slot_mask(handle: LowLatencyHandle) -> jax.Array:
+    from jax_ep.reference.routing import first_slots, valid_slots
+
+    idx = handle.topk_idx
+    return first_slots(idx, valid_slots(idx, handle.spec.num_experts))
+
+
+def low_latency_dispatch(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    *,
+    num_experts: int,
+    axis_name="ep",
+    options: LowLatencyOptions = LowLatencyOptions(),
+) -> LowLatencyDispatchOutput:
+    """Send each (token, expert) pair to the expert's rank, packed per expert.
+
+    Args:
+      x: ``[T, H]`` bfloat16 (float16/float32 also accepted), ``T <= M``;
+        ``H % 128 == 0`` with FP8 (``% 512`` with UE8M0).
+      topk_idx: ``int32 [T, K]`` global expert ids, -1 masks a slot.
+      num_experts: ``E`` (static), divisible by ``R``.
+      axis_name: the EP mesh axis (static).
+      options: ``LowLatencyOptions`` (static): ``M``, FP8 cast, backend.
+
+    Returns:
+      ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
+      cotangent to its token (an un-weighted low-latency combine).
+    """
+    if not isinstance(options, LowLatencyOptions):
+        raise TypeError(f"options must be a jax_ep.LowLatencyOptions, got {type(options).__name__}")
+    validation.check_hidden_states(x)
+    t, h = x.shape
+    validation.check_topk_idx(topk_idx, t)
+    m = options.num_max_dispatch_tokens_per_rank
+    if t > m:
+        raise ValueError(
+            f"x has T={t} tokens but options.num_max_dispatch_tokens_per_rank={m}; "
+            f"low-latency dispatch needs T <= M: raise M to at least {t} (the same M on every rank)"
+        )
+    if options.fp8 is not None:
+        validation.check_fp8_hidden(h, use_ue8m0=options.fp8.use_ue8m0)
+    r = validation.num_ranks_of(axis_name)
+    validation.check_num_experts(num_experts, r)
+    validation.check_ids_in_range_now(topk_idx, num_experts)
+    spec = LowLatencySpec(
+        num_ranks=r, num_experts=num_experts, num_tokens=t, num_topk=topk_idx.shape[1], hidden=h,
+        axis_name=axis_name, options=options,
+    )
+    topk_idx = topk_idx.astype(jnp.int32)
+    if options.checked:
+        validation.runtime_check_ids(topk_idx, num_experts)
+    counts, handle = _impl(spec, "ll_dispatch_route")(topk_idx, spec)
+    return LowLatencyDispatchOutput(_ll_dispatch(x, handle, spec), counts, handle)
+
+
+@jax.custom_vjp
+def _ll_combine(y, topk_weights, handle):
+    return _impl(handle.spec, "ll_combine")(y, topk_weights, handle)
+
+
+def _ll_combine_fwd(y, topk_weights, handle):
+    return _ll_combine(y, topk_weights, handle), (y, topk_weights, handle)
+
+
+def _ll_combine_bwd(res, ct):
+    y, topk_weights, handle = res
+    spec = handle.spec
+    weighted = topk_weights[..., None] * ct[:, None, :].astype(jnp.float32)  # [T, K, H]
+    grad_y = _impl(spec, "ll_scatter_out")(weighted, handle).astype(y.dtype)
+    vals = _impl(spec, "ll_gather_back")(y, handle)
+    grad_w = jnp.einsum("th,tkh->tk", ct.astype(jnp.float32), vals, precision="highest")
+    return grad_y, grad_w, _zero_cotangent(handle)
+
+
+_ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)
+
+
+def low_latency_combine(y: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle) -> jax.Array:
+    """Return expert outputs to their tokens and sum them with the top-k weights.
+
+    ``out[t] = sum_k topk_weights[t, k] * y_row(t, topk_idx[t, k])`` over the
+    valid slots (float32 accumulation), as DeepEP's low-latency combine.
+
+    Args:
+      y: ``[E/R, R*M, H]`` bfloat16/float16/float32, rows as dispatch packed them.
+      topk_weights: ``float32 [T, K]``, the weights of the dispatched ``topk_idx``.
+      handle: that dispatch's ``LowLatencyHandle``.
+
+    Returns:
+      ``[T, H]`` in y's dtype; differentiable in ``y`` and ``topk_weights``.
+    """
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(
+            f"handle must be the LowLatencyHandle returned by jax_ep.low_latency_dispatch, got {type(handle).__name__}"
+        )
+    s = handle.spec
+    want = (s.num_local_experts, s.num_ranks * s.max_tokens, s.hidden)
+    if getattr(y, "shape", None) != want or y.dtype not in validation.PAYLOAD_DTYPES:
+        raise ValueError(
+            f"y must be a bfloat16/float16/float32 array of shape [E/R, R*M, H] = {want}, "
+            f"got {getattr(y, 'dtype', None)} {getattr(y, 'shape', None)}"
+        )
+    validation.check_topk_weights(topk_weights, handle.topk_idx)
+    return _ll_combine(y, topk_weights, handle)

@@ -1,0 +1,112 @@
+"""Static options of each mode: frozen, hashable dataclasses.
+
+They are static arguments: two calls with equal options share one compiled
+program, and changing an option retraces. Validation that needs no array lives
+in ``__post_init__`` so that a bad option fails where it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Backend = Literal["xla", "cuda"]
+Layout = Literal["rank_major", "expert_major"]
+
+BACKENDS = ("xla", "cuda")
+LAYOUTS = ("rank_major", "expert_major")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        what = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Options:
+    """How tokens are cast to FP8 (``float8_e4m3fn``, one scale per 128 channels).
+
+    Attributes:
+      round_scale: round each scale up to a power of two (exact in UE8M0).
+      use_ue8m0: store the power-of-two scales as packed UE8M0 exponents, four
+        per ``int32`` (``[..., H/512]``) instead of ``float32 [..., H/128]``.
+        Implies ``round_scale``; needs ``H % 512 == 0``.
+    """
+
+    round_scale: bool = False
+    use_ue8m0: bool = False
+
+    def __post_init__(self):
+        if self.use_ue8m0 and not self.round_scale:
+            # UE8M0 can only hold powers of two.
+            object.__setattr__(self, "round_scale", True)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalOptions:
+    """Static options of normal (high-throughput) dispatch and combine.
+
+    Attributes:
+      layout: ``"rank_major"`` (DeepEP's normal layout: one row per received
+        token, grouped by source rank, then source token order) or
+        ``"expert_major"`` (one row per received (token, local expert) pair,
+        grouped by local expert, each group starting at a multiple of
+        ``expert_alignment``; ready for ``jax.lax.ragged_dot``).
+      num_max_recv_tokens: rows of the static receive buffer (the capacity
+        ``C``). ``None`` takes the worst case, which never drops:
+        ``R*T`` rows for rank-major, ``R*T*min(K, E/R) + (E/R)*(alignment-1)``
+        for expert-major. Rows past the capacity are dropped (see ``dispatch``).
+      expert_alignment: expert-major groups start at multiples of this; the
+        rank-major layout ignores it.
+      checked: raise a runtime error (instead of dropping and counting) when
+        the capacity overflows or a top-k id is out of range. Uses a host
+        callback: for debugging, not for CUDA-graph-captured production runs.
+      backend: ``"xla"`` (pure-JAX reference, runs anywhere) or ``"cuda"``
+        (the compiled kernels).
+    """
+
+    layout: Layout = "rank_major"
+    num_max_recv_tokens: int | None = None
+    expert_alignment: int = 1
+    checked: bool = False
+    backend: Backend = "xla"
+
+    def __post_init__(self):
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_positive_int("num_max_recv_tokens", self.num_max_recv_tokens, allow_none=True)
+        _check_positive_int("expert_alignment", self.expert_alignment)
+        _check_choice("backend", self.backend, BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyOptions:
+    """Static options of low-latency dispatch and combine.
+
+    Attributes:
+      num_max_dispatch_tokens_per_rank: ``M``, the most tokens any rank sends
+        in one call; the receive buffer is ``[E/R, R*M, H]``. Every rank must
+        pass the same ``M`` and ``T <= M``.
+      fp8: ``None`` sends BF16; an ``FP8Options`` casts each token to FP8 while
+        dispatching.
+      checked: raise a runtime error when a top-k id is out of range.
+      backend: ``"xla"`` or ``"cuda"``.
+    """
+
+    num_max_dispatch_tokens_per_rank: int = 128
+    fp8: FP8Options | None = None
+    checked: bool = False
+    backend: Backend = "xla"
+
+    def __post_init__(self):
+        _check_positive_int("num_max_dispatch_tokens_per_rank", self.num_max_dispatch_tokens_per_rank)
+        if self.fp8 is not None and not isinstance(self.fp8, FP8Options):
+            raise ValueError(f"fp8 must be None or an FP8Options, got {self.fp8!r}")
+        _check_choice("backend", self.backend, BACKENDS)

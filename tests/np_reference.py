@@ -1,0 +1,143 @@
+"""Plain-numpy restatement of the jax_ep contract, written from the docs with
+loops, independent of ``jax_ep.reference``. Tests compare both backends to it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def owner_and_local(expert: int, num_experts: int, num_ranks: int):
+    per = num_experts // num_ranks
+    return expert // per, expert % per
+
+
+def token_experts(row, num_experts):
+    """Distinct valid expert ids of one token, in slot order."""
+    out = []
+    for e in row:
+        if 0 <= e < num_experts and e not in out:
+            out.append(int(e))
+    return out
+
+
+def layout(idx, num_experts, num_ranks):
+    t = idx.shape[0]
+    per_rank = np.zeros(num_ranks, np.int32)
+    per_expert = np.zeros(num_experts, np.int32)
+    in_rank = np.zeros((t, num_ranks), bool)
+    for i in range(t):
+        for e in token_experts(idx[i], num_experts):
+            per_expert[e] += 1
+            in_rank[i, owner_and_local(e, num_experts, num_ranks)[0]] = True
+    per_rank[:] = in_rank.sum(0)
+    return per_rank, per_expert, in_rank
+
+
+def local_row(idx_row, w_row, dst, num_experts, num_ranks):
+    """A token's top-k ids/weights as rank `dst` receives them."""
+    ids = np.full(idx_row.shape, -1, np.int32)
+    ws = np.zeros(w_row.shape, np.float32)
+    for k, e in enumerate(idx_row):
+        if 0 <= e < num_experts:
+            o, loc = owner_and_local(int(e), num_experts, num_ranks)
+            if o == dst:
+                ids[k], ws[k] = loc, w_row[k]
+    return ids, ws
+
+
+def dispatch_rank_major(xs, idxs, ws, num_experts, capacity):
+    """Per destination: (recv_x, recv_idx, recv_w, src list, dropped, per-expert counts)."""
+    r = len(xs)
+    t, k = idxs[0].shape
+    h = xs[0].shape[1]
+    le = num_experts // r
+    out = []
+    for d in range(r):
+        rows = []
+        counts = np.zeros(le, np.int32)
+        for s in range(r):
+            for i in range(t):
+                ids, wv = local_row(idxs[s][i], ws[s][i], d, num_experts, r)
+                if (ids >= 0).any():
+                    rows.append((s, i, ids, wv))
+                    for loc in set(int(v) for v in ids if v >= 0):
+                        counts[loc] += 1
+        recv_x = np.zeros((capacity, h), xs[0].dtype)
+        recv_idx = np.full((capacity, k), -1, np.int32)
+        recv_w = np.zeros((capacity, k), np.float32)
+        src = []
+        for j, (s, i, ids, wv) in enumerate(rows[:capacity]):
+            recv_x[j], recv_idx[j], recv_w[j] = xs[s][i], ids, wv
+            src.append((s, i))
+        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, dropped=max(len(rows) - capacity, 0), counts=counts))
+    return out
+
+
+def dispatch_expert_major(xs, idxs, ws, num_experts, capacity, alignment):
+    r = len(xs)
+    t, k = idxs[0].shape
+    h = xs[0].shape[1]
+    le = num_experts // r
+    out = []
+    for d in range(r):
+        groups = [[] for _ in range(le)]
+        for s in range(r):
+            for i in range(t):
+                ids, wv = local_row(idxs[s][i], ws[s][i], d, num_experts, r)
+                for loc in sorted(set(int(v) for v in ids if v >= 0)):
+                    mine = ids == loc
+                    groups[loc].append((s, i, np.where(mine, ids, -1), np.where(mine, wv, 0.0)))
+        recv_x = np.zeros((capacity, h), xs[0].dtype)
+        recv_idx = np.full((capacity, k), -1, np.int32)
+        recv_w = np.zeros((capacity, k), np.float32)
+        src, start, dropped, sizes = [], 0, 0, []
+        for g in groups:
+            for j, (s, i, ids, wv) in enumerate(g):
+                pos = start + j
+                if pos < capacity:
+                    recv_x[pos], recv_idx[pos], recv_w[pos] = xs[s][i], ids, wv
+                    src.append((s, i))
+                else:
+                    dropped += 1
+            aligned = -(-len(g) // alignment) * alignment
+            sizes.append(min(start + aligned, capacity) - min(start, capacity))
+            start += aligned
+        counts = np.array([len(g) for g in groups], np.int32)
+        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, dropped=dropped, counts=counts,
+                        group_sizes=np.array(sizes, np.int32)))
+    return out
+
+
+def ll_dispatch(xs, idxs, num_experts, max_tokens):
+    r = len(xs)
+    t = idxs[0].shape[0]
+    h = xs[0].shape[1]
+    le = num_experts // r
+    out = []
+    for d in range(r):
+        recv = np.zeros((le, r * max_tokens, h), xs[0].dtype)
+        count = np.zeros(le, np.int32)
+        for s in range(r):
+            for i in range(t):
+                for e in token_experts(idxs[s][i], num_experts):
+                    o, loc = owner_and_local(e, num_experts, r)
+                    if o == d:
+                        recv[loc, count[loc]] = xs[s][i]
+                        count[loc] += 1
+        out.append(dict(x=recv, count=count))
+    return out
+
+
+def fp8_quantize(x, round_scale=False):
+    """float32 [T, H] -> (dequantizable float32 q, scales [T, H/128]) by the documented rule."""
+    import ml_dtypes
+
+    t, h = x.shape
+    g = x.astype(np.float32).reshape(t, h // 128, 128)
+    amax = np.maximum(np.abs(g).max(-1), np.float32(1e-4)).astype(np.float32)
+    scale = (amax * np.float32(1.0 / 448.0)).astype(np.float32)
+    if round_scale:
+        scale = np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    q = np.clip(g * inv[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q.reshape(t, h), scale
