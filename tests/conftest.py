@@ -17,7 +17,7 @@ AXIS = "ep"
 
 def make_mesh(num_ranks: int):
     return jax.make_mesh(
-        (num_ranks,), (AXIS,), devices=jax.devices()[:num_ranks], axis_types=(jax.sharding.AxisType.Explicit,)
+        (num_ranks,), (AXIS,), devices=jax.devices()[:num_ranks], axis_types=(jax.sharding.AxisType.Auto,)
     )
 
 

@@ -1,0 +1,60 @@
+"""Per-token FP8 cast against the numpy quantizer."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+import jax_ep
+import np_reference as npr
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_cast_matches_numpy_quantizer(rng, round_scale, dtype):
+    x = (rng.standard_normal((9, 384)) * rng.uniform(0.01, 100, (9, 1))).astype(dtype)
+    x[3, :128] = 0  # all-zero group: amax floors at 1e-4
+    q, s = jax_ep.per_token_cast_to_fp8(x, jax_ep.FP8Options(round_scale=round_scale))
+    want_q, want_s = npr.fp8_quantize(np.asarray(x, np.float32), round_scale=round_scale)
+    assert q.dtype == jnp.float8_e4m3fn and s.dtype == jnp.float32 and s.shape == (9, 3)
+    np.testing.assert_array_equal(np.asarray(s), want_s)
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want_q.view(np.uint8))
+
+
+def test_cast_error_bound_and_calc_diff(rng):
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    q, s = jax_ep.per_token_cast_to_fp8(x)
+    back = np.asarray(jax_ep.per_token_cast_back(q, s, out_dtype=jnp.float32), np.float64)
+    a, b = x.astype(np.float64) + 1, back + 1  # DeepEP's calc_diff
+    diff = 1 - 2 * (a * b).sum() / (a * a + b * b).sum()
+    assert diff < 9e-4
+    amax = np.abs(x.reshape(64, 8, 128)).max(-1, keepdims=True)
+    assert (np.abs(back - x).reshape(64, 8, 128) <= amax / 16 + 1e-7).all()
+
+
+def test_ue8m0_packing(rng):
+    x = (rng.standard_normal((3, 1024)) * 5).astype(np.float32)
+    opts = jax_ep.FP8Options(use_ue8m0=True)
+    assert opts.round_scale  # implied
+    q, packed = jax_ep.per_token_cast_to_fp8(x, opts)
+    assert packed.dtype == jnp.int32 and packed.shape == (3, 2)
+    _, want_s = npr.fp8_quantize(x, round_scale=True)
+    exps = np.asarray(packed).view(np.uint32)
+    for j in range(8):  # byte j % 4 of word j // 4
+        byte = (exps[:, j // 4] >> (8 * (j % 4))) & 0xFF
+        np.testing.assert_array_equal(byte, (want_s[:, j].view(np.uint32) >> 23) & 0xFF)
+    q2, s2 = jax_ep.per_token_cast_to_fp8(x, jax_ep.FP8Options(round_scale=True))
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(q2).view(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(jax_ep.per_token_cast_back(q, packed, opts, out_dtype=jnp.float32)),
+        np.asarray(jax_ep.per_token_cast_back(q2, s2, out_dtype=jnp.float32)),
+    )
+
+
+def test_saturation_and_leading_dims(rng):
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    q, s = jax_ep.per_token_cast_to_fp8(x)
+    assert q.shape == (2, 3, 128) and s.shape == (2, 3, 1)
+    assert np.abs(np.asarray(q).astype(np.float32)).max() <= 448
+    # the group max maps exactly onto ±448 (up to rounding of the scale)
+    assert np.isclose(np.abs(np.asarray(q, np.float32)).max(axis=-1), 448, rtol=1e-2).all()
