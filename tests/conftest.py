@@ -2,10 +2,13 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU tests (the default, and CI) run on 8 virtual CPU devices. GPU tests set
+# JAX_EP_TEST_GPU=1 (scripts/gpu_suite.sh does) and see the real devices.
+if not os.environ.get("JAX_EP_TEST_GPU"):
+    os.environ.setdefault("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

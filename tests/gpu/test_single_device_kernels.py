@@ -1,0 +1,82 @@
+"""The single-device CUDA kernels (layout, FP8 cast) against the reference
+backend and the numpy restatement. Runs on one GPU; skipped elsewhere.
+
+    JAX_EP_TEST_GPU=1 python -m pytest tests/gpu/test_single_device_kernels.py
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import jax_ep
+from jax_ep import _extension
+import np_reference as npr
+from conftest import random_routing
+
+pytestmark = pytest.mark.skipif(
+    not _extension.available() or jax.default_backend() != "gpu",
+    reason="needs a GPU and the built CUDA extension (JAX_EP_TEST_GPU=1 on a GPU machine)",
+)
+
+
+@pytest.mark.parametrize(
+    "t,k,e,r,distinct",
+    [(4096, 8, 256, 8, True), (4096, 8, 256, 4, True), (1000, 6, 64, 2, False), (1, 1, 8, 8, True),
+     (0, 8, 256, 8, True), (777, 16, 1024, 64, False), (333, 3, 12, 3, False)],
+)
+def test_layout_kernel_exact(rng, t, k, e, r, distinct):
+    idx = random_routing(rng, 1, t, k, e, mask_prob=0.15, distinct=distinct)[0]
+    got = jax.jit(lambda i: tuple(jax_ep.get_dispatch_layout(i, e, num_ranks=r, backend="cuda")))(idx)
+    ref = jax.jit(lambda i: tuple(jax_ep.get_dispatch_layout(i, e, num_ranks=r, backend="xla")))(idx)
+    want = npr.layout(idx, e, r) if t <= 1000 else [np.asarray(a) for a in ref]
+    for g, rr, w in zip(got, ref, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(rr))
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("opts", [jax_ep.FP8Options(), jax_ep.FP8Options(round_scale=True), jax_ep.FP8Options(use_ue8m0=True)])
+@pytest.mark.parametrize("shape", [(4096, 7168), (3, 512), (0, 2048)])
+def test_fp8_cast_kernel_bitwise(rng, dtype, opts, shape):
+    x = (rng.standard_normal(shape) * rng.uniform(1e-3, 1e3, (shape[0], 1))).astype(np.float32)
+    if shape[0] > 2:
+        x[1, :128] = 0.0  # floor of amax
+        x[2, 5] = 1e30 if dtype == jnp.float32 else 3e38  # saturation
+    x = jnp.asarray(x, dtype)
+    q, s = jax.jit(lambda v: jax_ep.per_token_cast_to_fp8(v, opts, backend="cuda"))(x)
+    q_ref, s_ref = jax.jit(lambda v: jax_ep.per_token_cast_to_fp8(v, opts, backend="xla"))(x)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(q_ref).view(np.uint8))
+    if shape[0] and not opts.use_ue8m0:
+        q_np, s_np = npr.fp8_quantize(np.asarray(x, np.float32), round_scale=opts.round_scale)
+        np.testing.assert_array_equal(np.asarray(s), s_np)
+        np.testing.assert_array_equal(np.asarray(q).view(np.uint8), q_np.view(np.uint8))
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        back = jax.jit(lambda a, b: jax_ep.per_token_cast_back(a, b, opts, out_dtype=out_dtype, backend="cuda"))(q, s)
+        back_ref = jax_ep.per_token_cast_back(q, s, opts, out_dtype=out_dtype, backend="xla")
+        np.testing.assert_array_equal(np.asarray(back, np.float32), np.asarray(back_ref, np.float32))
+
+
+def test_kernels_in_fori_loop(rng):
+    """Handlers inside a compiled loop (captured into CUDA graphs unless disabled)."""
+    idx = random_routing(rng, 1, 512, 8, 64)[0]
+    x = jnp.asarray(rng.standard_normal((512, 1024)), jnp.bfloat16)
+
+    @jax.jit
+    def loop(idx, x):
+        def body(i, acc):
+            per_rank, per_expert, _ = jax_ep.get_dispatch_layout(jnp.roll(idx, i, axis=0), 64, num_ranks=8, backend="cuda")
+            q, s = jax_ep.per_token_cast_to_fp8(x * (i + 1).astype(x.dtype), backend="cuda")
+            return acc + per_rank.sum() + per_expert.sum() + jnp.sum(s)
+        return jax.lax.fori_loop(0, 50, body, jnp.float32(0))
+
+    @jax.jit
+    def loop_ref(idx, x):
+        def body(i, acc):
+            per_rank, per_expert, _ = jax_ep.get_dispatch_layout(jnp.roll(idx, i, axis=0), 64, num_ranks=8)
+            q, s = jax_ep.per_token_cast_to_fp8(x * (i + 1).astype(x.dtype))
+            return acc + per_rank.sum() + per_expert.sum() + jnp.sum(s)
+        return jax.lax.fori_loop(0, 50, body, jnp.float32(0))
+
+    np.testing.assert_allclose(float(loop(idx, x)), float(loop_ref(idx, x)), rtol=1e-6)

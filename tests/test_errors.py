@@ -1,0 +1,173 @@
+"""Every bad input raises an error that names the argument and what would work."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import jax_ep
+from conftest import random_routing, run_ranks
+
+R, T, K, E, H = 2, 4, 2, 4, 128
+
+
+@pytest.fixture
+def inputs(rng):
+    idxs = random_routing(rng, R, T, K, E)
+    xs = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(R)]
+    ws = [rng.random((T, K)).astype(np.float32) for _ in range(R)]
+    return xs, idxs, ws
+
+
+def _dispatch(num_experts=E, options=jax_ep.NormalOptions(), x_fn=lambda x: x, i_fn=lambda i: i, w_fn=lambda w: w, axis_name="ep"):
+    def f(x, i, w):
+        o = jax_ep.dispatch(x_fn(x), i_fn(i), w_fn(w), num_experts=num_experts, options=options, axis_name=axis_name)
+        return o.num_dropped
+    return f
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(num_experts=5), ValueError, r"num_experts=5 must be divisible by the number of EP ranks R=2"),
+        (dict(num_experts=0), ValueError, r"num_experts must be a positive int"),
+        (dict(x_fn=lambda x: x[None]), ValueError, r"x must be a 2-D array \[T, H\]"),
+        (dict(x_fn=lambda x: x.astype(jnp.int32)), TypeError, r"x must be bfloat16, float16 or float32"),
+        (dict(i_fn=lambda i: i[:-1]), ValueError, r"topk_idx must have one row per token"),
+        (dict(i_fn=lambda i: i.astype(jnp.float32)), TypeError, r"topk_idx must have an integer dtype"),
+        (dict(w_fn=lambda w: w[:, :1]), ValueError, r"topk_weights must have the shape of topk_idx"),
+        (dict(w_fn=lambda w: w.astype(jnp.bfloat16)), TypeError, r"topk_weights must be float32"),
+        (dict(axis_name="tp"), ValueError, r"axis_name='tp' is not a mesh axis bound here"),
+        (dict(x_fn=lambda x: (x.astype(jnp.float8_e4m3fn), x[:, :2])), ValueError, r"x\[1\] \(the FP8 scales\) must be float32 \(4, 1\)"),
+        (dict(x_fn=lambda x: (x[:, :100].astype(jnp.float8_e4m3fn), x[:, :1])), ValueError, r"FP8 needs a multiple of 128"),
+        (dict(options="rank_major"), TypeError, r"options must be a jax_ep.NormalOptions"),
+    ],
+)
+def test_dispatch_bad_inputs(inputs, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run_ranks(_dispatch(**kwargs), R, *inputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(layout="token_major"), r"layout must be one of \('rank_major', 'expert_major'\)"),
+        (dict(num_max_recv_tokens=0), r"num_max_recv_tokens must be a positive int or None"),
+        (dict(expert_alignment=0), r"expert_alignment must be a positive int"),
+        (dict(backend="tpu"), r"backend must be one of \('xla', 'cuda'\)"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jax_ep.NormalOptions(**kwargs)
+
+
+def test_bad_low_latency_options():
+    with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank must be a positive int"):
+        jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=0)
+    with pytest.raises(ValueError, match="fp8 must be None or an FP8Options"):
+        jax_ep.LowLatencyOptions(fp8=True)
+
+
+def test_concrete_ids_out_of_range_raise_now():
+    with pytest.raises(jax_ep.RoutingError, match=r"topk_idx\[1, 0\] = 9 is out of range"):
+        jax_ep.get_dispatch_layout(np.array([[0, 1], [9, 2]], np.int32), 8, num_ranks=2)
+    with pytest.raises(jax_ep.RoutingError, match="or -1 for a masked slot"):
+        jax_ep.get_dispatch_layout(np.array([[-2, 1]], np.int32), 8, num_ranks=2)
+
+
+def test_traced_ids_out_of_range_checked_mode(inputs):
+    xs, idxs, ws = inputs
+    idxs = [i.copy() for i in idxs]
+    idxs[1][0, 0] = E + 3
+    opts = jax_ep.NormalOptions(checked=True)
+    with pytest.raises(Exception, match=r"top-k ids are out of range"):
+        run_ranks(_dispatch(options=opts), R, xs, idxs, ws)
+    # unchecked: the bad slot is ignored like -1
+    run_ranks(_dispatch(), R, xs, idxs, ws)
+
+
+@pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
+def test_overflow_checked_mode_raises(inputs, layout):
+    opts = jax_ep.NormalOptions(layout=layout, num_max_recv_tokens=1, checked=True)
+    with pytest.raises(Exception, match=r"did not fit in num_max_recv_tokens=1.*Raise num_max_recv_tokens"):
+        run_ranks(_dispatch(options=opts), R, *inputs)
+
+
+def test_checked_mode_silent_when_it_fits(inputs):
+    out = run_ranks(_dispatch(options=jax_ep.NormalOptions(checked=True)), R, *inputs)
+    assert (out == 0).all()
+
+
+def test_fp8_cast_bad_hidden():
+    with pytest.raises(ValueError, match="FP8 needs a multiple of 128"):
+        jax_ep.per_token_cast_to_fp8(jnp.zeros((2, 100)))
+    with pytest.raises(ValueError, match="packed UE8M0 scales need a multiple of 512"):
+        jax_ep.per_token_cast_to_fp8(jnp.zeros((2, 256)), jax_ep.FP8Options(use_ue8m0=True))
+    with pytest.raises(ValueError, match=r"scales must be float32 \(2, 2\)"):
+        jax_ep.per_token_cast_back(jnp.zeros((2, 256), jnp.float8_e4m3fn), jnp.zeros((2, 3)))
+    with pytest.raises(TypeError, match="x_fp8 must be float8_e4m3fn"):
+        jax_ep.per_token_cast_back(jnp.zeros((2, 256)), jnp.zeros((2, 2)))
+
+
+def test_low_latency_bad_inputs(inputs):
+    xs, idxs, ws = inputs
+
+    def ll(options, x_fn=lambda x: x):
+        def f(x, i, w):
+            return jax_ep.low_latency_dispatch(x_fn(x), i, num_experts=E, options=options).recv_count
+        return f
+
+    with pytest.raises(ValueError, match=r"T=4 tokens but options.num_max_dispatch_tokens_per_rank=2"):
+        run_ranks(ll(jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=2)), R, xs, idxs, ws)
+    with pytest.raises(ValueError, match="packed UE8M0 scales need a multiple of 512"):
+        opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4, fp8=jax_ep.FP8Options(use_ue8m0=True))
+        run_ranks(ll(opts), R, xs, idxs, ws)
+
+    def bad_combine(x, i, w):
+        o = jax_ep.low_latency_dispatch(x, i, num_experts=E, options=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4))
+        return jax_ep.low_latency_combine(o.recv_x[:, :3], w, o.handle)
+
+    with pytest.raises(ValueError, match=r"y must be .* \[E/R, R\*M, H\] = \(2, 8, 128\)"):
+        run_ranks(bad_combine, R, xs, idxs, ws)
+
+
+def test_combine_bad_inputs(inputs):
+    def f(x, i, w):
+        o = jax_ep.dispatch(x, i, w, num_experts=E)
+        return jax_ep.combine(o.recv_x[:3], o.handle)
+
+    with pytest.raises(ValueError, match=r"y must have 8 rows \(one per handle row\)"):
+        run_ranks(f, R, *inputs)
+
+    def g(x, i, w):
+        return jax_ep.combine(x, handle=(1, 2))
+
+    with pytest.raises(TypeError, match="handle must be the DispatchHandle returned by jax_ep.dispatch"):
+        run_ranks(g, R, *inputs)
+
+
+def test_cuda_backend_without_extension_is_clear(inputs, monkeypatch):
+    from jax_ep import _extension
+
+    monkeypatch.setattr(_extension, "available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs the compiled jax_ep._C extension"):
+        jax_ep.get_dispatch_layout(inputs[1][0], E, num_ranks=R, backend="cuda")
+
+
+def test_cuda_backend_missing_op_is_clear(inputs):
+    from jax_ep import _extension
+
+    if not _extension.available():
+        pytest.skip("extension not built")
+    opts = jax_ep.NormalOptions(backend="cuda")
+    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'dispatch_route' kernel in this build"):
+        run_ranks(_dispatch(options=opts), R, *inputs)
+
+
+def test_destroyed_buffer():
+    buf = jax_ep.Buffer(num_experts=4)
+    with buf:
+        pass
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buf.get_dispatch_layout(np.zeros((1, 1), np.int32))
