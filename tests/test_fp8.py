@@ -58,3 +58,10 @@ def test_saturation_and_leading_dims(rng):
     assert np.abs(np.asarray(q).astype(np.float32)).max() <= 448
     # the group max maps exactly onto ±448 (up to rounding of the scale)
     assert np.isclose(np.abs(np.asarray(q, np.float32)).max(axis=-1), 448, rtol=1e-2).all()
+
+
+@pytest.mark.parametrize("opts", [jax_ep.FP8Options(), jax_ep.FP8Options(use_ue8m0=True)])
+def test_empty_input(opts):
+    q, s = jax_ep.per_token_cast_to_fp8(jnp.zeros((0, 1024)), opts)
+    assert q.shape == (0, 1024) and s.shape == (0, 2 if opts.use_ue8m0 else 8)
+    assert jax_ep.per_token_cast_back(q, s, opts).shape == (0, 1024)

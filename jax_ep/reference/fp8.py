@@ -41,7 +41,7 @@ def _pow2_ceil(scale: jax.Array) -> jax.Array:
 def _pack_ue8m0(scale: jax.Array) -> jax.Array:
     """float32 [..., G] powers of two -> int32 [..., G/4] packed exponents."""
     exponent = (lax.bitcast_convert_type(scale, jnp.uint32) >> 23) & 0xFF
-    exponent = exponent.reshape(*exponent.shape[:-1], -1, PACK)
+    exponent = exponent.reshape(*exponent.shape[:-1], exponent.shape[-1] // PACK, PACK)
     shifts = jnp.arange(PACK, dtype=jnp.uint32) * 8
     word = jnp.sum(exponent << shifts, axis=-1, dtype=jnp.uint32)
     return lax.bitcast_convert_type(word, jnp.int32)
@@ -52,7 +52,7 @@ def unpack_ue8m0(packed: jax.Array) -> jax.Array:
     word = lax.bitcast_convert_type(packed, jnp.uint32)
     shifts = jnp.arange(PACK, dtype=jnp.uint32) * 8
     exponent = (word[..., None] >> shifts) & 0xFF
-    exponent = exponent.reshape(*packed.shape[:-1], -1)
+    exponent = exponent.reshape(*packed.shape[:-1], packed.shape[-1] * PACK)
     return lax.bitcast_convert_type(exponent << 23, jnp.float32)
 
 
@@ -64,7 +64,8 @@ def per_token_cast_to_fp8(x: jax.Array, round_scale: bool, use_ue8m0: bool):
     scale = amax * INV_FP8_MAX
     if round_scale or use_ue8m0:
         scale = _pow2_ceil(scale)
-    inv_scale = jnp.ones_like(scale) / scale
+    # The barrier keeps XLA:GPU from folding x * (1/s) back into x / s.
+    inv_scale = lax.optimization_barrier(jnp.ones_like(scale) / scale)
     q = jnp.clip(groups * inv_scale[..., None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
     q = q.reshape(*lead, hidden)
     return q, (_pack_ue8m0(scale) if use_ue8m0 else scale)

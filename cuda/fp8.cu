@@ -1,0 +1,264 @@
+// Per-token FP8 cast kernels.
+//
+// Each thread owns 16 consecutive channels of one token (16-byte loads and
+// stores), so the 8 lanes of a 128-channel group reduce their amax with warp
+// shuffles, and with UE8M0 the 4 groups of a warp pack their exponents into
+// one int32 word. Only IEEE-rounded float32 operations are used, so results
+// match the float32 reference (jax_ep/reference/fp8.py) bit for bit.
+#include "fp8.cuh"
+
+#include "utils.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kChannelsPerThread = 16;
+constexpr int kThreadsPerGroup = kFp8GroupSize / kChannelsPerThread;  // 8
+constexpr float kMinAmax = 1e-4f;
+// float32(1 / 448), 448 being the largest finite e4m3 value.
+constexpr float kInvFp8E4m3Max = 1.0f / 448.0f;
+
+static_assert(kThreadsPerGroup * kUe8m0ScalesPerWord == kWarpSize,
+              "one warp must cover one packed UE8M0 word");
+
+// Smallest power of two >= scale, from the float bits (scale is a positive
+// normal number, so exponent + 1 with a cleared mantissa is exact).
+__device__ __forceinline__ float round_scale_to_power_of_two(float scale) {
+  uint32_t bits = __float_as_uint(scale);
+  if ((bits & 0x007fffffu) != 0) bits = (bits & 0x7f800000u) + 0x00800000u;
+  return __uint_as_float(bits);
+}
+
+// The float32 whose exponent field is the UE8M0 byte (0 for a zero byte).
+__device__ __forceinline__ float ue8m0_to_float(uint32_t biased_exponent) {
+  return __uint_as_float(biased_exponent << 23);
+}
+
+__device__ __forceinline__ void load_channels(const __nv_bfloat16* src,
+                                              float (&v)[kChannelsPerThread]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + i);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(pairs[j]);
+      v[8 * i + 2 * j] = f.x;
+      v[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+
+__device__ __forceinline__ void load_channels(const float* src,
+                                              float (&v)[kChannelsPerThread]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 f = __ldg(reinterpret_cast<const float4*>(src) + i);
+    v[4 * i] = f.x;
+    v[4 * i + 1] = f.y;
+    v[4 * i + 2] = f.z;
+    v[4 * i + 3] = f.w;
+  }
+}
+
+__device__ __forceinline__ void store_channels(__nv_bfloat16* dst,
+                                               const float (&v)[kChannelsPerThread]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint4 raw;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      pairs[j] = __floats2bfloat162_rn(v[8 * i + 2 * j], v[8 * i + 2 * j + 1]);
+    }
+    reinterpret_cast<uint4*>(dst)[i] = raw;
+  }
+}
+
+__device__ __forceinline__ void store_channels(float* dst,
+                                               const float (&v)[kChannelsPerThread]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    reinterpret_cast<float4*>(dst)[i] =
+        make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+  }
+}
+
+// One thread per 16 channels; num_chunks = num_tokens * hidden / 16.
+template <typename T, bool kUe8m0>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    per_token_cast_to_fp8_kernel(const T* __restrict__ x, int64_t num_chunks,
+                                 bool round_scale, __nv_fp8_e4m3* __restrict__ out,
+                                 void* __restrict__ scales) {
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool valid = chunk < num_chunks;
+  const int lane = threadIdx.x % kWarpSize;
+
+  float v[kChannelsPerThread];
+  float amax = 0.0f;
+  if (valid) {
+    load_channels(x + chunk * kChannelsPerThread, v);
+#pragma unroll
+    for (int i = 0; i < kChannelsPerThread; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  }
+  // Every lane takes part in the shuffles: a group's 8 lanes are all valid or
+  // all past the end, since num_chunks is a multiple of 8.
+#pragma unroll
+  for (int offset = kThreadsPerGroup / 2; offset > 0; offset /= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, offset));
+  }
+  amax = fmaxf(amax, kMinAmax);
+  float scale = __fmul_rn(amax, kInvFp8E4m3Max);
+  if (kUe8m0 || round_scale) scale = round_scale_to_power_of_two(scale);
+  const float inv_scale = __fdiv_rn(1.0f, scale);
+
+  if (valid) {
+    uint4 packed;
+    __nv_fp8x2_storage_t* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(&packed);
+#pragma unroll
+    for (int j = 0; j < kChannelsPerThread / 2; ++j) {
+      const float2 q = make_float2(__fmul_rn(v[2 * j], inv_scale),
+                                   __fmul_rn(v[2 * j + 1], inv_scale));
+      pairs[j] = __nv_cvt_float2_to_fp8x2(q, __NV_SATFINITE, __NV_E4M3);
+    }
+    reinterpret_cast<uint4*>(out)[chunk] = packed;
+  }
+
+  const int64_t group = chunk / kThreadsPerGroup;
+  if constexpr (kUe8m0) {
+    // Lanes 0, 8, 16 and 24 hold the scales of the word's 4 groups.
+    const uint32_t exponent = __float_as_uint(scale) >> 23;
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < kUe8m0ScalesPerWord; ++j) {
+      word |= __shfl_sync(kFullWarpMask, exponent, j * kThreadsPerGroup) << (8 * j);
+    }
+    if (valid && lane == 0) {
+      static_cast<int32_t*>(scales)[group / kUe8m0ScalesPerWord] =
+          static_cast<int32_t>(word);
+    }
+  } else {
+    if (valid && lane % kThreadsPerGroup == 0) static_cast<float*>(scales)[group] = scale;
+  }
+}
+
+template <typename T, bool kUe8m0>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    per_token_cast_back_kernel(const __nv_fp8_e4m3* __restrict__ x,
+                               const void* __restrict__ scales,
+                               int64_t num_chunks, T* __restrict__ out) {
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (chunk >= num_chunks) return;
+
+  const int64_t group = chunk / kThreadsPerGroup;
+  float scale;
+  if constexpr (kUe8m0) {
+    const uint32_t word = static_cast<uint32_t>(
+        __ldg(static_cast<const int32_t*>(scales) + group / kUe8m0ScalesPerWord));
+    scale = ue8m0_to_float((word >> (8 * (group % kUe8m0ScalesPerWord))) & 0xffu);
+  } else {
+    scale = __ldg(static_cast<const float*>(scales) + group);
+  }
+
+  const uint4 packed = __ldg(reinterpret_cast<const uint4*>(x) + chunk);
+  const __nv_fp8x2_storage_t* pairs =
+      reinterpret_cast<const __nv_fp8x2_storage_t*>(&packed);
+  float v[kChannelsPerThread];
+#pragma unroll
+  for (int j = 0; j < kChannelsPerThread / 2; ++j) {
+    // e4m3 values are exact in half precision.
+    const float2 f = __half22float2(
+        __half2(__nv_cvt_fp8x2_to_halfraw2(pairs[j], __NV_E4M3)));
+    v[2 * j] = __fmul_rn(f.x, scale);
+    v[2 * j + 1] = __fmul_rn(f.y, scale);
+  }
+  store_channels(out + chunk * kChannelsPerThread, v);
+}
+
+bool valid_shape(int num_tokens, int hidden, bool use_ue8m0) {
+  const int multiple = use_ue8m0 ? kFp8GroupSize * kUe8m0ScalesPerWord : kFp8GroupSize;
+  return num_tokens >= 0 && hidden > 0 && hidden % multiple == 0;
+}
+
+int64_t num_blocks(int64_t num_chunks) {
+  return ceil_div<int64_t>(num_chunks, kThreadsPerBlock);
+}
+
+template <typename T>
+cudaError_t launch_cast_to_fp8(const T* x, int num_tokens, int hidden,
+                               bool round_scale, bool use_ue8m0,
+                               __nv_fp8_e4m3* out, void* scales,
+                               cudaStream_t stream) {
+  if (!valid_shape(num_tokens, hidden, use_ue8m0)) return cudaErrorInvalidValue;
+  if (!is_aligned(x, 16) || !is_aligned(out, 16) || !is_aligned(scales, 4)) {
+    return cudaErrorMisalignedAddress;
+  }
+  const int64_t num_chunks =
+      static_cast<int64_t>(num_tokens) * hidden / kChannelsPerThread;
+  if (num_chunks == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(num_blocks(num_chunks)));
+  if (use_ue8m0) {
+    per_token_cast_to_fp8_kernel<T, true>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(x, num_chunks, true, out, scales);
+  } else {
+    per_token_cast_to_fp8_kernel<T, false><<<grid, kThreadsPerBlock, 0, stream>>>(
+        x, num_chunks, round_scale, out, scales);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_cast_back(const __nv_fp8_e4m3* x, const void* scales,
+                             int num_tokens, int hidden, bool use_ue8m0, T* out,
+                             cudaStream_t stream) {
+  if (!valid_shape(num_tokens, hidden, use_ue8m0)) return cudaErrorInvalidValue;
+  if (!is_aligned(x, 16) || !is_aligned(out, 16) || !is_aligned(scales, 4)) {
+    return cudaErrorMisalignedAddress;
+  }
+  const int64_t num_chunks =
+      static_cast<int64_t>(num_tokens) * hidden / kChannelsPerThread;
+  if (num_chunks == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(num_blocks(num_chunks)));
+  if (use_ue8m0) {
+    per_token_cast_back_kernel<T, true>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(x, scales, num_chunks, out);
+  } else {
+    per_token_cast_back_kernel<T, false>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(x, scales, num_chunks, out);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_per_token_cast_to_fp8(const __nv_bfloat16* x, int num_tokens,
+                                         int hidden, bool round_scale,
+                                         bool use_ue8m0, __nv_fp8_e4m3* out,
+                                         void* scales, cudaStream_t stream) {
+  return launch_cast_to_fp8(x, num_tokens, hidden, round_scale, use_ue8m0, out,
+                            scales, stream);
+}
+
+cudaError_t launch_per_token_cast_to_fp8(const float* x, int num_tokens,
+                                         int hidden, bool round_scale,
+                                         bool use_ue8m0, __nv_fp8_e4m3* out,
+                                         void* scales, cudaStream_t stream) {
+  return launch_cast_to_fp8(x, num_tokens, hidden, round_scale, use_ue8m0, out,
+                            scales, stream);
+}
+
+cudaError_t launch_per_token_cast_back(const __nv_fp8_e4m3* x,
+                                       const void* scales, int num_tokens,
+                                       int hidden, bool use_ue8m0,
+                                       __nv_bfloat16* out, cudaStream_t stream) {
+  return launch_cast_back(x, scales, num_tokens, hidden, use_ue8m0, out, stream);
+}
+
+cudaError_t launch_per_token_cast_back(const __nv_fp8_e4m3* x,
+                                       const void* scales, int num_tokens,
+                                       int hidden, bool use_ue8m0, float* out,
+                                       cudaStream_t stream) {
+  return launch_cast_back(x, scales, num_tokens, hidden, use_ue8m0, out, stream);
+}
+
+}  // namespace jax_ep

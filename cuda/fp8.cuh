@@ -1,0 +1,53 @@
+// Per-token FP8 (e4m3) casts with one scale per 128 channels, and their inverse.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace jax_ep {
+
+// Channels that share one scale.
+inline constexpr int kFp8GroupSize = 128;
+// UE8M0 scales are packed four to an int32 word, so `hidden` must then be a
+// multiple of 4 * 128 = 512.
+inline constexpr int kUe8m0ScalesPerWord = 4;
+
+// Casts x [num_tokens, hidden] to e4m3 with one scale per token and group of
+// 128 channels, in correctly rounded float32 operations:
+//   amax  = max(max_i |x_i|, 1e-4)
+//   scale = amax * float32(1 / 448)
+//   scale = 2^ceil(log2(scale))             if round_scale or use_ue8m0
+//   out   = saturate_e4m3(x * (1 / scale))  (round to nearest even, clamp to ±448)
+// This is the arithmetic of jax_ep/reference/fp8.py (multiplications by
+// reciprocals, which XLA computes exactly, rather than divisions by a
+// broadcast, which XLA rewrites), so kernel and reference agree bit for bit.
+// scales is float32 [num_tokens, hidden / 128], or with use_ue8m0 int32
+// [num_tokens, hidden / 512] whose byte j (little-endian) of word w holds the
+// biased exponent (exponent + 127) of the scale of group 4 * w + j.
+// x and out must be 16-byte aligned; hidden a multiple of 128 (512 with UE8M0).
+cudaError_t launch_per_token_cast_to_fp8(const __nv_bfloat16* x, int num_tokens,
+                                         int hidden, bool round_scale,
+                                         bool use_ue8m0, __nv_fp8_e4m3* out,
+                                         void* scales, cudaStream_t stream);
+cudaError_t launch_per_token_cast_to_fp8(const float* x, int num_tokens,
+                                         int hidden, bool round_scale,
+                                         bool use_ue8m0, __nv_fp8_e4m3* out,
+                                         void* scales, cudaStream_t stream);
+
+// Inverse of the cast: out = float(x) * scale in float32, rounded to the output
+// type (round to nearest even). scales as written by
+// launch_per_token_cast_to_fp8; a packed UE8M0 byte e means the float32 with
+// bits e << 23 (2^(e - 127), and 0 for e = 0).
+cudaError_t launch_per_token_cast_back(const __nv_fp8_e4m3* x,
+                                       const void* scales, int num_tokens,
+                                       int hidden, bool use_ue8m0,
+                                       __nv_bfloat16* out, cudaStream_t stream);
+cudaError_t launch_per_token_cast_back(const __nv_fp8_e4m3* x,
+                                       const void* scales, int num_tokens,
+                                       int hidden, bool use_ue8m0, float* out,
+                                       cudaStream_t stream);
+
+}  // namespace jax_ep

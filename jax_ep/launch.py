@@ -1,0 +1,676 @@
+"""Run N jax_ep rank processes on the GPUs of one host (or on CPU).
+
+Usage::
+
+    python -m jax_ep.launch -n N [options] script.py [script args...]
+    python -m jax_ep.launch -n N [options] -m package.module [args...]
+
+Rank ``i`` runs with ``CUDA_VISIBLE_DEVICES`` set to the ``(i % G)``-th visible
+GPU, so every rank process sees exactly one GPU (its local device 0). When
+there are more ranks than GPUs, the ranks share GPUs and the launcher runs a
+CUDA MPS control daemon for the duration of the run (cross-process spin-waits
+take milliseconds without MPS, about a microsecond with it). Without GPUs the
+ranks run on CPU (``JAX_PLATFORMS=cpu``).
+
+Every child's stdout and stderr are forwarded, line by line and prefixed with
+``[rank i]``, to the launcher's stdout (and to ``--log-dir/rank<i>.log``). When a
+child fails, the run times out, or the launcher is interrupted, every other
+child's process group gets SIGTERM, then SIGKILL after ``--grace`` seconds.
+
+Inside a rank, :func:`rank_info` reads the launcher's environment and
+:func:`initialize_distributed` starts ``jax.distributed`` from it.
+
+This module does not import jax at import time: the launcher never touches a GPU.
+See docs/launcher.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO, Callable, Sequence
+
+__all__ = [
+    "RankInfo", "rank_info", "initialize_distributed", "main",
+    "visible_gpus", "child_environment", "MPSDaemon",
+]
+
+# --------------------------------------------------------------------------
+# Environment contract between the launcher and the rank processes
+# --------------------------------------------------------------------------
+
+ENV_RANK = "JAX_EP_RANK"
+ENV_NUM_RANKS = "JAX_EP_NUM_RANKS"
+ENV_COORDINATOR = "JAX_EP_COORDINATOR"
+ENV_LOCAL_GPU = "JAX_EP_LOCAL_GPU"
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+DEFAULT_MPS_PIPE_DIR = "/tmp/nvidia-mps"
+EXIT_TIMEOUT = 124
+
+
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in a ``jax_ep.launch`` run.
+
+    rank: this process's EP rank (0 .. num_ranks-1).
+    num_ranks: the number of rank processes of the run.
+    coordinator: ``host:port`` of the ``jax.distributed`` coordinator (rank 0).
+    local_gpu: the GPU this rank runs on, as the launcher's ``CUDA_VISIBLE_DEVICES``
+        entry names it (an index or a UUID); None when the run is on CPU. The
+        process itself sees that GPU as its local device 0.
+    """
+
+    rank: int
+    num_ranks: int
+    coordinator: str
+    local_gpu: str | None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.local_gpu is not None
+
+
+def rank_info(environ: dict | None = None) -> RankInfo:
+    """This process's :class:`RankInfo`, read from the environment set by the launcher.
+
+    Raises RuntimeError when the process was not started by ``jax_ep.launch``.
+    """
+    env = os.environ if environ is None else environ
+    missing = [k for k in (ENV_RANK, ENV_NUM_RANKS, ENV_COORDINATOR) if not env.get(k)]
+    if missing:
+        raise RuntimeError(
+            f"this process was not started by jax_ep.launch ({', '.join(missing)} unset); run it as "
+            "`python -m jax_ep.launch -n N script.py`"
+        )
+    try:
+        rank, num_ranks = int(env[ENV_RANK]), int(env[ENV_NUM_RANKS])
+    except ValueError:
+        raise RuntimeError(
+            f"bad jax_ep.launch environment: {ENV_RANK}={env[ENV_RANK]!r}, "
+            f"{ENV_NUM_RANKS}={env[ENV_NUM_RANKS]!r} (integers expected)"
+        ) from None
+    if not (num_ranks >= 1 and 0 <= rank < num_ranks):
+        raise RuntimeError(f"bad jax_ep.launch environment: rank {rank} of {num_ranks} ranks")
+    gpu = env.get(ENV_LOCAL_GPU, "")
+    return RankInfo(rank, num_ranks, env[ENV_COORDINATOR], gpu if gpu not in ("", "-1") else None)
+
+
+_init_lock = threading.Lock()
+_initialized: RankInfo | None = None
+
+
+def initialize_distributed(timeout_s: int = 300, **kwargs) -> RankInfo:
+    """Start ``jax.distributed`` for this rank from the launcher's environment; idempotent.
+
+    Calls ``jax.distributed.initialize(coordinator_address, num_processes=N,
+    process_id=rank, local_device_ids=[0] on GPU (each rank sees one GPU) or None
+    on CPU, initialization_timeout=timeout_s, **kwargs)``. A peer that never
+    starts makes this raise after ``timeout_s`` seconds instead of hanging.
+    Returns :func:`rank_info`. Call it before anything else initialises a JAX
+    backend.
+    """
+    global _initialized
+    info = rank_info()
+    with _init_lock:
+        if _initialized is not None:
+            return _initialized
+        import jax  # noqa: PLC0415 -- only inside a rank process
+
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(
+                coordinator_address=info.coordinator,
+                num_processes=info.num_ranks,
+                process_id=info.rank,
+                local_device_ids=[0] if info.on_gpu else None,
+                initialization_timeout=int(math.ceil(timeout_s)),
+                **kwargs,
+            )
+        _initialized = info
+        return info
+
+
+# --------------------------------------------------------------------------
+# GPUs, environment
+# --------------------------------------------------------------------------
+
+
+def _parse_visible(value: str) -> list[str]:
+    """Entries of a CUDA_VISIBLE_DEVICES value, up to the first invalid one (as CUDA does)."""
+    out = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item or item.startswith("-"):
+            break
+        out.append(item)
+    return out
+
+
+def count_physical_gpus(run: Callable = subprocess.run) -> int:
+    """GPUs that ``nvidia-smi -L`` lists (0 when nvidia-smi is missing or fails)."""
+    try:
+        res = run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if res.returncode != 0:
+        return 0
+    return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU "))
+
+
+def visible_gpus(gpus: int | None = None, environ: dict | None = None, run: Callable = subprocess.run) -> list[str]:
+    """The GPUs the ranks are spread over, as CUDA_VISIBLE_DEVICES entries.
+
+    gpus: the ``--gpus`` override (a count; 0 = CPU mode). Without it the GPUs are
+    counted with ``nvidia-smi -L``, restricted to ``CUDA_VISIBLE_DEVICES`` when set.
+    """
+    env = os.environ if environ is None else environ
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    listed = _parse_visible(cvd) if cvd is not None else None
+    if gpus is not None:
+        if gpus < 0:
+            raise ValueError(f"--gpus must be >= 0, got {gpus}")
+        if listed is None:
+            return [str(i) for i in range(gpus)]
+        if gpus > len(listed):
+            raise ValueError(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES={cvd!r} names only {len(listed)} GPU(s)")
+        return listed[:gpus]
+    n = count_physical_gpus(run)
+    if n == 0:
+        return []
+    if listed is None:
+        return [str(i) for i in range(n)]
+    return listed
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def child_environment(
+    base: dict,
+    *,
+    rank: int,
+    num_ranks: int,
+    gpus: Sequence[str],
+    coordinator: str,
+    mps_env: dict | None = None,
+    single_host: bool = True,
+    pythonpath: str | None = None,
+) -> dict:
+    """The environment of rank ``rank``'s process (a new dict; ``base`` is not changed).
+
+    gpus: the visible GPUs ([] = CPU mode). mps_env: the MPS variables of the run
+    (None without MPS). pythonpath: a folder put first on PYTHONPATH (where jax_ep lives).
+    """
+    env = dict(base)
+    env[ENV_RANK] = str(rank)
+    env[ENV_NUM_RANKS] = str(num_ranks)
+    env[ENV_COORDINATOR] = coordinator
+    env["PYTHONUNBUFFERED"] = "1"
+    # A per-client MPS thread cap made spin-waiting runs hang: never pass one on.
+    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+    if gpus:
+        gpu = gpus[rank % len(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        env[ENV_LOCAL_GPU] = gpu
+        ranks_per_gpu = math.ceil(num_ranks / len(gpus))
+        if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in base and "XLA_PYTHON_CLIENT_PREALLOCATE" not in base:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.85 / ranks_per_gpu:.3f}"
+    else:
+        env["JAX_PLATFORMS"] = "cpu"
+        env[ENV_LOCAL_GPU] = ""
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    if single_host:
+        env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    env.setdefault("NVSHMEM_BOOTSTRAP", "UID")
+    if mps_env is not None:
+        env.update(mps_env)
+        env.setdefault("NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "1")
+    if pythonpath:
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if pythonpath not in parts:
+            env["PYTHONPATH"] = os.pathsep.join([pythonpath, *parts])
+    return env
+
+
+# --------------------------------------------------------------------------
+# CUDA MPS
+# --------------------------------------------------------------------------
+
+
+def mps_start_command() -> list[str]:
+    """Command that starts the MPS control daemon (it forks and returns)."""
+    return [MPS_CONTROL, "-d"]
+
+
+def mps_stop_command() -> tuple[list[str], str]:
+    """Command and stdin that make the MPS control daemon (and its server) exit."""
+    return [MPS_CONTROL], "quit\n"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mps_daemon_running(pipe_dir: str, run: Callable = subprocess.run) -> bool:
+    """Whether an MPS control daemon serves ``pipe_dir``."""
+    pidfile = os.path.join(pipe_dir, "nvidia-cuda-mps-control.pid")
+    try:
+        with open(pidfile) as f:
+            if _pid_alive(int(f.read().strip())):
+                return True
+    except (OSError, ValueError):
+        pass
+    if not os.path.exists(os.path.join(pipe_dir, "control")):
+        return False
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe_dir)
+    try:
+        res = run([MPS_CONTROL], input="get_server_list\n", env=env, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
+
+
+class MPSDaemon:
+    """The CUDA MPS control daemon of one launcher run.
+
+    :meth:`start` reuses a daemon already serving the caller's
+    ``CUDA_MPS_PIPE_DIRECTORY`` (or the default ``/tmp/nvidia-mps``); otherwise
+    it makes fresh pipe and log folders and starts ``nvidia-cuda-mps-control -d``
+    there. :meth:`stop` quits only a daemon it started and removes its folders.
+    No active-thread cap is set. ``run`` is ``subprocess.run`` (tests replace it).
+    """
+
+    def __init__(self, environ: dict | None = None, run: Callable = subprocess.run, log: Callable = print):
+        self.base = dict(os.environ if environ is None else environ)
+        self.base.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+        self.run = run
+        self.log = log
+        self.pipe_dir: str | None = None
+        self.log_dir: str | None = None
+        self.owned = False
+
+    @property
+    def env(self) -> dict:
+        """The variables the ranks inherit."""
+        return {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
+
+    def _daemon_env(self) -> dict:
+        return dict(self.base, **self.env)
+
+    def start(self) -> dict:
+        existing = self.base.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_MPS_PIPE_DIR
+        if mps_daemon_running(existing, self.run):
+            self.pipe_dir = existing
+            self.log_dir = self.base.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps"
+            self.owned = False
+            self.log(f"MPS: using the daemon already running with pipe dir {existing}")
+            return self.env
+        self.pipe_dir = tempfile.mkdtemp(prefix="jax_ep_mps_pipe_")
+        self.log_dir = tempfile.mkdtemp(prefix="jax_ep_mps_log_")
+        try:
+            res = self.run(mps_start_command(), env=self._daemon_env(), capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            self._remove_dirs()
+            raise RuntimeError(f"could not start CUDA MPS ({MPS_CONTROL} -d): {e}") from e
+        if res.returncode != 0:
+            self._remove_dirs()
+            raise RuntimeError(
+                f"could not start CUDA MPS ({MPS_CONTROL} -d exited {res.returncode}): "
+                f"{(res.stderr or res.stdout or '').strip()}"
+            )
+        self.owned = True
+        self.log(f"MPS: started the control daemon (pipe dir {self.pipe_dir})")
+        return self.env
+
+    def stop(self) -> None:
+        if not self.owned:
+            return
+        self.owned = False
+        cmd, stdin = mps_stop_command()
+        try:
+            res = self.run(cmd, input=stdin, env=self._daemon_env(), capture_output=True, text=True, timeout=60)
+            if res.returncode != 0:
+                self.log(f"MPS: quit exited {res.returncode}: {(res.stderr or res.stdout or '').strip()}")
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log(f"MPS: quit failed: {e}")
+        # The daemon removes its pid file when it has exited; wait a little for it.
+        pidfile = os.path.join(self.pipe_dir, "nvidia-cuda-mps-control.pid")
+        deadline = time.monotonic() + 10
+        while os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._remove_dirs()
+        self.log("MPS: stopped")
+
+    def _remove_dirs(self) -> None:
+        for d in (self.pipe_dir, self.log_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Running the ranks
+# --------------------------------------------------------------------------
+
+
+class _Output:
+    """Serialises whole lines onto the launcher's stdout."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _forward(pipe: IO[bytes], prefix: bytes, out: _Output, log_file: IO[bytes] | None) -> None:
+    try:
+        for line in iter(pipe.readline, b""):
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            out.write(prefix + line)
+            if log_file is not None:
+                try:
+                    log_file.write(line)
+                    log_file.flush()
+                except (OSError, ValueError):
+                    pass
+    finally:
+        pipe.close()
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclasses.dataclass
+class _Rank:
+    rank: int
+    proc: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
+    log_file: IO[bytes] | None = None
+    killed: str | None = None  # "SIGTERM" / "SIGKILL" when the launcher stopped it
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _terminate(ranks: list[_Rank], grace: float, say: Callable) -> None:
+    """SIGTERM every running child's process group, SIGKILL after ``grace`` s, reap all."""
+    live = [r for r in ranks if r.proc is not None and r.proc.poll() is None]
+    if not live:
+        return
+    say(f"stopping rank(s) {', '.join(str(r.rank) for r in live)}")
+    for r in live:
+        r.killed = "SIGTERM"
+        _killpg(r.proc, signal.SIGTERM)
+    deadline = time.monotonic() + max(grace, 0.0)
+    while time.monotonic() < deadline and any(r.proc.poll() is None for r in live):
+        time.sleep(0.02)
+    for r in live:
+        if r.proc.poll() is None:
+            r.killed = "SIGKILL"
+            _killpg(r.proc, signal.SIGKILL)
+    for r in live:
+        try:
+            r.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            say(f"rank {r.rank} (pid {r.proc.pid}) did not exit after SIGKILL")
+
+
+def _describe(r: _Rank) -> str:
+    if r.proc is None:
+        return "not started"
+    rc = r.proc.returncode
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"killed ({name})" if r.killed else f"died ({name})"
+    return f"exit {rc}" + (" (after the launcher's SIGTERM)" if r.killed else "")
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def _split_argv(argv: list[str], value_opts: set[str]) -> tuple[list[str], list[str], str | None]:
+    """Split argv into launcher options, the program args, and the -m module (if any)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv[:i], argv[i + 1:], None
+        if a == "-m":
+            if i + 1 >= len(argv):
+                raise SystemExit("jax_ep.launch: error: -m needs a module name")
+            return argv[:i], argv[i + 2:], argv[i + 1]
+        if a.startswith("-m") and len(a) > 2 and not a.startswith("--"):
+            return argv[:i], argv[i + 1:], a[2:]
+        if not a.startswith("-") or a == "-":
+            return argv[:i], argv[i:], None
+        name = a.split("=", 1)[0]
+        if name in value_opts and "=" not in a:
+            i += 2
+        elif name.startswith("-") and not name.startswith("--") and len(name) > 2 and name[:2] in value_opts:
+            i += 1  # -n4
+        else:
+            i += 1
+    return argv, [], None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jax_ep.launch",
+        usage="%(prog)s -n N [options] (script.py | -m module) [args...]",
+        description="Run N jax_ep rank processes, one GPU each (ranks share GPUs under CUDA MPS "
+        "when N exceeds the GPUs; CPU when there are none).",
+    )
+    p.add_argument("-n", "--num-ranks", type=int, required=True, help="number of rank processes")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="use this many GPUs (default: all that nvidia-smi lists, within CUDA_VISIBLE_DEVICES; 0 = CPU)")
+    p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                   help="run a CUDA MPS daemon for the run (auto: when ranks share a GPU)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (exit 124 after)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
+    p.add_argument("--log-dir", default=None, help="also write each rank's output to DIR/rank<i>.log")
+    p.add_argument("--ranks-only", default=None,
+                   help="comma-separated ranks to start; the others are never started (tests of missing peers)")
+    return p
+
+
+_VALUE_OPTS = {"-n", "--num-ranks", "--gpus", "--mps", "--timeout", "--grace", "--log-dir", "--ranks-only"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    own, prog_args, module = _split_argv(argv, _VALUE_OPTS)
+    args = parser.parse_args(own)
+    if module is None:
+        if not prog_args:
+            parser.error("no script given (script.py or -m module)")
+        script, prog_args = prog_args[0], prog_args[1:]
+        if not os.path.isfile(script):
+            parser.error(f"script not found: {script}")
+        cmd = [sys.executable, script, *prog_args]
+        what = script
+    else:
+        if not module:
+            parser.error("-m needs a module name")
+        cmd = [sys.executable, "-m", module, *prog_args]
+        what = f"-m {module}"
+    n = args.num_ranks
+    if n < 1:
+        parser.error(f"-n must be at least 1, got {n}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+    if args.grace < 0:
+        parser.error(f"--grace must be >= 0, got {args.grace}")
+    if args.ranks_only is not None:
+        try:
+            to_start = sorted({int(x) for x in args.ranks_only.split(",") if x.strip()})
+        except ValueError:
+            parser.error(f"--ranks-only wants comma-separated integers, got {args.ranks_only!r}")
+        bad = [r for r in to_start if not 0 <= r < n]
+        if bad or not to_start:
+            parser.error(f"--ranks-only {args.ranks_only!r}: ranks must lie in 0..{n - 1}")
+    else:
+        to_start = list(range(n))
+    try:
+        gpus = visible_gpus(args.gpus)
+    except ValueError as e:
+        parser.error(str(e))
+
+    out = _Output(sys.stdout.buffer)
+
+    def say(msg: str) -> None:
+        out.write(f"[launch] {msg}\n".encode())
+
+    sharing = bool(gpus) and n > len(gpus)
+    use_mps = bool(gpus) and (args.mps == "on" or (args.mps == "auto" and sharing))
+    if args.mps == "on" and not gpus:
+        say("--mps on ignored: no GPUs (CPU mode)")
+    if sharing and args.mps == "off":
+        say(f"warning: {n} ranks share {len(gpus)} GPU(s) without MPS: cross-process spin-waits will time-slice")
+    if "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" in os.environ:
+        say("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE is not passed on: per-client MPS caps make spin-waiting kernels hang")
+
+    ranks = [_Rank(i) for i in range(n)]
+    mps: MPSDaemon | None = None
+    failing: _Rank | None = None
+    timed_out = False
+    interrupted: int | None = None
+    launch_error = False
+
+    def on_signal(signum, _frame):
+        raise _Interrupted(signum)
+
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        try:
+            mps_env = None
+            if use_mps:
+                mps = MPSDaemon(log=say)
+                try:
+                    mps_env = mps.start()
+                except RuntimeError as e:
+                    mps = None
+                    say(f"error: {e}")
+                    return 1
+            coordinator = f"127.0.0.1:{free_port()}"
+            mode = f"on {len(gpus)} GPU(s) [{','.join(gpus)}]" if gpus else "on CPU"
+            say(f"{n} rank(s) of {what} {mode}, MPS {'on' if use_mps else 'off'}, coordinator {coordinator}"
+                + (f", starting only rank(s) {','.join(map(str, to_start))}" if len(to_start) < n else ""))
+            if args.log_dir:
+                os.makedirs(args.log_dir, exist_ok=True)
+            deadline = time.monotonic() + args.timeout
+            for i in to_start:
+                r = ranks[i]
+                env = child_environment(os.environ, rank=i, num_ranks=n, gpus=gpus, coordinator=coordinator,
+                                        mps_env=mps_env, pythonpath=package_root)
+                if args.log_dir:
+                    r.log_file = open(os.path.join(args.log_dir, f"rank{i}.log"), "wb")
+                try:
+                    r.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, start_new_session=True)
+                except OSError as e:
+                    say(f"error: could not start rank {i}: {e}")
+                    launch_error = True
+                    break
+                r.reader = threading.Thread(target=_forward, args=(r.proc.stdout, f"[rank {i}] ".encode(), out,
+                                                                    r.log_file), daemon=True)
+                r.reader.start()
+            started = [r for r in ranks if r.proc is not None]
+            while not launch_error:
+                pending = [r for r in started if r.proc.poll() is None]
+                failed = [r for r in started if r.proc.returncode not in (None, 0)]
+                if failed:
+                    failing = min(failed, key=lambda r: r.rank)
+                    say(f"rank {failing.rank} failed ({_describe(failing)}); stopping the others")
+                    break
+                if not pending:
+                    break
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    say(f"timeout after {args.timeout:g} s; stopping all ranks")
+                    break
+                time.sleep(0.05)
+        except _Interrupted as e:
+            interrupted = e.signum
+            say(f"interrupted ({signal.Signals(e.signum).name}); stopping all ranks")
+        # Cleanup; a second Ctrl-C must not cut it short.
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        _terminate(ranks, args.grace, say)
+    finally:
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)
+        _terminate(ranks, 0.0, say)  # no-op unless an unexpected error left children running
+        for r in ranks:
+            if r.reader is not None:
+                r.reader.join(timeout=2)
+                if r.reader.is_alive():  # a grandchild still holds the pipe: kill the group
+                    _killpg(r.proc, signal.SIGKILL)
+                    r.reader.join(timeout=5)
+            if r.log_file is not None:
+                r.log_file.close()
+        if mps is not None:
+            mps.stop()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+
+    for r in ranks:
+        say(f"rank {r.rank}: {_describe(r)}")
+    if interrupted is not None:
+        return 128 + interrupted
+    if timed_out:
+        return EXIT_TIMEOUT
+    if failing is not None:
+        return _exit_code(failing.proc.returncode)
+    return 1 if launch_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

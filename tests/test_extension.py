@@ -1,0 +1,105 @@
+"""The compiled extension jax_ep._C: its targets, their registration, and their
+lowering for CUDA (checked on CPU: lowering needs no GPU)."""
+
+import ctypes
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ep import _extension
+
+TARGETS = {"jax_ep_get_dispatch_layout", "jax_ep_per_token_cast_to_fp8", "jax_ep_per_token_cast_back"}
+
+needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")
+
+
+def test_availability_is_reported():
+    assert isinstance(_extension.available(), bool)
+    assert (_extension.unavailable_reason() == "") == _extension.available()
+
+
+@needs_extension
+def test_registrations_hold_every_target_as_a_capsule():
+    targets = _extension._C.registrations()
+    assert set(targets) == TARGETS
+    is_valid = ctypes.pythonapi.PyCapsule_IsValid
+    is_valid.restype, is_valid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
+    for name, capsule in targets.items():
+        assert type(capsule).__name__ == "PyCapsule", name
+        assert is_valid(capsule, None), name  # unnamed capsule, non-null handler
+
+
+@needs_extension
+def test_targets_registered_once_for_cuda():
+    names = _extension.register_targets()
+    assert set(names) == TARGETS
+    # Registering again, directly or by importing / reloading the module, is a no-op.
+    assert _extension.register_targets() == names
+    importlib.import_module("jax_ep._extension")
+    reloaded = importlib.reload(_extension)
+    assert reloaded.register_targets() == names
+
+    from jax._src.lib import xla_client
+
+    if "CUDA" not in getattr(xla_client, "_custom_callback_handler", {}):
+        # No CUDA backend in this process: jax keeps the registrations until one loads.
+        pending = [entry[0] for entry in getattr(xla_client, "_custom_callback", {}).get("CUDA", [])]
+        for name in TARGETS:
+            assert pending.count(name) == 1, (name, pending)
+
+
+def _lower_for_cuda(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_extension
+def test_layout_lowers_for_cuda():
+    t, k, e, r = 64, 8, 256, 8
+
+    def layout(topk_idx):
+        out = (
+            jax.ShapeDtypeStruct((r,), jnp.int32),
+            jax.ShapeDtypeStruct((e,), jnp.int32),
+            jax.ShapeDtypeStruct((t, r), jnp.bool_),
+        )
+        call = jax.ffi.ffi_call("jax_ep_get_dispatch_layout", out)
+        return call(topk_idx, num_experts=np.int64(e), num_ranks=np.int64(r))
+
+    text = _lower_for_cuda(layout, jax.ShapeDtypeStruct((t, k), jnp.int32))
+    assert "stablehlo.custom_call @jax_ep_get_dispatch_layout" in text
+    assert f"num_experts = {e} : i64" in text and f"num_ranks = {r} : i64" in text
+    assert f"tensor<{t}x{r}xi1>" in text
+
+
+@needs_extension
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_casts_lower_for_cuda(dtype, use_ue8m0):
+    t, h = 16, 1024
+    scales = (
+        jax.ShapeDtypeStruct((t, h // 512), jnp.int32)
+        if use_ue8m0
+        else jax.ShapeDtypeStruct((t, h // 128), jnp.float32)
+    )
+
+    def cast(x):
+        out = (jax.ShapeDtypeStruct((t, h), jnp.float8_e4m3fn), scales)
+        return jax.ffi.ffi_call("jax_ep_per_token_cast_to_fp8", out)(x, round_scale=True, use_ue8m0=use_ue8m0)
+
+    def cast_back(q, s):
+        out = jax.ShapeDtypeStruct((t, h), dtype)
+        return jax.ffi.ffi_call("jax_ep_per_token_cast_back", out)(q, s, use_ue8m0=use_ue8m0)
+
+    flag = "true" if use_ue8m0 else "false"
+    text = _lower_for_cuda(cast, jax.ShapeDtypeStruct((t, h), dtype))
+    assert "stablehlo.custom_call @jax_ep_per_token_cast_to_fp8" in text
+    assert "round_scale = true" in text and f"use_ue8m0 = {flag}" in text
+    assert f"tensor<{t}x{h}xf8E4M3FN>" in text
+
+    text = _lower_for_cuda(cast_back, jax.ShapeDtypeStruct((t, h), jnp.float8_e4m3fn), scales)
+    assert "stablehlo.custom_call @jax_ep_per_token_cast_back" in text
+    assert f"use_ue8m0 = {flag}" in text
+    assert f"tensor<{t}x{h}x{'bf16' if dtype == jnp.bfloat16 else 'f32'}>" in text

@@ -1,0 +1,17 @@
+// The XLA FFI handlers of jax_ep, one per custom-call target. module.cc hands
+// them to Python as capsules; jax_ep/_extension.py registers them for CUDA.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace jax_ep {
+
+// "jax_ep_get_dispatch_layout"
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GetDispatchLayoutHandler);
+// "jax_ep_per_token_cast_to_fp8"
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastToFp8Handler);
+// "jax_ep_per_token_cast_back"
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastBackHandler);
+
+}  // namespace jax_ep
