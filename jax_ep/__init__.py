@@ -15,6 +15,7 @@ from jax_ep.layout import DispatchLayout, get_dispatch_layout
 from jax_ep.low_latency import LowLatencyDispatchOutput, low_latency_combine, low_latency_dispatch
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
 from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.runtime import intranode_buffer_bytes
 from jax_ep.validation import CapacityOverflowError, RoutingError
 
 __version__ = "0.1.0"
@@ -23,6 +24,6 @@ __all__ = [
     "Buffer", "CapacityOverflowError", "DispatchHandle", "DispatchLayout", "DispatchOutput",
     "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions",
     "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
-    "get_dispatch_layout", "low_latency_combine", "low_latency_dispatch",
+    "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_combine", "low_latency_dispatch",
     "per_token_cast_back", "per_token_cast_to_fp8",
 ]

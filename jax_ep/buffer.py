@@ -1,9 +1,11 @@
 """``Buffer``: the runtime object that owns communication resources.
 
 With ``backend="xla"`` it owns nothing (XLA's collectives allocate their own
-buffers) and only carries defaults. With ``backend="cuda"`` it will own the
-registered NVLink/NVSHMEM buffers its kernels communicate through; create it
-once, outside ``jit``, and release it with ``destroy()`` or a ``with`` block.
+buffers) and only carries defaults. With ``normal.backend="cuda"`` it owns the
+registered buffer its intranode kernels communicate through (CUDA IPC between
+rank processes): create it once per rank, outside ``jit``, in the same order
+on every rank, and release it with ``destroy()`` or a ``with`` block. A
+compiled function that used it must not run after it is destroyed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ class Buffer:
 
     Args:
       num_experts: ``E``, divisible by the size of ``axis_name``.
-      axis_name: the EP mesh axis that ``shard_map`` binds.
+      axis_name: the EP mesh axis that ``shard_map`` binds (``None`` with the
+        CUDA backend: the ranks are the JAX processes, call outside shard_map).
       normal: default ``NormalOptions`` of ``dispatch``.
       low_latency: default ``LowLatencyOptions`` of ``low_latency_dispatch``.
+      num_nvl_bytes: size of the registered buffer (CUDA backend); see
+        ``jax_ep.intranode_buffer_bytes`` for what a configuration needs.
+      timeout_s: how long a kernel waits for a peer before failing with a
+        message naming it (CUDA backend).
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.
@@ -36,7 +43,10 @@ class Buffer:
     axis_name: object = "ep"
     normal: NormalOptions = NormalOptions()
     low_latency: LowLatencyOptions = LowLatencyOptions()
+    num_nvl_bytes: int = 1 << 30
+    timeout_s: float = 100.0
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
+    _runtime: object = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.normal, NormalOptions):
@@ -45,6 +55,16 @@ class Buffer:
             raise TypeError(f"low_latency must be a LowLatencyOptions, got {type(self.low_latency).__name__}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if self.normal.backend == "cuda":
+            from jax_ep.runtime import IntranodeRuntime
+
+            self._runtime = IntranodeRuntime.create(self.num_nvl_bytes, timeout_s=self.timeout_s)
+            self.normal = dataclasses.replace(self.normal, buffer_id=self._runtime.buffer_id)
+
+    @property
+    def rank(self) -> int:
+        """This process's EP rank (CUDA backend), else 0."""
+        return self._runtime.rank if self._runtime is not None else 0
 
     def _alive(self):
         if self._destroyed:
@@ -53,16 +73,20 @@ class Buffer:
     def get_dispatch_layout(self, topk_idx: jax.Array) -> _layout.DispatchLayout:
         """See ``jax_ep.get_dispatch_layout``."""
         self._alive()
+        num_ranks = self._runtime.num_ranks if self._runtime is not None and self.axis_name is None else None
         return _layout.get_dispatch_layout(
-            topk_idx, self.num_experts, axis_name=self.axis_name, backend=self.normal.backend
+            topk_idx, self.num_experts, num_ranks=num_ranks, axis_name=self.axis_name, backend=self.normal.backend
         )
 
     def dispatch(self, x, topk_idx, topk_weights, options: NormalOptions | None = None):
         """See ``jax_ep.dispatch``."""
         self._alive()
+        options = options or self.normal
+        if options.backend == "cuda" and options.buffer_id is None:
+            options = dataclasses.replace(options, buffer_id=self.normal.buffer_id)
         return _normal.dispatch(
             x, topk_idx, topk_weights, num_experts=self.num_experts, axis_name=self.axis_name,
-            options=options or self.normal,
+            options=options,
         )
 
     def cached_dispatch(self, x, handle):
@@ -90,6 +114,8 @@ class Buffer:
 
     def destroy(self) -> None:
         """Release the communication resources (idempotent)."""
+        if self._runtime is not None and not self._destroyed:
+            self._runtime.destroy()
         self._destroyed = True
 
     def __enter__(self):

@@ -52,3 +52,109 @@ def per_token_cast_back(x_fp8: jax.Array, scales: jax.Array, use_ue8m0: bool, ou
     call = jax.ffi.ffi_call("jax_ep_per_token_cast_back", out, vmap_method="sequential")
     y = call(_as_2d(x_fp8), _as_2d(scales), use_ue8m0=bool(use_ue8m0))
     return y.reshape(*lead, hidden).astype(out_dtype)
+
+
+# --- intranode normal mode ------------------------------------------------------
+
+IMPLEMENTED += ("dispatch", "cached_dispatch", "combine")
+
+_LAYOUT_CODE = {"rank_major": 0, "expert_major": 1}
+# A communicating call must run exactly where the program says on every rank:
+# has_side_effect keeps XLA from eliminating, merging or hoisting it out of loops.
+_COMM = dict(vmap_method="sequential", has_side_effect=True)
+
+
+def _rows(a: jax.Array):
+    """[N, ...] -> ([N, B] with B * itemsize a multiple of 16 bytes, undo)."""
+    n, trailing = a.shape[0], a.shape[1:]
+    cols = int(np.prod(trailing, dtype=np.int64))
+    flat = a.reshape(n, cols)
+    per_vec = max(16 // a.dtype.itemsize, 1)
+    pad = (-cols) % per_vec
+    if pad:
+        flat = jnp.pad(flat, ((0, 0), (0, pad)))
+
+    def undo(out: jax.Array) -> jax.Array:
+        out = out[:, :cols] if pad else out
+        return out.reshape((out.shape[0],) + trailing)
+
+    return flat, undo
+
+
+def _buffer_attrs(spec):
+    from jax_ep import runtime
+
+    runtime.lookup(spec.options.buffer_id)  # alive, or a clear error
+    return dict(buffer_id=np.int64(spec.options.buffer_id), num_sms=np.int64(spec.options.num_sms))
+
+
+def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
+    """Fused routing + payload dispatch; same outputs as the reference's route + cached_dispatch."""
+    from jax_ep.handle import DispatchHandle
+
+    r, t, k, c = spec.num_ranks, spec.num_tokens, spec.num_topk, spec.capacity
+    local_experts = spec.num_local_experts
+    send_cols = r if spec.options.layout == "rank_major" else k
+    meta = (
+        jax.ShapeDtypeStruct((c, k), jnp.int32),  # recv_topk_idx
+        jax.ShapeDtypeStruct((c, k), jnp.float32),  # recv_topk_weights
+        jax.ShapeDtypeStruct((local_experts,), jnp.int32),  # num_recv_tokens_per_expert
+        jax.ShapeDtypeStruct((local_experts,), jnp.int32),  # expert_group_sizes
+        jax.ShapeDtypeStruct((), jnp.int32),  # kept
+        jax.ShapeDtypeStruct((), jnp.int32),  # needed
+        jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_src_rank
+        jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_src_token
+        jax.ShapeDtypeStruct((t, r), jnp.bool_),  # is_token_in_rank
+        jax.ShapeDtypeStruct((t, send_cols), jnp.int32),  # send_pos
+    )
+    attrs = dict(
+        _buffer_attrs(spec),
+        num_experts=np.int64(spec.num_experts),
+        capacity=np.int64(c),
+        expert_alignment=np.int64(spec.options.expert_alignment),
+        layout=np.int64(_LAYOUT_CODE[spec.options.layout]),
+    )
+    if isinstance(x, tuple):
+        q, scales = x
+        outs = (jax.ShapeDtypeStruct((c,) + q.shape[1:], q.dtype), jax.ShapeDtypeStruct((c,) + scales.shape[1:], scales.dtype))
+        call = jax.ffi.ffi_call("jax_ep_intranode_dispatch_fp8", outs + meta, **_COMM)
+        res = call(q, scales, topk_idx, topk_weights, **attrs)
+        recv_x, rest = (res[0], res[1]), res[2:]
+    else:
+        rows, undo = _rows(x)
+        call = jax.ffi.ffi_call(
+            "jax_ep_intranode_dispatch", (jax.ShapeDtypeStruct((c, rows.shape[1]), rows.dtype),) + meta, **_COMM
+        )
+        res = call(rows, topk_idx, topk_weights, **attrs)
+        recv_x, rest = undo(res[0]), res[1:]
+    idx, w, counts, group_sizes, kept, needed, src_rank, src_token, in_rank, send_pos = rest
+    handle = DispatchHandle(src_rank, src_token, in_rank, extra={"send_pos": send_pos}, spec=spec)
+    if spec.options.layout == "rank_major":
+        group_sizes = None
+    return recv_x, idx, w, counts, group_sizes, kept, needed, handle
+
+
+def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
+    """[T, ...] -> [C, ...] along the handle's routing."""
+    spec = handle.spec
+    rows, undo = _rows(payload)
+    call = jax.ffi.ffi_call(
+        "jax_ep_intranode_cached_dispatch",
+        jax.ShapeDtypeStruct((spec.capacity, rows.shape[1]), rows.dtype), **_COMM
+    )
+    return undo(call(rows, handle.recv_src_rank, handle.recv_src_token, **_buffer_attrs(spec)))
+
+
+def combine(y: jax.Array, handle) -> jax.Array:
+    """[C, ...] -> [T, ...]: float32 sum of every row into its source token."""
+    spec = handle.spec
+    dtype = y.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        y = y.astype(jnp.float32)  # e.g. FP8 cotangents: sum in float32, round once
+    rows, undo = _rows(y)
+    call = jax.ffi.ffi_call(
+        "jax_ep_intranode_combine",
+        jax.ShapeDtypeStruct((spec.num_tokens, rows.shape[1]), rows.dtype), **_COMM
+    )
+    out = call(rows, handle.recv_src_rank, handle.extra["send_pos"], **_buffer_attrs(spec))
+    return undo(out).astype(dtype)

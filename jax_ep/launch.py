@@ -156,8 +156,9 @@ def _parse_visible(value: str) -> list[str]:
     return out
 
 
-def count_physical_gpus(run: Callable = subprocess.run) -> int:
+def count_physical_gpus(run: Callable | None = None) -> int:
     """GPUs that ``nvidia-smi -L`` lists (0 when nvidia-smi is missing or fails)."""
+    run = run or subprocess.run
     try:
         res = run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
@@ -167,7 +168,7 @@ def count_physical_gpus(run: Callable = subprocess.run) -> int:
     return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU "))
 
 
-def visible_gpus(gpus: int | None = None, environ: dict | None = None, run: Callable = subprocess.run) -> list[str]:
+def visible_gpus(gpus: int | None = None, environ: dict | None = None, run: Callable | None = None) -> list[str]:
     """The GPUs the ranks are spread over, as CUDA_VISIBLE_DEVICES entries.
 
     gpus: the ``--gpus`` override (a count; 0 = CPU mode). Without it the GPUs are
@@ -271,8 +272,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def mps_daemon_running(pipe_dir: str, run: Callable = subprocess.run) -> bool:
+def mps_daemon_running(pipe_dir: str, run: Callable | None = None) -> bool:
     """Whether an MPS control daemon serves ``pipe_dir``."""
+    run = run or subprocess.run
     pidfile = os.path.join(pipe_dir, "nvidia-cuda-mps-control.pid")
     try:
         with open(pidfile) as f:
@@ -300,10 +302,10 @@ class MPSDaemon:
     No active-thread cap is set. ``run`` is ``subprocess.run`` (tests replace it).
     """
 
-    def __init__(self, environ: dict | None = None, run: Callable = subprocess.run, log: Callable = print):
+    def __init__(self, environ: dict | None = None, run: Callable | None = None, log: Callable = print):
         self.base = dict(os.environ if environ is None else environ)
         self.base.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
-        self.run = run
+        self.run = run or subprocess.run
         self.log = log
         self.pipe_dir: str | None = None
         self.log_dir: str | None = None
@@ -327,17 +329,20 @@ class MPSDaemon:
             return self.env
         self.pipe_dir = tempfile.mkdtemp(prefix="jax_ep_mps_pipe_")
         self.log_dir = tempfile.mkdtemp(prefix="jax_ep_mps_log_")
+        # The daemon forks and may keep the output open: send it to a file, not a pipe.
         try:
-            res = self.run(mps_start_command(), env=self._daemon_env(), capture_output=True, text=True, timeout=60)
+            with tempfile.TemporaryFile("w+") as output:
+                res = self.run(mps_start_command(), env=self._daemon_env(), stdin=subprocess.DEVNULL,
+                               stdout=output, stderr=subprocess.STDOUT, text=True, timeout=60)
+                output.seek(0)
+                message = output.read().strip()
         except (OSError, subprocess.SubprocessError) as e:
             self._remove_dirs()
             raise RuntimeError(f"could not start CUDA MPS ({MPS_CONTROL} -d): {e}") from e
         if res.returncode != 0:
             self._remove_dirs()
-            raise RuntimeError(
-                f"could not start CUDA MPS ({MPS_CONTROL} -d exited {res.returncode}): "
-                f"{(res.stderr or res.stdout or '').strip()}"
-            )
+            message = message or (res.stderr or res.stdout or "").strip()
+            raise RuntimeError(f"could not start CUDA MPS ({MPS_CONTROL} -d exited {res.returncode}): {message}")
         self.owned = True
         self.log(f"MPS: started the control daemon (pipe dir {self.pipe_dir})")
         return self.env
@@ -521,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     own, prog_args, module = _split_argv(argv, _VALUE_OPTS)
     args = parser.parse_args(own)
+    if args.num_ranks < 1:
+        parser.error(f"-n must be at least 1, got {args.num_ranks}")
     if module is None:
         if not prog_args:
             parser.error("no script given (script.py or -m module)")
@@ -535,8 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = [sys.executable, "-m", module, *prog_args]
         what = f"-m {module}"
     n = args.num_ranks
-    if n < 1:
-        parser.error(f"-n must be at least 1, got {n}")
     if args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}")
     if args.grace < 0:

@@ -71,6 +71,11 @@ class NormalOptions:
         callback: for debugging, not for CUDA-graph-captured production runs.
       backend: ``"xla"`` (pure-JAX reference, runs anywhere) or ``"cuda"``
         (the compiled kernels).
+      num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
+        ``2 * num_sms`` blocks). With R ranks sharing one GPU keep
+        ``R * num_sms`` within its SM count.
+      buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
+        ``Buffer`` methods fill it in.
     """
 
     layout: Layout = "rank_major"
@@ -78,12 +83,15 @@ class NormalOptions:
     expert_alignment: int = 1
     checked: bool = False
     backend: Backend = "xla"
+    num_sms: int = 24
+    buffer_id: int | None = None
 
     def __post_init__(self):
         _check_choice("layout", self.layout, LAYOUTS)
         _check_positive_int("num_max_recv_tokens", self.num_max_recv_tokens, allow_none=True)
         _check_positive_int("expert_alignment", self.expert_alignment)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_positive_int("num_sms", self.num_sms)
 
 
 @dataclasses.dataclass(frozen=True)

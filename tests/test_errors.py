@@ -155,14 +155,37 @@ def test_cuda_backend_without_extension_is_clear(inputs, monkeypatch):
         jax_ep.get_dispatch_layout(inputs[1][0], E, num_ranks=R, backend="cuda")
 
 
-def test_cuda_backend_missing_op_is_clear(inputs):
+def test_cuda_backend_needs_a_buffer(inputs):
     from jax_ep import _extension
 
     if not _extension.available():
         pytest.skip("extension not built")
     opts = jax_ep.NormalOptions(backend="cuda")
-    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'dispatch_route' kernel in this build"):
+    with pytest.raises(ValueError, match=r"backend='cuda' communicates through a jax_ep.Buffer"):
         run_ranks(_dispatch(options=opts), R, *inputs)
+
+
+def test_cuda_backend_missing_op_is_clear(inputs):
+    from jax_ep import _extension
+
+    if not _extension.available():
+        pytest.skip("extension not built")
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=T, backend="cuda")
+
+    def f(x, i, w):
+        return jax_ep.low_latency_dispatch(x, i, num_experts=E, options=opts).recv_count
+
+    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'll_dispatch_route' kernel in this build"):
+        run_ranks(f, R, *inputs)
+
+
+def test_cuda_buffer_needs_one_gpu_per_process():
+    from jax_ep import _extension
+
+    if not _extension.available():
+        pytest.skip("extension not built")
+    with pytest.raises(RuntimeError, match="one process per EP rank with one local GPU"):
+        jax_ep.Buffer(num_experts=E, normal=jax_ep.NormalOptions(backend="cuda"))
 
 
 def test_destroyed_buffer():

@@ -11,7 +11,11 @@ import pytest
 
 from jax_ep import _extension
 
-TARGETS = {"jax_ep_get_dispatch_layout", "jax_ep_per_token_cast_to_fp8", "jax_ep_per_token_cast_back"}
+TARGETS = {
+    "jax_ep_get_dispatch_layout", "jax_ep_per_token_cast_to_fp8", "jax_ep_per_token_cast_back",
+    "jax_ep_intranode_dispatch", "jax_ep_intranode_dispatch_fp8", "jax_ep_intranode_cached_dispatch",
+    "jax_ep_intranode_combine",
+}
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")
 

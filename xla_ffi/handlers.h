@@ -14,4 +14,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastToFp8Handler);
 // "jax_ep_per_token_cast_back"
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastBackHandler);
 
+// "jax_ep_intranode_dispatch", "jax_ep_intranode_dispatch_fp8",
+// "jax_ep_intranode_cached_dispatch", "jax_ep_intranode_combine"
+XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeDispatchHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeDispatchFp8Handler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCombineHandler);
+
 }  // namespace jax_ep

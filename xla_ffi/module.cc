@@ -4,6 +4,10 @@
 //   cuda_arch_list()  CUDA architectures the kernels were compiled for
 //   __version__       package version the module was built from
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "../cuda/intranode.cuh"
+#include "runtime.h"
 
 #include <string>
 #include <string_view>
@@ -34,7 +38,27 @@ nb::dict registrations() {
       handler_capsule(jax_ep::PerTokenCastToFp8Handler);
   targets["jax_ep_per_token_cast_back"] =
       handler_capsule(jax_ep::PerTokenCastBackHandler);
+  targets["jax_ep_intranode_dispatch"] = handler_capsule(jax_ep::IntranodeDispatchHandler);
+  targets["jax_ep_intranode_dispatch_fp8"] = handler_capsule(jax_ep::IntranodeDispatchFp8Handler);
+  targets["jax_ep_intranode_cached_dispatch"] =
+      handler_capsule(jax_ep::IntranodeCachedDispatchHandler);
+  targets["jax_ep_intranode_combine"] = handler_capsule(jax_ep::IntranodeCombineHandler);
   return targets;
+}
+
+nb::bytes ipc_handle(int id) {
+  const std::string h = jax_ep::Runtime::get().at(id).ipc_handle();
+  return nb::bytes(h.data(), h.size());
+}
+
+void open_peer_ipc(int id, int peer, nb::bytes handle) {
+  jax_ep::Runtime::get().at(id).open_peer_ipc(
+      peer, std::string(static_cast<const char*>(handle.data()), handle.size()));
+}
+
+void open_peer_local(int id, int peer, int peer_id) {
+  auto& runtime = jax_ep::Runtime::get();
+  runtime.at(id).open_peer_local(peer, runtime.at(peer_id));
 }
 
 // "90a;100a" -> ["90a", "100a"]
@@ -58,6 +82,30 @@ NB_MODULE(_C, m) {
   m.attr("__version__") = JAX_EP_VERSION;
   m.def("registrations", &registrations,
         "Map of XLA FFI target name to handler capsule (platform CUDA).");
+  m.def("create_intranode_buffer",
+        [](int device, int rank, int num_ranks, size_t num_bytes, double timeout_s) {
+          return jax_ep::Runtime::get().create(device, rank, num_ranks, num_bytes, timeout_s);
+        },
+        nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("num_bytes"),
+        nb::arg("timeout_s"),
+        "Allocate this rank's registered buffer on `device`; returns its id.");
+  m.def("intranode_ipc_handle", &ipc_handle, "CUDA IPC handle (bytes) of a buffer.");
+  m.def("open_intranode_peer_ipc", &open_peer_ipc, nb::arg("id"), nb::arg("peer"),
+        nb::arg("handle"), "Map peer rank `peer`'s buffer from its IPC handle.");
+  m.def("open_intranode_peer_local", &open_peer_local, nb::arg("id"), nb::arg("peer"),
+        nb::arg("peer_id"), "Use buffer `peer_id` of this process as peer `peer` (peer access).");
+  m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
+  m.def("intranode_staging_half_bytes",
+        [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });
+  m.def("destroy_intranode_buffer", [](int id) { jax_ep::Runtime::get().destroy(id); },
+        "Free a buffer and unmap its peers (waits for the device).");
+  m.def("dispatch_staging_bytes", &jax_ep::intranode::dispatch_staging_bytes, nb::arg("num_tokens"),
+        nb::arg("num_topk"), nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("row_bytes"),
+        "Staging bytes (per half) a dispatch of these shapes needs.");
+  m.def("row_staging_bytes", &jax_ep::intranode::row_staging_bytes, nb::arg("num_rows"),
+        nb::arg("row_bytes"), "Staging bytes (per half) a combine or cached dispatch needs.");
+  m.attr("intranode_overhead_bytes") =
+      jax_ep::intranode::kSignalBytes + jax_ep::intranode::kWorkspaceBytes;
   m.def("cuda_arch_list", &cuda_arch_list,
         "CUDA architectures the kernels were compiled for, e.g. ['90a'].");
 }

@@ -1,0 +1,165 @@
+// Intranode normal-mode dispatch and combine over peer-mapped memory
+// (CUDA IPC between processes, peer access inside one process).
+//
+// Design: pull, not push. Each rank stages its tokens (and routing) once in
+// its own registered buffer; after one cross-rank barrier every receiver
+// computes its receive layout from the peers' staged routing and copies the
+// rows it owns straight from the peers' staging into its output. Combine is
+// the mirror: each rank stages the rows it computed, and each token's owner
+// pulls and sums its rows. Every payload byte is read once from the source
+// XLA buffer, written once to staging, read once by the peer and written once
+// into the destination XLA buffer; no ring buffers, no flow control, and only
+// the barrier kernel (one block) ever waits, so kernels of many ranks sharing
+// one GPU cannot starve each other.
+//
+// Registered buffer of each rank:
+//   [0, kSignalBytes)               Signals: epoch counter and one arrival
+//                                   slot per peer
+//   [kSignalBytes, +kWorkspaceBytes) workspace (prefix sums; local only)
+//   then two staging halves; call n uses half (n % 2). A rank stages call n
+//   only after the barrier of call n-1, which every peer passed after it
+//   finished reading call n-2 (the same half), so staging is never overwritten
+//   while a peer reads it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_ep {
+namespace intranode {
+
+inline constexpr int kMaxRanks = 64;
+inline constexpr int kMaxTopk = 16;
+inline constexpr std::size_t kSignalBytes = 4096;
+inline constexpr std::size_t kWorkspaceBytes = 64 * 1024;
+inline constexpr std::size_t kAlign = 256;
+
+__host__ __device__ inline std::size_t align_up(std::size_t v, std::size_t a) {
+  return (v + a - 1) / a * a;
+}
+
+// Header of every registered buffer.
+struct Signals {
+  unsigned long long epoch;       // barriers this rank has entered
+  unsigned long long pad[7];
+  unsigned long long arrived[kMaxRanks];  // arrived[s]: latest epoch rank s reached
+};
+
+// What a kernel needs to reach every rank's registered buffer.
+struct PeerTable {
+  char* base[kMaxRanks];  // base of each rank's registered buffer in this address space
+  int rank;
+  int num_ranks;
+  std::size_t staging_half_bytes;  // bytes of one staging half
+  unsigned long long timeout_ns;   // barrier wait limit
+};
+
+__host__ __device__ inline char* staging_half(char* base, int half, std::size_t half_bytes) {
+  return base + kSignalBytes + kWorkspaceBytes + static_cast<std::size_t>(half) * half_bytes;
+}
+
+// Offsets inside one staging half for a dispatch of T tokens, K slots, R
+// ranks, E experts and rows of `row_bytes` bytes. Identical on every rank
+// (shapes are the same everywhere).
+struct DispatchStaging {
+  std::size_t cnt_rank, cnt_expert, topk_idx, topk_weights, local_idx, slot_idx, rows;
+  std::size_t row_stride, total;
+
+  __host__ __device__ static DispatchStaging make(int T, int K, int R, int E,
+                                                  std::size_t row_bytes) {
+    DispatchStaging s{};
+    std::size_t o = 0;
+    s.cnt_rank = o;     o = align_up(o + sizeof(int) * R, kAlign);
+    s.cnt_expert = o;   o = align_up(o + sizeof(int) * E, kAlign);
+    s.topk_idx = o;     o = align_up(o + sizeof(int) * T * K, kAlign);
+    s.topk_weights = o; o = align_up(o + sizeof(float) * T * K, kAlign);
+    s.local_idx = o;    o = align_up(o + sizeof(int) * T * R, kAlign);
+    s.slot_idx = o;     o = align_up(o + sizeof(int) * T * K, kAlign);
+    s.row_stride = align_up(row_bytes, 16);
+    s.rows = o;         o = align_up(o + s.row_stride * T, kAlign);
+    s.total = o;
+    return s;
+  }
+};
+
+// Staging of a combine (or any pull of C rows of `row_bytes`).
+struct RowStaging {
+  std::size_t row_stride, total;
+  __host__ __device__ static RowStaging make(int C, std::size_t row_bytes) {
+    RowStaging s{};
+    s.row_stride = align_up(row_bytes, 16);
+    s.total = align_up(s.row_stride * C, kAlign);
+    return s;
+  }
+};
+
+enum class Layout : int { kRankMajor = 0, kExpertMajor = 1 };
+
+// One row payload of up to two parts (e.g. FP8 values and their scales):
+// part p of token t is at parts[p] + t * part_bytes[p]. Part sizes are
+// multiples of 16 bytes (checked by the handler) so rows copy as int4.
+struct RowParts {
+  const char* src[2];
+  char* dst[2];
+  int part_bytes[2];
+  int num_parts;
+  __host__ __device__ int row_bytes() const {
+    return part_bytes[0] + (num_parts > 1 ? part_bytes[1] : 0);
+  }
+};
+
+// Launch parameters shared by the kernels of one call.
+struct LaunchConfig {
+  int num_blocks;         // SM budget of the copy kernels (blocks)
+  cudaStream_t stream;
+};
+
+// Dispatch outputs (all device pointers; C rows).
+struct DispatchOutputs {
+  int* recv_topk_idx;        // [C, K]
+  float* recv_topk_weights;  // [C, K]
+  int* num_recv_per_expert;  // [E/R]
+  int* expert_group_sizes;   // [E/R] (expert-major; may be null otherwise)
+  int* num_kept;             // []
+  int* num_needed;           // []
+  int* recv_src_rank;        // [C]
+  int* recv_src_token;       // [C]
+  bool* is_token_in_rank;    // [T, R]
+  int* send_pos;             // [T, S]: dst_rank * C + row, or -1 (S = R or K)
+};
+
+struct DispatchArgs {
+  const int* topk_idx;        // [T, K]
+  const float* topk_weights;  // [T, K]
+  int num_tokens, num_topk, num_experts, capacity, expert_alignment;
+  Layout layout;
+};
+
+// Full dispatch: stage routing and rows, barrier, route, pull rows.
+cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
+                            const RowParts& parts, const DispatchOutputs& out,
+                            const LaunchConfig& cfg);
+
+// Dispatch of new rows along a handle's routing: stage, barrier, pull.
+// parts.dst rows are [C]; recv_src_* come from the handle.
+cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int capacity,
+                                   const int* recv_src_rank, const int* recv_src_token,
+                                   const RowParts& parts, const LaunchConfig& cfg);
+
+enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+
+// Combine: stage the valid rows of y [C, H], barrier, each token sums the rows
+// named by send_pos [T, S] (float32 accumulation) into out [T, H].
+cudaError_t launch_combine(const PeerTable& peers, DType dtype, const void* y, int capacity,
+                           int hidden, const int* recv_src_rank, const int* send_pos,
+                           int num_tokens, int num_send_cols, void* out,
+                           const LaunchConfig& cfg);
+
+// Bytes of one staging half needed by the calls of these shapes.
+std::size_t dispatch_staging_bytes(int T, int K, int R, int E, std::size_t row_bytes);
+std::size_t row_staging_bytes(int C, std::size_t row_bytes);
+
+}  // namespace intranode
+}  // namespace jax_ep

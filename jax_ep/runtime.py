@@ -1,0 +1,140 @@
+"""The CUDA backend's communication buffers, on the Python side.
+
+``IntranodeRuntime.create`` allocates this process's registered buffer
+(``jax_ep._C``), publishes its CUDA IPC handle on the ``jax.distributed``
+key-value store, maps every peer's buffer from theirs, and waits until all
+ranks have done so. One process per rank (one local GPU each); ranks may share
+a GPU under CUDA MPS. The EP rank is the JAX process index, so the EP mesh axis
+must list devices in process order (``jax.make_mesh`` over ``jax.devices()``
+does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+
+import jax
+
+from jax_ep import _extension
+
+_lock = threading.Lock()
+_counter = itertools.count()  # buffers are created in the same order on every rank
+_live: dict[int, "IntranodeRuntime"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class IntranodeRuntime:
+    """One rank's registered buffer: ``buffer_id`` is its handle for the FFI calls."""
+
+    buffer_id: int
+    rank: int
+    num_ranks: int
+    num_bytes: int
+    staging_half_bytes: int
+
+    @staticmethod
+    def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0) -> "IntranodeRuntime":
+        if not _extension.available():
+            raise RuntimeError(f"backend='cuda' needs jax_ep._C: {_extension.unavailable_reason()}")
+        local = jax.local_devices()
+        if len(local) != 1 or local[0].platform != "gpu":
+            raise RuntimeError(
+                "the CUDA backend runs one process per EP rank with one local GPU each "
+                f"(this process sees {[d.platform for d in local]}); start the ranks with "
+                "`python -m jax_ep.launch -n R script.py`, which also shares GPUs under MPS"
+            )
+        rank, num_ranks = jax.process_index(), jax.process_count()
+        C = _extension._C
+        seq = next(_counter)
+        buffer_id = C.create_intranode_buffer(local[0].local_hardware_id or 0, rank, num_ranks, int(num_bytes), float(timeout_s))
+        try:
+            if num_ranks > 1:
+                _exchange_handles(C, buffer_id, seq, rank, num_ranks, bootstrap_timeout_s)
+            runtime = IntranodeRuntime(
+                buffer_id, rank, num_ranks, int(num_bytes), C.intranode_staging_half_bytes(buffer_id)
+            )
+        except BaseException:
+            C.destroy_intranode_buffer(buffer_id)
+            raise
+        with _lock:
+            _live[buffer_id] = runtime
+        return runtime
+
+    def destroy(self) -> None:
+        with _lock:
+            if _live.pop(self.buffer_id, None) is None:
+                return
+        _extension._C.destroy_intranode_buffer(self.buffer_id)
+
+
+def _kv_client():
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(
+            "several JAX processes but no jax.distributed client: call jax.distributed.initialize "
+            "(jax_ep.launch.initialize_distributed does) before creating a CUDA jax_ep.Buffer"
+        )
+    return client
+
+
+def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, timeout_s: float) -> None:
+    client = _kv_client()
+    prefix = f"jax_ep/intranode/{seq}"
+    client.key_value_set_bytes(f"{prefix}/handle/{rank}", C.intranode_ipc_handle(buffer_id))
+    timeout_ms = int(timeout_s * 1000)
+    for peer in range(num_ranks):
+        if peer == rank:
+            continue
+        try:
+            handle = client.blocking_key_value_get_bytes(f"{prefix}/handle/{peer}", timeout_ms)
+        except Exception as e:  # the client raises a generic error on deadline
+            raise TimeoutError(
+                f"jax_ep: rank {rank} waited {timeout_s:.0f} s for rank {peer}'s buffer handle; "
+                f"every rank must create the same jax_ep.Buffer objects in the same order"
+            ) from e
+        C.open_intranode_peer_ipc(buffer_id, peer, handle)
+    try:
+        client.wait_at_barrier(f"{prefix}/mapped", timeout_ms)
+    except Exception as e:
+        raise TimeoutError(
+            f"jax_ep: rank {rank} waited {timeout_s:.0f} s for all ranks to map buffer {seq}"
+        ) from e
+
+
+def lookup(buffer_id: int | None) -> IntranodeRuntime:
+    """The live runtime of a buffer id, or a clear error."""
+    if buffer_id is None:
+        raise ValueError(
+            "backend='cuda' communicates through a jax_ep.Buffer: create "
+            "jax_ep.Buffer(num_experts, backend='cuda', ...) once, outside jit, and call its methods "
+            "(or pass options=buffer.normal)"
+        )
+    with _lock:
+        runtime = _live.get(buffer_id)
+    if runtime is None:
+        raise ValueError(f"jax_ep buffer {buffer_id} is not alive in this process (destroyed?)")
+    return runtime
+
+
+def intranode_buffer_bytes(
+    num_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int,
+    capacity: int | None = None, itemsize: int = 2,
+) -> int:
+    """``num_nvl_bytes`` a Buffer needs for dispatch, cached dispatch and combine
+    of these shapes (T tokens per rank, rows of ``hidden * itemsize`` bytes,
+    ``capacity`` receive rows, default ``R*T``)."""
+    if not _extension.available():
+        raise RuntimeError(_extension.unavailable_reason())
+    C = _extension._C
+    capacity = capacity or num_ranks * num_tokens
+    row = -(-hidden * itemsize // 16) * 16
+    half = max(
+        C.dispatch_staging_bytes(num_tokens, num_topk, num_ranks, num_experts, row),
+        C.row_staging_bytes(capacity, row),
+        C.row_staging_bytes(num_tokens, row),
+    )
+    return int(C.intranode_overhead_bytes + 2 * half + 512)

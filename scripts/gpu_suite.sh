@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one command, for a bare GPU machine:
+#
+#   bash scripts/gpu_suite.sh OUT_DIR
+#
+# Records the machine (OUT_DIR/env.txt), uses the prebuilt extension
+# jax_ep/_C.cpython-312-x86_64-linux-gnu.so when present (else builds it), runs
+# the single-process GPU tests with XLA command buffers on and off, every
+# tests/gpu/multirank_*.py through `python -m jax_ep.launch -n R` for each R in
+# ${JAX_EP_GPU_RANKS:-2 4 8} (the launcher starts CUDA MPS when ranks share a
+# GPU), then benchmarks/run_all.sh OUT_DIR if it exists. Every step's output is
+# tee'd into OUT_DIR as it runs, so the logs survive a timeout. It goes on after
+# a failing step, prints a summary table and exits non-zero if any step failed.
+#
+#   JAX_EP_GPU_RANKS="2 4"      rank counts for the multi-rank scripts
+#   JAX_EP_STEP_TIMEOUT=900     seconds allowed to each pytest / benchmark step
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: bash scripts/gpu_suite.sh OUT_DIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_EP_TEST_GPU=1
+STEP_TIMEOUT=${JAX_EP_STEP_TIMEOUT:-900}
+
+STEP_NAMES=()
+STEP_CODES=()
+STEP_SECONDS=()
+
+# step NAME LOG CMD...: run CMD, output to the terminal and appended to LOG.
+step() {
+  local name=$1 log=$2
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$log"
+  local code=${PIPESTATUS[0]}
+  STEP_NAMES+=("$name")
+  STEP_CODES+=("$code")
+  STEP_SECONDS+=("$((SECONDS - t0))")
+  echo "=== $name: exit $code in $((SECONDS - t0)) s" | tee -a "$log"
+  return 0
+}
+
+# pytest exits 5 when nothing was collected: not a failure here.
+pytest_step() {
+  timeout --kill-after=30 "$STEP_TIMEOUT" python3 -m pytest "$@"
+  local code=$?
+  [ "$code" -eq 5 ] && { echo "(no tests collected)"; return 0; }
+  return "$code"
+}
+
+{
+  echo "date: $(date -u)"
+  echo "host: $(hostname)"
+  if git rev-parse --verify -q HEAD >/dev/null 2>&1; then
+    echo "git: $(git rev-parse HEAD), $(git status --porcelain | wc -l) changed file(s)"
+  else
+    echo "git: (not a git checkout)"
+  fi
+  echo "--- nvidia-smi"
+  nvidia-smi 2>&1
+  echo "--- nvidia-smi -L"
+  nvidia-smi -L 2>&1
+  echo "--- python3"
+  python3 --version 2>&1
+  python3 -c 'import jax; print(jax.__version__); print(jax.devices())' 2>&1
+  echo "--- nvcc"
+  nvcc --version 2>&1 | tail -2
+  echo "--- nvidia-cuda-mps-control: $(command -v nvidia-cuda-mps-control || echo missing)"
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+EXT=jax_ep/_C.cpython-312-x86_64-linux-gnu.so
+if [ -f "$EXT" ]; then
+  echo "using the prebuilt extension $EXT" | tee "$OUT/build.log"
+else
+  step build "$OUT/build.log" python3 -m pip install --no-build-isolation --no-deps -e .
+fi
+python3 -c 'import jax_ep._extension as e; print("jax_ep._C:", "available" if e.available() else e.unavailable_reason())' \
+  2>&1 | tee -a "$OUT/build.log"
+
+step gpu_single "$OUT/gpu_single.log" pytest_step -q tests/gpu -m "not multirank"
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" \
+  step gpu_single_nocmdbuf "$OUT/gpu_single_nocmdbuf.log" pytest_step -q tests/gpu -m "not multirank"
+
+shopt -s nullglob
+MULTIRANK=(tests/gpu/multirank_*.py)
+shopt -u nullglob
+for R in ${JAX_EP_GPU_RANKS:-2 4 8}; do
+  for f in "${MULTIRANK[@]}"; do
+    name=$(basename "$f" .py)
+    step "${name}_R$R" "$OUT/multirank_R$R.log" \
+      timeout --kill-after=30 400 python3 -m jax_ep.launch -n "$R" --timeout 300 \
+        --log-dir "$OUT/logs_R$R/$name" "$f"
+  done
+done
+
+if [ -f benchmarks/run_all.sh ]; then
+  step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"
+fi
+
+{
+  echo
+  printf '%-40s %6s %8s\n' step exit seconds
+  for i in "${!STEP_NAMES[@]}"; do
+    printf '%-40s %6s %8s\n' "${STEP_NAMES[$i]}" "${STEP_CODES[$i]}" "${STEP_SECONDS[$i]}"
+  done
+  echo "results in $OUT"
+} | tee "$OUT/summary.txt"
+for c in "${STEP_CODES[@]}"; do [ "$c" -ne 0 ] && exit 1; done
+exit 0

@@ -1,0 +1,185 @@
+#include "runtime.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <stdexcept>
+
+namespace jax_ep {
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("jax_ep runtime: ") + what + " failed: " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// Restores the calling thread's current device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
+IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes,
+                                 double timeout_s)
+    : device_(device), rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes),
+      timeout_s_(timeout_s), peers_(num_ranks, nullptr), peer_is_ipc_(num_ranks, false) {
+  if (num_ranks < 1 || num_ranks > intranode::kMaxRanks || rank < 0 || rank >= num_ranks) {
+    throw std::invalid_argument("jax_ep runtime: need 0 <= rank < num_ranks <= 64, got rank " +
+                                std::to_string(rank) + " of " + std::to_string(num_ranks));
+  }
+  const std::size_t minimum = intranode::kSignalBytes + intranode::kWorkspaceBytes + 2 * intranode::kAlign;
+  if (num_bytes < minimum) {
+    throw std::invalid_argument("jax_ep runtime: num_bytes must be at least " +
+                                std::to_string(minimum));
+  }
+  DeviceGuard guard(device);
+  check(cudaMalloc(&local_, num_bytes), "cudaMalloc of the communication buffer");
+  // Zeroed signals: every epoch starts at 0 on every rank.
+  check(cudaMemset(local_, 0, intranode::kSignalBytes + intranode::kWorkspaceBytes), "cudaMemset");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  peers_[rank] = local_;
+}
+
+IntranodeBuffer::~IntranodeBuffer() {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device_);
+  cudaDeviceSynchronize();
+  for (int r = 0; r < num_ranks_; ++r) {
+    if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
+  }
+  if (local_ != nullptr) cudaFree(local_);
+  cudaSetDevice(previous);
+}
+
+std::string IntranodeBuffer::ipc_handle() const {
+  DeviceGuard guard(device_);
+  cudaIpcMemHandle_t handle;
+  check(cudaIpcGetMemHandle(&handle, local_), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+void IntranodeBuffer::open_peer_ipc(int peer, const std::string& handle) {
+  if (peer < 0 || peer >= num_ranks_ || peer == rank_) {
+    throw std::invalid_argument("jax_ep runtime: bad peer rank " + std::to_string(peer));
+  }
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
+    throw std::invalid_argument("jax_ep runtime: an IPC handle has " +
+                                std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " +
+                                std::to_string(handle.size()));
+  }
+  if (peers_[peer] != nullptr) return;
+  DeviceGuard guard(device_);
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  void* ptr = nullptr;
+  check(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess),
+        "cudaIpcOpenMemHandle of a peer's buffer");
+  peers_[peer] = static_cast<char*>(ptr);
+  peer_is_ipc_[peer] = true;
+}
+
+void IntranodeBuffer::open_peer_local(int peer, const IntranodeBuffer& other) {
+  if (peer < 0 || peer >= num_ranks_ || other.rank() != peer || other.num_bytes() != num_bytes_) {
+    throw std::invalid_argument("jax_ep runtime: buffer of rank " + std::to_string(other.rank()) +
+                                " does not match peer " + std::to_string(peer));
+  }
+  if (other.device() != device_) {
+    DeviceGuard guard(device_);
+    int can = 0;
+    check(cudaDeviceCanAccessPeer(&can, device_, other.device()), "cudaDeviceCanAccessPeer");
+    if (!can) {
+      throw std::runtime_error("jax_ep runtime: device " + std::to_string(device_) +
+                               " cannot access device " + std::to_string(other.device()) +
+                               " (no peer access)");
+    }
+    const cudaError_t err = cudaDeviceEnablePeerAccess(other.device(), 0);
+    if (err == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+    else check(err, "cudaDeviceEnablePeerAccess");
+  }
+  peers_[peer] = other.local();
+}
+
+bool IntranodeBuffer::ready() const {
+  for (char* p : peers_) {
+    if (p == nullptr) return false;
+  }
+  return true;
+}
+
+std::size_t IntranodeBuffer::staging_half_bytes() const {
+  const std::size_t rest = num_bytes_ - intranode::kSignalBytes - intranode::kWorkspaceBytes;
+  return rest / 2 / intranode::kAlign * intranode::kAlign;
+}
+
+intranode::PeerTable IntranodeBuffer::peer_table() const {
+  intranode::PeerTable t{};
+  for (int r = 0; r < num_ranks_; ++r) t.base[r] = peers_[r];
+  t.rank = rank_;
+  t.num_ranks = num_ranks_;
+  t.staging_half_bytes = staging_half_bytes();
+  t.timeout_ns = static_cast<unsigned long long>(timeout_s_ * 1e9);
+  return t;
+}
+
+Runtime& Runtime::get() {
+  static Runtime* runtime = new Runtime();  // never destroyed: handlers may run at exit
+  return *runtime;
+}
+
+int Runtime::create(int device, int rank, int num_ranks, std::size_t num_bytes,
+                    double timeout_s) {
+  auto buffer = std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s);
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int id = next_id_++;
+  buffers_[id] = std::move(buffer);
+  return id;
+}
+
+void Runtime::destroy(int id) {
+  std::unique_ptr<IntranodeBuffer> buffer;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = buffers_.find(id);
+    if (it == buffers_.end()) return;
+    buffer = std::move(it->second);
+    buffers_.erase(it);
+  }
+}
+
+IntranodeBuffer* Runtime::find(int64_t id, std::string* error) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = buffers_.find(static_cast<int>(id));
+  if (it == buffers_.end()) {
+    *error = "jax_ep buffer " + std::to_string(id) +
+             " does not exist in this process (destroyed, or created in another process)";
+    return nullptr;
+  }
+  if (!it->second->ready()) {
+    *error = "jax_ep buffer " + std::to_string(id) + " has not mapped every peer yet";
+    return nullptr;
+  }
+  return it->second.get();
+}
+
+IntranodeBuffer& Runtime::at(int id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = buffers_.find(id);
+  if (it == buffers_.end()) {
+    throw std::invalid_argument("jax_ep runtime: no buffer with id " + std::to_string(id));
+  }
+  return *it->second;
+}
+
+}  // namespace jax_ep

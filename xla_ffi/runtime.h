@@ -1,0 +1,68 @@
+// The jax_ep runtime: registered communication buffers and their peers.
+//
+// A buffer is one device allocation per EP rank. Peers' buffers are mapped
+// into this process through CUDA IPC (one process per rank; handles travel
+// over the jax.distributed key-value store) or, when one process drives
+// several GPUs, used directly with peer access. Handlers find a buffer by its
+// id (a static attribute) and pass its PeerTable to the kernels by value, so
+// a CUDA graph captured once stays valid for the buffer's lifetime.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "../cuda/intranode.cuh"
+
+namespace jax_ep {
+
+class IntranodeBuffer {
+ public:
+  IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s);
+  ~IntranodeBuffer();
+  IntranodeBuffer(const IntranodeBuffer&) = delete;
+  IntranodeBuffer& operator=(const IntranodeBuffer&) = delete;
+
+  std::string ipc_handle() const;                   // 64 bytes of cudaIpcMemHandle_t
+  void open_peer_ipc(int peer, const std::string& handle);
+  void open_peer_local(int peer, const IntranodeBuffer& other);  // same process
+  bool ready() const;                               // every peer mapped
+  intranode::PeerTable peer_table() const;
+
+  int device() const { return device_; }
+  int rank() const { return rank_; }
+  int num_ranks() const { return num_ranks_; }
+  std::size_t num_bytes() const { return num_bytes_; }
+  std::size_t staging_half_bytes() const;
+  char* local() const { return local_; }
+
+ private:
+  int device_, rank_, num_ranks_;
+  std::size_t num_bytes_;
+  double timeout_s_;
+  char* local_ = nullptr;
+  std::vector<char*> peers_;
+  std::vector<bool> peer_is_ipc_;
+};
+
+// Process-wide registry of buffers, keyed by id.
+class Runtime {
+ public:
+  static Runtime& get();
+  int create(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s);
+  void destroy(int id);
+  // The buffer, or nullptr (with *error set) when the id is unknown or not ready.
+  IntranodeBuffer* find(int64_t id, std::string* error);
+  IntranodeBuffer& at(int id);
+
+ private:
+  std::mutex mutex_;
+  int next_id_ = 1;
+  std::unordered_map<int, std::unique_ptr<IntranodeBuffer>> buffers_;
+};
+
+}  // namespace jax_ep
