@@ -14,6 +14,7 @@
 #
 #   JAX_EP_GPU_RANKS="2 4"      rank counts for the multi-rank scripts
 #   JAX_EP_STEP_TIMEOUT=900     seconds allowed to each pytest / benchmark step
+#   JAX_EP_SKIP_BENCH=1         skip benchmarks/run_all.sh
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -101,7 +102,9 @@ for R in ${JAX_EP_GPU_RANKS:-2 4 8}; do
   done
 done
 
-if [ -f benchmarks/run_all.sh ]; then
+step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2
+
+if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
   step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"
 fi
 
