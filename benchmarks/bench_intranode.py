@@ -7,8 +7,9 @@ DeepEP's normal-mode configuration by default: 4096 tokens per rank, hidden
 BF16 combine, handle-reusing (cached) dispatch. Bytes are counted as DeepEP's
 tests count them: received rows x hidden x 2 for BF16 (x (1 + 4/128) / 2 more
 for FP8 with its scales); combine moves the same bytes as BF16 dispatch. Each
-op is timed as the median over repetitions of a jit-compiled `fori_loop` of
-`--iters` calls, divided by the number of calls. Aggregate GB/s sums all
+op is timed as the median over repetitions of one compiled program of
+`--iters` back-to-back calls, divided by the number of calls (wall clock
+around the whole program, so launch gaps count). Aggregate GB/s sums all
 ranks' bytes; the roofline is the device-to-device copy bandwidth measured by
 rank 0 in the same run (payload bytes, with every rank idle).
 """
@@ -100,18 +101,27 @@ def copy_roofline_gbps(nbytes=1 << 30, reps=10):
 
 
 def time_loop(fn, args, iters, reps):
-    """Median seconds per call of fn(*args) run `iters` times inside one fori_loop."""
+    """Median seconds per call of fn(*args), run `iters` times in one compiled program.
 
-    def body(i, acc):
-        return acc + fn(*args)
+    The calls are unrolled (an XLA while loop costs a host round trip per
+    iteration); each call's inputs pass through an optimization barrier tied
+    to the previous result, so XLA neither merges nor reorders them.
+    """
 
-    loop = jax.jit(lambda: jax.lax.fori_loop(0, iters, body, jnp.float32(0)))
-    loop().block_until_ready()  # compile + warm up
+    def many(*args):
+        acc = jnp.float32(0)
+        for _ in range(iters):
+            args, acc = jax.lax.optimization_barrier((args, acc))
+            acc = acc + fn(*args)
+        return acc
+
+    loop = jax.jit(many)
+    loop(*args).block_until_ready()  # compile + warm up
     times = []
-    for r in range(reps):
+    for _ in range(reps):
         barrier(fn.__name__)
         t0 = time.perf_counter()
-        loop().block_until_ready()
+        loop(*args).block_until_ready()
         times.append((time.perf_counter() - t0) / iters)
     return float(np.median(times))
 
@@ -143,40 +153,40 @@ def main():
         opts = jax_ep.NormalOptions(backend="cuda", num_sms=sms, num_max_recv_tokens=capacity,
                                     buffer_id=buf.normal.buffer_id)
 
-        def layout_op(idx=idx):
+        def layout_op(idx):
             return jnp.sum(jax_ep.get_dispatch_layout(idx, e, num_ranks=R, backend="cuda")[0]).astype(jnp.float32)
 
-        def dispatch_bf16(x=x, idx=idx, w=w):
+        def dispatch_bf16(x, idx, w):
             return buf.dispatch(x, idx, w, options=opts).recv_x[0, 0].astype(jnp.float32)
 
         handle = jax.jit(lambda x, i, w: buf.dispatch(x, i, w, options=opts).handle)(x, idx, w)
         pair = jax.jit(lambda x: jax_ep.per_token_cast_to_fp8(x, backend="cuda"))(x)
         y = jax.jit(lambda x, i, w: buf.dispatch(x, i, w, options=opts).recv_x)(x, idx, w)
 
-        def cached_bf16(x=x, handle=handle):
+        def cached_bf16(x, handle):
             return buf.cached_dispatch(x, handle)[0, 0].astype(jnp.float32)
 
-        def cached_fp8(pair=pair, handle=handle):
+        def cached_fp8(pair, handle):
             q, s = buf.cached_dispatch(pair, handle)
             return q[0, 0].astype(jnp.float32) + s[0, 0]
 
-        def dispatch_fp8(pair=pair, idx=idx, w=w):
+        def dispatch_fp8(pair, idx, w):
             return buf.dispatch(pair, idx, w, options=opts).recv_x[1][0, 0]
 
-        def combine_bf16(y=y, handle=handle):
+        def combine_bf16(y, handle):
             return buf.combine(y, handle)[0, 0].astype(jnp.float32)
 
         ops = [
-            ("layout", layout_op, None),
-            ("dispatch_bf16", dispatch_bf16, bf16_bytes),
-            ("dispatch_fp8", dispatch_fp8, fp8_bytes),
-            ("cached_dispatch_bf16", cached_bf16, bf16_bytes),
-            ("cached_dispatch_fp8", cached_fp8, fp8_bytes),
-            ("combine_bf16", combine_bf16, bf16_bytes),
+            ("layout", layout_op, (idx,), None),
+            ("dispatch_bf16", dispatch_bf16, (x, idx, w), bf16_bytes),
+            ("dispatch_fp8", dispatch_fp8, (pair, idx, w), fp8_bytes),
+            ("cached_dispatch_bf16", cached_bf16, (x, handle), bf16_bytes),
+            ("cached_dispatch_fp8", cached_fp8, (pair, handle), fp8_bytes),
+            ("combine_bf16", combine_bf16, (y, handle), bf16_bytes),
         ]
-        for name, fn, nbytes_per_rank in ops:
+        for name, fn, args, nbytes_per_rank in ops:
             fn.__name__ = f"{name}_{sms}"
-            sec = time_loop(fn, (), a.iters, a.reps)
+            sec = time_loop(fn, args, a.iters, a.reps)
             # every rank's time: the slowest defines the op
             client = kv()
             key = f"bench/{name}/{sms}"

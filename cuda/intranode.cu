@@ -17,8 +17,9 @@ namespace intranode {
 namespace {
 
 constexpr int kScanThreads = 1024;
-constexpr int kCopyThreads = 512;
+constexpr int kCopyThreads = 256;  // four blocks per SM of the budget (64 registers each)
 constexpr int kRouteThreads = 256;
+constexpr int kUnroll = 4;
 
 // Staging half a kernel uses: before this call's barrier the epoch counts the
 // previous calls; after it, it counts this one too.
@@ -111,8 +112,9 @@ __global__ void __launch_bounds__(kScanThreads)
 }
 
 // Copy rows of up to two parts into this rank's staging (rows with
-// mask[r] < 0 are skipped when a mask is given).
-__global__ void __launch_bounds__(kCopyThreads)
+// mask[r] < 0 are skipped when a mask is given). Each thread keeps kUnroll
+// 16-byte loads in flight before it stores.
+__global__ void __launch_bounds__(kCopyThreads, 4)
     stage_rows_kernel(PeerTable peers, RowParts parts, int num_rows, std::size_t rows_offset,
                       std::size_t row_stride, const int* mask) {
   char* rows = staging_half(peers.base[peers.rank], current_half(peers, false),
@@ -120,18 +122,30 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int vec0 = parts.part_bytes[0] / 16;
   const int vecs = parts.row_bytes() / 16;
   const long long total = static_cast<long long>(num_rows) * vecs;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-    if (mask != nullptr && mask[r] < 0) continue;
-    // Select parts with branches, not a run-time array index (keeps the
-    // kernel parameters out of local memory).
-    const bool first = v < vec0;
-    const char* src = first ? parts.src[0] : parts.src[1];
-    const int part_bytes = first ? parts.part_bytes[0] : parts.part_bytes[1];
-    const int4 value = reinterpret_cast<const int4*>(
-        src + static_cast<long long>(r) * part_bytes)[first ? v : v - vec0];
-    reinterpret_cast<int4*>(rows + static_cast<long long>(r) * row_stride)[v] = value;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x * kUnroll;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x;
+       base < total; base += step) {
+    int4 value[kUnroll];
+    long long dst[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long i = base + static_cast<long long>(u) * blockDim.x;
+      dst[u] = -1;
+      if (i >= total) continue;
+      const int r = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+      if (mask != nullptr && mask[r] < 0) continue;
+      // Select parts with branches, not a run-time array index (keeps the
+      // kernel parameters out of local memory).
+      const bool first = v < vec0;
+      const char* src = first ? parts.src[0] : parts.src[1];
+      const int part_bytes = first ? parts.part_bytes[0] : parts.part_bytes[1];
+      value[u] = reinterpret_cast<const int4*>(src + static_cast<long long>(r) * part_bytes)[first ? v : v - vec0];
+      dst[u] = static_cast<long long>(r) * static_cast<long long>(row_stride) + 16ll * v;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (dst[u] >= 0) *reinterpret_cast<int4*>(rows + dst[u]) = value[u];
+    }
   }
 }
 
@@ -153,11 +167,17 @@ __global__ void barrier_kernel(PeerTable peers, int op) {
     const unsigned long long start = global_timer_ns();
     while (ld_acquire_sys(&me->arrived[s]) < epoch) {
       if (global_timer_ns() - start > peers.timeout_ns) {
-        printf("jax_ep: rank %d timed out after %.1f s in the %s barrier waiting for rank %d "
-               "(epoch %llu, rank %d is at %llu); a peer did not make the same jax_ep call\n",
-               peers.rank, peers.timeout_ns * 1e-9, op == 0 ? "dispatch" : (op == 1 ? "cached-dispatch" : "combine"),
-               s, epoch, s, ld_acquire_sys(&me->arrived[s]));
-        __trap();
+        TimeoutRecord* rec = peers.timeout_record;
+        if (atomicCAS(&rec->code, 0, 1) == 0) {
+          rec->rank = peers.rank;
+          rec->peer = s;
+          rec->op = op;
+          rec->epoch = epoch;
+          rec->peer_epoch = ld_acquire_sys(&me->arrived[s]);
+          rec->seconds = peers.timeout_ns * 1e-9;
+          __threadfence_system();
+        }
+        __trap();  // the host's watcher prints the record
       }
     }
   }
@@ -361,28 +381,41 @@ __global__ void __launch_bounds__(kRouteThreads)
 }
 
 // out rows [C]: the row of (recv_src_rank, recv_src_token) in that rank's
-// staging, or zeros on padding.
-__global__ void __launch_bounds__(kCopyThreads)
+// staging, or zeros on padding. kUnroll loads in flight per thread.
+__global__ void __launch_bounds__(kCopyThreads, 4)
     pull_rows_kernel(PeerTable peers, RowParts parts, int capacity, std::size_t rows_offset,
                      std::size_t row_stride, const int* src_rank, const int* src_token) {
   const int half = current_half(peers, true);
   const int vec0 = parts.part_bytes[0] / 16;
   const int vecs = parts.row_bytes() / 16;
   const long long total = static_cast<long long>(capacity) * vecs;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-    const int s = src_rank[c];
-    int4 value = make_int4(0, 0, 0, 0);
-    if (s >= 0) {
-      const char* row = staging_half(peers.base[s], half, peers.staging_half_bytes) + rows_offset +
-                        static_cast<long long>(src_token[c]) * row_stride;
-      value = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x * kUnroll;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x;
+       base < total; base += step) {
+    int4 value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long i = base + static_cast<long long>(u) * blockDim.x;
+      value[u] = make_int4(0, 0, 0, 0);
+      if (i >= total) continue;
+      const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+      const int s = src_rank[c];
+      if (s >= 0) {
+        const char* row = staging_half(peers.base[s], half, peers.staging_half_bytes) + rows_offset +
+                          static_cast<long long>(src_token[c]) * row_stride;
+        value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
+      }
     }
-    const bool first = v < vec0;
-    char* dst = first ? parts.dst[0] : parts.dst[1];
-    const int part_bytes = first ? parts.part_bytes[0] : parts.part_bytes[1];
-    reinterpret_cast<int4*>(dst + static_cast<long long>(c) * part_bytes)[first ? v : v - vec0] = value;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long i = base + static_cast<long long>(u) * blockDim.x;
+      if (i >= total) continue;
+      const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+      const bool first = v < vec0;
+      char* dst = first ? parts.dst[0] : parts.dst[1];
+      const int part_bytes = first ? parts.part_bytes[0] : parts.part_bytes[1];
+      reinterpret_cast<int4*>(dst + static_cast<long long>(c) * part_bytes)[first ? v : v - vec0] = value[u];
+    }
   }
 }
 
@@ -451,30 +484,40 @@ struct Vec8<float> {
 // out[t] = sum over columns j with send_pos[t, j] >= 0 of the staged row
 // send_pos names (rank p / C, row p % C), accumulated in float32.
 template <typename T>
-__global__ void __launch_bounds__(kCopyThreads)
+__global__ void __launch_bounds__(kCopyThreads, 4)
     combine_reduce_kernel(PeerTable peers, int capacity, int hidden, std::size_t row_stride,
                           const int* send_pos, int num_tokens, int num_cols, T* out) {
   using V = Vec8<T>;
+  constexpr int kCols = 8;  // loads in flight per thread
   const int half = current_half(peers, true);
   const int vecs = hidden / V::kN;
   const long long total = static_cast<long long>(num_tokens) * vecs;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+    const int* pos = send_pos + static_cast<long long>(t) * num_cols;
     float acc[V::kN] = {};
-    for (int j = 0; j < num_cols; ++j) {
-      const int p = send_pos[static_cast<long long>(t) * num_cols + j];
-      if (p < 0) continue;
-      const char* row = staging_half(peers.base[p / capacity], half, peers.staging_half_bytes) +
-                        static_cast<long long>(p % capacity) * row_stride;
-      V::add(acc, ld_nc_v4(reinterpret_cast<const int4*>(row) + v));
+    for (int j0 = 0; j0 < num_cols; j0 += kCols) {
+      int4 value[kCols];
+#pragma unroll
+      for (int u = 0; u < kCols; ++u) {
+        const int p = j0 + u < num_cols ? pos[j0 + u] : -1;
+        value[u] = make_int4(0, 0, 0, 0);
+        if (p >= 0) {
+          const char* row = staging_half(peers.base[p / capacity], half, peers.staging_half_bytes) +
+                            static_cast<long long>(p % capacity) * row_stride;
+          value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);  // column order: the same sum everywhere
     }
     reinterpret_cast<int4*>(out + static_cast<long long>(t) * hidden)[v] = V::pack(acc);
   }
 }
 
 int copy_blocks(const LaunchConfig& cfg, long long work_items) {
-  const long long needed = ceil_div<long long>(work_items, kCopyThreads);
+  const long long needed = ceil_div<long long>(work_items, kCopyThreads * kUnroll);
   return static_cast<int>(std::max<long long>(1, std::min<long long>(cfg.num_blocks, needed)));
 }
 

@@ -47,6 +47,16 @@ struct Signals {
   unsigned long long arrived[kMaxRanks];  // arrived[s]: latest epoch rank s reached
 };
 
+// Written by a kernel (into mapped host memory) just before it traps on a
+// timeout, so the host can print a message naming the peer even though the
+// CUDA context is lost.
+struct TimeoutRecord {
+  int code;  // 0 none, 1 barrier timeout
+  int rank, peer, op;
+  unsigned long long epoch, peer_epoch;
+  double seconds;
+};
+
 // What a kernel needs to reach every rank's registered buffer.
 struct PeerTable {
   char* base[kMaxRanks];  // base of each rank's registered buffer in this address space
@@ -54,7 +64,12 @@ struct PeerTable {
   int num_ranks;
   std::size_t staging_half_bytes;  // bytes of one staging half
   unsigned long long timeout_ns;   // barrier wait limit
+  TimeoutRecord* timeout_record;   // mapped host memory
 };
+
+inline const char* op_name(int op) {
+  return op == 0 ? "dispatch" : (op == 1 ? "cached-dispatch" : "combine");
+}
 
 __host__ __device__ inline char* staging_half(char* base, int half, std::size_t half_bytes) {
   return base + kSignalBytes + kWorkspaceBytes + static_cast<std::size_t>(half) * half_bytes;

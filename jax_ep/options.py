@@ -72,7 +72,7 @@ class NormalOptions:
       backend: ``"xla"`` (pure-JAX reference, runs anywhere) or ``"cuda"``
         (the compiled kernels).
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
-        ``2 * num_sms`` blocks). With R ranks sharing one GPU keep
+        ``4 * num_sms`` blocks of 256 threads). With R ranks sharing one GPU keep
         ``R * num_sms`` within its SM count.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.

@@ -69,7 +69,8 @@ def dispatch_rank_major(xs, idxs, ws, num_experts, capacity):
         for j, (s, i, ids, wv) in enumerate(rows[:capacity]):
             recv_x[j], recv_idx[j], recv_w[j] = xs[s][i], ids, wv
             src.append((s, i))
-        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, dropped=max(len(rows) - capacity, 0), counts=counts))
+        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, pos=list(range(len(src))),
+                        dropped=max(len(rows) - capacity, 0), counts=counts))
     return out
 
 
@@ -90,20 +91,21 @@ def dispatch_expert_major(xs, idxs, ws, num_experts, capacity, alignment):
         recv_x = np.zeros((capacity, h), xs[0].dtype)
         recv_idx = np.full((capacity, k), -1, np.int32)
         recv_w = np.zeros((capacity, k), np.float32)
-        src, start, dropped, sizes = [], 0, 0, []
+        src, pos_list, start, dropped, sizes = [], [], 0, 0, []
         for g in groups:
             for j, (s, i, ids, wv) in enumerate(g):
                 pos = start + j
                 if pos < capacity:
                     recv_x[pos], recv_idx[pos], recv_w[pos] = xs[s][i], ids, wv
                     src.append((s, i))
+                    pos_list.append(pos)
                 else:
                     dropped += 1
             aligned = -(-len(g) // alignment) * alignment
             sizes.append(min(start + aligned, capacity) - min(start, capacity))
             start += aligned
         counts = np.array([len(g) for g in groups], np.int32)
-        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, dropped=dropped, counts=counts,
+        out.append(dict(x=recv_x, idx=recv_idx, w=recv_w, src=src, pos=pos_list, dropped=dropped, counts=counts,
                         group_sizes=np.array(sizes, np.int32)))
     return out
 

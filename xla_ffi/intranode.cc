@@ -32,7 +32,7 @@ using F32_2 = ffi::Buffer<ffi::F32, 2>;
 using I32_0 = ffi::Buffer<ffi::S32, 0>;
 using Pred2 = ffi::Buffer<ffi::PRED, 2>;
 
-constexpr int kBlocksPerSm = 2;
+constexpr int kBlocksPerSm = 4;  // copy-kernel blocks (256 threads) per SM of the budget
 
 ffi::Error lookup(const char* target, int64_t buffer_id, IntranodeBuffer** out) {
   std::string error;

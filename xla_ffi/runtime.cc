@@ -2,6 +2,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 
@@ -49,9 +51,45 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   check(cudaMemset(local_, 0, intranode::kSignalBytes + intranode::kWorkspaceBytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_[rank] = local_;
+  check(cudaHostAlloc(reinterpret_cast<void**>(&timeout_host_), sizeof(intranode::TimeoutRecord),
+                      cudaHostAllocMapped),
+        "cudaHostAlloc of the timeout record");
+  std::memset(timeout_host_, 0, sizeof(intranode::TimeoutRecord));
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&timeout_device_), timeout_host_, 0),
+        "cudaHostGetDevicePointer");
+  // A kernel that times out traps, which loses the CUDA context and with it
+  // any device printf; this thread reports the record the kernel left.
+  watcher_ = std::thread([this] {
+    while (!stop_watch_.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      const auto* rec = reinterpret_cast<volatile intranode::TimeoutRecord*>(timeout_host_);
+      if (rec->code != 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        const std::string msg = timeout_message(*timeout_host_);
+        std::fprintf(stderr, "%s\n", msg.c_str());
+        std::fflush(stderr);
+        return;
+      }
+    }
+  });
+}
+
+std::string timeout_message(const intranode::TimeoutRecord& rec) {
+  if (rec.code == 0) return "";
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "jax_ep: rank %d timed out after %.1f s in the %s barrier waiting for rank %d "
+                "(this rank is at call %llu, rank %d at %llu): a peer did not make the same jax_ep "
+                "call; the CUDA context of this rank is lost",
+                rec.rank, rec.seconds, intranode::op_name(rec.op), rec.peer, rec.epoch, rec.peer,
+                rec.peer_epoch);
+  return buf;
 }
 
 IntranodeBuffer::~IntranodeBuffer() {
+  stop_watch_.store(true);
+  if (watcher_.joinable()) watcher_.join();
+  if (timeout_host_ != nullptr) cudaFreeHost(timeout_host_);
   int previous = 0;
   cudaGetDevice(&previous);
   cudaSetDevice(device_);
@@ -130,6 +168,7 @@ intranode::PeerTable IntranodeBuffer::peer_table() const {
   t.num_ranks = num_ranks_;
   t.staging_half_bytes = staging_half_bytes();
   t.timeout_ns = static_cast<unsigned long long>(timeout_s_ * 1e9);
+  t.timeout_record = timeout_device_;
   return t;
 }
 

@@ -10,8 +10,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -47,7 +49,14 @@ class IntranodeBuffer {
   char* local_ = nullptr;
   std::vector<char*> peers_;
   std::vector<bool> peer_is_ipc_;
+  intranode::TimeoutRecord* timeout_host_ = nullptr;    // mapped, pinned
+  intranode::TimeoutRecord* timeout_device_ = nullptr;  // its device address
+  std::atomic<bool> stop_watch_{false};
+  std::thread watcher_;  // prints a timeout record as soon as a kernel writes it
 };
+
+// Message of a timeout record (empty when none).
+std::string timeout_message(const intranode::TimeoutRecord& rec);
 
 // Process-wide registry of buffers, keyed by id.
 class Runtime {

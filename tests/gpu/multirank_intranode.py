@@ -99,7 +99,7 @@ def expected_combine(xs_rows_per_rank, refs, t, h):
     """numpy float64 sum of every rank's rows back to their tokens, for rank ME."""
     out = np.zeros((t, h), np.float64)
     for d in range(R):
-        for row, (s, i) in enumerate(refs[d]["src"]):
+        for row, (s, i) in zip(refs[d]["pos"], refs[d]["src"]):
             if s == ME:
                 out[i] += np.asarray(xs_rows_per_rank[d][row], np.float64)
     return out
