@@ -177,7 +177,12 @@ __global__ void barrier_kernel(PeerTable peers, int op) {
           rec->seconds = peers.timeout_ns * 1e-9;
           __threadfence_system();
         }
-        __trap();  // the host's watcher prints the record
+        // Give the host's watcher time to print the record: the trap loses
+        // the context, and the runtime may abort the process soon after.
+        const unsigned long long noticed = global_timer_ns();
+        while (global_timer_ns() - noticed < 500000000ull) {
+        }
+        __trap();
       }
     }
   }

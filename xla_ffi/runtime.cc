@@ -61,10 +61,10 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   // any device printf; this thread reports the record the kernel left.
   watcher_ = std::thread([this] {
     while (!stop_watch_.load()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
       const auto* rec = reinterpret_cast<volatile intranode::TimeoutRecord*>(timeout_host_);
       if (rec->code != 0) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
         const std::string msg = timeout_message(*timeout_host_);
         std::fprintf(stderr, "%s\n", msg.c_str());
         std::fflush(stderr);

@@ -19,7 +19,7 @@ proc = subprocess.run(
 )
 elapsed = time.time() - t0
 out = proc.stdout + proc.stderr
-print(out[-4000:])
+print("\n".join(line for line in out.splitlines() if "jax_ep" in line or "[launch]" in line or "[rank 0]" in line)[-6000:])
 want = f"timed out after 5.0 s in the dispatch barrier waiting for rank {R - 1}"
 ok = proc.returncode != 0 and want in out and "UNEXPECTED" not in out and elapsed < 100
 print(f"missing peer (R={R}): exit {proc.returncode} after {elapsed:.1f} s; message {'found' if want in out else 'MISSING'}")

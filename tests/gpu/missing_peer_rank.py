@@ -17,7 +17,7 @@ import jax_ep  # noqa: E402
 R, ME = info.num_ranks, info.rank
 t, k, e, h = 32, 2, 2 * R, 128
 buf = jax_ep.Buffer(num_experts=e, axis_name=None, timeout_s=float(os.environ.get("JAX_EP_TEST_TIMEOUT_S", "5")),
-                    num_nvl_bytes=jax_ep.intranode_buffer_bytes(t, h, R, k, e),
+                    num_nvl_bytes=jax_ep.intranode_buffer_bytes(t, h, R, k, e, itemsize=4),
                     normal=jax_ep.NormalOptions(backend="cuda", num_sms=4))
 if ME == R - 1:
     print("rank that never arrives: sleeping", flush=True)
