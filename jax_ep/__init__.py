@@ -16,6 +16,7 @@ from jax_ep.low_latency import LowLatencyDispatchOutput, low_latency_combine, lo
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
 from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
 from jax_ep.runtime import intranode_buffer_bytes
+from jax_ep.tuning import tuned_normal_options
 from jax_ep.validation import CapacityOverflowError, RoutingError
 
 __version__ = "0.1.0"
@@ -25,5 +26,5 @@ __all__ = [
     "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions",
     "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
     "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_combine", "low_latency_dispatch",
-    "per_token_cast_back", "per_token_cast_to_fp8",
+    "per_token_cast_back", "per_token_cast_to_fp8", "tuned_normal_options",
 ]

@@ -194,3 +194,10 @@ def test_destroyed_buffer():
         pass
     with pytest.raises(RuntimeError, match="destroyed"):
         buf.get_dispatch_layout(np.zeros((1, 1), np.int32))
+
+
+def test_tuned_normal_options():
+    opts = jax_ep.tuned_normal_options(8, layout="expert_major")
+    assert opts.backend == "cuda" and opts.num_sms == 8 and opts.layout == "expert_major"
+    assert jax_ep.tuned_normal_options(3).num_sms == jax_ep.NormalOptions().num_sms
+    assert jax_ep.tuned_normal_options(4, num_sms=12).num_sms == 12

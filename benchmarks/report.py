@@ -1,0 +1,82 @@
+"""Turn the benchmark JSON (docs/benchmarks/intranode_R*.json) into the
+markdown table of docs/benchmarks/README.md and a plot.
+
+    python benchmarks/report.py docs/benchmarks
+"""
+
+import glob
+import json
+import os
+import sys
+
+# DeepEP V1 on the same harness (one H100, R processes under MPS, 4096 tokens,
+# hidden 7168, top-8 of 256 experts; handle-reusing dispatch): fraction of the
+# device copy bandwidth, and the SMs per rank it used.
+DEEPEP = {
+    8: dict(sms=16, dispatch_bf16=0.50, dispatch_fp8=0.48, combine_bf16=0.56, layout_us=63),
+    4: dict(sms=24, dispatch_bf16=0.43, dispatch_fp8=0.52, combine_bf16=0.52, layout_us=44),
+    2: dict(sms=24, dispatch_bf16=0.39, dispatch_fp8=0.29, combine_bf16=0.30, layout_us=42),
+}
+OPS = ["layout", "dispatch_bf16", "dispatch_fp8", "cached_dispatch_bf16", "cached_dispatch_fp8", "combine_bf16"]
+
+
+def load(folder):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "intranode_R*.json"))):
+        d = json.load(open(path))
+        runs[d["results"][0]["ranks"]] = d
+    return runs
+
+
+def table(runs):
+    lines = ["| R | SMs/rank | op | time per call (us) | aggregate GB/s | fraction of copy roofline | DeepEP fraction |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, reverse=True):
+        for row in runs[r]["results"]:
+            base = DEEPEP.get(r, {})
+            ref = {"cached_dispatch_bf16": "dispatch_bf16", "cached_dispatch_fp8": "dispatch_fp8",
+                   "combine_bf16": "combine_bf16"}.get(row["op"])
+            deep = f"{base[ref]:.2f} ({base['sms']} SMs)" if ref and ref in base else (
+                f"{base['layout_us']} us" if row["op"] == "layout" and base else "")
+            gbps = f"{row['aggregate_gbps']:.0f}" if "aggregate_gbps" in row else ""
+            frac = f"{row['roofline_fraction']:.2f}" if "roofline_fraction" in row else ""
+            lines.append(f"| {r} | {row['sms_per_rank']} | {row['op']} | {row['time_us']:.1f} | {gbps} | {frac} | {deep} |")
+    return "\n".join(lines)
+
+
+def plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = ["dispatch_bf16", "dispatch_fp8", "cached_dispatch_bf16", "cached_dispatch_fp8", "combine_bf16"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), sharey=True)
+    for ax, r in zip(axes, sorted(runs)):
+        best = {}
+        for row in runs[r]["results"]:
+            if row["op"] in ops:
+                best[row["op"]] = max(best.get(row["op"], 0), row["roofline_fraction"])
+        ax.bar(range(len(ops)), [best.get(o, 0) for o in ops], color="tab:blue", label="jax_ep (best SM budget)")
+        deep = DEEPEP.get(r, {})
+        # DeepEP's dispatch figures are handle-reusing: compare them with cached dispatch.
+        ref = [deep.get(o.replace("cached_", "")) if o.startswith(("cached", "combine")) else None for o in ops]
+        ax.scatter(range(len(ops)), [v if v else float("nan") for v in ref], color="tab:red", zorder=3, label="DeepEP V1")
+        ax.set_xticks(range(len(ops)), [o.replace("_", "\n", 1) for o in ops], fontsize=8)
+        ax.set_title(f"R = {r} ranks on one H100")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("fraction of device copy bandwidth")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+    runs = load(folder)
+    print(table(runs))
+    try:
+        plot(runs, os.path.join(folder, "intranode.png"))
+        print(f"\nplot: {os.path.join(folder, 'intranode.png')}")
+    except ImportError:
+        print("\n(matplotlib not installed: no plot)")
