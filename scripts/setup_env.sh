@@ -23,7 +23,7 @@ fi
 python -m pip install -q --upgrade pip
 # jax 0.11.2 is what the GPU machines run; keep CPU CI on the same version.
 python -m pip install -q "jax==0.11.2" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
-  pytest hypothesis optax
+  pytest hypothesis optax flax equinox tqdm
 if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
   echo "jax_ep setup: nvcc found, building the CUDA extension jax_ep._C"
 else

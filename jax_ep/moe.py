@@ -1,0 +1,399 @@
+"""Framework-free Mixture-of-Experts layer built on jax_ep: router, auxiliary
+loss, expert MLP and the two expert-parallel expert blocks.
+
+Everything here is a pure function of a parameter dict and static config, so
+the Flax NNX layer (``jax_ep.flax``), the Equinox layer (``jax_ep.equinox``)
+and hand-written code share one implementation.
+
+Parameters (global shapes; ``E`` experts, ``H`` hidden, ``F`` expert FFN width)::
+
+    router  [H, E]     replicated on every rank
+    w_gate  [E, H, F]  SwiGLU only (absent with activation="gelu")
+    w_up    [E, H, F]
+    w_down  [E, F, H]
+
+Inside ``jax.shard_map`` over the EP axis (``R`` ranks) each rank holds its
+``E/R`` experts: the ``w_*`` leaves are sharded on their leading axis and the
+router is replicated (``param_specs`` gives the ``PartitionSpec`` of each
+leaf). Rank ``r`` owns experts ``[r*E/R, (r+1)*E/R)``, jax_ep's convention.
+
+A layer call on one rank (``moe_layer``) is::
+
+    probs, weights, idx = route(x, router)                 # [T, E], [T, K], [T, K]
+    aux = load_balancing_loss(probs, idx, E, axis_name)    # scalar, global over EP
+    y = normal_experts(...) or low_latency_experts(...)     # [T, H]
+
+``moe_reference`` computes the same layer on one device with every expert
+local and no communication: the definition the tests compare against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jax_ep.fp8 import per_token_cast_back
+from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
+from jax_ep.normal import combine, dispatch
+from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+
+Mode = Literal["normal", "low_latency"]
+Activation = Literal["swiglu", "gelu"]
+
+EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Static configuration of a MoE layer (hashable: part of the jit cache key).
+
+    Attributes:
+      num_experts: ``E``, divisible by the EP axis size ``R``.
+      hidden: ``H``, model width.
+      ffn: ``F``, each expert's hidden width.
+      topk: ``K``, experts per token.
+      activation: ``"swiglu"`` (``(silu(x W_gate) * (x W_up)) W_down``) or
+        ``"gelu"`` (``gelu(x W_up) W_down``).
+      mode: ``"normal"`` (``jax_ep.dispatch`` in the expert-major layout +
+        ``jax.lax.ragged_dot`` + ``jax_ep.combine``: training and prefill) or
+        ``"low_latency"`` (``jax_ep.low_latency_dispatch`` + a batched matmul
+        over the packed ``[E/R, R*M, H]`` buffer + ``low_latency_combine``:
+        decoding).
+      backend: ``"xla"`` (pure JAX, any platform) or ``"cuda"`` (the kernels).
+      axis_name: the EP mesh axis the layer runs under (inside ``shard_map``).
+      capacity: normal mode's receive rows per rank
+        (``NormalOptions.num_max_recv_tokens``); ``None`` is the worst case,
+        which never drops.
+      expert_alignment: normal mode: each expert's row group starts at a
+        multiple of this (``NormalOptions.expert_alignment``).
+      max_tokens_per_rank: low-latency mode's ``M``; ``None`` takes the
+        call's token count ``T`` (equal on every rank under ``shard_map``).
+      fp8: low-latency mode only, inference only: cast tokens to FP8 for the
+        dispatch (``FP8Options``) and back to the input dtype before the
+        experts. Not differentiable.
+      n_group, topk_group: DeepSeek-V3 group-limited gating (both or
+        neither): the ``E`` experts form ``n_group`` groups of ``E/n_group``
+        consecutive experts, each token keeps the ``topk_group`` groups with
+        the largest sum of their top-2 router probabilities, and picks its
+        top-``K`` experts inside them.
+      normalize_weights: renormalise the top-k probabilities to sum to 1.
+      buffer_id: the ``jax_ep.Buffer`` the CUDA backend communicates through.
+    """
+
+    num_experts: int
+    hidden: int
+    ffn: int
+    topk: int = 2
+    activation: Activation = "swiglu"
+    mode: Mode = "normal"
+    backend: Literal["xla", "cuda"] = "xla"
+    axis_name: str = "ep"
+    capacity: int | None = None
+    expert_alignment: int = 8
+    max_tokens_per_rank: int | None = None
+    fp8: FP8Options | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+    normalize_weights: bool = True
+    buffer_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("num_experts", "hidden", "ffn", "topk", "expert_alignment"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
+        if self.activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation must be 'swiglu' or 'gelu', got {self.activation!r}")
+        if self.mode not in ("normal", "low_latency"):
+            raise ValueError(f"mode must be 'normal' or 'low_latency', got {self.mode!r}")
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("set both n_group and topk_group for group-limited gating, or neither")
+        if self.n_group is not None:
+            if self.num_experts % self.n_group:
+                raise ValueError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            if self.topk > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(
+                    f"topk={self.topk} exceeds the experts in topk_group={self.topk_group} groups of "
+                    f"{self.num_experts // self.n_group}"
+                )
+        if self.fp8 is not None and self.mode != "low_latency":
+            raise ValueError("fp8 dispatch is available in mode='low_latency' only")
+
+    @property
+    def expert_param_names(self) -> tuple[str, ...]:
+        return EXPERT_PARAMS if self.activation == "swiglu" else ("w_up", "w_down")
+
+    def normal_options(self) -> NormalOptions:
+        """The ``NormalOptions`` of normal mode (expert-major layout)."""
+        return NormalOptions(
+            layout="expert_major", num_max_recv_tokens=self.capacity, expert_alignment=self.expert_alignment,
+            backend=self.backend, buffer_id=self.buffer_id,
+        )
+
+    def low_latency_options(self, num_tokens: int) -> LowLatencyOptions:
+        """The ``LowLatencyOptions`` of low-latency mode for a call with ``num_tokens`` tokens per rank."""
+        return LowLatencyOptions(
+            num_max_dispatch_tokens_per_rank=self.max_tokens_per_rank or max(num_tokens, 1),
+            fp8=self.fp8, backend=self.backend,
+        )
+
+
+# --- parameters -----------------------------------------------------------------
+
+
+def param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Global shape of each parameter."""
+    e, h, f = config.num_experts, config.hidden, config.ffn
+    shapes = {"router": (h, e), "w_gate": (e, h, f), "w_up": (e, h, f), "w_down": (e, f, h)}
+    return {k: v for k, v in shapes.items() if k == "router" or k in config.expert_param_names}
+
+
+def init_params(key: jax.Array, config: MoEConfig, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Random global parameters (normal with fan-in scaling), ``dtype`` everywhere.
+
+    Returns:
+      ``{"router": [H, E], ("w_gate": [E, H, F],) "w_up": [E, H, F], "w_down": [E, F, H]}``.
+    """
+    shapes = param_shapes(config)
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: (jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(shape[-2])).astype(dtype)
+        for k, (name, shape) in zip(keys, shapes.items())
+    }
+
+
+def param_specs(params_or_config, axis_name: str = "ep") -> dict[str, P]:
+    """``PartitionSpec`` of each parameter for ``shard_map``/``NamedSharding``.
+
+    Expert weights are split on their leading (expert) axis over ``axis_name``;
+    the router is replicated. Accepts a param dict or a ``MoEConfig``.
+    """
+    names = param_shapes(params_or_config) if isinstance(params_or_config, MoEConfig) else params_or_config
+    return {name: (P() if name == "router" else P(axis_name)) for name in names}
+
+
+# --- router -----------------------------------------------------------------------
+
+
+class Routing(NamedTuple):
+    """A router's decision for ``T`` tokens.
+
+    Attributes:
+      probs: ``float32 [T, E]``, softmax of the router logits (all experts).
+      weights: ``float32 [T, K]``, the chosen experts' probabilities
+        (renormalised to sum to 1 unless ``normalize_weights=False``).
+      idx: ``int32 [T, K]``, the chosen global expert ids, distinct per token.
+    """
+
+    probs: jax.Array
+    weights: jax.Array
+    idx: jax.Array
+
+
+def group_limited_mask(probs: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """DeepSeek-V3 group selection: which experts each token may pick.
+
+    Experts ``[g*E/n_group, (g+1)*E/n_group)`` form group ``g``. A group's score
+    is the sum of its two largest probabilities (its largest when groups have
+    one expert); each token keeps its ``topk_group`` best groups.
+
+    Args:
+      probs: ``float32 [T, E]``.
+
+    Returns:
+      ``bool [T, E]``, true for experts of a kept group.
+    """
+    t, e = probs.shape
+    grouped = probs.reshape(t, n_group, e // n_group)
+    group_score = jnp.sum(jax.lax.top_k(grouped, min(2, e // n_group))[0], axis=-1)  # [T, G]
+    _, groups = jax.lax.top_k(group_score, topk_group)  # [T, topk_group]
+    keep = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], groups].set(True)
+    return jnp.repeat(keep, e // n_group, axis=1)
+
+
+def route(x: jax.Array, router: jax.Array, config: MoEConfig) -> Routing:
+    """Top-k softmax router, optionally group-limited (see ``MoEConfig``).
+
+    Args:
+      x: ``[T, H]`` any float dtype; the logits ``x @ router`` are float32.
+      router: ``[H, E]``.
+
+    Returns:
+      ``Routing(probs, weights, idx)``.
+    """
+    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    scores = probs
+    if config.n_group is not None:
+        # Probabilities are >= 0, so -1 ranks every expert of a dropped group last.
+        scores = jnp.where(group_limited_mask(probs, config.n_group, config.topk_group), probs, -1.0)
+    _, idx = jax.lax.top_k(scores, config.topk)
+    weights = jnp.take_along_axis(probs, idx, axis=-1)
+    if config.normalize_weights:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(probs, weights, idx.astype(jnp.int32))
+
+
+def load_balancing_loss(probs: jax.Array, idx: jax.Array, num_experts: int, axis_name: str | None = None) -> jax.Array:
+    """Switch/DeepSeek auxiliary load-balancing loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of routed (token, slot) pairs that go to expert
+    ``e`` (no gradient) and ``P_e`` the mean router probability of ``e``, both
+    over all tokens of all ranks: with ``axis_name`` set (inside ``shard_map``)
+    the sums are ``lax.psum``-ed over that axis, so every rank returns the
+    same global value. Equals 1 for perfectly uniform routing.
+
+    Args:
+      probs: ``float32 [T, E]``, router probabilities.
+      idx: ``int32 [T, K]`` chosen experts (-1 masks a slot).
+      num_experts: ``E``.
+      axis_name: EP axis to reduce over, or ``None`` for the local tokens only.
+
+    Returns:
+      ``float32 []``.
+    """
+    t, k = idx.shape
+    counts = jnp.sum(jax.nn.one_hot(idx, num_experts, dtype=jnp.float32), axis=(0, 1))  # -1 -> zero row
+    prob_sum = jnp.sum(probs.astype(jnp.float32), axis=0)
+    pairs = jnp.sum((idx >= 0).astype(jnp.float32))
+    tokens = jnp.float32(t)
+    if axis_name is not None:
+        counts, prob_sum, pairs, tokens = jax.lax.psum((counts, prob_sum, pairs, tokens), axis_name)
+    f = jax.lax.stop_gradient(counts / jnp.maximum(pairs, 1.0))
+    p = prob_sum / jnp.maximum(tokens, 1.0)
+    return num_experts * jnp.sum(f * p)
+
+
+# --- experts ----------------------------------------------------------------------
+
+
+def _act(config: MoEConfig, gate, up):
+    if config.activation == "swiglu":
+        return jax.nn.silu(gate) * up
+    return jax.nn.gelu(up)
+
+
+def expert_mlp_ragged(x: jax.Array, params: dict, group_sizes: jax.Array, config: MoEConfig) -> jax.Array:
+    """Experts on the expert-major layout: one ``ragged_dot`` per projection.
+
+    Args:
+      x: ``[C, H]``, rows grouped by local expert.
+      params: the rank's expert weights ``w_* [E/R, ...]``.
+      group_sizes: ``int32 [E/R]`` rows of each expert's group (rows past
+        their sum come out zero).
+
+    Returns:
+      ``[C, H]`` in x's dtype.
+    """
+    w = {n: params[n].astype(x.dtype) for n in config.expert_param_names}
+    up = jax.lax.ragged_dot(x, w["w_up"], group_sizes)
+    gate = jax.lax.ragged_dot(x, w["w_gate"], group_sizes) if config.activation == "swiglu" else None
+    return jax.lax.ragged_dot(_act(config, gate, up), w["w_down"], group_sizes)
+
+
+def expert_mlp_batched(x: jax.Array, params: dict, config: MoEConfig) -> jax.Array:
+    """Experts on the packed layout: a matmul batched over the local experts.
+
+    Args:
+      x: ``[E/R, N, H]``, local expert ``e``'s tokens in ``x[e]``.
+      params: the rank's expert weights ``w_* [E/R, ...]``.
+
+    Returns:
+      ``[E/R, N, H]`` in x's dtype.
+    """
+    w = {n: params[n].astype(x.dtype) for n in config.expert_param_names}
+    up = jnp.einsum("enh,ehf->enf", x, w["w_up"])
+    gate = jnp.einsum("enh,ehf->enf", x, w["w_gate"]) if config.activation == "swiglu" else None
+    return jnp.einsum("enf,efh->enh", _act(config, gate, up), w["w_down"])
+
+
+def normal_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig) -> jax.Array:
+    """Normal mode: expert-major ``dispatch`` -> ``ragged_dot`` MLP -> ``combine``.
+
+    Call inside ``shard_map`` over ``config.axis_name``.
+
+    Args:
+      x: ``[T, H]`` (bfloat16/float16/float32), this rank's tokens.
+      params: this rank's expert weights ``w_* [E/R, ...]``.
+      routing: ``route``'s output for ``x``.
+
+    Returns:
+      ``[T, H]`` in x's dtype: ``sum_k weights[t, k] * expert_{idx[t, k]}(x[t])``.
+    """
+    out = dispatch(x, routing.idx, routing.weights, num_experts=config.num_experts,
+                   axis_name=config.axis_name, options=config.normal_options())
+    y = expert_mlp_ragged(out.recv_x, params, out.expert_group_sizes, config)
+    # Expert-major rows carry exactly one expert's slot: its weight is the row sum.
+    y = y * jnp.sum(out.recv_topk_weights, axis=-1, keepdims=True).astype(y.dtype)
+    return combine(y, out.handle)
+
+
+def low_latency_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig) -> jax.Array:
+    """Low-latency mode: ``low_latency_dispatch`` -> batched MLP -> ``low_latency_combine``.
+
+    Call inside ``shard_map`` over ``config.axis_name``. ``T`` must not exceed
+    ``config.max_tokens_per_rank`` when that is set.
+
+    Args / Returns: as ``normal_experts``.
+    """
+    t = x.shape[0]
+    options = config.low_latency_options(t)
+    out = low_latency_dispatch(x, routing.idx, num_experts=config.num_experts,
+                               axis_name=config.axis_name, options=options)
+    recv = out.recv_x
+    if config.fp8 is not None:
+        recv = per_token_cast_back(*recv, config.fp8, out_dtype=x.dtype, backend=config.backend)
+    y = expert_mlp_batched(recv, params, config)
+    return low_latency_combine(y, routing.weights, out.handle)
+
+
+def moe_layer(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """The whole layer on one rank: route, auxiliary loss, experts.
+
+    Call inside ``jax.shard_map`` over ``config.axis_name`` with ``params``
+    sharded by ``param_specs`` (so each rank sees ``w_* [E/R, ...]`` and the
+    full router).
+
+    Args:
+      params: ``{"router": [H, E], "w_*": [E/R, ...]}``.
+      x: ``[..., H]``, this rank's tokens (leading axes are flattened to ``T``).
+
+    Returns:
+      ``(y [..., H] in x's dtype, aux_loss float32 [])``; ``aux_loss`` is the
+      global load-balancing loss, the same on every rank.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    routing = route(x2, params["router"], config)
+    aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, config.axis_name)
+    experts = normal_experts if config.mode == "normal" else low_latency_experts
+    y = experts(x2, params, routing, config)
+    return y.reshape(*lead, -1), aux
+
+
+def moe_reference(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """The layer on one device, every expert local, no communication.
+
+    Runs every expert on every token (``O(T*E)`` work): a definition for tests,
+    not a fast path. ``params`` are the global ones (``w_* [E, ...]``).
+
+    Returns:
+      ``(y [..., H] in x's dtype, aux_loss float32 [])`` over all tokens of ``x``.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    routing = route(x2, params["router"], config)
+    aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, None)
+    t = x2.shape[0]
+    every = expert_mlp_batched(jnp.broadcast_to(x2, (config.num_experts, t, x2.shape[-1])), params, config)
+    chosen = every[routing.idx, jnp.arange(t)[:, None]]  # [T, K, H]
+    y = jnp.einsum("tk,tkh->th", routing.weights, chosen.astype(jnp.float32)).astype(x.dtype)
+    return y.reshape(*lead, -1), aux

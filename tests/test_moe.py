@@ -1,0 +1,173 @@
+"""The framework-free MoE core (jax_ep.moe): normal and low-latency expert
+blocks against the dense single-device reference (outputs and gradients, aux
+loss included), group-limited gating, the load-balancing loss formula, FP8
+low-latency inference, config validation, the optional-framework imports."""
+
+import dataclasses
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_ep import moe
+from conftest import AXIS, make_mesh
+
+
+def _sharded_loss(cfg, mesh):
+    specs = moe.param_specs(cfg)
+
+    def loss(params, x):
+        y, aux = jax.shard_map(lambda p, x: moe.moe_layer(p, x, cfg), mesh=mesh,
+                               in_specs=(specs, P(AXIS)), out_specs=(P(AXIS), P()))(params, x)
+        return jnp.sum(jnp.sin(y)) + 0.1 * aux, (y, aux)
+    return loss
+
+
+def _reference_loss(cfg):
+    def loss(params, x):
+        y, aux = moe.moe_reference(params, x, cfg)
+        return jnp.sum(jnp.sin(y)) + 0.1 * aux, (y, aux)
+    return loss
+
+
+def _value_grad(loss, params, x):
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+
+@pytest.mark.parametrize("r,activation,grouped", [(2, "gelu", False), (8, "swiglu", True)])
+def test_modes_match_dense_reference(r, activation, grouped):
+    """Both expert-parallel modes equal the dense reference, values and grads."""
+    t = 6
+    cfg = moe.MoEConfig(num_experts=16, hidden=16, ffn=24, topk=3, activation=activation, expert_alignment=4,
+                        **({"n_group": 4, "topk_group": 2} if grouped else {}))
+    params = moe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (r * t, cfg.hidden))
+    (ref_loss, (ref_y, ref_aux)), ref_g = _value_grad(_reference_loss(cfg), params, x)
+    mesh = make_mesh(r)
+    with jax.set_mesh(mesh):
+        for mode in ("normal", "low_latency"):
+            c = dataclasses.replace(cfg, mode=mode)
+            (loss, (y, aux)), g = _value_grad(_sharded_loss(c, mesh), params, x)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5, err_msg=mode)
+            np.testing.assert_allclose(float(aux), float(ref_aux), rtol=1e-6, err_msg=mode)
+            np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=mode)
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5, err_msg=mode)
+
+
+def test_leading_axes_and_bfloat16():
+    """x [B, S, H] in bfloat16 keeps its shape and dtype; close to float32."""
+    r = 4
+    cfg = moe.MoEConfig(num_experts=8, hidden=16, ffn=16, topk=2)
+    params = moe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (r * 2, 3, cfg.hidden))
+    mesh = make_mesh(r)
+    f = jax.jit(jax.shard_map(lambda p, x: moe.moe_layer(p, x, cfg)[0], mesh=mesh,
+                              in_specs=(moe.param_specs(cfg), P(AXIS)), out_specs=P(AXIS)))
+    with jax.set_mesh(mesh):
+        y = f(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), x.astype(jnp.bfloat16))
+    assert y.shape == x.shape and y.dtype == jnp.bfloat16
+    ref = moe.moe_reference(params, x, cfg)[0]
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.1, rtol=0.1)
+
+
+def test_group_limited_gating_picks_from_chosen_groups():
+    cfg = moe.MoEConfig(num_experts=32, hidden=8, ffn=8, topk=4, n_group=8, topk_group=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    router = (3 * rng.standard_normal((8, 32))).astype(np.float32)
+    r = moe.route(jnp.asarray(x), jnp.asarray(router), cfg)
+    probs, idx, w = np.asarray(r.probs), np.asarray(r.idx), np.asarray(r.weights)
+
+    logits = x.astype(np.float64) @ router
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, p, rtol=1e-5, atol=1e-7)
+    group_size = 32 // 8
+    differs = 0
+    for t in range(64):
+        grouped = p[t].reshape(8, group_size)
+        score = np.sort(grouped, axis=1)[:, -2:].sum(1)
+        groups = set(np.argsort(-score)[:3].tolist())
+        assert {int(e) // group_size for e in idx[t]} <= groups, (t, idx[t], groups)
+        allowed = np.concatenate([np.arange(g * group_size, (g + 1) * group_size) for g in sorted(groups)])
+        best = allowed[np.argsort(-p[t, allowed])[:4]]
+        assert set(idx[t].tolist()) == set(best.tolist())
+        differs += set(idx[t].tolist()) != set(np.argsort(-p[t])[:4].tolist())
+        np.testing.assert_allclose(w[t], p[t, idx[t]] / p[t, idx[t]].sum(), rtol=1e-5)
+    assert differs > 0  # the group limit changed some choices
+
+
+def test_plain_topk_router_renormalises():
+    cfg = moe.MoEConfig(num_experts=8, hidden=4, ffn=4, topk=3)
+    r = moe.route(jax.random.normal(jax.random.key(0), (10, 4)), jax.random.normal(jax.random.key(1), (4, 8)), cfg)
+    np.testing.assert_array_equal(np.asarray(r.idx), np.asarray(jax.lax.top_k(r.probs, 3)[1]))
+    np.testing.assert_allclose(np.asarray(r.weights).sum(1), 1.0, rtol=1e-6)
+    raw = moe.route(jnp.ones((2, 4)), jnp.ones((4, 8)), dataclasses.replace(cfg, normalize_weights=False))
+    np.testing.assert_allclose(np.asarray(raw.weights), 1 / 8, rtol=1e-6)
+
+
+def test_aux_loss_formula_and_global_reduction():
+    r, t, k, e = 4, 5, 2, 8
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((r * t, e)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(r * t)]).astype(np.int32)
+    f = np.bincount(idx.ravel(), minlength=e) / idx.size
+    want = e * np.sum(f * probs.mean(0))
+    got = moe.load_balancing_loss(jnp.asarray(probs), jnp.asarray(idx), e)
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    # Uniform routing gives exactly 1.
+    uni = moe.load_balancing_loss(jnp.full((8, e), 1 / e), jnp.arange(8 * k, dtype=jnp.int32).reshape(8, k) % e, e)
+    np.testing.assert_allclose(float(uni), 1.0, rtol=1e-6)
+    # Inside shard_map: every rank returns the global value, not its local one.
+    mesh = make_mesh(r)
+    fn = jax.jit(jax.shard_map(lambda p, i: moe.load_balancing_loss(p, i, e, AXIS)[None], mesh=mesh,
+                               in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS)))
+    with jax.set_mesh(mesh):
+        per_rank = np.asarray(fn(*(jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (probs, idx))))
+    np.testing.assert_allclose(per_rank, np.full(r, want), rtol=1e-5)
+
+
+def test_fp8_low_latency_inference_is_close():
+    r = 2
+    cfg = moe.MoEConfig(num_experts=4, hidden=128, ffn=32, topk=2, mode="low_latency",
+                        fp8=moe.FP8Options(), max_tokens_per_rank=8)
+    params = moe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (r * 4, cfg.hidden)).astype(jnp.bfloat16)
+    mesh = make_mesh(r)
+    f = jax.jit(jax.shard_map(lambda p, x: moe.moe_layer(p, x, cfg)[0], mesh=mesh,
+                              in_specs=(moe.param_specs(cfg), P(AXIS)), out_specs=P(AXIS)))
+    with jax.set_mesh(mesh):
+        y = f(params, x)
+    ref = moe.moe_reference(params, x.astype(jnp.float32), cfg)[0]
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.1, rtol=0.1)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_group"):
+        moe.MoEConfig(num_experts=8, hidden=4, ffn=4, n_group=4)
+    with pytest.raises(ValueError, match="divisible by n_group"):
+        moe.MoEConfig(num_experts=8, hidden=4, ffn=4, n_group=3, topk_group=1)
+    with pytest.raises(ValueError, match="exceeds the experts"):
+        moe.MoEConfig(num_experts=8, hidden=4, ffn=4, topk=3, n_group=4, topk_group=1)
+    with pytest.raises(ValueError, match="low_latency"):
+        moe.MoEConfig(num_experts=8, hidden=4, ffn=4, fp8=moe.FP8Options())
+    cfg = moe.MoEConfig(num_experts=8, hidden=4, ffn=4, activation="gelu")
+    assert set(moe.init_params(jax.random.key(0), cfg)) == {"router", "w_up", "w_down"}
+    assert moe.param_specs(cfg) == {"router": P(), "w_up": P(AXIS), "w_down": P(AXIS)}
+    assert hash(cfg) == hash(dataclasses.replace(cfg))
+
+
+@pytest.mark.parametrize("module,framework,extra", [("jax_ep.flax", "flax", "flax"),
+                                                    ("jax_ep.equinox", "equinox", "equinox")])
+def test_layer_import_names_the_extra(monkeypatch, module, framework, extra):
+    monkeypatch.setitem(sys.modules, framework, None)  # makes `import framework` fail
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=rf"pip install jax_ep\[{extra}\]"):
+        importlib.import_module(module)
