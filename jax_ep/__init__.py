@@ -12,10 +12,19 @@ from jax_ep.buffer import Buffer
 from jax_ep.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from jax_ep.handle import DispatchHandle, LowLatencyHandle
 from jax_ep.layout import DispatchLayout, get_dispatch_layout
-from jax_ep.low_latency import LowLatencyDispatchOutput, low_latency_combine, low_latency_dispatch
+from jax_ep.low_latency import (
+    LowLatencyDispatchOutput,
+    LowLatencyPending,
+    low_latency_combine,
+    low_latency_combine_recv,
+    low_latency_combine_send,
+    low_latency_dispatch,
+    low_latency_dispatch_recv,
+    low_latency_dispatch_send,
+)
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
 from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
-from jax_ep.runtime import intranode_buffer_bytes
+from jax_ep.runtime import intranode_buffer_bytes, low_latency_buffer_bytes
 from jax_ep.tuning import tuned_normal_options
 from jax_ep.validation import CapacityOverflowError, RoutingError
 
@@ -23,8 +32,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "CapacityOverflowError", "DispatchHandle", "DispatchLayout", "DispatchOutput",
-    "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions",
+    "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions", "LowLatencyPending",
     "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
-    "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_combine", "low_latency_dispatch",
+    "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_buffer_bytes", "low_latency_combine",
+    "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",
+    "low_latency_dispatch_send",
     "per_token_cast_back", "per_token_cast_to_fp8", "tuned_normal_options",
 ]

@@ -44,9 +44,11 @@ class Buffer:
     normal: NormalOptions = NormalOptions()
     low_latency: LowLatencyOptions = LowLatencyOptions()
     num_nvl_bytes: int = 1 << 30
+    num_ll_bytes: int | None = None
     timeout_s: float = 100.0
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
     _runtime: object = dataclasses.field(default=None, init=False, repr=False)
+    _ll_runtime: object = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.normal, NormalOptions):
@@ -60,6 +62,16 @@ class Buffer:
 
             self._runtime = IntranodeRuntime.create(self.num_nvl_bytes, timeout_s=self.timeout_s)
             self.normal = dataclasses.replace(self.normal, buffer_id=self._runtime.buffer_id)
+        if self.low_latency.backend == "cuda":
+            from jax_ep.runtime import IntranodeRuntime
+
+            if self.num_ll_bytes is None:
+                raise ValueError(
+                    "a CUDA low-latency Buffer needs num_ll_bytes: size it with "
+                    "jax_ep.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_topk, num_experts, fp8)"
+                )
+            self._ll_runtime = IntranodeRuntime.create(self.num_ll_bytes, timeout_s=self.timeout_s)
+            self.low_latency = dataclasses.replace(self.low_latency, buffer_id=self._ll_runtime.buffer_id)
 
     @property
     def rank(self) -> int:
@@ -102,9 +114,11 @@ class Buffer:
     def low_latency_dispatch(self, x, topk_idx, options: LowLatencyOptions | None = None):
         """See ``jax_ep.low_latency_dispatch``."""
         self._alive()
+        options = options or self.low_latency
+        if options.backend == "cuda" and options.buffer_id is None:
+            options = dataclasses.replace(options, buffer_id=self.low_latency.buffer_id)
         return _ll.low_latency_dispatch(
-            x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name,
-            options=options or self.low_latency,
+            x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options,
         )
 
     def low_latency_combine(self, y, topk_weights, handle):
@@ -112,10 +126,19 @@ class Buffer:
         self._alive()
         return _ll.low_latency_combine(y, topk_weights, handle)
 
+    def low_latency_dispatch_send(self, x, topk_idx, options: LowLatencyOptions | None = None):
+        """See ``jax_ep.low_latency_dispatch_send``."""
+        self._alive()
+        return _ll.low_latency_dispatch_send(
+            x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options or self.low_latency
+        )
+
     def destroy(self) -> None:
         """Release the communication resources (idempotent)."""
-        if self._runtime is not None and not self._destroyed:
-            self._runtime.destroy()
+        if not self._destroyed:
+            for rt in (self._runtime, self._ll_runtime):
+                if rt is not None:
+                    rt.destroy()
         self._destroyed = True
 
     def __enter__(self):

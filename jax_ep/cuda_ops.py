@@ -158,3 +158,79 @@ def combine(y: jax.Array, handle) -> jax.Array:
     )
     out = call(rows, handle.recv_src_rank, handle.extra["send_pos"], **_buffer_attrs(spec))
     return undo(out).astype(dtype)
+
+
+# --- low-latency mode -----------------------------------------------------------
+
+IMPLEMENTED += ("ll_dispatch_send", "ll_dispatch_recv", "ll_dispatch_fused", "ll_combine_send",
+                "ll_combine_recv", "ll_combine")
+
+_TOKEN = jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def _ll_attrs(spec):
+    from jax_ep import runtime
+
+    o = spec.options
+    runtime.lookup(o.buffer_id)
+    return dict(
+        buffer_id=np.int64(o.buffer_id), num_tokens=np.int64(spec.num_tokens), num_experts=np.int64(spec.num_experts),
+        max_tokens=np.int64(spec.max_tokens), hidden=np.int64(spec.hidden), num_topk=np.int64(spec.num_topk),
+        payload=np.int64(o.payload_code), num_sms=np.int64(o.num_sms),
+    )
+
+
+def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec) -> jax.Array:
+    """Push every (token, expert) message; returns the token that orders the receive."""
+    attrs = _ll_attrs(spec)
+    attrs.pop("num_tokens")
+    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_send", _TOKEN, **_COMM)
+    return call(x, topk_idx, **attrs)
+
+
+def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec):
+    """Wait for every source and pack: (recv_x, recv_count, handle)."""
+    from jax_ep.handle import LowLatencyHandle
+
+    le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
+    fp8 = spec.options.fp8
+    if fp8 is None:
+        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.bfloat16)
+        s_out = jax.ShapeDtypeStruct((le, rows, 0), jnp.float32)
+    else:
+        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.float8_e4m3fn)
+        s_out = (jax.ShapeDtypeStruct((le, rows, h // 512), jnp.int32) if fp8.use_ue8m0
+                 else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
+    ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
+    call = jax.ffi.ffi_call(
+        "jax_ep_ll_dispatch_recv", (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
+    )
+    recv_x, scales, count, src_rank, src_token, src_slot = call(token, **_ll_attrs(spec))
+    handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
+    return (recv_x if fp8 is None else (recv_x, scales)), count, handle
+
+
+def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
+    return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec), topk_idx, spec)
+
+
+def ll_combine_send(y: jax.Array, recv_count: jax.Array, handle) -> jax.Array:
+    """Push every valid expert-output row back to its token's owner."""
+    call = jax.ffi.ffi_call("jax_ep_ll_combine_send", _TOKEN, **_COMM)
+    return call(y, recv_count, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot,
+                **_ll_attrs(handle.spec))
+
+
+def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Array:
+    """Wait for every rank's rows; [T, H] bf16 weighted sum."""
+    spec = handle.spec
+    call = jax.ffi.ffi_call(
+        "jax_ep_ll_combine_recv", jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
+    )
+    return call(token, handle.topk_idx, topk_weights, **_ll_attrs(spec))
+
+
+def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Array | None = None) -> jax.Array:
+    if recv_count is None:
+        recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
+    return ll_combine_recv(ll_combine_send(y, recv_count, handle), topk_weights, handle)

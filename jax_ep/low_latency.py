@@ -7,6 +7,7 @@ ever dropped, and the combine weights the returned rows by the top-k weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -74,28 +75,26 @@ def _first_slot_mask(handle: LowLatencyHandle) -> jax.Array:
     return first_slots(idx, valid_slots(idx, handle.spec.num_experts))
 
 
-def low_latency_dispatch(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    *,
-    num_experts: int,
-    axis_name="ep",
-    options: LowLatencyOptions = LowLatencyOptions(),
-) -> LowLatencyDispatchOutput:
-    """Send each (token, expert) pair to the expert's rank, packed per expert.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ll_dispatch_fused(x, topk_idx, spec):
+    return _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
 
-    Args:
-      x: ``[T, H]`` bfloat16 (float16/float32 also accepted), ``T <= M``;
-        ``H % 128 == 0`` with FP8 (``% 512`` with UE8M0).
-      topk_idx: ``int32 [T, K]`` global expert ids, -1 masks a slot.
-      num_experts: ``E`` (static), divisible by ``R``.
-      axis_name: the EP mesh axis (static).
-      options: ``LowLatencyOptions`` (static): ``M``, FP8 cast, backend.
 
-    Returns:
-      ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
-      cotangent to its token (an un-weighted low-latency combine).
-    """
+def _ll_dispatch_fused_fwd(x, topk_idx, spec):
+    out = _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
+    return out, out[2]
+
+
+def _ll_dispatch_fused_bwd(spec, handle, ct):
+    grad, _ = _ll_dispatch_bwd(spec, handle, ct[0])
+    return grad, np.zeros(handle.topk_idx.shape, jax.dtypes.float0)
+
+
+_ll_dispatch_fused.defvjp(_ll_dispatch_fused_fwd, _ll_dispatch_fused_bwd)
+
+
+def _ll_spec(x, topk_idx, num_experts, axis_name, options) -> LowLatencySpec:
+    """Validate the arguments of a low-latency dispatch; its static facts."""
     if not isinstance(options, LowLatencyOptions):
         raise TypeError(f"options must be a jax_ep.LowLatencyOptions, got {type(options).__name__}")
     validation.check_hidden_states(x)
@@ -109,16 +108,55 @@ def low_latency_dispatch(
         )
     if options.fp8 is not None:
         validation.check_fp8_hidden(h, use_ue8m0=options.fp8.use_ue8m0)
-    r = validation.num_ranks_of(axis_name)
+    if options.backend == "cuda":
+        from jax_ep import runtime
+
+        if x.dtype != jnp.bfloat16:
+            raise TypeError(f"the CUDA low-latency kernels take bfloat16 x, got {x.dtype}; cast with x.astype(jnp.bfloat16)")
+        buffer = runtime.lookup(options.buffer_id)
+        r = buffer.num_ranks if axis_name is None else validation.num_ranks_of(axis_name)
+        if r != buffer.num_ranks:
+            raise ValueError(f"the EP axis {axis_name!r} has {r} ranks but the jax_ep.Buffer spans {buffer.num_ranks} processes")
+    else:
+        r = validation.num_ranks_of(axis_name)
     validation.check_num_experts(num_experts, r)
     validation.check_ids_in_range_now(topk_idx, num_experts)
-    spec = LowLatencySpec(
+    return LowLatencySpec(
         num_ranks=r, num_experts=num_experts, num_tokens=t, num_topk=topk_idx.shape[1], hidden=h,
         axis_name=axis_name, options=options,
     )
+
+
+def low_latency_dispatch(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    *,
+    num_experts: int,
+    axis_name="ep",
+    options: LowLatencyOptions = LowLatencyOptions(),
+) -> LowLatencyDispatchOutput:
+    """Send each (token, expert) pair to the expert's rank, packed per expert.
+
+    Args:
+      x: ``[T, H]`` bfloat16 (float16/float32 also accepted by the xla
+        backend), ``T <= M``; ``H % 128 == 0`` with FP8 (``% 512`` with UE8M0).
+      topk_idx: ``int32 [T, K]`` global expert ids, -1 masks a slot.
+      num_experts: ``E`` (static), divisible by ``R``.
+      axis_name: the EP mesh axis (static); ``None`` with the CUDA backend to
+        call it per process.
+      options: ``LowLatencyOptions`` (static): ``M``, FP8 cast, backend.
+
+    Returns:
+      ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
+      cotangent to its token (an un-weighted low-latency combine; xla backend).
+    """
+    spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
     topk_idx = topk_idx.astype(jnp.int32)
     if options.checked:
         validation.runtime_check_ids(topk_idx, num_experts)
+    if hasattr(get_backend(options.backend), "ll_dispatch_fused"):  # send and receive in one call
+        recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, spec)
+        return LowLatencyDispatchOutput(recv_x, counts, handle)
     counts, handle = _impl(spec, "ll_dispatch_route")(topk_idx, spec)
     return LowLatencyDispatchOutput(_ll_dispatch(x, handle, spec), counts, handle)
 
@@ -172,3 +210,94 @@ def low_latency_combine(y: jax.Array, topk_weights: jax.Array, handle: LowLatenc
         )
     validation.check_topk_weights(topk_weights, handle.topk_idx)
     return _ll_combine(y, topk_weights, handle)
+
+
+# --- send/receive split -----------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowLatencyPending:
+    """A low-latency call whose sends were issued and whose receive is pending.
+
+    ``token`` orders the receive after the send; ``state`` holds what the
+    receive needs (the reference backend already holds the results there).
+    """
+
+    token: jax.Array
+    state: tuple
+    spec: object = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def _after(value, after):
+    """`value`, tied to `after` so XLA schedules its consumer after `after`."""
+    if after is None:
+        return value
+    value, _ = jax.lax.optimization_barrier((value, after))
+    return value
+
+
+def low_latency_dispatch_send(
+    x: jax.Array, topk_idx: jax.Array, *, num_experts: int, axis_name="ep",
+    options: LowLatencyOptions = LowLatencyOptions(),
+) -> LowLatencyPending:
+    """Issue a low-latency dispatch's sends and return at once (DeepEP's
+    ``return_recv_hook``). Work placed between this and
+    ``low_latency_dispatch_recv`` overlaps the transfer; no SM waits meanwhile.
+
+    Same arguments as ``low_latency_dispatch``. Not differentiable. On one
+    buffer, every send must be received before the next send.
+    """
+    spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
+    topk_idx = topk_idx.astype(jnp.int32)
+    backend = get_backend(options.backend)
+    if hasattr(backend, "ll_dispatch_send"):
+        return LowLatencyPending(backend.ll_dispatch_send(x, topk_idx, spec), (topk_idx,), spec)
+    out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
+    return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
+
+
+def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowLatencyDispatchOutput:
+    """Receive a dispatch issued by ``low_latency_dispatch_send``.
+
+    Args:
+      pending: what the send returned.
+      after: optional arrays the receive must wait for (XLA schedules the
+        receive after them), e.g. the result of the compute to overlap.
+    """
+    spec = pending.spec
+    backend = get_backend(spec.options.backend)
+    if hasattr(backend, "ll_dispatch_recv"):
+        token = _after(pending.token, after)
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, pending.state[0], spec))
+    return LowLatencyDispatchOutput(*_after(pending.state, after))
+
+
+def low_latency_combine_send(y: jax.Array, handle: LowLatencyHandle, recv_count: jax.Array | None = None) -> LowLatencyPending:
+    """Issue a low-latency combine's sends (see ``low_latency_dispatch_send``).
+
+    Args:
+      y: ``[E/R, R*M, H]`` expert outputs (bfloat16 with the CUDA backend).
+      handle: the dispatch's handle.
+      recv_count: the dispatch's ``recv_count`` (derived from the handle when omitted).
+    """
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+    backend = get_backend(handle.spec.options.backend)
+    if hasattr(backend, "ll_combine_send"):
+        if y.dtype != jnp.bfloat16:
+            raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
+        if recv_count is None:
+            recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
+        return LowLatencyPending(backend.ll_combine_send(y, recv_count, handle), (handle,), handle.spec)
+    return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec)
+
+
+def low_latency_combine_recv(pending: LowLatencyPending, topk_weights: jax.Array, *, after=None) -> jax.Array:
+    """Receive a combine issued by ``low_latency_combine_send``: ``[T, H]``."""
+    spec = pending.spec
+    backend = get_backend(spec.options.backend)
+    if hasattr(backend, "ll_combine_recv"):
+        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, pending.state[0])
+    y, handle = _after(pending.state, after)
+    return low_latency_combine(y, topk_weights, handle)

@@ -106,15 +106,28 @@ class LowLatencyOptions:
         dispatching.
       checked: raise a runtime error when a top-k id is out of range.
       backend: ``"xla"`` or ``"cuda"``.
+      num_sms: SM budget of the CUDA kernels (one 512-thread block per SM).
+      buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
+        ``Buffer`` methods fill it in.
     """
 
     num_max_dispatch_tokens_per_rank: int = 128
     fp8: FP8Options | None = None
     checked: bool = False
     backend: Backend = "xla"
+    num_sms: int = 16
+    buffer_id: int | None = None
 
     def __post_init__(self):
         _check_positive_int("num_max_dispatch_tokens_per_rank", self.num_max_dispatch_tokens_per_rank)
         if self.fp8 is not None and not isinstance(self.fp8, FP8Options):
             raise ValueError(f"fp8 must be None or an FP8Options, got {self.fp8!r}")
         _check_choice("backend", self.backend, BACKENDS)
+        _check_positive_int("num_sms", self.num_sms)
+
+    @property
+    def payload_code(self) -> int:
+        """0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with packed UE8M0 (kernel attribute)."""
+        if self.fp8 is None:
+            return 0
+        return 3 if self.fp8.use_ue8m0 else (2 if self.fp8.round_scale else 1)

@@ -138,3 +138,20 @@ def intranode_buffer_bytes(
         C.row_staging_bytes(num_tokens, row),
     )
     return int(C.intranode_overhead_bytes + 2 * half + 512)
+
+
+def low_latency_buffer_bytes(
+    max_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int, fp8=None,
+) -> int:
+    """``num_ll_bytes`` a Buffer needs for low-latency calls of these shapes
+    (``max_tokens`` = ``num_max_dispatch_tokens_per_rank``; ``fp8`` an
+    ``FP8Options`` or None)."""
+    if not _extension.available():
+        raise RuntimeError(_extension.unavailable_reason())
+    payload = 0 if fp8 is None else (3 if fp8.use_ue8m0 else (2 if fp8.round_scale else 1))
+    # The BF16 layout is the larger one; size for it so either payload fits.
+    size = max(
+        _extension._C.low_latency_buffer_bytes(max_tokens, max_tokens, num_topk, num_experts, hidden, p, num_ranks)
+        for p in {0, payload}
+    )
+    return int(size)

@@ -165,18 +165,31 @@ def test_cuda_backend_needs_a_buffer(inputs):
         run_ranks(_dispatch(options=opts), R, *inputs)
 
 
-def test_cuda_backend_missing_op_is_clear(inputs):
+def test_cuda_backend_missing_op_is_clear():
+    from jax_ep import _extension, cuda_ops
+    from jax_ep.backends import require
+
+    if not _extension.available():
+        pytest.skip("extension not built")
+    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'll_gather_back' kernel in this build"):
+        require(cuda_ops, "ll_gather_back", "cuda")
+
+
+def test_cuda_low_latency_checks(inputs):
     from jax_ep import _extension
 
     if not _extension.available():
         pytest.skip("extension not built")
+    xs, idxs, ws = inputs
     opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=T, backend="cuda")
 
     def f(x, i, w):
         return jax_ep.low_latency_dispatch(x, i, num_experts=E, options=opts).recv_count
 
-    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'll_dispatch_route' kernel in this build"):
-        run_ranks(f, R, *inputs)
+    with pytest.raises(TypeError, match=r"the CUDA low-latency kernels take bfloat16 x"):
+        run_ranks(f, R, xs, idxs, ws)
+    with pytest.raises(ValueError, match=r"communicates through a jax_ep.Buffer"):
+        run_ranks(f, R, [x.astype(jnp.bfloat16) for x in xs], idxs, ws)
 
 
 def test_cuda_buffer_needs_one_gpu_per_process():

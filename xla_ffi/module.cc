@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 
 #include "../cuda/intranode.cuh"
+#include "../cuda/low_latency.cuh"
 #include "runtime.h"
 
 #include <string>
@@ -43,6 +44,10 @@ nb::dict registrations() {
   targets["jax_ep_intranode_cached_dispatch"] =
       handler_capsule(jax_ep::IntranodeCachedDispatchHandler);
   targets["jax_ep_intranode_combine"] = handler_capsule(jax_ep::IntranodeCombineHandler);
+  targets["jax_ep_ll_dispatch_send"] = handler_capsule(jax_ep::LowLatencyDispatchSendHandler);
+  targets["jax_ep_ll_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyDispatchRecvHandler);
+  targets["jax_ep_ll_combine_send"] = handler_capsule(jax_ep::LowLatencyCombineSendHandler);
+  targets["jax_ep_ll_combine_recv"] = handler_capsule(jax_ep::LowLatencyCombineRecvHandler);
   return targets;
 }
 
@@ -104,6 +109,17 @@ NB_MODULE(_C, m) {
         "Staging bytes (per half) a dispatch of these shapes needs.");
   m.def("row_staging_bytes", &jax_ep::intranode::row_staging_bytes, nb::arg("num_rows"),
         nb::arg("row_bytes"), "Staging bytes (per half) a combine or cached dispatch needs.");
+  m.def("low_latency_buffer_bytes",
+        [](int num_tokens, int max_tokens, int num_topk, int num_experts, int hidden, int payload,
+           int num_ranks) {
+          return jax_ep::low_latency::buffer_bytes(
+              jax_ep::low_latency::Shape{num_tokens, max_tokens, num_topk, num_experts, hidden,
+                                         static_cast<jax_ep::low_latency::Payload>(payload)},
+              num_ranks);
+        },
+        nb::arg("num_tokens"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("num_experts"),
+        nb::arg("hidden"), nb::arg("payload"), nb::arg("num_ranks"),
+        "Bytes a low-latency buffer needs for calls of these shapes.");
   m.attr("intranode_overhead_bytes") =
       jax_ep::intranode::kSignalBytes + jax_ep::intranode::kWorkspaceBytes;
   m.def("cuda_arch_list", &cuda_arch_list,

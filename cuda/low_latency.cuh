@@ -1,0 +1,109 @@
+// Low-latency dispatch and combine over peer-mapped memory (the packed
+// per-expert layout of decoding), split into a send and a receive kernel so
+// other work can run between them.
+//
+// Push, then pack. A sender writes each (token, expert) message straight into
+// the receiving rank's buffer, in the slot [local expert][source rank][index
+// of the token among the source's tokens for that expert], then publishes the
+// count of that (expert, source) pair. The receiver waits for every source's
+// count, packs the messages into [E/R, R*M, H] ordered by (source, token),
+// and records where each row came from. Combine pushes each expert output
+// back to its token's owner, into [token][first top-k slot naming the expert];
+// the owner waits for every rank's flag and takes the weighted sum.
+//
+// Every call publishes a count (or flag) to every peer, even an empty one.
+// Calls alternate between two halves of the buffer; a sender writes half
+// n % 2 of a peer only after its own receive of call n-1 saw that peer's call
+// n-1 messages, which the peer sent after it finished reading call n-2. So
+// at most two calls' data are in flight, and none is overwritten early.
+// Counts and flags carry the call number, so nothing needs resetting.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "intranode.cuh"
+
+namespace jax_ep {
+namespace low_latency {
+
+using intranode::PeerTable;
+
+inline constexpr std::size_t kHeaderBytes = 16;  // token, slot, pad
+
+enum class Payload : int { kBF16 = 0, kFP8 = 1, kFP8RoundScale = 2, kFP8UE8M0 = 3 };
+
+// Per-call static shapes.
+struct Shape {
+  int num_tokens;   // T (<= M)
+  int max_tokens;   // M
+  int num_topk;     // K
+  int num_experts;  // E
+  int hidden;       // H
+  Payload payload;
+
+  __host__ __device__ int local_experts(int num_ranks) const { return num_experts / num_ranks; }
+  __host__ __device__ bool fp8() const { return payload != Payload::kBF16; }
+  __host__ __device__ int scale_bytes() const {
+    return payload == Payload::kFP8UE8M0 ? hidden / 128 : hidden / 128 * 4;
+  }
+  __host__ __device__ int value_bytes() const { return fp8() ? hidden : hidden * 2; }
+  // One dispatch message: header, values, scales.
+  __host__ __device__ std::size_t message_stride() const {
+    return intranode::align_up(kHeaderBytes + value_bytes() + (fp8() ? scale_bytes() : 0), 16);
+  }
+};
+
+// Offsets inside one half of a rank's low-latency region (all ranks agree).
+struct Layout {
+  std::size_t dispatch_rows;    // [E/R][R][M] messages
+  std::size_t dispatch_counts;  // [E/R][R] u64: (call << 32) | count
+  std::size_t combine_rows;     // [M][K] rows of H bf16
+  std::size_t combine_flags;    // [R] u64: call number
+  std::size_t half_bytes;
+
+  __host__ __device__ static Layout make(const Shape& s, int R) {
+    using intranode::align_up;
+    using intranode::kAlign;
+    Layout l{};
+    std::size_t o = 0;
+    const std::size_t le = s.local_experts(R);
+    l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
+    l.dispatch_counts = o; o = align_up(o + le * R * 8, kAlign);
+    l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
+    l.combine_flags = o;   o = align_up(o + R * 8, kAlign);
+    l.half_bytes = o;
+    return l;
+  }
+};
+
+// Bytes a buffer needs (both halves and the call counters).
+std::size_t buffer_bytes(const Shape& s, int num_ranks);
+
+// Send: quantize (FP8) and push every (token, expert) message, publish counts.
+cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
+                                 const int* topk_idx, int num_blocks, cudaStream_t stream);
+
+// Receive: wait for every source's counts, pack rows, write the routing.
+// recv_x [E/R, R*M, H] (bf16, or fp8 values); recv_scales [E/R, R*M, G] (fp8
+// only); recv_count [E/R]; recv_src_{rank,token,slot} [E/R, R*M] (-1 padding).
+cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* recv_x,
+                                 void* recv_scales, int* recv_count, int* recv_src_rank,
+                                 int* recv_src_token, int* recv_src_slot, int num_blocks,
+                                 cudaStream_t stream);
+
+// Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's owner.
+cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const void* y,
+                                const int* recv_count, const int* recv_src_rank,
+                                const int* recv_src_token, const int* recv_src_slot,
+                                int num_blocks, cudaStream_t stream);
+
+// Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert).
+cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
+                                const float* topk_weights, void* out, int num_blocks,
+                                cudaStream_t stream);
+
+}  // namespace low_latency
+}  // namespace jax_ep

@@ -1,0 +1,212 @@
+"""Low-latency CUDA dispatch/combine on R rank processes, checked against numpy,
+plus a latency benchmark (DeepEP's LL configuration) when JAX_EP_LL_BENCH_OUT is set.
+
+    python -m jax_ep.launch -n 8 tests/gpu/multirank_low_latency.py
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jax_ep.launch import initialize_distributed  # noqa: E402
+
+info = initialize_distributed()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_ep  # noqa: E402
+import np_reference as npr  # noqa: E402
+
+R, ME = info.num_ranks, info.rank
+RESULTS = []
+
+
+def check(name):
+    def wrap(fn):
+        t0 = time.time()
+        try:
+            fn()
+            RESULTS.append((name, True))
+            print(f"PASS {name} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:
+            RESULTS.append((name, False))
+            print(f"FAIL {name}: {e}\n{traceback.format_exc()}", flush=True)
+        return fn
+    return wrap
+
+
+def calc_diff(x, y):
+    x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def inputs(seed, t, k, e, h, mask_prob=0.05, distinct=True):
+    rng = np.random.default_rng(seed)
+    idxs, xs, ws = [], [], []
+    for _ in range(R):
+        ids = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]) if distinct else rng.integers(0, e, (t, k))
+        idxs.append(np.where(rng.random(ids.shape) < mask_prob, -1, ids).astype(np.int32))
+        xs.append(rng.standard_normal((t, h)).astype(ml_dtypes.bfloat16))
+        ws.append(rng.random((t, k)).astype(np.float32))
+    return xs, idxs, ws
+
+
+def make_buffer(m, h, k, e, fp8=None, sms=None):
+    return jax_ep.Buffer(
+        num_experts=e, axis_name=None, num_nvl_bytes=1 << 22,
+        num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e, fp8),
+        low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=fp8, backend="cuda",
+                                             num_sms=sms or max(4, 96 // R)),
+        timeout_s=60.0)
+
+
+def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3):
+    buf = make_buffer(m, h, k, e, fp8)
+
+    @jax.jit
+    def step(x, i, w):
+        o = buf.low_latency_dispatch(x, i)
+        y = o.recv_x if fp8 is None else jax_ep.per_token_cast_back(*o.recv_x, fp8, out_dtype=jnp.bfloat16)
+        return o.recv_x, o.recv_count, o.handle.recv_src_rank, o.handle.recv_src_token, buf.low_latency_combine(y, w, o.handle)
+
+    for it in range(iters):  # back-to-back calls alternate the buffer halves
+        xs, idxs, ws = inputs(seed + it, t, k, e, h, distinct=distinct)
+        recv, count, src_rank, src_token, out = step(xs[ME], idxs[ME], ws[ME])
+        ref = npr.ll_dispatch(xs, idxs, e, m)[ME]
+        np.testing.assert_array_equal(np.asarray(count), ref["count"], err_msg=f"{name}: counts")
+        le = e // R
+        for loc in range(le):
+            n = int(ref["count"][loc])
+            if fp8 is None:
+                got = np.asarray(recv)[loc, :n]
+                np.testing.assert_array_equal(got.view(np.uint16), ref["x"][loc, :n].view(np.uint16), err_msg=f"{name}: rows")
+            else:
+                q, s = (np.asarray(a) for a in recv)
+                want_q, want_s = npr.fp8_quantize(ref["x"][loc, :n].astype(np.float32), round_scale=fp8.round_scale)
+                np.testing.assert_array_equal(q[loc, :n].view(np.uint8), want_q.view(np.uint8), err_msg=f"{name}: fp8")
+                if not fp8.use_ue8m0:
+                    np.testing.assert_array_equal(s[loc, :n], want_s, err_msg=f"{name}: scales")
+            assert (np.asarray(src_rank)[loc, n:] == -1).all()
+        # combine: sum_k w_k * (the row the expert returned); the experts return their input here
+        deq = xs[ME].astype(np.float64)
+        if fp8 is not None:
+            q, s = npr.fp8_quantize(xs[ME].astype(np.float32), round_scale=fp8.round_scale)
+            deq = (q.astype(np.float32).reshape(t, -1, 128) * s[..., None]).reshape(t, h)
+            deq = deq.astype(ml_dtypes.bfloat16).astype(np.float64)
+        want = deq * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+        diff = calc_diff(np.asarray(out, np.float32), want)
+        assert diff < (9e-4 if fp8 else 1e-5), f"{name}: combine calc_diff {diff}"
+    buf.destroy()
+
+
+@check("ll_bf16_small")
+def _():
+    run_case("ll_bf16_small", 1, 37, 40, 4, 4 * R, 512)
+
+
+@check("ll_bf16_duplicates_and_masks")
+def _():
+    run_case("ll_bf16_duplicates_and_masks", 2, 20, 32, 5, 2 * R, 256, distinct=False)
+
+
+@check("ll_fp8_deepep_shape")
+def _():
+    run_case("ll_fp8_deepep_shape", 3, 128, 128, 8, (288 // R) * R, 7168, fp8=jax_ep.FP8Options())
+
+
+@check("ll_fp8_ue8m0")
+def _():
+    run_case("ll_fp8_ue8m0", 4, 64, 64, 8, 8 * R, 2048, fp8=jax_ep.FP8Options(use_ue8m0=True))
+
+
+@check("ll_send_recv_split")
+def _():
+    t, m, k, e, h = 64, 64, 4, 4 * R, 1024
+    buf = make_buffer(m, h, k, e)
+    xs, idxs, ws = inputs(7, t, k, e, h)
+
+    @jax.jit
+    def step(x, i, w):
+        pending = buf.low_latency_dispatch_send(x, i)
+        busy = jnp.tanh(x.astype(jnp.float32) @ x.astype(jnp.float32).T).sum()
+        o = jax_ep.low_latency_dispatch_recv(pending, after=busy)
+        back = jax_ep.low_latency_combine_recv(jax_ep.low_latency_combine_send(o.recv_x, o.handle), w, after=busy)
+        return back
+
+    out = step(xs[ME], idxs[ME], ws[ME])
+    want = xs[ME].astype(np.float64) * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+    assert calc_diff(np.asarray(out, np.float32), want) < 1e-5
+    buf.destroy()
+
+
+def bench():
+    """DeepEP's LL configuration: 128 tokens, hidden 7168, top-8, experts ~288."""
+    t = m = 128
+    h, k = 7168, 8
+    e = (288 // R) * R
+    rows = []
+    for sms in [int(s) for s in os.environ.get("JAX_EP_LL_SMS", "4,8,16").split(",")]:
+        for fp8 in (jax_ep.FP8Options(), None):
+            buf = make_buffer(m, h, k, e, fp8, sms=sms)
+            xs, idxs, ws = inputs(11, t, k, e, h, mask_prob=0.0)
+            x, i, w = jnp.asarray(xs[ME]), jnp.asarray(idxs[ME]), jnp.asarray(ws[ME])
+            y = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i).recv_x)(x, i)
+            handle = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i).handle)(x, i)
+            yb = y if fp8 is None else jax_ep.per_token_cast_back(*y, fp8, out_dtype=jnp.bfloat16)
+            iters = 20
+
+            def many(fn, *args):
+                def body(*args):
+                    acc = jnp.float32(0)
+                    for _ in range(iters):
+                        args, acc = jax.lax.optimization_barrier((args, acc))
+                        acc = acc + fn(*args)
+                    return acc
+                f = jax.jit(body)
+                f(*args).block_until_ready()
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    f(*args).block_until_ready()
+                    times.append((time.perf_counter() - t0) / iters)
+                return float(np.median(times))
+
+            def disp(x, i):
+                r = buf.low_latency_dispatch(x, i).recv_x
+                return (r[0] if isinstance(r, tuple) else r)[0, 0, 0].astype(jnp.float32)
+
+            def comb(yb, w, handle):
+                return buf.low_latency_combine(yb, w, handle)[0, 0].astype(jnp.float32)
+
+            d_us = many(disp, x, i) * 1e6
+            c_us = many(comb, yb, w, handle) * 1e6 if fp8 is not None else None
+            pairs = int((np.asarray(i) >= 0).sum())
+            disp_bytes = pairs * ((h + h / 128 * 4 + 16) if fp8 else 2 * h)
+            row = dict(ranks=R, sms=sms, fp8=fp8 is not None, dispatch_us=d_us, dispatch_gbps=disp_bytes / d_us / 1e3)
+            if c_us is not None:
+                row.update(combine_us=c_us, combine_gbps=pairs * 2 * h / c_us / 1e3)
+            rows.append(row)
+            if ME == 0:
+                print(f"LL R={R} sms={sms} {'FP8' if fp8 else 'BF16'} dispatch {d_us:.1f} us ({row['dispatch_gbps']:.1f} GB/s)"
+                      + (f", BF16 combine {c_us:.1f} us ({row['combine_gbps']:.1f} GB/s)" if c_us else ""), flush=True)
+            buf.destroy()
+    out = os.environ.get("JAX_EP_LL_BENCH_OUT")
+    if ME == 0 and out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"low_latency_R{R}.json"), "w") as f:
+            json.dump(dict(device=str(jax.devices()[0].device_kind), note="per-rank time, wall clock over 20 back-to-back calls", results=rows), f, indent=1)
+
+
+if os.environ.get("JAX_EP_LL_BENCH_OUT") and all(ok for _, ok in RESULTS):
+    bench()
+failed = [n for n, ok in RESULTS if not ok]
+print(f"rank {ME}/{R}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
+jax.distributed.shutdown()
+sys.exit(1 if failed else 0)

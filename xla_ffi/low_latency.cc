@@ -1,0 +1,180 @@
+// FFI handlers of the low-latency ops (send and receive halves):
+//
+//   jax_ep_ll_dispatch_send   x bf16[T, H], topk_idx s32[T, K] -> token s32[]
+//   jax_ep_ll_dispatch_recv   token -> recv_x [E/R, R*M, H] (bf16, or f8e4m3fn),
+//                             recv_scales [E/R, R*M, G] (f32 scales, s32 packed UE8M0,
+//                             or f32 with G = 0 for BF16), recv_count s32[E/R],
+//                             recv_src_rank/token/slot s32[E/R, R*M]
+//   jax_ep_ll_combine_send    y bf16[E/R, R*M, H], recv_count, recv_src_rank/token/slot -> token
+//   jax_ep_ll_combine_recv    token, topk_idx s32[T, K], topk_weights f32[T, K] -> out bf16[T, H]
+//
+//   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
+//   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0), num_sms
+//
+// A receive must follow its send on the same buffer before the next send of
+// that kind (the tokens order them).
+#include <string>
+
+#include "../cuda/low_latency.cuh"
+#include "ffi_helpers.h"
+#include "handlers.h"
+#include "runtime.h"
+
+namespace jax_ep {
+namespace {
+
+using I32_0 = ffi::Buffer<ffi::S32, 0>;
+using I32_1 = ffi::Buffer<ffi::S32, 1>;
+using I32_2 = ffi::Buffer<ffi::S32, 2>;
+using I32_3 = ffi::Buffer<ffi::S32, 3>;
+using F32_2 = ffi::Buffer<ffi::F32, 2>;
+
+constexpr int kBlocksPerSm = 1;  // 512-thread blocks
+
+struct Call {
+  IntranodeBuffer* buf = nullptr;
+  low_latency::Shape shape{};
+};
+
+ffi::Error prepare(const char* target, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
+                   int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload, Call* call) {
+  std::string error;
+  call->buf = Runtime::get().find(buffer_id, &error);
+  if (call->buf == nullptr) return invalid_argument(target, error);
+  const int R = call->buf->num_ranks();
+  if (num_experts % R != 0) return invalid_argument(target, "num_experts must be a multiple of the rank count");
+  if (hidden % 512 != 0 && payload != 0) return invalid_argument(target, "FP8 needs hidden % 512 == 0 here");
+  if (hidden % 8 != 0) return invalid_argument(target, "hidden must be a multiple of 8");
+  if (num_tokens > max_tokens) return invalid_argument(target, "T must be <= max_tokens");
+  call->shape = low_latency::Shape{static_cast<int>(num_tokens), static_cast<int>(max_tokens),
+                                   static_cast<int>(num_topk), static_cast<int>(num_experts),
+                                   static_cast<int>(hidden), static_cast<low_latency::Payload>(payload)};
+  const std::size_t need = low_latency::Layout::make(call->shape, R).half_bytes;
+  if (need > call->buf->staging_half_bytes()) {
+    return invalid_argument(target, "the jax_ep low-latency buffer is too small: it needs " +
+                                        std::to_string(need) + " bytes per half, it has " +
+                                        std::to_string(call->buf->staging_half_bytes()) +
+                                        "; size it with jax_ep.low_latency_buffer_bytes");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DispatchSend(cudaStream_t stream, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
+                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
+                        int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
+  constexpr const char* kTarget = "jax_ep_ll_dispatch_send";
+  if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
+  Call c;
+  if (auto err = prepare(kTarget, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
+                         num_topk, payload, &c);
+      err.failure()) {
+    return err;
+  }
+  cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
+  return launch_status(kTarget, low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(),
+                                                                  topk_idx.typed_data(),
+                                                                  static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
+ffi::Error DispatchRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, int64_t buffer_id, int64_t num_tokens,
+                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
+                        int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
+                        ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
+                        ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
+  constexpr const char* kTarget = "jax_ep_ll_dispatch_recv";
+  Call c;
+  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+      err.failure()) {
+    return err;
+  }
+  return launch_status(kTarget, low_latency::launch_dispatch_recv(
+                                    c.buf->peer_table(), c.shape, recv_x->untyped_data(),
+                                    recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
+                                    src_token->typed_data(), src_slot->typed_data(),
+                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
+ffi::Error CombineSend(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_count, I32_2 src_rank,
+                       I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
+                       int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
+                       int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
+  constexpr const char* kTarget = "jax_ep_ll_combine_send";
+  if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
+  Call c;
+  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+      err.failure()) {
+    return err;
+  }
+  cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
+  return launch_status(kTarget, low_latency::launch_combine_send(
+                                    c.buf->peer_table(), c.shape, y.untyped_data(), recv_count.typed_data(),
+                                    src_rank.typed_data(), src_token.typed_data(), src_slot.typed_data(),
+                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
+ffi::Error CombineRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
+                       int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
+                       int64_t num_topk, int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
+  constexpr const char* kTarget = "jax_ep_ll_combine_recv";
+  Call c;
+  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+      err.failure()) {
+    return err;
+  }
+  return launch_status(kTarget, low_latency::launch_combine_recv(
+                                    c.buf->peer_table(), c.shape, topk_idx.typed_data(), topk_weights.typed_data(),
+                                    out->untyped_data(), static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
+}  // namespace
+
+#define JAX_EP_LL_ATTRS                                                                          \
+  .Attr<int64_t>("buffer_id").Attr<int64_t>("num_tokens").Attr<int64_t>("num_experts")          \
+      .Attr<int64_t>("max_tokens").Attr<int64_t>("hidden").Attr<int64_t>("num_topk")             \
+      .Attr<int64_t>("payload").Attr<int64_t>("num_sms")
+#define JAX_EP_LL_SEND_ATTRS                                                                     \
+  .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("max_tokens")           \
+      .Attr<int64_t>("hidden").Attr<int64_t>("num_topk").Attr<int64_t>("payload")                \
+      .Attr<int64_t>("num_sms")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS
+                                  .Ret<I32_0>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<I32_0>() JAX_EP_LL_ATTRS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<I32_1>()
+                                  .Ret<I32_2>()
+                                  .Ret<I32_2>()
+                                  .Ret<I32_2>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_2>()
+                                  .Arg<I32_2>()
+                                  .Arg<I32_2>() JAX_EP_LL_ATTRS
+                                  .Ret<I32_0>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler, CombineRecv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<I32_0>()
+                                  .Arg<I32_2>()
+                                  .Arg<F32_2>() JAX_EP_LL_ATTRS
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_ep
