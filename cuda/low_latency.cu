@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kThreads)
     __threadfence_system();
     __syncwarp();
     if (lane == 0) {
-      auto* counts = reinterpret_cast<unsigned long long*>(half_of(p, dst, call) + l.dispatch_counts);
-      st_release_sys(&counts[local * R + me], (call << 32) | static_cast<unsigned long long>(count));
+      st_release_sys(&dispatch_counts(p.base[dst], static_cast<int>(call & 1))[local * R + me],
+                     (call << 32) | static_cast<unsigned long long>(count));
     }
   }
 }
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int counts[intranode::kMaxRanks + 1];
   for (int e = blockIdx.x; e < le; e += gridDim.x) {
     if (threadIdx.x < R) {
-      const auto* slot = reinterpret_cast<const unsigned long long*>(mine + l.dispatch_counts) + e * R + threadIdx.x;
+      const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + e * R + threadIdx.x;
       counts[threadIdx.x] = static_cast<int>(wait_call(p, slot, call, false, threadIdx.x, 3) & 0xffffffffull);
     }
     __syncthreads();
@@ -285,8 +285,7 @@ __global__ void __launch_bounds__(kThreads)
       *blocks_done(p) = 0;
       __threadfence_system();
       for (int r = 0; r < R; ++r) {
-        auto* flags = reinterpret_cast<unsigned long long*>(half_of(p, r, call) + l.combine_flags);
-        st_release_sys(&flags[p.rank], call);
+        st_release_sys(&combine_flags(p.base[r], static_cast<int>(call & 1))[p.rank], call);
       }
     }
   }
@@ -301,8 +300,8 @@ __global__ void __launch_bounds__(kThreads)
   const Layout l = Layout::make(s, R);
   const char* mine = half_of(p, p.rank, call);
   if (threadIdx.x < R) {
-    wait_call(p, reinterpret_cast<const unsigned long long*>(mine + l.combine_flags) + threadIdx.x, call,
-              true, threadIdx.x, 4);
+    wait_call(p, combine_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true,
+              threadIdx.x, 4);
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;

@@ -56,12 +56,22 @@ struct Shape {
   }
 };
 
+// Count slots and flags sit at fixed offsets of the buffer's workspace, not
+// in the shape-dependent halves, so a call with other shapes never reads an
+// earlier call's payload as a count. Their values carry the call number.
+inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R
+__host__ __device__ inline unsigned long long* dispatch_counts(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + half * kCountSlots;
+}
+__host__ __device__ inline unsigned long long* combine_flags(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + 2 * kCountSlots +
+         half * intranode::kMaxRanks;
+}
+
 // Offsets inside one half of a rank's low-latency region (all ranks agree).
 struct Layout {
   std::size_t dispatch_rows;    // [E/R][R][M] messages
-  std::size_t dispatch_counts;  // [E/R][R] u64: (call << 32) | count
   std::size_t combine_rows;     // [M][K] rows of H bf16
-  std::size_t combine_flags;    // [R] u64: call number
   std::size_t half_bytes;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
@@ -71,9 +81,7 @@ struct Layout {
     std::size_t o = 0;
     const std::size_t le = s.local_experts(R);
     l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
-    l.dispatch_counts = o; o = align_up(o + le * R * 8, kAlign);
     l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
-    l.combine_flags = o;   o = align_up(o + R * 8, kAlign);
     l.half_bytes = o;
     return l;
   }

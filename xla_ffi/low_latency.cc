@@ -43,6 +43,9 @@ ffi::Error prepare(const char* target, int64_t buffer_id, int64_t num_tokens, in
   if (call->buf == nullptr) return invalid_argument(target, error);
   const int R = call->buf->num_ranks();
   if (num_experts % R != 0) return invalid_argument(target, "num_experts must be a multiple of the rank count");
+  if (num_experts > static_cast<int64_t>(low_latency::kCountSlots)) {
+    return invalid_argument(target, "num_experts must be at most 2048");
+  }
   if (hidden % 512 != 0 && payload != 0) return invalid_argument(target, "FP8 needs hidden % 512 == 0 here");
   if (hidden % 8 != 0) return invalid_argument(target, "hidden must be a multiple of 8");
   if (num_tokens > max_tokens) return invalid_argument(target, "T must be <= max_tokens");

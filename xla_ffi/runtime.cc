@@ -47,8 +47,8 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   }
   DeviceGuard guard(device);
   check(cudaMalloc(&local_, num_bytes), "cudaMalloc of the communication buffer");
-  // Zeroed signals: every epoch starts at 0 on every rank.
-  check(cudaMemset(local_, 0, intranode::kSignalBytes + intranode::kWorkspaceBytes), "cudaMemset");
+  // Zeroed: every epoch, call counter, count slot and flag starts at 0.
+  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_[rank] = local_;
   check(cudaHostAlloc(reinterpret_cast<void**>(&timeout_host_), sizeof(intranode::TimeoutRecord),
