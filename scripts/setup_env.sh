@@ -22,7 +22,9 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # jax 0.11.2 is what the GPU machines run; keep CPU CI on the same version.
-python -m pip install -q "jax==0.11.2" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
+# nvidia-nvshmem-cu13 3.4.5 is the NVSHMEM the GPU machines run (the device
+# library must not be newer than the host library it meets).
+python -m pip install -q "jax==0.11.2" "nvidia-nvshmem-cu13==3.4.5" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
   pytest hypothesis optax flax equinox tqdm
 if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
   echo "jax_ep setup: nvcc found, building the CUDA extension jax_ep._C"

@@ -10,6 +10,10 @@ device-side put / quiet / barrier self test of jax_ep._nvshmem, writes a
 rank-specific pattern into every peer through its peer pointer (cudaMemcpy),
 checks what arrived, and finalises. Prints PASS/FAIL per check and TIME lines;
 exits 1 if any check failed.
+
+The symmetric heap defaults to 256 MiB here (NVSHMEM_SYMMETRIC_SIZE, when set,
+wins) and XLA's preallocation is off unless JAX_EP_TEST_XLA_PREALLOCATE=1 (then
+the launcher's XLA_PYTHON_CLIENT_MEM_FRACTION of 0.85/R applies).
 """
 
 import os
@@ -20,7 +24,8 @@ import traceback
 # GPU memory outside XLA's pool: the symmetric heap (NVSHMEM_SYMMETRIC_SIZE per
 # PE) and NVSHMEM's own buffers. Small heap, no XLA preallocation.
 os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "268435456")
-os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+if os.environ.get("JAX_EP_TEST_XLA_PREALLOCATE") != "1":
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 from jax_ep.launch import initialize_distributed  # noqa: E402
 

@@ -1,0 +1,112 @@
+// The nanobind module jax_ep._nvshmem: the NVSHMEM transport's runtime
+// (nvshmem_runtime.h), kept out of jax_ep._C so that _C never needs
+// libnvshmem_host.so.3. jax_ep/nvshmem.py is its Python face.
+//
+//   get_unique_id() -> bytes                 on one PE; share the bytes
+//   init(rank, num_ranks, unique_id, device=0) -> bool   True: initialised here
+//   initialized() -> bool, init_status() -> int, my_pe(), n_pes()
+//   malloc(num_bytes) -> int                 collective, zeroed symmetric buffer id
+//   free(id)                                 collective
+//   size(id), local_pointer(id)
+//   peer_pointers(id) -> list[int | None]    nvshmem_ptr per PE (None: no P2P)
+//   transport(pe) -> "p2p" | "rdma" | "none"
+//   barrier_all(), finalize()
+//   version() -> str                         the loaded host library ("3.4.5")
+//   build_version() -> str                   headers / device library of this build
+//   self_test_bytes(num_pes), self_test(id, round=1) -> str   "" when it passed
+//   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
+//
+// Blocking calls release the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+
+#include "nvshmem_runtime.h"
+
+#ifndef JAX_EP_VERSION
+#define JAX_EP_VERSION "unknown"
+#endif
+
+namespace nb = nanobind;
+namespace rt = jax_ep::nvshmem;
+
+namespace {
+
+nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
+
+std::string from_bytes(const nb::bytes& b) {
+  return std::string(static_cast<const char*>(b.data()), b.size());
+}
+
+}  // namespace
+
+NB_MODULE(_nvshmem, m) {
+  m.doc() = "jax_ep NVSHMEM transport: bootstrap, symmetric buffers, peer pointers";
+  m.attr("__version__") = JAX_EP_VERSION;
+  m.attr("unique_id_bytes") = rt::unique_id_bytes();
+
+  m.def("get_unique_id", [] {
+    std::string id;
+    {
+      nb::gil_scoped_release release;
+      id = rt::get_unique_id();
+    }
+    return to_bytes(id);
+  });
+  m.def(
+      "init",
+      [](int rank, int num_ranks, nb::bytes unique_id, int device) {
+        const std::string id = from_bytes(unique_id);
+        nb::gil_scoped_release release;
+        return rt::init(device, rank, num_ranks, id);
+      },
+      nb::arg("rank"), nb::arg("num_ranks"), nb::arg("unique_id"), nb::arg("device") = 0);
+  m.def("initialized", &rt::initialized);
+  m.def("init_status", &rt::init_status);
+  m.def("my_pe", &rt::my_pe);
+  m.def("n_pes", &rt::n_pes);
+  m.def("malloc", &rt::malloc, nb::arg("num_bytes"), nb::call_guard<nb::gil_scoped_release>());
+  m.def("free", &rt::free, nb::arg("id"), nb::call_guard<nb::gil_scoped_release>());
+  m.def("size", &rt::size, nb::arg("id"));
+  m.def("local_pointer", &rt::local, nb::arg("id"));
+  m.def(
+      "peer_pointers",
+      [](int id) {
+        nb::list out;
+        for (std::uintptr_t p : rt::peer_pointers(id)) {
+          if (p == 0) out.append(nb::none());
+          else out.append(nb::int_(p));
+        }
+        return out;
+      },
+      nb::arg("id"));
+  m.def("transport", &rt::transport, nb::arg("pe"));
+  m.def("barrier_all", &rt::barrier_all, nb::call_guard<nb::gil_scoped_release>());
+  m.def("finalize", &rt::finalize, nb::call_guard<nb::gil_scoped_release>());
+  m.def("version", &rt::library_version);
+  m.def("build_version", &rt::build_version);
+  m.def("self_test_bytes", &rt::self_test_bytes, nb::arg("num_pes"));
+  m.def("self_test", &rt::self_test, nb::arg("id"), nb::arg("round") = 1,
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def(
+      "copy_to_device",
+      [](std::uintptr_t dst, nb::bytes data) {
+        const std::string s = from_bytes(data);
+        nb::gil_scoped_release release;
+        rt::copy_to_device(dst, s);
+      },
+      nb::arg("ptr"), nb::arg("data"));
+  m.def(
+      "copy_from_device",
+      [](std::uintptr_t src, std::size_t num_bytes) {
+        std::string s;
+        {
+          nb::gil_scoped_release release;
+          s = rt::copy_from_device(src, num_bytes);
+        }
+        return to_bytes(s);
+      },
+      nb::arg("ptr"), nb::arg("num_bytes"));
+}
