@@ -77,76 +77,29 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float(e << 23);
 }
 
-// Writes one token's message body: BF16 copy, or per-128-channel FP8 cast
-// (the arithmetic of jax_ep.reference.fp8). One warp; lane i owns 8 channels
-// of every 256.
-__device__ void write_message(const Shape& s, const __nv_bfloat16* row, char* msg) {
-  const int lane = threadIdx.x % 32;
-  char* values = msg + kHeaderBytes;
-  if (!s.fp8()) {
-    const int vecs = s.hidden / 8;
-    for (int v = lane; v < vecs; v += 32) {
-      reinterpret_cast<int4*>(values)[v] = reinterpret_cast<const int4*>(row)[v];
-    }
-    return;
-  }
-  char* scales = values + s.hidden;
-  for (int base = 0; base < s.hidden; base += 256) {
-    const int c = base + lane * 8;  // 16 lanes per 128-channel group
-    float f[8];
-    float amax = 0.0f;
-    if (c < s.hidden) {
-      const int4 raw = reinterpret_cast<const int4*>(row)[c / 8];
-      const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 v = __bfloat1622float2(h[i]);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    }
-#pragma unroll
-    for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-    if (c >= s.hidden) continue;
-    amax = fmaxf(amax, 1e-4f);
-    float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
-    if (s.payload != Payload::kFP8) scale = pow2_ceil(scale);
-    const float inv = __fdiv_rn(1.0f, scale);
-    unsigned char q[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      q[i] = __nv_cvt_float_to_fp8(__fmul_rn(f[i], inv), __NV_SATFINITE, __NV_E4M3);
-    }
-    *reinterpret_cast<uint2*>(values + c) = *reinterpret_cast<const uint2*>(q);
-    if ((lane & 15) == 0) {
-      const int g = c / 128;
-      if (s.payload == Payload::kFP8UE8M0) {
-        scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-      } else {
-        reinterpret_cast<float*>(scales)[g] = scale;
-      }
-    }
-  }
-}
-
-// One warp per global expert: find the local tokens that chose it (first
-// slot naming it, in token order), push their messages, publish the count.
+// Plan the sends: one warp per global expert finds the local tokens whose
+// first slot names it, in token order, and records each one's index among
+// them (slot_index[t, k0]) and the expert's count. Slots that send nothing
+// get -1.
 __global__ void __launch_bounds__(kThreads)
-    dispatch_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx) {
-  const int R = p.num_ranks, me = p.rank;
-  const int le = s.local_experts(R);
+    plan_kernel(PeerTable p, Shape s, const int* topk_idx) {
+  const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  char* mine = half_of(p, p.rank, call);
+  int* slot_index = reinterpret_cast<int*>(mine + l.slot_index);
+  int* expert_count = reinterpret_cast<int*>(mine + l.expert_count);
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
-  const std::size_t stride = s.message_stride();
-  const Layout l = Layout::make(s, R);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < s.num_tokens * s.num_topk; i += gridDim.x * blockDim.x) {
+    const int* ids = topk_idx + (i / s.num_topk) * s.num_topk;
+    const int k = i % s.num_topk, id = ids[k];
+    bool first = id >= 0 && id < s.num_experts;
+    for (int j = 0; j < k; ++j) first &= ids[j] != id;
+    if (!first) slot_index[i] = -1;
+  }
   for (int e = warp; e < s.num_experts; e += num_warps) {
-    const int dst = e / le, local = e % le;
-    char* rows = half_of(p, dst, call) + l.dispatch_rows +
-                 (static_cast<std::size_t>(local) * R + me) * s.max_tokens * stride;
     int count = 0;
     for (int base = 0; base < s.num_tokens; base += 32) {
       const int t = base + lane;
@@ -155,30 +108,103 @@ __global__ void __launch_bounds__(kThreads)
         const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
         for (int k = 0; k < s.num_topk && slot < 0; ++k) slot = ids[k] == e ? k : -1;
       }
-      unsigned int todo = __ballot_sync(kFullWarpMask, slot >= 0);  // chosen tokens, in order
-      while (todo) {
-        const int src_lane = __ffs(todo) - 1;
-        todo &= todo - 1;
-        const int tok = base + src_lane;
-        const int k0 = __shfl_sync(kFullWarpMask, slot, src_lane);
-        char* msg = rows + static_cast<std::size_t>(count) * stride;
-        if (lane == 0) *reinterpret_cast<int4*>(msg) = make_int4(tok, k0, 0, 0);
-        write_message(s, x + static_cast<long long>(tok) * s.hidden, msg);
-        ++count;
+      const unsigned int hit = __ballot_sync(kFullWarpMask, slot >= 0);
+      if (slot >= 0) slot_index[t * s.num_topk + slot] = count + __popc(hit & ((1u << lane) - 1u));
+      count += __popc(hit);
+    }
+    if (lane == 0) expert_count[e] = count;
+  }
+}
+
+
+// One block per token: build its message once in shared memory (BF16 copy,
+// or the per-128-channel FP8 cast of jax_ep.reference.fp8), then warp k
+// copies it to the destination of top-k slot k. The last block to finish
+// publishes every expert's count to the expert's rank.
+__global__ void __launch_bounds__(kThreads)
+    send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx) {
+  extern __shared__ int4 smem[];
+  char* msg = reinterpret_cast<char*>(smem);
+  const int R = p.num_ranks, me = p.rank, le = s.local_experts(R);
+  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const std::size_t stride = s.message_stride();
+  const char* mine = half_of(p, me, call);
+  const int* slot_index = reinterpret_cast<const int*>(mine + l.slot_index);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int vecs = static_cast<int>(stride / 16);
+  for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
+    const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
+    if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
+    char* values = msg + kHeaderBytes;
+    if (!s.fp8()) {
+      for (int v = threadIdx.x; v < s.hidden / 8; v += blockDim.x)
+        reinterpret_cast<int4*>(values)[v] = reinterpret_cast<const int4*>(row)[v];
+    } else {
+      char* scales = values + s.hidden;
+      for (int g = warp; g < s.hidden / 128; g += kWarps) {  // a warp per 128 channels, 4 per lane
+        const int c = g * 128 + lane * 4;
+        const uint2 raw = *reinterpret_cast<const uint2*>(row + c);
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+        float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
+        amax = fmaxf(amax, 1e-4f);
+        float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
+        if (s.payload != Payload::kFP8) scale = pow2_ceil(scale);
+        const float inv = __fdiv_rn(1.0f, scale);
+        unsigned char q[4];
+        q[0] = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
+        q[1] = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
+        q[2] = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
+        q[3] = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
+        *reinterpret_cast<unsigned int*>(values + c) = *reinterpret_cast<const unsigned int*>(q);
+        if (lane == 0) {
+          if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+          else reinterpret_cast<float*>(scales)[g] = scale;
+        }
       }
     }
-    __syncwarp();
+    __syncthreads();
+    if (warp < s.num_topk) {
+      const int k = warp;
+      const int idx = slot_index[t * s.num_topk + k];
+      if (idx >= 0) {
+        const int e = topk_idx[static_cast<long long>(t) * s.num_topk + k];
+        const int dst = e / le, local = e % le;
+        char* out = half_of(p, dst, call) + l.dispatch_rows +
+                    ((static_cast<std::size_t>(local) * R + me) * s.max_tokens + idx) * stride;
+        if (lane == 0) *reinterpret_cast<int4*>(out) = make_int4(t, k, 0, 0);
+        for (int v = 1 + lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = smem[v];
+      }
+    }
+    __syncthreads();
+  }
+  // The last block to finish publishes the counts, one thread per expert:
+  // one system fence, then plain stores (release stores one after another
+  // would cost a fence each).
+  __shared__ bool last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
+    if (last) *blocks_done(p) = 0;
+  }
+  __syncthreads();
+  if (last) {
     __threadfence_system();
-    __syncwarp();
-    if (lane == 0) {
-      st_release_sys(&dispatch_counts(p.base[dst], static_cast<int>(call & 1))[local * R + me],
-                     (call << 32) | static_cast<unsigned long long>(count));
+    const int* expert_count = reinterpret_cast<const int*>(mine + l.expert_count);
+    for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
+      auto* slot = &dispatch_counts(p.base[e / le], static_cast<int>(call & 1))[(e % le) * R + me];
+      *reinterpret_cast<volatile unsigned long long*>(slot) =
+          (call << 32) | static_cast<unsigned long long>(expert_count[e]);
     }
   }
 }
 
-// One block per local expert: wait for every source's count, pack in
-// (source, token) order.
+// Every block: wait for all counts, lay out the packed rows; then the grid
+// copies them, 16-byte vectors with several loads in flight per thread.
 __global__ void __launch_bounds__(kThreads)
     dispatch_recv_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
@@ -189,73 +215,97 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t stride = s.message_stride();
   const int rows_out = R * s.max_tokens;
   const char* mine = half_of(p, p.rank, call);
-  __shared__ int counts[intranode::kMaxRanks + 1];
-  for (int e = blockIdx.x; e < le; e += gridDim.x) {
-    if (threadIdx.x < R) {
-      const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + e * R + threadIdx.x;
-      counts[threadIdx.x] = static_cast<int>(wait_call(p, slot, call, false, threadIdx.x, 3) & 0xffffffffull);
+  // start[e * (R + 1) + r]: first packed row of (expert e, source r); [.. + R] = total.
+  __shared__ int start[4160];          // (E/R) * (R + 1) <= 2 * E
+  __shared__ int expert_first[2049];  // first flat row of expert e (flattened over experts)
+  for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
+    const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
+    start[(i / R) * (R + 1) + i % R + 1] = static_cast<int>(wait_call(p, slot, call, false, i % R, 3) & 0xffffffffull);
+  }
+  __syncthreads();
+  if (threadIdx.x < le) {
+    const int e = threadIdx.x;
+    int* st = start + e * (R + 1);
+    st[0] = 0;
+    for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
+    if (blockIdx.x == 0) recv_count[e] = st[R];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < le; ++e) {
+      expert_first[e] = acc;
+      acc += start[e * (R + 1) + R];
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int total = 0;
-      for (int r = 0; r < R; ++r) {
-        const int c = counts[r];
-        counts[r] = total;
-        total += c;
-      }
-      counts[R] = total;
-      recv_count[e] = total;
+    expert_first[le] = acc;
+  }
+  __syncthreads();
+  const int total = expert_first[le];
+  auto locate = [&](int flat, int& e, int& r, int& j) {
+    e = 0;
+    while (expert_first[e + 1] <= flat) ++e;
+    j = flat - expert_first[e];
+    r = 0;
+    while (start[e * (R + 1) + r + 1] <= j) ++r;
+  };
+  // Routing of every output row (-1 past the count).
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+       i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
+    int r = -1, tok = -1, k0 = -1;
+    if (j < start[e * (R + 1) + R]) {
+      r = 0;
+      while (start[e * (R + 1) + r + 1] <= j) ++r;
+      const int* hdr = reinterpret_cast<const int*>(
+          mine + l.dispatch_rows + ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride);
+      tok = hdr[0];
+      k0 = hdr[1];
     }
-    __syncthreads();
-    const int total = counts[R];
-    // Routing of every output row (-1 past the count).
-    for (int j = threadIdx.x; j < rows_out; j += blockDim.x) {
-      int r = -1, tok = -1, k0 = -1;
-      if (j < total) {
-        r = 0;
-        while (counts[r + 1] <= j) ++r;
-        const int* hdr = reinterpret_cast<const int*>(
-            mine + l.dispatch_rows + ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - counts[r])) * stride);
-        tok = hdr[0];
-        k0 = hdr[1];
-      }
-      const long long o = static_cast<long long>(e) * rows_out + j;
-      src_rank[o] = r;
-      src_token[o] = tok;
-      src_slot[o] = k0;
-    }
-    // Payload of the valid rows: values as 16-byte vectors, scales as words
-    // (UE8M0 rows hold H/128 bytes, a multiple of 4).
-    const int value_vecs = s.value_bytes() / 16;
-    for (long long i = threadIdx.x; i < static_cast<long long>(total) * value_vecs; i += blockDim.x) {
-      const int j = static_cast<int>(i / value_vecs), v = static_cast<int>(i % value_vecs);
-      int r = 0;
-      while (counts[r + 1] <= j) ++r;
+    src_rank[i] = r;
+    src_token[i] = tok;
+    src_slot[i] = k0;
+  }
+  // Payload: values as 16-byte vectors, scales as words (UE8M0 rows hold H/128 bytes).
+  const int value_vecs = s.value_bytes() / 16;
+  const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
+  const long long n = static_cast<long long>(total) * value_vecs;
+  constexpr int kUnroll = 4;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x; base < n;
+       base += static_cast<long long>(gridDim.x) * blockDim.x * kUnroll) {
+    int4 value[kUnroll];
+    long long dst[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long i = base + static_cast<long long>(u) * blockDim.x;
+      dst[u] = -1;
+      if (i >= n) continue;
+      const int flat = static_cast<int>(i / value_vecs), v = static_cast<int>(i % value_vecs);
+      int e, r, j;
+      locate(flat, e, r, j);
       const char* msg = mine + l.dispatch_rows +
-                        ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - counts[r])) * stride;
-      const long long o = static_cast<long long>(e) * rows_out + j;
-      reinterpret_cast<int4*>(recv_x + o * s.value_bytes())[v] =
-          ld_nc_v4(reinterpret_cast<const int4*>(msg + kHeaderBytes) + v);
+                        ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride;
+      value[u] = ld_nc_v4(reinterpret_cast<const int4*>(msg + kHeaderBytes) + v);
+      dst[u] = (static_cast<long long>(e) * rows_out + j) * s.value_bytes() + 16ll * v;
     }
-    if (s.fp8()) {
-      const int words = s.scale_bytes() / 4;
-      for (long long i = threadIdx.x; i < static_cast<long long>(total) * words; i += blockDim.x) {
-        const int j = static_cast<int>(i / words), v = static_cast<int>(i % words);
-        int r = 0;
-        while (counts[r + 1] <= j) ++r;
-        const char* msg = mine + l.dispatch_rows +
-                          ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - counts[r])) * stride;
-        const long long o = static_cast<long long>(e) * rows_out + j;
-        reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[v] =
-            reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[v];
-      }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (dst[u] >= 0) *reinterpret_cast<int4*>(recv_x + dst[u]) = value[u];
     }
-    __syncthreads();
+  }
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+       i < static_cast<long long>(total) * words; i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int flat = static_cast<int>(i / words), w = static_cast<int>(i % words);
+    int e, r, j;
+    locate(flat, e, r, j);
+    const char* msg = mine + l.dispatch_rows +
+                      ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride;
+    reinterpret_cast<int*>(recv_scales + (static_cast<long long>(e) * rows_out + j) * s.scale_bytes())[w] =
+        reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
   }
 }
 
-// One warp per row: push y[e][j] to its token's owner, into [token][slot].
-// The last block to finish publishes this rank's flag to every owner.
+// Push each valid row of y to its token's owner, into [token][slot], several
+// 16-byte loads in flight per thread; the last block publishes the flags.
 __global__ void __launch_bounds__(kThreads)
     combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* recv_count,
                         const int* src_rank, const int* src_token, const int* src_slot) {
@@ -264,34 +314,63 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
   const int rows_out = R * s.max_tokens;
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
   const int vecs = s.hidden / 8;
-  for (long long w = warp; w < static_cast<long long>(le) * rows_out; w += num_warps) {
-    const int e = static_cast<int>(w / rows_out), j = static_cast<int>(w % rows_out);
-    if (j >= recv_count[e]) continue;
-    const int owner = src_rank[w];
-    char* dst = half_of(p, owner, call) + l.combine_rows +
-                (static_cast<std::size_t>(src_token[w]) * s.num_topk + src_slot[w]) * s.hidden * 2;
-    const int4* src = reinterpret_cast<const int4*>(y + w * s.hidden);
-    for (int v = lane; v < vecs; v += 32) reinterpret_cast<int4*>(dst)[v] = src[v];
+  // Only the valid rows: first[e] = valid rows of the experts before e.
+  __shared__ int first[2049];
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int e = 0; e < le; ++e) {
+      first[e] = acc;
+      acc += recv_count[e];
+    }
+    first[le] = acc;
   }
+  __syncthreads();
+  const long long n = static_cast<long long>(first[le]) * vecs;
+  constexpr int kUnroll = 4;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x; base < n;
+       base += static_cast<long long>(gridDim.x) * blockDim.x * kUnroll) {
+    int4 value[kUnroll];
+    char* dst[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const long long i = base + static_cast<long long>(u) * blockDim.x;
+      dst[u] = nullptr;
+      if (i >= n) continue;
+      const int flat = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+      int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (first[mid] <= flat) lo = mid;
+        else hi = mid;
+      }
+      const long long row = static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+      value[u] = reinterpret_cast<const int4*>(y + row * s.hidden)[v];
+      dst[u] = half_of(p, src_rank[row], call) + l.combine_rows +
+               (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.hidden * 2 + 16ll * v;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (dst[u] != nullptr) *reinterpret_cast<int4*>(dst[u]) = value[u];
+    }
+  }
+  __shared__ bool last;
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int done = atomicAdd(blocks_done(p), 1u) + 1;
-    if (done == gridDim.x) {
-      *blocks_done(p) = 0;
-      __threadfence_system();
-      for (int r = 0; r < R; ++r) {
-        st_release_sys(&combine_flags(p.base[r], static_cast<int>(call & 1))[p.rank], call);
-      }
-    }
+    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
+    if (last) *blocks_done(p) = 0;
+  }
+  __syncthreads();
+  if (last && threadIdx.x < R) {
+    __threadfence_system();
+    *reinterpret_cast<volatile unsigned long long*>(
+        &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;
   }
 }
 
-// One warp per token: wait for every rank's flag, weighted sum in float32.
+// out[t] = sum_k w[t, k] * row(t, first slot naming k's expert), float32;
+// a thread per 16-byte vector of a token, all top-k loads in flight.
 __global__ void __launch_bounds__(kThreads)
     combine_recv_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
                         __nv_bfloat16* out) {
@@ -304,36 +383,45 @@ __global__ void __launch_bounds__(kThreads)
               threadIdx.x, 4);
   }
   __syncthreads();
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
   const int vecs = s.hidden / 8;
-  for (int t = warp; t < s.num_tokens; t += num_warps) {
+  const long long n = static_cast<long long>(s.num_tokens) * vecs;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
-    for (int v = lane; v < vecs; v += 32) {
-      float acc[8] = {};
-      for (int k = 0; k < s.num_topk; ++k) {
-        const int id = ids[k];
-        if (id < 0 || id >= s.num_experts) continue;
-        int k0 = 0;
-        while (ids[k0] != id) ++k0;
-        const float w = topk_weights[static_cast<long long>(t) * s.num_topk + k];
-        const int4 raw = ld_nc_v4(reinterpret_cast<const int4*>(
-            mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * s.hidden * 2) + v);
-        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    int4 raw[intranode::kMaxTopk];
+    float w[intranode::kMaxTopk];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 f = __bfloat1622float2(h[i]);
-          acc[2 * i] = fmaf(w, f.x, acc[2 * i]);
-          acc[2 * i + 1] = fmaf(w, f.y, acc[2 * i + 1]);
+    for (int k = 0; k < intranode::kMaxTopk; ++k) {
+      w[k] = 0.0f;
+      raw[k] = make_int4(0, 0, 0, 0);
+      if (k < s.num_topk) {
+        const int id = ids[k];
+        if (id >= 0 && id < s.num_experts) {
+          int k0 = 0;
+          while (ids[k0] != id) ++k0;
+          w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k];
+          raw[k] = ld_nc_v4(reinterpret_cast<const int4*>(
+              mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * s.hidden * 2) + v);
         }
       }
-      int4 packed;
-      auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-      reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
     }
+    float acc[8] = {};
+#pragma unroll
+    for (int k = 0; k < intranode::kMaxTopk; ++k) {
+      const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
+        acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
+      }
+    }
+    int4 packed;
+    auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
   }
 }
 
@@ -348,8 +436,11 @@ std::size_t buffer_bytes(const Shape& s, int num_ranks) {
 
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
                                  const int* topk_idx, int num_blocks, cudaStream_t stream) {
-  dispatch_send_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(
-      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx);
+  plan_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(peers, s, topk_idx);
+  const int smem = static_cast<int>(s.message_stride());
+  cudaFuncSetAttribute(send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  send_kernel<<<blocks_for(num_blocks), kThreads, smem, stream>>>(peers, s, static_cast<const __nv_bfloat16*>(x),
+                                                                  topk_idx);
   return cudaGetLastError();
 }
 
@@ -357,8 +448,7 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  void* recv_scales, int* recv_count, int* recv_src_rank,
                                  int* recv_src_token, int* recv_src_slot, int num_blocks,
                                  cudaStream_t stream) {
-  const int le = s.local_experts(peers.num_ranks);
-  dispatch_recv_kernel<<<std::max(1, std::min(le, num_blocks)), kThreads, 0, stream>>>(
+  dispatch_recv_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
       recv_src_token, recv_src_slot);
   advance_kernel<<<1, 1, 0, stream>>>(peers, 0);

@@ -72,6 +72,8 @@ __host__ __device__ inline unsigned long long* combine_flags(char* base, int hal
 struct Layout {
   std::size_t dispatch_rows;    // [E/R][R][M] messages
   std::size_t combine_rows;     // [M][K] rows of H bf16
+  std::size_t slot_index;       // [M][K] int: this rank's send plan (local scratch)
+  std::size_t expert_count;     // [E] int: this rank's tokens per expert (local scratch)
   std::size_t half_bytes;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
@@ -82,6 +84,8 @@ struct Layout {
     const std::size_t le = s.local_experts(R);
     l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
     l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
+    l.slot_index = o;      o = align_up(o + sizeof(int) * s.max_tokens * s.num_topk, kAlign);
+    l.expert_count = o;    o = align_up(o + sizeof(int) * s.num_experts, kAlign);
     l.half_bytes = o;
     return l;
   }
