@@ -203,8 +203,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Every block: wait for all counts, lay out the packed rows; then the grid
-// copies them, 16-byte vectors with several loads in flight per thread.
+// Local copy of this call's (expert, source) counts, written by the wait kernel.
+__device__ __forceinline__ int* received_counts(const PeerTable& p) {
+  return reinterpret_cast<int*>(p.base[p.rank] + intranode::kSignalBytes + 40 * 1024);
+}
+
+// The only waiting part of a dispatch receive: one block waits for every
+// (local expert, source) count of this call and copies them locally.
+__global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s) {
+  const int R = p.num_ranks;
+  const int le = s.local_experts(R);
+  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  int* counts = received_counts(p);
+  for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
+    const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
+    counts[i] = static_cast<int>(wait_call(p, slot, call, false, i % R, 3) & 0xffffffffull);
+  }
+}
+
+// Lay out the packed rows from the received counts; then the grid copies
+// them, 16-byte vectors with several loads in flight per thread. Never waits.
 __global__ void __launch_bounds__(kThreads)
     dispatch_recv_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
@@ -218,13 +236,10 @@ __global__ void __launch_bounds__(kThreads)
   // start[e * (R + 1) + r]: first packed row of (expert e, source r); [.. + R] = total.
   __shared__ int start[4160];          // (E/R) * (R + 1) <= 2 * E
   __shared__ int expert_first[2049];  // first flat row of expert e (flattened over experts)
-  for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
-    const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
-    start[(i / R) * (R + 1) + i % R + 1] = static_cast<int>(wait_call(p, slot, call, false, i % R, 3) & 0xffffffffull);
-  }
+  const int* counts = received_counts(p);
+  for (int i = threadIdx.x; i < le * R; i += blockDim.x) start[(i / R) * (R + 1) + i % R + 1] = counts[i];
   __syncthreads();
-  if (threadIdx.x < le) {
-    const int e = threadIdx.x;
+  for (int e = threadIdx.x; e < le; e += blockDim.x) {
     int* st = start + e * (R + 1);
     st[0] = 0;
     for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
@@ -369,6 +384,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The only waiting part of a combine receive: one block waits for every rank's flag.
+__global__ void wait_flags_kernel(PeerTable p) {
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  if (threadIdx.x < p.num_ranks) {
+    wait_call(p, combine_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true,
+              threadIdx.x, 4);
+  }
+}
+
 // out[t] = sum_k w[t, k] * row(t, first slot naming k's expert), float32;
 // a thread per 16-byte vector of a token, all top-k loads in flight.
 __global__ void __launch_bounds__(kThreads)
@@ -378,11 +402,6 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
   const char* mine = half_of(p, p.rank, call);
-  if (threadIdx.x < R) {
-    wait_call(p, combine_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true,
-              threadIdx.x, 4);
-  }
-  __syncthreads();
   const int vecs = s.hidden / 8;
   const long long n = static_cast<long long>(s.num_tokens) * vecs;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
@@ -427,6 +446,11 @@ __global__ void __launch_bounds__(kThreads)
 
 int blocks_for(int num_blocks) { return std::max(1, num_blocks); }
 
+// Kernels that never wait may take more blocks than the budget of waiting ones.
+int copy_blocks_for(int num_blocks, long long items) {
+  return static_cast<int>(std::max<long long>(1, std::min<long long>(4ll * num_blocks, items)));
+}
+
 }  // namespace
 
 std::size_t buffer_bytes(const Shape& s, int num_ranks) {
@@ -439,8 +463,8 @@ cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const v
   plan_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(peers, s, topk_idx);
   const int smem = static_cast<int>(s.message_stride());
   cudaFuncSetAttribute(send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  send_kernel<<<blocks_for(num_blocks), kThreads, smem, stream>>>(peers, s, static_cast<const __nv_bfloat16*>(x),
-                                                                  topk_idx);
+  send_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, smem, stream>>>(
+      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx);
   return cudaGetLastError();
 }
 
@@ -448,7 +472,8 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  void* recv_scales, int* recv_count, int* recv_src_rank,
                                  int* recv_src_token, int* recv_src_slot, int num_blocks,
                                  cudaStream_t stream) {
-  dispatch_recv_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(
+  wait_counts_kernel<<<1, 1024, 0, stream>>>(peers, s);
+  dispatch_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
       recv_src_token, recv_src_slot);
   advance_kernel<<<1, 1, 0, stream>>>(peers, 0);
@@ -459,7 +484,7 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
                                 const int* recv_count, const int* recv_src_rank,
                                 const int* recv_src_token, const int* recv_src_slot,
                                 int num_blocks, cudaStream_t stream) {
-  combine_send_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(
+  combine_send_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, static_cast<const __nv_bfloat16*>(y), recv_count, recv_src_rank, recv_src_token, recv_src_slot);
   return cudaGetLastError();
 }
@@ -467,7 +492,8 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
                                 const float* topk_weights, void* out, int num_blocks,
                                 cudaStream_t stream) {
-  combine_recv_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(
+  wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
+  combine_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
   advance_kernel<<<1, 1, 0, stream>>>(peers, 1);
   return cudaGetLastError();
