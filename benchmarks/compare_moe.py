@@ -1,11 +1,14 @@
-"""CPU side-by-side timing: jax_ep's MoE layer (normal and low-latency modes,
-xla backend) against the hand-written all_to_all baseline (baseline_moe.py).
+"""Side-by-side timing: jax_ep's MoE layer (normal and low-latency modes)
+against the hand-written all_to_all baseline (baseline_moe.py).
 
     python benchmarks/compare_moe.py [--ranks 8 --tokens 128 --hidden 64 ...]
+    python benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 4096 --hidden 2048 ...
 
-Runs on virtual CPU devices (``--xla_force_host_platform_device_count``): the
-numbers say how the three programs compare under XLA:CPU's emulated
-collectives, not how they compare on GPUs. Each row is the median over
+On CPU it runs on virtual devices (``--xla_force_host_platform_device_count``):
+the numbers say how the programs compare under XLA:CPU's emulated
+collectives, not how they compare on GPUs. With ``--platform gpu`` it uses the
+local GPUs of one process (NCCL refuses several ranks on one GPU, so on one
+GPU this is the one-rank case) and adds the CUDA kernels' row. Each row is the median over
 ``--iters`` runs of one compiled program (forward, or forward + backward of a
 scalar loss w.r.t. params and input), after a warm-up call.
 """
@@ -29,13 +32,14 @@ def parse_args():
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--platform", default="cpu", choices=["cpu", "gpu"])
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["JAX_PLATFORMS"] = args.platform if args.platform == "cpu" else "cuda,cpu"
+    if args.platform == "cpu" and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.ranks}"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,11 +58,21 @@ def main():
     params = moe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (r * args.tokens, args.hidden))
 
+    import jax_ep
+
     layers = {
         "jax_ep normal (expert-major + ragged_dot)": lambda p, x: moe.moe_layer(p, x, cfg),
         "jax_ep low-latency (packed + einsum)": lambda p, x: moe.moe_layer(p, x, dataclasses.replace(cfg, mode="low_latency")),
         "baseline (argsort + all_to_all + ragged_dot)": lambda p, x: baseline_moe.baseline_moe_layer(p, x, cfg),
     }
+    buffer = None
+    if args.platform == "gpu" and r == 1:  # the CUDA kernels' local path
+        buffer = jax_ep.Buffer(num_experts=args.experts, normal=jax_ep.NormalOptions(backend="cuda"),
+                               num_nvl_bytes=jax_ep.intranode_buffer_bytes(
+                                   args.tokens, args.hidden, 1, args.topk, args.experts,
+                                   capacity=args.tokens * args.topk + args.experts * 8, itemsize=4))
+        cuda_cfg = dataclasses.replace(cfg, backend="cuda", buffer_id=buffer.normal.buffer_id)
+        layers["jax_ep normal, CUDA kernels"] = lambda p, x: moe.moe_layer(p, x, cuda_cfg)
 
     def timed(f, *a):
         jax.block_until_ready(f(*a))
@@ -79,7 +93,9 @@ def main():
             rows.append((name, timed(jax.jit(lambda p, x, fwd=fwd: fwd(p, x)[0]), params, x),
                          timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)))
 
-    print(f"CPU ONLY ({r} virtual XLA:CPU devices; not indicative of GPU performance): "
+    where = (f"CPU ONLY ({r} virtual XLA:CPU devices; not indicative of GPU performance)" if args.platform == "cpu"
+             else f"{jax.devices()[0].device_kind}, {r} device(s) in one process")
+    print(f"{where}: "
           f"{args.tokens} tokens/rank, hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, top-{args.topk}")
     width = max(len(n) for n, *_ in rows)
     print(f"{'layer':<{width}}  {'fwd ms':>8}  {'fwd+bwd ms':>10}")

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Run the intranode benchmark for each rank count on this machine's GPUs:
+# Every GPU benchmark, results under OUT_DIR/bench/:
 #   bash benchmarks/run_all.sh OUT_DIR
-# JSON lands in OUT_DIR/bench/; a table is printed per rank count.
-#   JAX_EP_BENCH_RANKS="2 4 8"   rank counts
+#   * intranode normal mode for each R in JAX_EP_BENCH_RANKS (default "2 4 8")
+#   * low-latency mode at R = JAX_EP_LL_BENCH_RANKS (default 8), DeepEP's LL configuration
+#   * the MoE layer against the all_to_all baseline on one GPU (compare_moe.py)
+# Set a variable to "" to skip that part.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_all.sh OUT_DIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT/bench"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
-for R in ${JAX_EP_BENCH_RANKS:-2 4 8}; do
+for R in ${JAX_EP_BENCH_RANKS-2 4 8}; do
   case $R in
     8) sms=${JAX_EP_BENCH_SMS_R8:-8,16} ;;
-    4) sms=${JAX_EP_BENCH_SMS_R4:-16,24,32} ;;
+    4) sms=${JAX_EP_BENCH_SMS_R4:-24,32} ;;
     *) sms=${JAX_EP_BENCH_SMS_R2:-24,48} ;;
   esac
   # Leave room next to XLA's pools for the registered buffers and the copy roofline.
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.55 / $R:.3f}')")
-  python3 -m jax_ep.launch -n "$R" --timeout 500 benchmarks/bench_intranode.py --sms "$sms" --out "$OUT/bench" \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.55 / $R:.3f}')") \
+    python3 -m jax_ep.launch -n "$R" --timeout 500 benchmarks/bench_intranode.py --sms "$sms" --out "$OUT/bench" \
     || status=1
 done
+for R in ${JAX_EP_LL_BENCH_RANKS-8}; do
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.45 / $R:.3f}')") JAX_EP_LL_BENCH_OUT="$OUT/bench" \
+    JAX_EP_LL_SMS=${JAX_EP_LL_SMS:-4,8,16} \
+    python3 -m jax_ep.launch -n "$R" --timeout 300 tests/gpu/multirank_low_latency.py || status=1
+done
+if [ -n "${JAX_EP_COMPARE-1}" ]; then
+  python3 benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 4096 --hidden 2048 --ffn 4096 \
+    --experts 64 --topk 8 --iters 10 2>&1 | tee "$OUT/bench/compare_moe_gpu.txt" || status=1
+fi
 exit $status

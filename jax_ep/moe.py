@@ -81,7 +81,9 @@ class MoEConfig:
         the largest sum of their top-2 router probabilities, and picks its
         top-``K`` experts inside them.
       normalize_weights: renormalise the top-k probabilities to sum to 1.
-      buffer_id: the ``jax_ep.Buffer`` the CUDA backend communicates through.
+      buffer_id: the ``jax_ep.Buffer`` the CUDA backend communicates through
+        (``buffer.normal.buffer_id``); ``ll_buffer_id`` the same for
+        low-latency mode (``buffer.low_latency.buffer_id``).
     """
 
     num_experts: int
@@ -100,6 +102,7 @@ class MoEConfig:
     topk_group: int | None = None
     normalize_weights: bool = True
     buffer_id: int | None = None
+    ll_buffer_id: int | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "hidden", "ffn", "topk", "expert_alignment"):
@@ -142,7 +145,7 @@ class MoEConfig:
         """The ``LowLatencyOptions`` of low-latency mode for a call with ``num_tokens`` tokens per rank."""
         return LowLatencyOptions(
             num_max_dispatch_tokens_per_rank=self.max_tokens_per_rank or max(num_tokens, 1),
-            fp8=self.fp8, backend=self.backend,
+            fp8=self.fp8, backend=self.backend, buffer_id=self.ll_buffer_id,
         )
 
 

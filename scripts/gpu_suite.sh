@@ -96,6 +96,8 @@ shopt -u nullglob
 for R in ${JAX_EP_GPU_RANKS:-2 4 8}; do
   for f in "${MULTIRANK[@]}"; do
     name=$(basename "$f" .py)
+    # Registered buffers live beside XLA's pool: keep the pool to half the GPU.
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.5 / $R:.3f}')") \
     step "${name}_R$R" "$OUT/multirank_R$R.log" \
       timeout --kill-after=30 400 python3 -m jax_ep.launch -n "$R" --timeout 300 \
         --log-dir "$OUT/logs_R$R/$name" "$f"
