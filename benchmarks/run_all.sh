@@ -28,7 +28,7 @@ for R in ${JAX_EP_LL_BENCH_RANKS-8}; do
     python3 -m jax_ep.launch -n "$R" --timeout 300 tests/gpu/multirank_low_latency.py || status=1
 done
 if [ -n "${JAX_EP_COMPARE-1}" ]; then
-  python3 benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 4096 --hidden 2048 --ffn 4096 \
-    --experts 64 --topk 8 --iters 10 2>&1 | tee "$OUT/bench/compare_moe_gpu.txt" || status=1
+  python3 benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 2048 --hidden 1024 --ffn 2048 \
+    --experts 32 --topk 4 --iters 10 2>&1 | tee "$OUT/bench/compare_moe_gpu.txt" || status=1
 fi
 exit $status

@@ -64,6 +64,25 @@ _LAYOUT_CODE = {"rank_major": 0, "expert_major": 1}
 _COMM = dict(vmap_method="sequential", has_side_effect=True)
 
 
+def _varying(tree, axis_name):
+    """Mark FFI outputs as varying over the EP axis inside shard_map, like the
+    values they replace (a custom call's results carry no axis type)."""
+    if axis_name is None:
+        return tree
+
+    def mark(a):
+        mat = getattr(jax.typeof(a), "manual_axis_type", None)
+        varying = getattr(mat, "varying", None)
+        if varying is None or axis_name in varying:
+            return a
+        try:
+            return jax.lax.pcast(a, (axis_name,), to="varying")
+        except (ValueError, TypeError, NameError):  # not inside a shard_map over axis_name
+            return a
+
+    return jax.tree.map(mark, tree)
+
+
 def _rows(a: jax.Array):
     """[N, ...] -> ([N, B] with B * itemsize a multiple of 16 bytes, undo)."""
     n, trailing = a.shape[0], a.shape[1:]
@@ -131,7 +150,7 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
     handle = DispatchHandle(src_rank, src_token, in_rank, extra={"send_pos": send_pos}, spec=spec)
     if spec.options.layout == "rank_major":
         group_sizes = None
-    return recv_x, idx, w, counts, group_sizes, kept, needed, handle
+    return _varying((recv_x, idx, w, counts, group_sizes, kept, needed, handle), spec.axis_name)
 
 
 def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
@@ -142,7 +161,7 @@ def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
         "jax_ep_intranode_cached_dispatch",
         jax.ShapeDtypeStruct((spec.capacity, rows.shape[1]), rows.dtype), **_COMM
     )
-    return undo(call(rows, handle.recv_src_rank, handle.recv_src_token, **_buffer_attrs(spec)))
+    return _varying(undo(call(rows, handle.recv_src_rank, handle.recv_src_token, **_buffer_attrs(spec))), spec.axis_name)
 
 
 def combine(y: jax.Array, handle) -> jax.Array:
@@ -157,7 +176,7 @@ def combine(y: jax.Array, handle) -> jax.Array:
         jax.ShapeDtypeStruct((spec.num_tokens, rows.shape[1]), rows.dtype), **_COMM
     )
     out = call(rows, handle.recv_src_rank, handle.extra["send_pos"], **_buffer_attrs(spec))
-    return undo(out).astype(dtype)
+    return _varying(undo(out).astype(dtype), spec.axis_name)
 
 
 # --- low-latency mode -----------------------------------------------------------
@@ -207,7 +226,7 @@ def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec):
     )
     recv_x, scales, count, src_rank, src_token, src_slot = call(token, **_ll_attrs(spec))
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
-    return (recv_x if fp8 is None else (recv_x, scales)), count, handle
+    return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
 
 def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
@@ -227,7 +246,7 @@ def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Ar
     call = jax.ffi.ffi_call(
         "jax_ep_ll_combine_recv", jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
-    return call(token, handle.topk_idx, topk_weights, **_ll_attrs(spec))
+    return _varying(call(token, handle.topk_idx, topk_weights, **_ll_attrs(spec)), spec.axis_name)
 
 
 def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Array | None = None) -> jax.Array:
