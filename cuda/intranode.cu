@@ -167,22 +167,7 @@ __global__ void barrier_kernel(PeerTable peers, int op) {
     const unsigned long long start = global_timer_ns();
     while (ld_acquire_sys(&me->arrived[s]) < epoch) {
       if (global_timer_ns() - start > peers.timeout_ns) {
-        TimeoutRecord* rec = peers.timeout_record;
-        if (atomicCAS(&rec->code, 0, 1) == 0) {
-          rec->rank = peers.rank;
-          rec->peer = s;
-          rec->op = op;
-          rec->epoch = epoch;
-          rec->peer_epoch = ld_acquire_sys(&me->arrived[s]);
-          rec->seconds = peers.timeout_ns * 1e-9;
-          __threadfence_system();
-        }
-        // Give the host's watcher time to print the record: the trap loses
-        // the context, and the runtime may abort the process soon after.
-        const unsigned long long noticed = global_timer_ns();
-        while (global_timer_ns() - noticed < 500000000ull) {
-        }
-        __trap();
+        fail_wait(peers, s, op, epoch, ld_acquire_sys(&me->arrived[s]));
       }
     }
   }

@@ -67,9 +67,42 @@ struct PeerTable {
   TimeoutRecord* timeout_record;   // mapped host memory
 };
 
+// Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2
+// combine (barriers); 3 low-latency dispatch receive, 4 low-latency combine
+// receive.
 inline const char* op_name(int op) {
-  return op == 0 ? "dispatch" : (op == 1 ? "cached-dispatch" : "combine");
+  switch (op) {
+    case 0: return "dispatch";
+    case 1: return "cached-dispatch";
+    case 2: return "combine";
+    case 3: return "low-latency dispatch";
+    default: return "low-latency combine";
+  }
 }
+
+#ifdef __CUDACC__
+// A wait gave up: leave a record for the host's watcher (the first one
+// wins), give it time to print, then trap (the CUDA context is lost anyway).
+__device__ __forceinline__ void fail_wait(const PeerTable& peers, int peer, int op,
+                                          unsigned long long epoch, unsigned long long peer_epoch) {
+  TimeoutRecord* rec = peers.timeout_record;
+  if (atomicCAS(&rec->code, 0, 1) == 0) {
+    rec->rank = peers.rank;
+    rec->peer = peer;
+    rec->op = op;
+    rec->epoch = epoch;
+    rec->peer_epoch = peer_epoch;
+    rec->seconds = peers.timeout_ns * 1e-9;
+    __threadfence_system();
+  }
+  long long noticed;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(noticed));
+  for (long long now = noticed; now - noticed < 500000000ll;) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  }
+  __trap();
+}
+#endif
 
 __host__ __device__ inline char* staging_half(char* base, int half, std::size_t half_bytes) {
   return base + kSignalBytes + kWorkspaceBytes + static_cast<std::size_t>(half) * half_bytes;

@@ -14,7 +14,6 @@ namespace low_latency {
 namespace {
 
 using intranode::Signals;
-using intranode::TimeoutRecord;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -43,24 +42,23 @@ __device__ unsigned long long wait_call(const PeerTable& p, const unsigned long 
   if (ready(v)) return v;
   const unsigned long long start = global_timer_ns();
   while (!ready(v = ld_acquire_sys(slot))) {
-    if (global_timer_ns() - start > p.timeout_ns) {
-      TimeoutRecord* rec = p.timeout_record;
-      if (atomicCAS(&rec->code, 0, 1) == 0) {
-        rec->rank = p.rank;
-        rec->peer = peer;
-        rec->op = op;
-        rec->epoch = call;
-        rec->peer_epoch = whole ? v : (v >> 32);
-        rec->seconds = p.timeout_ns * 1e-9;
-        __threadfence_system();
-      }
-      const unsigned long long noticed = global_timer_ns();
-      while (global_timer_ns() - noticed < 500000000ull) {
-      }
-      __trap();
-    }
+    if (global_timer_ns() - start > p.timeout_ns) intranode::fail_wait(p, peer, op, call, whole ? v : (v >> 32));
   }
   return v;
+}
+
+// True in every thread of the block that finished last (after a system
+// fence of this block's writes); that block resets the counter.
+__device__ __forceinline__ bool last_block_done(const PeerTable& p) {
+  __shared__ bool last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
+    if (last) *blocks_done(p) = 0;
+  }
+  __syncthreads();
+  return last;
 }
 
 // Ends a receive: the next send of this kind is the next call.
@@ -184,15 +182,7 @@ __global__ void __launch_bounds__(kThreads)
   // The last block to finish publishes the counts, one thread per expert:
   // one system fence, then plain stores (release stores one after another
   // would cost a fence each).
-  __shared__ bool last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
-    if (last) *blocks_done(p) = 0;
-  }
-  __syncthreads();
-  if (last) {
+  if (last_block_done(p)) {
     __threadfence_system();
     const int* expert_count = reinterpret_cast<const int*>(mine + l.expert_count);
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
@@ -369,15 +359,7 @@ __global__ void __launch_bounds__(kThreads)
       if (dst[u] != nullptr) *reinterpret_cast<int4*>(dst[u]) = value[u];
     }
   }
-  __shared__ bool last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
-    if (last) *blocks_done(p) = 0;
-  }
-  __syncthreads();
-  if (last && threadIdx.x < R) {
+  if (last_block_done(p) && threadIdx.x < R) {
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(
         &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;

@@ -14,7 +14,6 @@ two ranks on one GPU). Prints PASS/FAIL per check; exits 1 if any failed.
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -29,29 +28,12 @@ import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
 import np_reference as npr  # noqa: E402
+from gpu.rank_checks import Checks, calc_diff  # noqa: E402
 
 R, ME = info.num_ranks, info.rank
-RESULTS = []
+checks = Checks()
+check = checks
 
-
-def check(name):
-    def wrap(fn):
-        t0 = time.time()
-        try:
-            fn()
-            RESULTS.append((name, True, ""))
-            print(f"PASS {name} ({time.time() - t0:.1f} s)", flush=True)
-        except Exception as e:  # report and continue with the next check
-            RESULTS.append((name, False, repr(e)))
-            print(f"FAIL {name}: {e}\n{traceback.format_exc()}", flush=True)
-        return fn
-    return wrap
-
-
-def calc_diff(x, y):
-    x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
-    denom = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denom) if denom else 0.0
 
 
 def global_inputs(seed, t, k, e, h, dtype=ml_dtypes.bfloat16, mask_prob=0.05, skew=None, distinct=True):
@@ -273,7 +255,6 @@ def _():
     buf.destroy()
 
 
-failed = [r for r in RESULTS if not r[1]]
-print(f"rank {ME}/{R}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
+code = checks.summary(ME, R)
 jax.distributed.shutdown()
-sys.exit(1 if failed else 0)
+sys.exit(code)

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -23,28 +22,12 @@ import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
 import np_reference as npr  # noqa: E402
+from gpu.rank_checks import Checks, calc_diff  # noqa: E402
 
 R, ME = info.num_ranks, info.rank
-RESULTS = []
+checks = Checks()
+check = checks
 
-
-def check(name):
-    def wrap(fn):
-        t0 = time.time()
-        try:
-            fn()
-            RESULTS.append((name, True))
-            print(f"PASS {name} ({time.time() - t0:.1f} s)", flush=True)
-        except Exception as e:
-            RESULTS.append((name, False))
-            print(f"FAIL {name}: {e}\n{traceback.format_exc()}", flush=True)
-        return fn
-    return wrap
-
-
-def calc_diff(x, y):
-    x, y = np.asarray(x, np.float64) + 1, np.asarray(y, np.float64) + 1
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 def inputs(seed, t, k, e, h, mask_prob=0.05, distinct=True):
@@ -204,9 +187,8 @@ def bench():
             json.dump(dict(device=str(jax.devices()[0].device_kind), note="per-rank time, wall clock over 8 back-to-back calls, median of 5", results=rows), f, indent=1)
 
 
-if os.environ.get("JAX_EP_LL_BENCH_OUT") and all(ok for _, ok in RESULTS):
+if os.environ.get("JAX_EP_LL_BENCH_OUT") and checks.all_passed:
     bench()
-failed = [n for n, ok in RESULTS if not ok]
-print(f"rank {ME}/{R}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
+code = checks.summary(ME, R)
 jax.distributed.shutdown()
-sys.exit(1 if failed else 0)
+sys.exit(code)
