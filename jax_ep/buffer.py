@@ -34,6 +34,10 @@ class Buffer:
         ``jax_ep.intranode_buffer_bytes`` for what a configuration needs.
       timeout_s: how long a kernel waits for a peer before failing with a
         message naming it (CUDA backend).
+      ll_transport: how the low-latency buffer reaches peers: ``"ipc"`` (CUDA
+        IPC between the rank processes) or ``"nvshmem"`` (an NVSHMEM symmetric
+        allocation, peers through ``nvshmem_ptr``; bootstrapped over the
+        ``jax.distributed`` key-value store).
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.
@@ -46,6 +50,7 @@ class Buffer:
     num_nvl_bytes: int = 1 << 30
     num_ll_bytes: int | None = None
     timeout_s: float = 100.0
+    ll_transport: str = "ipc"
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
     _runtime: object = dataclasses.field(default=None, init=False, repr=False)
     _ll_runtime: object = dataclasses.field(default=None, init=False, repr=False)
@@ -70,8 +75,16 @@ class Buffer:
                     "a CUDA low-latency Buffer needs num_ll_bytes: size it with "
                     "jax_ep.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_topk, num_experts, fp8)"
                 )
-            self._ll_runtime = IntranodeRuntime.create(self.num_ll_bytes, timeout_s=self.timeout_s)
+            if self.ll_transport not in ("ipc", "nvshmem"):
+                raise ValueError(f"ll_transport must be 'ipc' or 'nvshmem', got {self.ll_transport!r}")
+            create = IntranodeRuntime.create_nvshmem if self.ll_transport == "nvshmem" else IntranodeRuntime.create
+            self._ll_runtime = create(self.num_ll_bytes, timeout_s=self.timeout_s)
             self.low_latency = dataclasses.replace(self.low_latency, buffer_id=self._ll_runtime.buffer_id)
+
+    @property
+    def low_latency_transports(self) -> tuple:
+        """How the low-latency buffer reaches each rank ("local", "ipc" or "p2p")."""
+        return self._ll_runtime.transports if self._ll_runtime is not None else ()
 
     @property
     def rank(self) -> int:

@@ -22,6 +22,7 @@ from jax_ep import _extension
 _lock = threading.Lock()
 _counter = itertools.count()  # buffers are created in the same order on every rank
 _live: dict[int, "IntranodeRuntime"] = {}
+_symmetric: dict = {}  # buffer id -> the NVSHMEM allocation it lives in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class IntranodeRuntime:
     num_ranks: int
     num_bytes: int
     staging_half_bytes: int
+    transports: tuple = ()  # per peer: "ipc" / "p2p" (NVSHMEM)
 
     @staticmethod
     def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0) -> "IntranodeRuntime":
@@ -53,7 +55,8 @@ class IntranodeRuntime:
             if num_ranks > 1:
                 _exchange_handles(C, buffer_id, seq, rank, num_ranks, bootstrap_timeout_s)
             runtime = IntranodeRuntime(
-                buffer_id, rank, num_ranks, int(num_bytes), C.intranode_staging_half_bytes(buffer_id)
+                buffer_id, rank, num_ranks, int(num_bytes), C.intranode_staging_half_bytes(buffer_id),
+                transports=tuple("local" if r == rank else "ipc" for r in range(num_ranks)),
             )
         except BaseException:
             C.destroy_intranode_buffer(buffer_id)
@@ -62,11 +65,44 @@ class IntranodeRuntime:
             _live[buffer_id] = runtime
         return runtime
 
+    @staticmethod
+    def create_nvshmem(num_bytes: int, *, timeout_s: float = 100.0) -> "IntranodeRuntime":
+        """The same kind of buffer over an NVSHMEM symmetric allocation: peers
+        are reached through ``nvshmem_ptr`` (NVLink P2P). Collective."""
+        from jax_ep import nvshmem
+
+        if not _extension.available():
+            raise RuntimeError(f"backend='cuda' needs jax_ep._C: {_extension.unavailable_reason()}")
+        if not nvshmem.available():
+            raise RuntimeError(f"transport='nvshmem' needs jax_ep._nvshmem: {nvshmem.unavailable_reason()}")
+        nvshmem.initialize()
+        sym = nvshmem.symmetric_buffer(num_bytes)
+        unreachable = [pe for pe, p in enumerate(sym.peer_pointers) if p is None]
+        if unreachable:
+            sym.free()
+            raise RuntimeError(
+                f"PEs {unreachable} are reachable only through {sym.transports[unreachable[0]]!r}; the "
+                f"low-latency kernels need NVLink P2P (nvshmem_ptr) to every peer today"
+            )
+        device = jax.local_devices()[0].local_hardware_id or 0
+        buffer_id = _extension._C.create_external_buffer(
+            device, sym.rank, sym.num_ranks, int(num_bytes), float(timeout_s), sym.local_pointer, list(sym.peer_pointers)
+        )
+        runtime = IntranodeRuntime(buffer_id, sym.rank, sym.num_ranks, int(num_bytes),
+                                   _extension._C.intranode_staging_half_bytes(buffer_id), transports=sym.transports)
+        with _lock:
+            _live[buffer_id] = runtime
+            _symmetric[buffer_id] = sym
+        return runtime
+
     def destroy(self) -> None:
         with _lock:
             if _live.pop(self.buffer_id, None) is None:
                 return
+            sym = _symmetric.pop(self.buffer_id, None)
         _extension._C.destroy_intranode_buffer(self.buffer_id)
+        if sym is not None:
+            sym.free()  # collective, like the allocation
 
 
 def _kv_client():

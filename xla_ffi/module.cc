@@ -5,6 +5,7 @@
 //   __version__       package version the module was built from
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "../cuda/intranode.cuh"
 #include "../cuda/low_latency.cuh"
@@ -94,6 +95,17 @@ NB_MODULE(_C, m) {
         nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("num_bytes"),
         nb::arg("timeout_s"),
         "Allocate this rank's registered buffer on `device`; returns its id.");
+  m.def("create_external_buffer",
+        [](int device, int rank, int num_ranks, size_t num_bytes, double timeout_s, uintptr_t local,
+           const std::vector<uintptr_t>& peers) {
+          std::vector<char*> ptrs;
+          for (uintptr_t p : peers) ptrs.push_back(reinterpret_cast<char*>(p));
+          return jax_ep::Runtime::get().create_external(device, rank, num_ranks, num_bytes, timeout_s,
+                                                        reinterpret_cast<char*>(local), ptrs);
+        },
+        nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("num_bytes"), nb::arg("timeout_s"),
+        nb::arg("local"), nb::arg("peers"),
+        "Register memory mapped elsewhere (an NVSHMEM symmetric allocation) as a buffer; returns its id.");
   m.def("intranode_ipc_handle", &ipc_handle, "CUDA IPC handle (bytes) of a buffer.");
   m.def("open_intranode_peer_ipc", &open_peer_ipc, nb::arg("id"), nb::arg("peer"),
         nb::arg("handle"), "Map peer rank `peer`'s buffer from its IPC handle.");

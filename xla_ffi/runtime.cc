@@ -51,6 +51,31 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_[rank] = local_;
+  start_watcher();
+}
+
+IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes,
+                                 double timeout_s, char* local, const std::vector<char*>& peers)
+    : device_(device), rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes),
+      timeout_s_(timeout_s), local_(local), owns_memory_(false), peers_(peers),
+      peer_is_ipc_(num_ranks, false) {
+  if (num_ranks < 1 || num_ranks > intranode::kMaxRanks || rank < 0 || rank >= num_ranks ||
+      static_cast<int>(peers.size()) != num_ranks) {
+    throw std::invalid_argument("jax_ep runtime: need 0 <= rank < num_ranks <= 64 and one pointer per rank");
+  }
+  for (int r = 0; r < num_ranks; ++r) {
+    if (peers[r] == nullptr) {
+      throw std::invalid_argument("jax_ep runtime: rank " + std::to_string(r) +
+                                  " is not reachable through a peer pointer (RDMA is not supported here)");
+    }
+  }
+  DeviceGuard guard(device);
+  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  start_watcher();
+}
+
+void IntranodeBuffer::start_watcher() {
   check(cudaHostAlloc(reinterpret_cast<void**>(&timeout_host_), sizeof(intranode::TimeoutRecord),
                       cudaHostAllocMapped),
         "cudaHostAlloc of the timeout record");
@@ -97,7 +122,7 @@ IntranodeBuffer::~IntranodeBuffer() {
   for (int r = 0; r < num_ranks_; ++r) {
     if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
   }
-  if (local_ != nullptr) cudaFree(local_);
+  if (local_ != nullptr && owns_memory_) cudaFree(local_);
   cudaSetDevice(previous);
 }
 
@@ -180,6 +205,15 @@ Runtime& Runtime::get() {
 int Runtime::create(int device, int rank, int num_ranks, std::size_t num_bytes,
                     double timeout_s) {
   auto buffer = std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s);
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int id = next_id_++;
+  buffers_[id] = std::move(buffer);
+  return id;
+}
+
+int Runtime::create_external(int device, int rank, int num_ranks, std::size_t num_bytes,
+                             double timeout_s, char* local, const std::vector<char*>& peers) {
+  auto buffer = std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s, local, peers);
   std::lock_guard<std::mutex> lock(mutex_);
   const int id = next_id_++;
   buffers_[id] = std::move(buffer);

@@ -25,9 +25,18 @@ namespace jax_ep {
 class IntranodeBuffer {
  public:
   IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s);
+  // Over memory someone else owns and maps (an NVSHMEM symmetric allocation:
+  // `local` is this rank's copy, `peers[r]` rank r's copy as this process sees it).
+  IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s,
+                  char* local, const std::vector<char*>& peers);
   ~IntranodeBuffer();
   IntranodeBuffer(const IntranodeBuffer&) = delete;
   IntranodeBuffer& operator=(const IntranodeBuffer&) = delete;
+
+ private:
+  void start_watcher();
+
+ public:
 
   std::string ipc_handle() const;                   // 64 bytes of cudaIpcMemHandle_t
   void open_peer_ipc(int peer, const std::string& handle);
@@ -47,6 +56,7 @@ class IntranodeBuffer {
   std::size_t num_bytes_;
   double timeout_s_;
   char* local_ = nullptr;
+  bool owns_memory_ = true;
   std::vector<char*> peers_;
   std::vector<bool> peer_is_ipc_;
   intranode::TimeoutRecord* timeout_host_ = nullptr;    // mapped, pinned
@@ -63,6 +73,8 @@ class Runtime {
  public:
   static Runtime& get();
   int create(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s);
+  int create_external(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s,
+                      char* local, const std::vector<char*>& peers);
   void destroy(int id);
   // The buffer, or nullptr (with *error set) when the id is unknown or not ready.
   IntranodeBuffer* find(int64_t id, std::string* error);

@@ -41,17 +41,17 @@ def inputs(seed, t, k, e, h, mask_prob=0.05, distinct=True):
     return xs, idxs, ws
 
 
-def make_buffer(m, h, k, e, fp8=None, sms=None):
+def make_buffer(m, h, k, e, fp8=None, sms=None, transport="ipc"):
     return jax_ep.Buffer(
-        num_experts=e, axis_name=None, num_nvl_bytes=1 << 22,
+        num_experts=e, axis_name=None, num_nvl_bytes=1 << 22, ll_transport=transport,
         num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e, fp8),
         low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=fp8, backend="cuda",
                                              num_sms=sms or max(4, 96 // R)),
         timeout_s=60.0)
 
 
-def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3):
-    buf = make_buffer(m, h, k, e, fp8)
+def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3, transport="ipc"):
+    buf = make_buffer(m, h, k, e, fp8, transport=transport)
 
     @jax.jit
     def step(x, i, w):
@@ -107,6 +107,18 @@ def _():
 @check("ll_fp8_ue8m0")
 def _():
     run_case("ll_fp8_ue8m0", 4, 64, 64, 8, 8 * R, 2048, fp8=jax_ep.FP8Options(use_ue8m0=True))
+
+
+@check("ll_over_nvshmem_symmetric_memory")
+def _():
+    from jax_ep import nvshmem
+
+    if not nvshmem.available():
+        raise RuntimeError(f"jax_ep._nvshmem is not available: {nvshmem.unavailable_reason()}")
+    run_case("ll_over_nvshmem", 5, 48, 64, 4, 4 * R, 1024, fp8=jax_ep.FP8Options(), transport="nvshmem")
+    buf = make_buffer(64, 1024, 4, 4 * R, transport="nvshmem")
+    assert set(buf.low_latency_transports) == {"p2p"}, buf.low_latency_transports
+    buf.destroy()
 
 
 @check("ll_send_recv_split")
