@@ -15,8 +15,8 @@ reference, no communication) and reports whether the tokens agree.
 
     python examples/decode_loop.py [--steps 32] [--check]
 
-On GPUs pass ``--backend cuda`` once jax_ep's low-latency kernels are built
-(one process per GPU, under ``python -m jax_ep.launch``); the default ``xla``
+On GPUs pass ``--backend cuda`` (one process per rank, under
+``python -m jax_ep.launch -n R``; ranks may share a GPU); the default ``xla``
 backend runs anywhere (8 virtual CPU devices here).
 """
 
@@ -71,8 +71,19 @@ def main(argv=None):
         raise SystemExit(f"--ranks {args.ranks} needs {args.ranks} devices, found {r}")
     mesh = jax.make_mesh((r,), ("ep",), devices=devices, axis_types=(jax.sharding.AxisType.Explicit,))
     b_local, d, max_len = args.batch_per_rank, args.dim, args.steps + 1
+    ll_buffer_id = None
+    if args.backend == "cuda":  # the registered buffer the low-latency kernels communicate through
+        import jax_ep
+
+        buffer = jax_ep.Buffer(
+            num_experts=args.experts, axis_name="ep", num_nvl_bytes=1 << 22,
+            low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=b_local, backend="cuda"),
+            num_ll_bytes=jax_ep.low_latency_buffer_bytes(b_local, d, r, args.topk, args.experts),
+        )
+        ll_buffer_id = buffer.low_latency.buffer_id
     moe_cfg = epx.MoEConfig(num_experts=args.experts, hidden=d, ffn=args.ffn, topk=args.topk,
-                            mode="low_latency", max_tokens_per_rank=b_local, backend=args.backend)
+                            mode="low_latency", max_tokens_per_rank=b_local, backend=args.backend,
+                            ll_buffer_id=ll_buffer_id)
 
     def rms(x):
         return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)

@@ -19,7 +19,9 @@ the pure-JAX ``xla`` backend:
 
 On NVIDIA Hopper GPUs, with jax_ep's CUDA kernels (one process per GPU, normal
 mode): ``python -m jax_ep.launch -n 8 examples/train_moe_transformer.py
---backend cuda``.
+--backend cuda``. This needs one GPU per rank: the loss and the optimizer use
+XLA's own collectives, which NCCL refuses between ranks that share a GPU
+(examples/decode_loop.py has none and runs with ranks sharing one GPU).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_ep import moe
-from jax_ep.moe import MoEConfig
+from jax_ep.moe import MoEConfig, place
 
 __all__ = ["Experts", "MoE", "MoEConfig", "ep_shard_map", "partition_specs", "shard_model"]
 
@@ -121,7 +121,7 @@ def shard_model(model, mesh: jax.sharding.Mesh, axis_name: str = "ep"):
     """Return ``model`` with its arrays placed on ``mesh`` by ``partition_specs``."""
     params, static = eqx.partition(model, eqx.is_array)
     specs = partition_specs(model, axis_name)
-    params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+    params = jax.tree.map(lambda a, s: place(a, NamedSharding(mesh, s)), params, specs)
     return eqx.combine(params, static)
 
 

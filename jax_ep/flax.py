@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_ep import moe
-from jax_ep.moe import MoEConfig
+from jax_ep.moe import MoEConfig, place
 
 __all__ = ["ExpertParam", "MoE", "MoEConfig", "ep_shard_map", "partition_specs", "shard_model"]
 
@@ -117,7 +117,8 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, axis_name: str = "ep
     """
     state = nnx.state(model)
     specs = partition_specs(state, axis_name)
-    placed = jax.tree.map(lambda v, s: jax.device_put(v, NamedSharding(mesh, s)), state, specs, is_leaf=_is_variable)
+    placed = jax.tree.map(lambda v, s: jax.tree.map(lambda a: place(a, NamedSharding(mesh, s)), v),
+                          state, specs, is_leaf=_is_variable)
     nnx.update(model, placed)
     return model
 

@@ -152,6 +152,22 @@ class MoEConfig:
 # --- parameters -----------------------------------------------------------------
 
 
+def place(value, sharding):
+    """Put a host-identical array on ``sharding`` without a collective.
+
+    Every process holds the same value (same seed); each takes its own
+    shards. ``jax.device_put`` across processes checks consistency with an
+    XLA collective, which NCCL refuses when ranks share a GPU.
+    """
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+
 def param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
     """Global shape of each parameter."""
     e, h, f = config.num_experts, config.hidden, config.ffn
@@ -349,13 +365,15 @@ def low_latency_experts(x: jax.Array, params: dict, routing: Routing, config: Mo
     """
     t = x.shape[0]
     options = config.low_latency_options(t)
-    out = low_latency_dispatch(x, routing.idx, num_experts=config.num_experts,
+    # The CUDA low-latency kernels move BF16 (as DeepEP's): cast in and out.
+    wire = jnp.bfloat16 if config.backend == "cuda" else x.dtype
+    out = low_latency_dispatch(x.astype(wire), routing.idx, num_experts=config.num_experts,
                                axis_name=config.axis_name, options=options)
     recv = out.recv_x
     if config.fp8 is not None:
         recv = per_token_cast_back(*recv, config.fp8, out_dtype=x.dtype, backend=config.backend)
-    y = expert_mlp_batched(recv, params, config)
-    return low_latency_combine(y, routing.weights, out.handle)
+    y = expert_mlp_batched(recv.astype(x.dtype), params, config)
+    return low_latency_combine(y.astype(wire), routing.weights, out.handle).astype(x.dtype)
 
 
 def moe_layer(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
