@@ -213,7 +213,7 @@ def _check_handle(handle) -> None:
         )
 
 
-def _check_rows(value, rows: int, name: str, cols: int | None = None) -> None:
+def _check_rows(value, rows: int, name: str) -> None:
     for leaf in jax.tree.leaves(value):
         if leaf.ndim < 1 or leaf.shape[0] != rows:
             raise ValueError(f"{name} must have {rows} rows (one per handle row), got shape {leaf.shape}")
