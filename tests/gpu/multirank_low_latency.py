@@ -182,15 +182,38 @@ def bench():
 
             d_us = many(disp, x, i) * 1e6
             c_us = many(comb, yb, w, handle) * 1e6 if fp8 is not None else None
+
+            # Overlap: a matmul alone, the dispatch then the matmul, and the
+            # matmul placed between send and receive (the receive tied after it).
+            a = jnp.asarray(np.random.default_rng(ME).standard_normal((4096, 4096)), jnp.bfloat16)
+
+            def compute(a):
+                return jnp.sum((a @ a).astype(jnp.float32)) * 1e-9
+
+            def serial(x, i, a):
+                return disp(x, i) + compute(a)
+
+            def overlapped(x, i, a):
+                pending = buf.low_latency_dispatch_send(x, i)
+                busy = compute(a)
+                r = jax_ep.low_latency_dispatch_recv(pending, after=busy).recv_x
+                return (r[0] if isinstance(r, tuple) else r)[0, 0, 0].astype(jnp.float32) + busy
+
+            mm_us = many(compute, a) * 1e6
+            serial_us = many(serial, x, i, a) * 1e6
+            overlap_us = many(overlapped, x, i, a) * 1e6
             pairs = int((np.asarray(i) >= 0).sum())
             disp_bytes = pairs * ((h + h / 128 * 4 + 16) if fp8 else 2 * h)
-            row = dict(ranks=R, sms=sms, fp8=fp8 is not None, dispatch_us=d_us, dispatch_gbps=disp_bytes / d_us / 1e3)
+            row = dict(ranks=R, sms=sms, fp8=fp8 is not None, dispatch_us=d_us, dispatch_gbps=disp_bytes / d_us / 1e3,
+                       matmul_us=mm_us, dispatch_then_matmul_us=serial_us, matmul_between_send_and_recv_us=overlap_us)
             if c_us is not None:
                 row.update(combine_us=c_us, combine_gbps=pairs * 2 * h / c_us / 1e3)
             rows.append(row)
             if ME == 0:
                 print(f"LL R={R} sms={sms} {'FP8' if fp8 else 'BF16'} dispatch {d_us:.1f} us ({row['dispatch_gbps']:.1f} GB/s)"
-                      + (f", BF16 combine {c_us:.1f} us ({row['combine_gbps']:.1f} GB/s)" if c_us else ""), flush=True)
+                      + (f", BF16 combine {c_us:.1f} us ({row['combine_gbps']:.1f} GB/s)" if c_us else "")
+                      + f"; 4096^3 matmul {mm_us:.0f} us, dispatch then matmul {serial_us:.0f} us, "
+                        f"matmul between send and receive {overlap_us:.0f} us", flush=True)
             buf.destroy()
     out = os.environ.get("JAX_EP_LL_BENCH_OUT")
     if ME == 0 and out:
