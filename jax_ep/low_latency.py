@@ -108,17 +108,9 @@ def _ll_spec(x, topk_idx, num_experts, axis_name, options) -> LowLatencySpec:
         )
     if options.fp8 is not None:
         validation.check_fp8_hidden(h, use_ue8m0=options.fp8.use_ue8m0)
-    if options.backend == "cuda":
-        from jax_ep import runtime
-
-        if x.dtype != jnp.bfloat16:
-            raise TypeError(f"the CUDA low-latency kernels take bfloat16 x, got {x.dtype}; cast with x.astype(jnp.bfloat16)")
-        buffer = runtime.lookup(options.buffer_id)
-        r = buffer.num_ranks if axis_name is None else validation.num_ranks_of(axis_name)
-        if r != buffer.num_ranks:
-            raise ValueError(f"the EP axis {axis_name!r} has {r} ranks but the jax_ep.Buffer spans {buffer.num_ranks} processes")
-    else:
-        r = validation.num_ranks_of(axis_name)
+    if options.backend == "cuda" and x.dtype != jnp.bfloat16:
+        raise TypeError(f"the CUDA low-latency kernels take bfloat16 x, got {x.dtype}; cast with x.astype(jnp.bfloat16)")
+    r = validation.num_ranks_for(axis_name, options.backend, options.buffer_id)
     validation.check_num_experts(num_experts, r)
     validation.check_ids_in_range_now(topk_idx, num_experts)
     return LowLatencySpec(

@@ -163,7 +163,7 @@ def dispatch(
         t = x.shape[0]
     validation.check_topk_idx(topk_idx, t)
     validation.check_topk_weights(topk_weights, topk_idx)
-    r = _num_ranks(axis_name, options)
+    r = validation.num_ranks_for(axis_name, options.backend, options.buffer_id)
     validation.check_num_experts(num_experts, r)
     validation.check_ids_in_range_now(topk_idx, num_experts)
     k = topk_idx.shape[1]
@@ -180,24 +180,6 @@ def dispatch(
     if options.checked:
         validation.runtime_check_overflow(dropped, capacity, needed)
     return DispatchOutput(recv_x, idx, w, counts, group_sizes, kept.astype(jnp.int32), dropped, handle)
-
-
-def _num_ranks(axis_name, options: NormalOptions) -> int:
-    """R: the EP axis size; with the CUDA backend and axis_name=None, the buffer's ranks."""
-    if options.backend == "cuda":
-        from jax_ep import runtime
-
-        buffer = runtime.lookup(options.buffer_id)
-        if axis_name is None:
-            return buffer.num_ranks
-        r = validation.num_ranks_of(axis_name)
-        if r != buffer.num_ranks:
-            raise ValueError(
-                f"the EP axis {axis_name!r} has {r} ranks but the jax_ep.Buffer spans {buffer.num_ranks} processes; "
-                f"the CUDA backend needs one EP rank per process"
-            )
-        return r
-    return validation.num_ranks_of(axis_name)
 
 
 def _check_options(options) -> NormalOptions:

@@ -40,6 +40,26 @@ def num_ranks_of(axis_name, num_ranks: int | None = None) -> int:
         ) from e
 
 
+def num_ranks_for(axis_name, backend: str, buffer_id) -> int:
+    """R for a call: the EP axis size, checked against the CUDA buffer's ranks
+    (one rank per process); with the CUDA backend and ``axis_name=None``, the
+    buffer's rank count."""
+    if backend != "cuda":
+        return num_ranks_of(axis_name)
+    from jax_ep import runtime
+
+    buffer = runtime.lookup(buffer_id)
+    if axis_name is None:
+        return buffer.num_ranks
+    r = num_ranks_of(axis_name)
+    if r != buffer.num_ranks:
+        raise ValueError(
+            f"the EP axis {axis_name!r} has {r} ranks but the jax_ep.Buffer spans {buffer.num_ranks} processes; "
+            f"the CUDA backend needs one EP rank per process"
+        )
+    return r
+
+
 def check_num_experts(num_experts, num_ranks: int) -> None:
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
