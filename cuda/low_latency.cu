@@ -246,66 +246,71 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int total = expert_first[le];
+  // Row `flat` of the packed output -> (expert e, source r, index j in e's rows).
   auto locate = [&](int flat, int& e, int& r, int& j) {
-    e = 0;
-    while (expert_first[e + 1] <= flat) ++e;
+    int lo = 0, hi = le;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (expert_first[mid] <= flat) lo = mid;
+      else hi = mid;
+    }
+    e = lo;
     j = flat - expert_first[e];
-    r = 0;
-    while (start[e * (R + 1) + r + 1] <= j) ++r;
+    const int* st = start + e * (R + 1);
+    lo = 0, hi = R;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (st[mid] <= j) lo = mid;
+      else hi = mid;
+    }
+    r = lo;
   };
-  // Routing of every output row (-1 past the count).
+  // Routing of the padding rows (past each expert's count): -1.
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
        i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
-    int r = -1, tok = -1, k0 = -1;
-    if (j < start[e * (R + 1) + R]) {
-      r = 0;
-      while (start[e * (R + 1) + r + 1] <= j) ++r;
-      const int* hdr = reinterpret_cast<const int*>(
-          mine + l.dispatch_rows + ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride);
-      tok = hdr[0];
-      k0 = hdr[1];
-    }
-    src_rank[i] = r;
-    src_token[i] = tok;
-    src_slot[i] = k0;
+    if (j < start[e * (R + 1) + R]) continue;  // a valid row: its warp writes it below
+    src_rank[i] = -1;
+    src_token[i] = -1;
+    src_slot[i] = -1;
   }
-  // Payload: values as 16-byte vectors, scales as words (UE8M0 rows hold H/128 bytes).
+  // One warp per valid row: find it once, then copy values (16-byte vectors,
+  // several in flight per lane) and scales (words).
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
   const int value_vecs = s.value_bytes() / 16;
   const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
-  const long long n = static_cast<long long>(total) * value_vecs;
-  constexpr int kUnroll = 4;
-  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x; base < n;
-       base += static_cast<long long>(gridDim.x) * blockDim.x * kUnroll) {
-    int4 value[kUnroll];
-    long long dst[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const long long i = base + static_cast<long long>(u) * blockDim.x;
-      dst[u] = -1;
-      if (i >= n) continue;
-      const int flat = static_cast<int>(i / value_vecs), v = static_cast<int>(i % value_vecs);
-      int e, r, j;
-      locate(flat, e, r, j);
-      const char* msg = mine + l.dispatch_rows +
-                        ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride;
-      value[u] = ld_nc_v4(reinterpret_cast<const int4*>(msg + kHeaderBytes) + v);
-      dst[u] = (static_cast<long long>(e) * rows_out + j) * s.value_bytes() + 16ll * v;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (dst[u] >= 0) *reinterpret_cast<int4*>(recv_x + dst[u]) = value[u];
-    }
-  }
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-       i < static_cast<long long>(total) * words; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int flat = static_cast<int>(i / words), w = static_cast<int>(i % words);
+  for (int flat = warp; flat < total; flat += num_warps) {
     int e, r, j;
     locate(flat, e, r, j);
     const char* msg = mine + l.dispatch_rows +
                       ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride;
-    reinterpret_cast<int*>(recv_scales + (static_cast<long long>(e) * rows_out + j) * s.scale_bytes())[w] =
-        reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
+    const long long o = static_cast<long long>(e) * rows_out + j;
+    if (lane == 0) {
+      const int* hdr = reinterpret_cast<const int*>(msg);
+      src_rank[o] = r;
+      src_token[o] = hdr[0];
+      src_slot[o] = hdr[1];
+    }
+    const int4* from = reinterpret_cast<const int4*>(msg + kHeaderBytes);
+    int4* to = reinterpret_cast<int4*>(recv_x + o * s.value_bytes());
+    constexpr int kUnroll = 4;
+    for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
+      int4 value[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < value_vecs) value[u] = ld_nc_v4(from + v0 + 32 * u);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
+      }
+    }
+    for (int w = lane; w < words; w += 32) {
+      reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] =
+          reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
+    }
   }
 }
 
@@ -331,32 +336,33 @@ __global__ void __launch_bounds__(kThreads)
     first[le] = acc;
   }
   __syncthreads();
-  const long long n = static_cast<long long>(first[le]) * vecs;
-  constexpr int kUnroll = 4;
-  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x; base < n;
-       base += static_cast<long long>(gridDim.x) * blockDim.x * kUnroll) {
-    int4 value[kUnroll];
-    char* dst[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const long long i = base + static_cast<long long>(u) * blockDim.x;
-      dst[u] = nullptr;
-      if (i >= n) continue;
-      const int flat = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-      int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (first[mid] <= flat) lo = mid;
-        else hi = mid;
-      }
-      const long long row = static_cast<long long>(lo) * rows_out + (flat - first[lo]);
-      value[u] = reinterpret_cast<const int4*>(y + row * s.hidden)[v];
-      dst[u] = half_of(p, src_rank[row], call) + l.combine_rows +
-               (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.hidden * 2 + 16ll * v;
+  // One warp per valid row: find it once, then push its vectors.
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  for (int flat = warp; flat < first[le]; flat += num_warps) {
+    int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (first[mid] <= flat) lo = mid;
+      else hi = mid;
     }
+    const long long row = static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+    const int4* from = reinterpret_cast<const int4*>(y + row * s.hidden);
+    int4* to = reinterpret_cast<int4*>(half_of(p, src_rank[row], call) + l.combine_rows +
+                                       (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) *
+                                           s.hidden * 2);
+    constexpr int kUnroll = 4;
+    for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+      int4 value[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (dst[u] != nullptr) *reinterpret_cast<int4*>(dst[u]) = value[u];
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < vecs) value[u] = from[v0 + 32 * u];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < vecs) to[v0 + 32 * u] = value[u];
+      }
     }
   }
   if (last_block_done(p) && threadIdx.x < R) {
