@@ -15,6 +15,7 @@ rank 0 in the same run (payload bytes, with every rank idle).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -44,6 +45,8 @@ def parse():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
     p.add_argument("--tag", default="")
+    p.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
+    p.add_argument("--chunk-rows", default="16", help="comma-separated combine_chunk_rows to sweep (combine only)")
     return p.parse_args()
 
 
@@ -130,6 +133,7 @@ def main():
     a = parse()
     t, h, k, e = a.tokens, a.hidden, a.topk, a.experts
     sms_list = [int(s) for s in a.sms.split(",")] if a.sms else [max(4, min(24, 128 // R))]
+    chunk_list = [int(c) for c in a.chunk_rows.split(",")]
     idxs, ws = zip(*[routing(1000 + s, t, k, e) for s in range(R)])
     rows = received_rows(idxs, e)
     capacity = int(-(-rows.max() // 256) * 256)
@@ -173,8 +177,14 @@ def main():
         def dispatch_fp8(pair, idx, w):
             return buf.dispatch(pair, idx, w, options=opts).recv_x[1][0, 0]
 
-        def combine_bf16(y, handle):
-            return buf.combine(y, handle)[0, 0].astype(jnp.float32)
+        def combine_with(chunk):
+            copts = dataclasses.replace(opts, combine_chunk_rows=chunk)
+
+            def combine_bf16(y, handle):
+                handle = dataclasses.replace(handle, spec=dataclasses.replace(handle.spec, options=copts))
+                return buf.combine(y, handle)[0, 0].astype(jnp.float32)
+
+            return combine_bf16
 
         ops = [
             ("layout", layout_op, (idx,), None),
@@ -182,14 +192,19 @@ def main():
             ("dispatch_fp8", dispatch_fp8, (pair, idx, w), fp8_bytes),
             ("cached_dispatch_bf16", cached_bf16, (x, handle), bf16_bytes),
             ("cached_dispatch_fp8", cached_fp8, (pair, handle), fp8_bytes),
-            ("combine_bf16", combine_bf16, (y, handle), bf16_bytes),
+        ] + [
+            (f"combine_bf16@{chunk}", combine_with(chunk), (y, handle), bf16_bytes) for chunk in chunk_list
         ]
+        if a.ops:
+            wanted = a.ops.split(",")
+            ops = [op for op in ops if op[0].split("@")[0] in wanted]
         for name, fn, args, nbytes_per_rank in ops:
-            fn.__name__ = f"{name}_{sms}"
+            name, _, chunk = name.partition("@")
+            fn.__name__ = f"{name}_{sms}_{chunk}"
             sec = time_loop(fn, args, a.iters, a.reps)
             # every rank's time: the slowest defines the op
             client = kv()
-            key = f"bench/{name}/{sms}"
+            key = f"bench/{name}/{sms}/{chunk}"
             if R > 1:
                 client.key_value_set(f"{key}/{ME}", repr(sec))
             secs = [float(client.blocking_key_value_get(f"{key}/{r}", 600_000)) if R > 1 else sec for r in range(R)]
@@ -201,10 +216,12 @@ def main():
                 row.update(gbps_per_rank_mean=float(per_rank_gbps.mean()), aggregate_gbps=agg)
                 if roof_gbps:
                     row.update(roofline_gbps=roof_gbps, roofline_fraction=agg / roof_gbps)
+            if chunk:
+                row["combine_chunk_rows"] = int(chunk)
             results.append(row)
             if ME == 0:
                 frac = f"{row.get('roofline_fraction', float('nan')):.2f}"
-                print(f"R={R} sms={sms:3d} {name:22s} {row['time_us']:9.1f} us  "
+                print(f"R={R} sms={sms:3d} {name + (('@' + chunk) if chunk else ''):22s} {row['time_us']:9.1f} us  "
                       f"agg {row.get('aggregate_gbps', float('nan')):7.1f} GB/s  roofline {frac}", flush=True)
     buf.destroy()
     if ME == 0 and a.out:

@@ -471,38 +471,162 @@ struct Vec8<float> {
   }
 };
 
-// out[t] = sum over columns j with send_pos[t, j] >= 0 of the staged row
-// send_pos names (rank p / C, row p % C), accumulated in float32.
+// Announce this call's epoch to every peer without waiting (the combine's
+// reducers do the waiting). A rank announces a call only after its previous
+// call finished (stream order), so seeing every peer's announcement means
+// nobody reads the staging half this call overwrites any more.
+__global__ void arrive_kernel(PeerTable peers) {
+  auto* me = reinterpret_cast<Signals*>(peers.base[peers.rank]);
+  __shared__ unsigned long long epoch;
+  if (threadIdx.x == 0) {
+    epoch = ld_volatile(&me->epoch) + 1;
+    *reinterpret_cast<volatile unsigned long long*>(&me->epoch) = epoch;
+  }
+  __syncthreads();
+  if (threadIdx.x < peers.num_ranks) {
+    __threadfence_system();
+    st_release_sys(&reinterpret_cast<Signals*>(peers.base[threadIdx.x])->arrived[peers.rank], epoch);
+  }
+}
+
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kStageUnroll = 8;  // 16-byte loads in flight per lane while staging
+constexpr int kMaxSendCols = kMaxRanks > kMaxTopk ? kMaxRanks : kMaxTopk;
+
+// Wait until *flag reaches `epoch`; on timeout leave a record naming `peer`.
+__device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigned long long* flag,
+                                           unsigned long long epoch, int peer) {
+  if (ld_acquire_sys(flag) >= epoch) return;
+  const unsigned long long start = global_timer_ns();
+  unsigned long long v;
+  while ((v = ld_acquire_sys(flag)) < epoch) {
+    if (global_timer_ns() - start > peers.timeout_ns) fail_wait(peers, peer, 2, epoch, v);
+  }
+}
+
+// Copier side of the combine: stage the valid rows of y chunk by chunk and
+// flag every chunk. Work item w is step w / regions of region w % regions,
+// where a region is one owner's rows (rank-major: rows are grouped by source
+// rank in token order) or all rows (expert-major). A chunk on a region
+// boundary is staged by both regions (same bytes, same flag value).
 template <typename T>
-__global__ void __launch_bounds__(kCopyThreads, 4)
-    combine_reduce_kernel(PeerTable peers, int capacity, int hidden, std::size_t row_stride,
-                          const int* send_pos, int num_tokens, int num_cols, T* out) {
-  using V = Vec8<T>;
-  constexpr int kCols = 8;  // loads in flight per thread
-  const int half = current_half(peers, true);
-  const int vecs = hidden / V::kN;
-  const long long total = static_cast<long long>(num_tokens) * vecs;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-    const int* pos = send_pos + static_cast<long long>(t) * num_cols;
-    float acc[V::kN] = {};
-    for (int j0 = 0; j0 < num_cols; j0 += kCols) {
-      int4 value[kCols];
+__device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int half,
+                              unsigned long long epoch, int index, int count) {
+  __shared__ int start[kMaxRanks + 1];
+  const int C = a.capacity, B = a.chunk_rows;
+  const int regions = a.layout == Layout::kRankMajor ? peers.num_ranks : 1;
+  for (int s = threadIdx.x; s <= regions; s += blockDim.x) {
+    int lo = 0, hi = C;
+    if (regions == 1) {
+      lo = s == 0 ? 0 : C;
+    } else {
+      // First row from a source >= s; padding rows (-1) come last.
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2, v = a.recv_src_rank[mid];
+        if (v >= 0 && v < s) lo = mid + 1;
+        else hi = mid;
+      }
+    }
+    start[s] = lo;
+  }
+  __syncthreads();
+  int steps = 0;
+  for (int s = 0; s < regions; ++s) {
+    if (start[s + 1] > start[s]) steps = max(steps, (start[s + 1] - 1) / B - start[s] / B + 1);
+  }
+  const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
+  const std::size_t row_stride = align_up(row_bytes, 16);
+  const int vecs = static_cast<int>(row_bytes / 16);
+  const char* y = static_cast<const char*>(a.y);
+  char* stage = staging_half(peers.base[peers.rank], half, peers.staging_half_bytes);
+  unsigned long long* flags = chunk_flags(peers.base[peers.rank], half);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int w = index; w < steps * regions; w += count) {
+    const int i = w / regions, s = w % regions;
+    if (start[s + 1] <= start[s]) continue;
+    const int k = start[s] / B + i;
+    if (k > (start[s + 1] - 1) / B) continue;  // uniform across the block
+    const int r1 = min(k * B + B, C);
+    for (int r = k * B + warp; r < r1; r += kCombineWarps) {
+      if (a.recv_src_rank[r] < 0) continue;
+      const int4* src = reinterpret_cast<const int4*>(y + static_cast<std::size_t>(r) * row_bytes);
+      int4* dst = reinterpret_cast<int4*>(stage + static_cast<std::size_t>(r) * row_stride);
+      for (int v = lane; v < vecs; v += 32 * kStageUnroll) {
+        int4 val[kStageUnroll];
 #pragma unroll
-      for (int u = 0; u < kCols; ++u) {
-        const int p = j0 + u < num_cols ? pos[j0 + u] : -1;
-        value[u] = make_int4(0, 0, 0, 0);
-        if (p >= 0) {
-          const char* row = staging_half(peers.base[p / capacity], half, peers.staging_half_bytes) +
-                            static_cast<long long>(p % capacity) * row_stride;
-          value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
+        for (int u = 0; u < kStageUnroll; ++u) {
+          if (v + 32 * u < vecs) val[u] = src[v + 32 * u];
+        }
+#pragma unroll
+        for (int u = 0; u < kStageUnroll; ++u) {
+          if (v + 32 * u < vecs) dst[v + 32 * u] = val[u];
         }
       }
-#pragma unroll
-      for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);  // column order: the same sum everywhere
     }
-    reinterpret_cast<int4*>(out + static_cast<long long>(t) * hidden)[v] = V::pack(acc);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      st_release_sys(&flags[k], epoch);
+    }
+  }
+}
+
+// Reducer side: tokens index, index + count, ... in order; each waits for
+// the chunks holding its rows, then sums them (float32, column order).
+template <typename T>
+__device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int half,
+                               unsigned long long epoch, int index, int count) {
+  using V = Vec8<T>;
+  constexpr int kCols = 8;  // loads in flight per thread
+  __shared__ const char* rows[kMaxSendCols];
+  const int R = peers.num_ranks, C = a.capacity, B = a.chunk_rows, S = a.num_send_cols;
+  const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
+  if (threadIdx.x < R) wait_epoch(peers, &me->arrived[threadIdx.x], epoch, threadIdx.x);
+  const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
+  const int vecs = a.hidden / V::kN;
+  for (int t = index; t < a.num_tokens; t += count) {
+    if (threadIdx.x < S) {
+      const int p = a.send_pos[static_cast<long long>(t) * S + threadIdx.x];
+      const char* row = nullptr;
+      if (p >= 0) {
+        const int r = p / C, c = p % C;
+        wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r);
+        row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
+              static_cast<std::size_t>(c) * row_stride;
+      }
+      rows[threadIdx.x] = row;
+    }
+    __syncthreads();
+    int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
+    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+      float acc[V::kN] = {};
+      for (int j0 = 0; j0 < S; j0 += kCols) {
+        int4 value[kCols];
+#pragma unroll
+        for (int u = 0; u < kCols; ++u) {
+          const char* row = j0 + u < S ? rows[j0 + u] : nullptr;
+          value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
+      }
+      out_row[v] = V::pack(acc);
+    }
+    __syncthreads();  // rows[] is rewritten for the next token
+  }
+}
+
+// Even blocks stage, odd blocks reduce (interleaved so both roles start).
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads, 4) combine_kernel(PeerTable peers, CombineArgs a) {
+  const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
+  const unsigned long long epoch = ld_volatile(&me->epoch);  // arrive_kernel counted this call
+  const int half = static_cast<int>((epoch - 1) & 1ull);
+  if (blockIdx.x % 2 == 0) {
+    combine_stage<T>(peers, a, half, epoch, blockIdx.x / 2, (gridDim.x + 1) / 2);
+  } else {
+    combine_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
   }
 }
 
@@ -561,36 +685,20 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
   return cudaGetLastError();
 }
 
-cudaError_t launch_combine(const PeerTable& peers, DType dtype, const void* y, int capacity,
-                           int hidden, const int* recv_src_rank, const int* send_pos,
-                           int num_tokens, int num_send_cols, void* out,
-                           const LaunchConfig& cfg) {
-  const int elem = dtype == DType::kF32 ? 4 : 2;
-  RowParts parts{};
-  parts.src[0] = static_cast<const char*>(y);
-  parts.part_bytes[0] = hidden * elem;
-  parts.num_parts = 1;
-  const RowStaging layout = RowStaging::make(capacity, parts.row_bytes());
-  const int vecs = parts.row_bytes() / 16;
-  stage_rows_kernel<<<copy_blocks(cfg, static_cast<long long>(capacity) * vecs), kCopyThreads, 0,
-                      cfg.stream>>>(peers, parts, capacity, 0, layout.row_stride, recv_src_rank);
-  barrier_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers, 2);
-  const int blocks = copy_blocks(cfg, static_cast<long long>(num_tokens) * vecs);
-  switch (dtype) {
+cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg) {
+  arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
+  // Every block must be resident (reducers wait for copiers): at most the
+  // budget, and at least one block of each role.
+  const int blocks = std::max(2, cfg.num_blocks);
+  switch (args.dtype) {
     case DType::kBF16:
-      combine_reduce_kernel<<<blocks, kCopyThreads, 0, cfg.stream>>>(
-          peers, capacity, hidden, layout.row_stride, send_pos, num_tokens, num_send_cols,
-          static_cast<__nv_bfloat16*>(out));
+      combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
       break;
     case DType::kF16:
-      combine_reduce_kernel<<<blocks, kCopyThreads, 0, cfg.stream>>>(
-          peers, capacity, hidden, layout.row_stride, send_pos, num_tokens, num_send_cols,
-          static_cast<__half*>(out));
+      combine_kernel<__half><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
       break;
     case DType::kF32:
-      combine_reduce_kernel<<<blocks, kCopyThreads, 0, cfg.stream>>>(
-          peers, capacity, hidden, layout.row_stride, send_pos, num_tokens, num_send_cols,
-          static_cast<float*>(out));
+      combine_kernel<float><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
       break;
   }
   return cudaGetLastError();

@@ -15,7 +15,9 @@
 // Registered buffer of each rank:
 //   [0, kSignalBytes)               Signals: epoch counter and one arrival
 //                                   slot per peer
-//   [kSignalBytes, +kWorkspaceBytes) workspace (prefix sums; local only)
+//   [kSignalBytes, +kWorkspaceBytes) workspace: routing prefix sums (local
+//                                   only) in the first 64 KiB, then the
+//                                   combine's chunk flags (read by peers)
 //   then two staging halves; call n uses half (n % 2). A rank stages call n
 //   only after the barrier of call n-1, which every peer passed after it
 //   finished reading call n-2 (the same half), so staging is never overwritten
@@ -33,7 +35,12 @@ namespace intranode {
 inline constexpr int kMaxRanks = 64;
 inline constexpr int kMaxTopk = 16;
 inline constexpr std::size_t kSignalBytes = 4096;
-inline constexpr std::size_t kWorkspaceBytes = 64 * 1024;
+inline constexpr std::size_t kWorkspaceBytes = 128 * 1024;
+// Combine chunk flags: kMaxChunks per staging half, at a fixed offset of the
+// workspace (never inside a staging half, whose contents depend on the shapes
+// of earlier calls and could otherwise pass for a flag).
+inline constexpr std::size_t kChunkFlagOffset = 64 * 1024;
+inline constexpr int kMaxChunks = 2048;
 inline constexpr std::size_t kAlign = 256;
 
 __host__ __device__ inline std::size_t align_up(std::size_t v, std::size_t a) {
@@ -132,6 +139,11 @@ struct DispatchStaging {
   }
 };
 
+__host__ __device__ inline unsigned long long* chunk_flags(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + kSignalBytes + kChunkFlagOffset) +
+         static_cast<std::size_t>(half) * kMaxChunks;
+}
+
 // Staging of a combine (or any pull of C rows of `row_bytes`).
 struct RowStaging {
   std::size_t row_stride, total;
@@ -144,6 +156,7 @@ struct RowStaging {
 };
 
 enum class Layout : int { kRankMajor = 0, kExpertMajor = 1 };
+enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
 
 // One row payload of up to two parts (e.g. FP8 values and their scales):
 // part p of token t is at parts[p] + t * part_bytes[p]. Part sizes are
@@ -196,14 +209,37 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
                                    const int* recv_src_rank, const int* recv_src_token,
                                    const RowParts& parts, const LaunchConfig& cfg);
 
-enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+// Combine: out [T, H] = sum over columns j with send_pos[t, j] >= 0 of the
+// row send_pos names (rank p / C, row p % C of that rank's y [C, H]), in
+// float32 (column order, so every rank sums alike).
+//
+// One kernel stages and reduces at once: half of its blocks copy the valid
+// rows of y into this rank's staging in chunks of `chunk_rows` rows and
+// publish a flag (the call's epoch) per chunk; the other half reduce tokens,
+// each waiting for the flags of the chunks its rows sit in. In the rank-major
+// layout the copiers walk every owner's rows step by step (chunk i of every
+// owner before chunk i + 1 of any), so chunks are consumed soon after they
+// are staged and are read back from L2 rather than HBM. Only the reducers
+// wait, and only on copiers, which never wait: with every block of every
+// rank resident (R x blocks within the GPU) this cannot deadlock.
+struct CombineArgs {
+  const void* y;           // [C, H]
+  const int* recv_src_rank;  // [C]
+  const int* send_pos;       // [T, S]
+  void* out;                 // [T, H]
+  int capacity, hidden, num_tokens, num_send_cols;
+  int chunk_rows;  // rows per flag (raised so that C / chunk_rows <= kMaxChunks)
+  Layout layout;
+  DType dtype;
+};
 
-// Combine: stage the valid rows of y [C, H], barrier, each token sums the rows
-// named by send_pos [T, S] (float32 accumulation) into out [T, H].
-cudaError_t launch_combine(const PeerTable& peers, DType dtype, const void* y, int capacity,
-                           int hidden, const int* recv_src_rank, const int* send_pos,
-                           int num_tokens, int num_send_cols, void* out,
-                           const LaunchConfig& cfg);
+cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg);
+
+// Rows per chunk flag actually used for a combine of `capacity` rows.
+inline int combine_chunk_rows(int capacity, int requested) {
+  const int minimum = (capacity + kMaxChunks - 1) / kMaxChunks;
+  return requested > minimum ? requested : (minimum > 1 ? minimum : 1);
+}
 
 // Bytes of one staging half needed by the calls of these shapes.
 std::size_t dispatch_staging_bytes(int T, int K, int R, int E, std::size_t row_bytes);

@@ -38,4 +38,15 @@ __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
   return v;
 }
 
+// 16-byte read that bypasses L1 (served by L2, the coherence point of one
+// GPU): for memory another block or rank writes while this kernel runs,
+// read after an acquire of the flag that published it.
+__device__ __forceinline__ int4 ld_cg_v4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 }  // namespace jax_ep

@@ -74,6 +74,10 @@ class NormalOptions:
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
         ``4 * num_sms`` blocks of 256 threads). With R ranks sharing one GPU keep
         ``R * num_sms`` within its SM count.
+      combine_chunk_rows: rows per readiness flag of the CUDA combine, which
+        stages rows and sums them in one kernel: smaller chunks let the sums
+        start sooner (and read the staged rows back from L2), larger ones
+        publish fewer flags. Raised as needed so that ``C / chunk <= 2048``.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -84,10 +88,12 @@ class NormalOptions:
     checked: bool = False
     backend: Backend = "xla"
     num_sms: int = 24
+    combine_chunk_rows: int = 16
     buffer_id: int | None = None
 
     def __post_init__(self):
         _check_choice("layout", self.layout, LAYOUTS)
+        _check_positive_int("combine_chunk_rows", self.combine_chunk_rows)
         _check_positive_int("num_max_recv_tokens", self.num_max_recv_tokens, allow_none=True)
         _check_positive_int("expert_alignment", self.expert_alignment)
         _check_choice("backend", self.backend, BACKENDS)

@@ -11,7 +11,7 @@
 //       1 expert-major), num_sms
 //   jax_ep_intranode_cached_dispatch  x [T, ...], recv_src_rank, recv_src_token -> [C, ...]
 //   jax_ep_intranode_combine          y [C, H], recv_src_rank s32[C], send_pos s32[T, S] -> [T, H]
-//       attrs: buffer_id, num_sms
+//       attrs: buffer_id, num_sms, layout, chunk_rows
 //
 // Row sizes must be multiples of 16 bytes (the Python side pads).
 #include <string>
@@ -192,32 +192,46 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_1 
 }
 
 ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_src_rank, I32_2 send_pos,
-                            int64_t buffer_id, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
+                            int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t chunk_rows,
+                            ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_combine";
   IntranodeBuffer* buf = nullptr;
   if (auto err = lookup(kTarget, buffer_id, &buf); err.failure()) return err;
-  intranode::DType dtype;
+  intranode::CombineArgs args{};
   switch (y.element_type()) {
-    case ffi::BF16: dtype = intranode::DType::kBF16; break;
-    case ffi::F16: dtype = intranode::DType::kF16; break;
-    case ffi::F32: dtype = intranode::DType::kF32; break;
+    case ffi::BF16: args.dtype = intranode::DType::kBF16; break;
+    case ffi::F16: args.dtype = intranode::DType::kF16; break;
+    case ffi::F32: args.dtype = intranode::DType::kF32; break;
     default: return invalid_argument(kTarget, "y must be bf16, f16 or f32");
   }
   if (y.dimensions().size() != 2) return invalid_argument(kTarget, "y must be [C, H]");
+  if (layout != 0 && layout != 1) return invalid_argument(kTarget, "layout must be 0 (rank-major) or 1 (expert-major)");
+  if (chunk_rows < 1) return invalid_argument(kTarget, "chunk_rows must be positive");
   const int64_t C = y.dimensions()[0], H = y.dimensions()[1];
   const int64_t T = send_pos.dimensions()[0], S = send_pos.dimensions()[1];
-  const int64_t row_bytes = H * (dtype == intranode::DType::kF32 ? 4 : 2);
+  if (recv_src_rank.dimensions()[0] != C) return invalid_argument(kTarget, "recv_src_rank must be [C] like y's rows");
+  const int R = buf->peer_table().num_ranks;
+  if (S > R && S > intranode::kMaxTopk) {
+    return invalid_argument(kTarget, "send_pos has " + std::to_string(S) + " columns; at most max(R, 16)");
+  }
+  const int64_t row_bytes = H * (args.dtype == intranode::DType::kF32 ? 4 : 2);
   if (auto err = check_row_bytes(kTarget, "y", row_bytes); err.failure()) return err;
   if (auto err = check_fits(kTarget, *buf, intranode::row_staging_bytes(static_cast<int>(C), row_bytes));
       err.failure()) {
     return err;
   }
+  args.y = y.untyped_data();
+  args.recv_src_rank = recv_src_rank.typed_data();
+  args.send_pos = send_pos.typed_data();
+  args.out = out->untyped_data();
+  args.capacity = static_cast<int>(C);
+  args.hidden = static_cast<int>(H);
+  args.num_tokens = static_cast<int>(T);
+  args.num_send_cols = static_cast<int>(S);
+  args.chunk_rows = intranode::combine_chunk_rows(static_cast<int>(C), static_cast<int>(chunk_rows));
+  args.layout = layout == 0 ? intranode::Layout::kRankMajor : intranode::Layout::kExpertMajor;
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
-  return launch_status(kTarget, intranode::launch_combine(
-                                    buf->peer_table(), dtype, y.untyped_data(), static_cast<int>(C),
-                                    static_cast<int>(H), recv_src_rank.typed_data(),
-                                    send_pos.typed_data(), static_cast<int>(T), static_cast<int>(S),
-                                    out->untyped_data(), cfg));
+  return launch_status(kTarget, intranode::launch_combine(buf->peer_table(), args, cfg));
 }
 
 }  // namespace
@@ -268,6 +282,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCombineHandler, IntranodeCombine,
                                   .Arg<I32_2>()
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<int64_t>("num_sms")
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("chunk_rows")
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
