@@ -46,7 +46,8 @@ def parse():
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
     p.add_argument("--tag", default="")
     p.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
-    p.add_argument("--chunk-rows", default="16", help="comma-separated combine_chunk_rows to sweep (combine only)")
+    p.add_argument("--chunk-rows", default="8", help="comma-separated combine_chunk_rows to sweep (combine only)")
+    p.add_argument("--ring-rows", default="32", help="comma-separated combine_ring_rows to sweep (combine only)")
     return p.parse_args()
 
 
@@ -134,6 +135,7 @@ def main():
     t, h, k, e = a.tokens, a.hidden, a.topk, a.experts
     sms_list = [int(s) for s in a.sms.split(",")] if a.sms else [max(4, min(24, 128 // R))]
     chunk_list = [int(c) for c in a.chunk_rows.split(",")]
+    ring_list = [int(c) for c in a.ring_rows.split(",")]
     idxs, ws = zip(*[routing(1000 + s, t, k, e) for s in range(R)])
     rows = received_rows(idxs, e)
     capacity = int(-(-rows.max() // 256) * 256)
@@ -177,8 +179,8 @@ def main():
         def dispatch_fp8(pair, idx, w):
             return buf.dispatch(pair, idx, w, options=opts).recv_x[1][0, 0]
 
-        def combine_with(chunk):
-            copts = dataclasses.replace(opts, combine_chunk_rows=chunk)
+        def combine_with(chunk, ring):
+            copts = dataclasses.replace(opts, combine_chunk_rows=chunk, combine_ring_rows=ring)
 
             def combine_bf16(y, handle):
                 handle = dataclasses.replace(handle, spec=dataclasses.replace(handle.spec, options=copts))
@@ -193,7 +195,8 @@ def main():
             ("cached_dispatch_bf16", cached_bf16, (x, handle), bf16_bytes),
             ("cached_dispatch_fp8", cached_fp8, (pair, handle), fp8_bytes),
         ] + [
-            (f"combine_bf16@{chunk}", combine_with(chunk), (y, handle), bf16_bytes) for chunk in chunk_list
+            (f"combine_bf16@{chunk}x{ring}", combine_with(chunk, ring), (y, handle), bf16_bytes)
+            for chunk in chunk_list for ring in ring_list if ring % chunk == 0 and ring // chunk <= 32
         ]
         if a.ops:
             wanted = a.ops.split(",")
@@ -217,7 +220,8 @@ def main():
                 if roof_gbps:
                     row.update(roofline_gbps=roof_gbps, roofline_fraction=agg / roof_gbps)
             if chunk:
-                row["combine_chunk_rows"] = int(chunk)
+                c_rows, r_rows = chunk.split("x")
+                row.update(combine_chunk_rows=int(c_rows), combine_ring_rows=int(r_rows))
             results.append(row)
             if ME == 0:
                 frac = f"{row.get('roofline_fraction', float('nan')):.2f}"

@@ -617,16 +617,168 @@ __device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int
   }
 }
 
+// First row of each source >= s in a rank-major y (padding rows, -1, last),
+// for s in [0, R]: start[s]..start[s + 1] are the rows bound for owner s.
+__device__ void rank_major_regions(const int* recv_src_rank, int capacity, int num_ranks, int* start) {
+  for (int s = threadIdx.x; s <= num_ranks; s += blockDim.x) {
+    int lo = 0, hi = capacity;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2, v = recv_src_rank[mid];
+      if (v >= 0 && v < s) lo = mid + 1;
+      else hi = mid;
+    }
+    start[s] = lo;
+  }
+  __syncthreads();
+}
+
+// Copier of the ring combine: the blocks with index % R == s push this rank's
+// stream for owner s, chunk j handled by block j % (blocks per stream), in
+// order. Before reusing ring slots a chunk waits until s's reducers passed
+// the token of the row that last used them.
+template <typename T>
+__device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int half,
+                           unsigned long long epoch, int index, int count) {
+  __shared__ int start[kMaxRanks + 1];
+  __shared__ unsigned long long passed;  // s's reducers' progress, as last read
+  const int R = peers.num_ranks, me = peers.rank, B = a.chunk_rows, ring = a.ring_rows;
+  rank_major_regions(a.recv_src_rank, a.capacity, R, start);
+  const int per_stream = count / R;
+  if (index >= per_stream * R) return;  // spare copier
+  const int s = index % R, sub = index / R;
+  const int first = start[s], rows = start[s + 1] - start[s];
+  char* owner = peers.base[s];
+  if (sub == 0 && threadIdx.x == 0) {
+    st_release_sys(&region_starts(owner, half)[me], epoch << 32 | static_cast<unsigned>(first));
+  }
+  if (threadIdx.x == 0) passed = 0;
+  const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
+  const std::size_t row_stride = align_up(row_bytes, 16);
+  const int vecs = static_cast<int>(row_bytes / 16);
+  const char* y = static_cast<const char*>(a.y);
+  char* ring_base = staging_half(owner, half, peers.staging_half_bytes) +
+                    static_cast<std::size_t>(me) * ring * row_stride;
+  unsigned long long* flags = ring_flags(owner, half, me);
+  const unsigned long long* progress = reduce_progress(owner);
+  const int reducers = gridDim.x / 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int j = sub; j * B < rows; j += per_stream) {
+    const int reuse = (j + 1) * B - ring;  // rows [0, reuse) must have been summed
+    if (reuse > 0 && warp == 0) {
+      const unsigned long long need =
+          epoch << 32 | static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
+      const unsigned long long t0 = global_timer_ns();
+      while (passed < need) {
+        unsigned long long low = ~0ull;
+        for (int b = lane; b < reducers; b += 32) low = min(low, ld_acquire_sys(&progress[b]));
+        for (int o = 16; o > 0; o /= 2) low = min(low, __shfl_xor_sync(kFullWarpMask, low, o));
+        if (lane == 0) passed = low;
+        __syncwarp();
+        if (passed < need && global_timer_ns() - t0 > peers.timeout_ns) {
+          if (lane == 0) fail_wait(peers, s, 2, epoch, passed >> 32);
+        }
+      }
+    }
+    __syncthreads();
+    const int r1 = min((j + 1) * B, rows);
+    for (int i = j * B + warp; i < r1; i += kCombineWarps) {
+      const int4* src = reinterpret_cast<const int4*>(y + static_cast<std::size_t>(first + i) * row_bytes);
+      int4* dst = reinterpret_cast<int4*>(ring_base + static_cast<std::size_t>(i % ring) * row_stride);
+      for (int v = lane; v < vecs; v += 32 * kStageUnroll) {
+        int4 val[kStageUnroll];
+#pragma unroll
+        for (int u = 0; u < kStageUnroll; ++u) {
+          if (v + 32 * u < vecs) val[u] = src[v + 32 * u];
+        }
+#pragma unroll
+        for (int u = 0; u < kStageUnroll; ++u) {
+          if (v + 32 * u < vecs) dst[v + 32 * u] = val[u];
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      st_release_sys(&flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
+    }
+  }
+}
+
+// Reducer of the ring combine: tokens index, index + count, ... in order.
+template <typename T>
+__device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int half,
+                            unsigned long long epoch, int index, int count) {
+  using V = Vec8<T>;
+  constexpr int kCols = 8;
+  __shared__ const char* rows[kMaxRanks];
+  __shared__ int start[kMaxRanks];
+  const int R = peers.num_ranks, me = peers.rank, C = a.capacity, B = a.chunk_rows, ring = a.ring_rows;
+  char* mine = peers.base[me];
+  auto* signals = reinterpret_cast<const Signals*>(mine);
+  unsigned long long* progress = reduce_progress(mine);
+  const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
+  const char* rings = staging_half(mine, half, peers.staging_half_bytes);
+  if (threadIdx.x == 0) st_release_sys(&progress[index], epoch << 32 | static_cast<unsigned>(index));
+  if (threadIdx.x < R) {
+    const int r = threadIdx.x;
+    wait_epoch(peers, &signals->arrived[r], epoch, r);
+    const unsigned long long* slot = &region_starts(mine, half)[r];
+    wait_epoch(peers, slot, epoch << 32, r);
+    start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
+  }
+  __syncthreads();
+  const int vecs = a.hidden / V::kN;
+  for (int t = index; t < a.num_tokens; t += count) {
+    if (threadIdx.x < R) {
+      const int r = threadIdx.x;
+      const int p = a.send_pos[static_cast<long long>(t) * R + r];
+      const char* row = nullptr;
+      if (p >= 0) {
+        const int i = p - r * C - start[r];  // index in r's stream for this rank
+        const int j = i / B;
+        wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j), r);
+        row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;
+      }
+      rows[r] = row;
+    }
+    __syncthreads();
+    int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
+    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+      float acc[V::kN] = {};
+      for (int j0 = 0; j0 < R; j0 += kCols) {
+        int4 value[kCols];
+#pragma unroll
+        for (int u = 0; u < kCols; ++u) {
+          const char* row = j0 + u < R ? rows[j0 + u] : nullptr;
+          value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
+      }
+      out_row[v] = V::pack(acc);
+    }
+    __syncthreads();  // every read of this token's rows is done
+    if (threadIdx.x == 0) {
+      const unsigned next = t + count < a.num_tokens ? static_cast<unsigned>(t + count) : 0xffffffffu;
+      st_release_sys(&progress[index], epoch << 32 | next);
+    }
+  }
+  if (threadIdx.x == 0 && index >= a.num_tokens) st_release_sys(&progress[index], epoch << 32 | 0xffffffffu);
+}
+
 // Even blocks stage, odd blocks reduce (interleaved so both roles start).
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads, 4) combine_kernel(PeerTable peers, CombineArgs a) {
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
   const unsigned long long epoch = ld_volatile(&me->epoch);  // arrive_kernel counted this call
   const int half = static_cast<int>((epoch - 1) & 1ull);
-  if (blockIdx.x % 2 == 0) {
-    combine_stage<T>(peers, a, half, epoch, blockIdx.x / 2, (gridDim.x + 1) / 2);
+  const bool copier = blockIdx.x % 2 == 0;
+  if (a.layout == Layout::kRankMajor) {
+    if (copier) ring_stage<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
+    else ring_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
   } else {
-    combine_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
+    if (copier) combine_stage<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
+    else combine_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
   }
 }
 
@@ -687,9 +839,9 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg) {
   arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
-  // Every block must be resident (reducers wait for copiers): at most the
-  // budget, and at least one block of each role.
-  const int blocks = std::max(2, cfg.num_blocks);
+  // Every block must be resident (reducers wait for copiers). An even count:
+  // as many copiers as reducers, and at least one copier per ring.
+  const int blocks = std::min(2 * kMaxCombineBlocks, std::max(2 * peers.num_ranks, cfg.num_blocks / 2 * 2));
   switch (args.dtype) {
     case DType::kBF16:
       combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);

@@ -35,12 +35,17 @@ namespace intranode {
 inline constexpr int kMaxRanks = 64;
 inline constexpr int kMaxTopk = 16;
 inline constexpr std::size_t kSignalBytes = 4096;
-inline constexpr std::size_t kWorkspaceBytes = 128 * 1024;
-// Combine chunk flags: kMaxChunks per staging half, at a fixed offset of the
-// workspace (never inside a staging half, whose contents depend on the shapes
-// of earlier calls and could otherwise pass for a flag).
-inline constexpr std::size_t kChunkFlagOffset = 64 * 1024;
+// Workspace: routing prefix sums first (local only), then the combine's
+// protocol words at fixed offsets (never inside a staging half, whose contents
+// depend on the shapes of earlier calls and could otherwise pass for a flag).
+inline constexpr std::size_t kChunkFlagOffset = 64 * 1024;    // [2][kMaxChunks]
+inline constexpr std::size_t kRingFlagOffset = 96 * 1024;     // [2][kMaxRanks][kMaxRingChunks]
+inline constexpr std::size_t kProgressOffset = 128 * 1024;    // [kMaxCombineBlocks]
+inline constexpr std::size_t kRegionStartOffset = 132 * 1024; // [2][kMaxRanks]
+inline constexpr std::size_t kWorkspaceBytes = 144 * 1024;
 inline constexpr int kMaxChunks = 2048;
+inline constexpr int kMaxRingChunks = 32;
+inline constexpr int kMaxCombineBlocks = 512;
 inline constexpr std::size_t kAlign = 256;
 
 __host__ __device__ inline std::size_t align_up(std::size_t v, std::size_t a) {
@@ -139,9 +144,26 @@ struct DispatchStaging {
   }
 };
 
+__host__ __device__ inline unsigned long long* workspace_words(char* base, std::size_t offset) {
+  return reinterpret_cast<unsigned long long*>(base + kSignalBytes + offset);
+}
+// Full-staging combine: flag of chunk k of a rank's staging (value: epoch).
 __host__ __device__ inline unsigned long long* chunk_flags(char* base, int half) {
-  return reinterpret_cast<unsigned long long*>(base + kSignalBytes + kChunkFlagOffset) +
-         static_cast<std::size_t>(half) * kMaxChunks;
+  return workspace_words(base, kChunkFlagOffset) + static_cast<std::size_t>(half) * kMaxChunks;
+}
+// Ring combine, all in the owner's buffer: flag of each ring chunk of the
+// ring from `source` (value: epoch << 32 | chunk index), ...
+__host__ __device__ inline unsigned long long* ring_flags(char* base, int half, int source) {
+  return workspace_words(base, kRingFlagOffset) +
+         (static_cast<std::size_t>(half) * kMaxRanks + source) * kMaxRingChunks;
+}
+// ... the next token each of the owner's reducer blocks will sum (epoch << 32 | token), ...
+__host__ __device__ inline unsigned long long* reduce_progress(char* base) {
+  return workspace_words(base, kProgressOffset);
+}
+// ... and where the owner's rows start in each source's y (epoch << 32 | row).
+__host__ __device__ inline unsigned long long* region_starts(char* base, int half) {
+  return workspace_words(base, kRegionStartOffset) + static_cast<std::size_t>(half) * kMaxRanks;
 }
 
 // Staging of a combine (or any pull of C rows of `row_bytes`).
@@ -213,22 +235,34 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 // row send_pos names (rank p / C, row p % C of that rank's y [C, H]), in
 // float32 (column order, so every rank sums alike).
 //
-// One kernel stages and reduces at once: half of its blocks copy the valid
-// rows of y into this rank's staging in chunks of `chunk_rows` rows and
-// publish a flag (the call's epoch) per chunk; the other half reduce tokens,
-// each waiting for the flags of the chunks its rows sit in. In the rank-major
-// layout the copiers walk every owner's rows step by step (chunk i of every
-// owner before chunk i + 1 of any), so chunks are consumed soon after they
-// are staged and are read back from L2 rather than HBM. Only the reducers
-// wait, and only on copiers, which never wait: with every block of every
-// rank resident (R x blocks within the GPU) this cannot deadlock.
+// One kernel moves and sums at once: half of its blocks (copiers) move rows,
+// the other half (reducers) sum tokens, waiting for per-chunk flags.
+//
+// Rank-major layout: a ring per (source, owner) pair. The rows of y bound for
+// owner s form a contiguous stream (sorted by token); copiers of each stream
+// push it in chunks of `chunk_rows` rows into a ring of `ring_rows` rows in
+// s's buffer and flag each chunk; s's reducers take tokens in order, sum the
+// rows straight out of the rings and publish how far they got, which is
+// what lets a copier reuse ring slots. The rings stay in L2: every payload
+// byte is read once from y and the sums are written once to out.
+//
+// Expert-major layout: copiers stage every row in this rank's staging and
+// flag it per chunk; reducers read the rows there.
+//
+// Why it cannot deadlock (every block of every rank resident, R x blocks
+// within the GPU): let t be the smallest token any reducer is waiting on. Its
+// rows' chunks are each handled by a copier that processes its stream's
+// chunks in order, and a copier waits only for reducers to pass tokens that
+// precede its chunk's rows by a whole ring, i.e. tokens < t: all passed.
 struct CombineArgs {
   const void* y;           // [C, H]
-  const int* recv_src_rank;  // [C]
-  const int* send_pos;       // [T, S]
+  const int* recv_src_rank;   // [C]
+  const int* recv_src_token;  // [C]
+  const int* send_pos;        // [T, S]
   void* out;                 // [T, H]
   int capacity, hidden, num_tokens, num_send_cols;
-  int chunk_rows;  // rows per flag (raised so that C / chunk_rows <= kMaxChunks)
+  int chunk_rows;  // rows per flag (expert-major: raised so that C / chunk_rows <= kMaxChunks)
+  int ring_rows;   // rank-major: rows of each (source, owner) ring, a multiple of chunk_rows
   Layout layout;
   DType dtype;
 };

@@ -176,9 +176,10 @@ def combine(y: jax.Array, handle) -> jax.Array:
         jax.ShapeDtypeStruct((spec.num_tokens, rows.shape[1]), rows.dtype), **_COMM
     )
     out = call(
-        rows, handle.recv_src_rank, handle.extra["send_pos"], **_buffer_attrs(spec),
+        rows, handle.recv_src_rank, handle.recv_src_token, handle.extra["send_pos"], **_buffer_attrs(spec),
         layout=np.int64(_LAYOUT_CODE[spec.options.layout]),
         chunk_rows=np.int64(spec.options.combine_chunk_rows),
+        ring_rows=np.int64(spec.options.combine_ring_rows),
     )
     return _varying(undo(out).astype(dtype), spec.axis_name)
 

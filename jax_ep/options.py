@@ -75,9 +75,13 @@ class NormalOptions:
         ``4 * num_sms`` blocks of 256 threads). With R ranks sharing one GPU keep
         ``R * num_sms`` within its SM count.
       combine_chunk_rows: rows per readiness flag of the CUDA combine, which
-        stages rows and sums them in one kernel: smaller chunks let the sums
-        start sooner (and read the staged rows back from L2), larger ones
-        publish fewer flags. Raised as needed so that ``C / chunk <= 2048``.
+        moves rows and sums them in one kernel: smaller chunks let the sums
+        start sooner, larger ones publish fewer flags. (Expert-major: raised as
+        needed so that ``C / chunk <= 2048``.)
+      combine_ring_rows: rank-major CUDA combine: rows of the ring each source
+        rank streams through to each owner (``R * ring`` rows of staging per
+        rank). Small rings stay in L2; a multiple of ``combine_chunk_rows``, at
+        most 32 times it.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -88,12 +92,20 @@ class NormalOptions:
     checked: bool = False
     backend: Backend = "xla"
     num_sms: int = 24
-    combine_chunk_rows: int = 16
+    combine_chunk_rows: int = 8
+    combine_ring_rows: int = 32
     buffer_id: int | None = None
 
     def __post_init__(self):
         _check_choice("layout", self.layout, LAYOUTS)
         _check_positive_int("combine_chunk_rows", self.combine_chunk_rows)
+        _check_positive_int("combine_ring_rows", self.combine_ring_rows)
+        ratio, rest = divmod(self.combine_ring_rows, self.combine_chunk_rows)
+        if rest or not 1 <= ratio <= 32:
+            raise ValueError(
+                "combine_ring_rows must be a multiple of combine_chunk_rows, from 1 to 32 times it; got "
+                f"combine_ring_rows={self.combine_ring_rows}, combine_chunk_rows={self.combine_chunk_rows}"
+            )
         _check_positive_int("num_max_recv_tokens", self.num_max_recv_tokens, allow_none=True)
         _check_positive_int("expert_alignment", self.expert_alignment)
         _check_choice("backend", self.backend, BACKENDS)

@@ -10,8 +10,9 @@
 //       attrs: buffer_id, num_experts, capacity, expert_alignment, layout (0 rank-major,
 //       1 expert-major), num_sms
 //   jax_ep_intranode_cached_dispatch  x [T, ...], recv_src_rank, recv_src_token -> [C, ...]
-//   jax_ep_intranode_combine          y [C, H], recv_src_rank s32[C], send_pos s32[T, S] -> [T, H]
-//       attrs: buffer_id, num_sms, layout, chunk_rows
+//   jax_ep_intranode_combine          y [C, H], recv_src_rank s32[C], recv_src_token s32[C],
+//                                     send_pos s32[T, S] -> [T, H]
+//       attrs: buffer_id, num_sms, layout, chunk_rows, ring_rows
 //
 // Row sizes must be multiples of 16 bytes (the Python side pads).
 #include <string>
@@ -191,9 +192,10 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_1 
                                     recv_src_rank.typed_data(), recv_src_token.typed_data(), parts, cfg));
 }
 
-ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_src_rank, I32_2 send_pos,
+ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_src_rank,
+                            I32_1 recv_src_token, I32_2 send_pos,
                             int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t chunk_rows,
-                            ffi::Result<ffi::AnyBuffer> out) {
+                            int64_t ring_rows, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_combine";
   IntranodeBuffer* buf = nullptr;
   if (auto err = lookup(kTarget, buffer_id, &buf); err.failure()) return err;
@@ -206,29 +208,40 @@ ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_sr
   }
   if (y.dimensions().size() != 2) return invalid_argument(kTarget, "y must be [C, H]");
   if (layout != 0 && layout != 1) return invalid_argument(kTarget, "layout must be 0 (rank-major) or 1 (expert-major)");
-  if (chunk_rows < 1) return invalid_argument(kTarget, "chunk_rows must be positive");
+  if (chunk_rows < 1) return invalid_argument(kTarget, "combine_chunk_rows must be positive");
+  if (layout == 0 && (ring_rows < chunk_rows || ring_rows % chunk_rows != 0 ||
+                      ring_rows / chunk_rows > intranode::kMaxRingChunks)) {
+    return invalid_argument(kTarget, "combine_ring_rows must be a multiple of combine_chunk_rows, from 1 to " +
+                                         std::to_string(intranode::kMaxRingChunks) + " times it; got ring " +
+                                         std::to_string(ring_rows) + ", chunk " + std::to_string(chunk_rows));
+  }
   const int64_t C = y.dimensions()[0], H = y.dimensions()[1];
   const int64_t T = send_pos.dimensions()[0], S = send_pos.dimensions()[1];
-  if (recv_src_rank.dimensions()[0] != C) return invalid_argument(kTarget, "recv_src_rank must be [C] like y's rows");
+  if (recv_src_rank.dimensions()[0] != C || recv_src_token.dimensions()[0] != C) {
+    return invalid_argument(kTarget, "recv_src_rank and recv_src_token must be [C] like y's rows");
+  }
   const int R = buf->peer_table().num_ranks;
   if (S > R && S > intranode::kMaxTopk) {
     return invalid_argument(kTarget, "send_pos has " + std::to_string(S) + " columns; at most max(R, 16)");
   }
   const int64_t row_bytes = H * (args.dtype == intranode::DType::kF32 ? 4 : 2);
   if (auto err = check_row_bytes(kTarget, "y", row_bytes); err.failure()) return err;
-  if (auto err = check_fits(kTarget, *buf, intranode::row_staging_bytes(static_cast<int>(C), row_bytes));
-      err.failure()) {
-    return err;
-  }
+  const std::size_t staging = layout == 0
+                                  ? intranode::row_staging_bytes(static_cast<int>(R * ring_rows), row_bytes)
+                                  : intranode::row_staging_bytes(static_cast<int>(C), row_bytes);
+  if (auto err = check_fits(kTarget, *buf, staging); err.failure()) return err;
   args.y = y.untyped_data();
   args.recv_src_rank = recv_src_rank.typed_data();
+  args.recv_src_token = recv_src_token.typed_data();
   args.send_pos = send_pos.typed_data();
   args.out = out->untyped_data();
   args.capacity = static_cast<int>(C);
   args.hidden = static_cast<int>(H);
   args.num_tokens = static_cast<int>(T);
   args.num_send_cols = static_cast<int>(S);
-  args.chunk_rows = intranode::combine_chunk_rows(static_cast<int>(C), static_cast<int>(chunk_rows));
+  args.chunk_rows = layout == 0 ? static_cast<int>(chunk_rows)
+                                : intranode::combine_chunk_rows(static_cast<int>(C), static_cast<int>(chunk_rows));
+  args.ring_rows = static_cast<int>(ring_rows);
   args.layout = layout == 0 ? intranode::Layout::kRankMajor : intranode::Layout::kExpertMajor;
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
   return launch_status(kTarget, intranode::launch_combine(buf->peer_table(), args, cfg));
@@ -279,11 +292,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCombineHandler, IntranodeCombine,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
+                                  .Arg<I32_1>()
                                   .Arg<I32_2>()
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<int64_t>("num_sms")
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("chunk_rows")
+                                  .Attr<int64_t>("ring_rows")
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
