@@ -496,12 +496,12 @@ constexpr int kMaxSendCols = kMaxRanks > kMaxTopk ? kMaxRanks : kMaxTopk;
 
 // Wait until *flag reaches `epoch`; on timeout leave a record naming `peer`.
 __device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigned long long* flag,
-                                           unsigned long long epoch, int peer) {
+                                           unsigned long long epoch, int peer, int op) {
   if (ld_acquire_sys(flag) >= epoch) return;
   const unsigned long long start = global_timer_ns();
   unsigned long long v;
   while ((v = ld_acquire_sys(flag)) < epoch) {
-    if (global_timer_ns() - start > peers.timeout_ns) fail_wait(peers, peer, 2, epoch, v);
+    if (global_timer_ns() - start > peers.timeout_ns) fail_wait(peers, peer, op, epoch, v);
   }
 }
 
@@ -582,7 +582,7 @@ __device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int
   __shared__ const char* rows[kMaxSendCols];
   const int R = peers.num_ranks, C = a.capacity, B = a.chunk_rows, S = a.num_send_cols;
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
-  if (threadIdx.x < R) wait_epoch(peers, &me->arrived[threadIdx.x], epoch, threadIdx.x);
+  if (threadIdx.x < R) wait_epoch(peers, &me->arrived[threadIdx.x], epoch, threadIdx.x, 5);
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const int vecs = a.hidden / V::kN;
   for (int t = index; t < a.num_tokens; t += count) {
@@ -591,7 +591,7 @@ __device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int
       const char* row = nullptr;
       if (p >= 0) {
         const int r = p / C, c = p % C;
-        wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r);
+        wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r, 6);
         row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
               static_cast<std::size_t>(c) * row_stride;
       }
@@ -640,7 +640,6 @@ template <typename T>
 __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int half,
                            unsigned long long epoch, int index, int count) {
   __shared__ int start[kMaxRanks + 1];
-  __shared__ unsigned long long passed;  // s's reducers' progress, as last read
   const int R = peers.num_ranks, me = peers.rank, B = a.chunk_rows, ring = a.ring_rows;
   rank_major_regions(a.recv_src_rank, a.capacity, R, start);
   const int per_stream = count / R;
@@ -651,7 +650,6 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
   if (sub == 0 && threadIdx.x == 0) {
     st_release_sys(&region_starts(owner, half)[me], epoch << 32 | static_cast<unsigned>(first));
   }
-  if (threadIdx.x == 0) passed = 0;
   const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
   const std::size_t row_stride = align_up(row_bytes, 16);
   const int vecs = static_cast<int>(row_bytes / 16);
@@ -662,6 +660,7 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
   const unsigned long long* progress = reduce_progress(owner);
   const int reducers = gridDim.x / 2;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned long long passed = 0;  // warp 0: s's reducers' progress, as last read (same in every lane)
   for (int j = sub; j * B < rows; j += per_stream) {
     const int reuse = (j + 1) * B - ring;  // rows [0, reuse) must have been summed
     if (reuse > 0 && warp == 0) {
@@ -672,10 +671,9 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
         unsigned long long low = ~0ull;
         for (int b = lane; b < reducers; b += 32) low = min(low, ld_acquire_sys(&progress[b]));
         for (int o = 16; o > 0; o /= 2) low = min(low, __shfl_xor_sync(kFullWarpMask, low, o));
-        if (lane == 0) passed = low;
-        __syncwarp();
-        if (passed < need && global_timer_ns() - t0 > peers.timeout_ns) {
-          if (lane == 0) fail_wait(peers, s, 2, epoch, passed >> 32);
+        passed = low;
+        if (passed < need && lane == 0 && global_timer_ns() - t0 > peers.timeout_ns) {
+          fail_wait(peers, s, 7, need, passed);
         }
       }
     }
@@ -721,9 +719,9 @@ __device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int ha
   if (threadIdx.x == 0) st_release_sys(&progress[index], epoch << 32 | static_cast<unsigned>(index));
   if (threadIdx.x < R) {
     const int r = threadIdx.x;
-    wait_epoch(peers, &signals->arrived[r], epoch, r);
+    wait_epoch(peers, &signals->arrived[r], epoch, r, 5);
     const unsigned long long* slot = &region_starts(mine, half)[r];
-    wait_epoch(peers, slot, epoch << 32, r);
+    wait_epoch(peers, slot, epoch << 32, r, 5);
     start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
   }
   __syncthreads();
@@ -736,7 +734,7 @@ __device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int ha
       if (p >= 0) {
         const int i = p - r * C - start[r];  // index in r's stream for this rank
         const int j = i / B;
-        wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j), r);
+        wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j), r, 6);
         row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;
       }
       rows[r] = row;

@@ -81,14 +81,18 @@ struct PeerTable {
 
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2
 // combine (barriers); 3 low-latency dispatch receive, 4 low-latency combine
-// receive.
+// receive; combine waits: 5 for a peer's call to start, 6 for a peer's rows,
+// 7 for ring space.
 inline const char* op_name(int op) {
   switch (op) {
     case 0: return "dispatch";
     case 1: return "cached-dispatch";
     case 2: return "combine";
     case 3: return "low-latency dispatch";
-    default: return "low-latency combine";
+    case 4: return "low-latency combine";
+    case 5: return "combine (waiting for the peer to start the call)";
+    case 6: return "combine (waiting for the peer's rows)";
+    default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }
 
