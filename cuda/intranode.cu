@@ -489,8 +489,22 @@ __global__ void arrive_kernel(PeerTable peers) {
   }
 }
 
-constexpr int kCombineThreads = 256;
-constexpr int kCombineWarps = kCombineThreads / 32;
+// A combine block is one SM of the budget: 1024 threads in four groups of
+// 256 with their own barriers, two copiers and two reducers. (Blocks that
+// spin must fill their SMs: spread thin, they would leave no SM with room
+// for another rank's 1024-thread block, which may be what they wait for.)
+constexpr int kGroupThreads = 256;
+constexpr int kGroupsPerBlock = 4;
+constexpr int kCombineThreads = kGroupThreads * kGroupsPerBlock;
+constexpr int kCombineWarps = kGroupThreads / 32;  // warps per group
+
+struct Group {
+  int id;   // 0..3 within the block
+  int tid;  // 0..255 within the group
+  __device__ void sync() const {
+    asm volatile("bar.sync %0, %1;" ::"r"(id + 1), "r"(kGroupThreads) : "memory");
+  }
+};
 constexpr int kStageUnroll = 8;  // 16-byte loads in flight per lane while staging
 constexpr int kMaxSendCols = kMaxRanks > kMaxTopk ? kMaxRanks : kMaxTopk;
 
@@ -511,12 +525,13 @@ __device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigne
 // rank in token order) or all rows (expert-major). A chunk on a region
 // boundary is staged by both regions (same bytes, same flag value).
 template <typename T>
-__device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int half,
+__device__ void combine_stage(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                               unsigned long long epoch, int index, int count) {
-  __shared__ int start[kMaxRanks + 1];
+  __shared__ int start_of[kGroupsPerBlock][kMaxRanks + 1];
+  int* start = start_of[g.id];
   const int C = a.capacity, B = a.chunk_rows;
   const int regions = a.layout == Layout::kRankMajor ? peers.num_ranks : 1;
-  for (int s = threadIdx.x; s <= regions; s += blockDim.x) {
+  for (int s = g.tid; s <= regions; s += kGroupThreads) {
     int lo = 0, hi = C;
     if (regions == 1) {
       lo = s == 0 ? 0 : C;
@@ -530,7 +545,7 @@ __device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int 
     }
     start[s] = lo;
   }
-  __syncthreads();
+  g.sync();
   int steps = 0;
   for (int s = 0; s < regions; ++s) {
     if (start[s + 1] > start[s]) steps = max(steps, (start[s + 1] - 1) / B - start[s] / B + 1);
@@ -541,7 +556,7 @@ __device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int 
   const char* y = static_cast<const char*>(a.y);
   char* stage = staging_half(peers.base[peers.rank], half, peers.staging_half_bytes);
   unsigned long long* flags = chunk_flags(peers.base[peers.rank], half);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = g.tid / 32, lane = g.tid % 32;
   for (int w = index; w < steps * regions; w += count) {
     const int i = w / regions, s = w % regions;
     if (start[s + 1] <= start[s]) continue;
@@ -564,8 +579,8 @@ __device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int 
         }
       }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
+    g.sync();
+    if (g.tid == 0) {
       __threadfence_system();
       st_release_sys(&flags[k], epoch);
     }
@@ -575,19 +590,20 @@ __device__ void combine_stage(const PeerTable& peers, const CombineArgs& a, int 
 // Reducer side: tokens index, index + count, ... in order; each waits for
 // the chunks holding its rows, then sums them (float32, column order).
 template <typename T>
-__device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int half,
+__device__ void combine_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                                unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
   constexpr int kCols = 8;  // loads in flight per thread
-  __shared__ const char* rows[kMaxSendCols];
+  __shared__ const char* rows_of[kGroupsPerBlock][kMaxSendCols];
+  const char** rows = rows_of[g.id];
   const int R = peers.num_ranks, C = a.capacity, B = a.chunk_rows, S = a.num_send_cols;
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
-  if (threadIdx.x < R) wait_epoch(peers, &me->arrived[threadIdx.x], epoch, threadIdx.x, 5);
+  if (g.tid < R) wait_epoch(peers, &me->arrived[g.tid], epoch, g.tid, 5);
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const int vecs = a.hidden / V::kN;
   for (int t = index; t < a.num_tokens; t += count) {
-    if (threadIdx.x < S) {
-      const int p = a.send_pos[static_cast<long long>(t) * S + threadIdx.x];
+    if (g.tid < S) {
+      const int p = a.send_pos[static_cast<long long>(t) * S + g.tid];
       const char* row = nullptr;
       if (p >= 0) {
         const int r = p / C, c = p % C;
@@ -595,11 +611,11 @@ __device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int
         row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
               static_cast<std::size_t>(c) * row_stride;
       }
-      rows[threadIdx.x] = row;
+      rows[g.tid] = row;
     }
-    __syncthreads();
+    g.sync();
     int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
-    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+    for (int v = g.tid; v < vecs; v += kGroupThreads) {
       float acc[V::kN] = {};
       for (int j0 = 0; j0 < S; j0 += kCols) {
         int4 value[kCols];
@@ -613,14 +629,15 @@ __device__ void combine_reduce(const PeerTable& peers, const CombineArgs& a, int
       }
       out_row[v] = V::pack(acc);
     }
-    __syncthreads();  // rows[] is rewritten for the next token
+    g.sync();  // rows[] is rewritten for the next token
   }
 }
 
 // First row of each source >= s in a rank-major y (padding rows, -1, last),
 // for s in [0, R]: start[s]..start[s + 1] are the rows bound for owner s.
-__device__ void rank_major_regions(const int* recv_src_rank, int capacity, int num_ranks, int* start) {
-  for (int s = threadIdx.x; s <= num_ranks; s += blockDim.x) {
+__device__ void rank_major_regions(const Group& g, const int* recv_src_rank, int capacity, int num_ranks,
+                                   int* start) {
+  for (int s = g.tid; s <= num_ranks; s += kGroupThreads) {
     int lo = 0, hi = capacity;
     while (lo < hi) {
       const int mid = (lo + hi) / 2, v = recv_src_rank[mid];
@@ -629,7 +646,7 @@ __device__ void rank_major_regions(const int* recv_src_rank, int capacity, int n
     }
     start[s] = lo;
   }
-  __syncthreads();
+  g.sync();
 }
 
 // Copier of the ring combine: the blocks with index % R == s push this rank's
@@ -637,17 +654,18 @@ __device__ void rank_major_regions(const int* recv_src_rank, int capacity, int n
 // order. Before reusing ring slots a chunk waits until s's reducers passed
 // the token of the row that last used them.
 template <typename T>
-__device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int half,
-                           unsigned long long epoch, int index, int count) {
-  __shared__ int start[kMaxRanks + 1];
+__device__ void ring_stage(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
+                           unsigned long long epoch, int index, int count, int reducers) {
+  __shared__ int start_of[kGroupsPerBlock][kMaxRanks + 1];
+  int* start = start_of[g.id];
   const int R = peers.num_ranks, me = peers.rank, B = a.chunk_rows, ring = a.ring_rows;
-  rank_major_regions(a.recv_src_rank, a.capacity, R, start);
+  rank_major_regions(g, a.recv_src_rank, a.capacity, R, start);
   const int per_stream = count / R;
   if (index >= per_stream * R) return;  // spare copier
   const int s = index % R, sub = index / R;
   const int first = start[s], rows = start[s + 1] - start[s];
   char* owner = peers.base[s];
-  if (sub == 0 && threadIdx.x == 0) {
+  if (sub == 0 && g.tid == 0) {
     st_release_sys(&region_starts(owner, half)[me], epoch << 32 | static_cast<unsigned>(first));
   }
   const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
@@ -658,8 +676,7 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
                     static_cast<std::size_t>(me) * ring * row_stride;
   unsigned long long* flags = ring_flags(owner, half, me);
   const unsigned long long* progress = reduce_progress(owner);
-  const int reducers = gridDim.x / 2;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = g.tid / 32, lane = g.tid % 32;
   unsigned long long passed = 0;  // warp 0: s's reducers' progress, as last read (same in every lane)
   for (int j = sub; j * B < rows; j += per_stream) {
     const int reuse = (j + 1) * B - ring;  // rows [0, reuse) must have been summed
@@ -677,7 +694,7 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
         }
       }
     }
-    __syncthreads();
+    g.sync();
     const int r1 = min((j + 1) * B, rows);
     for (int i = j * B + warp; i < r1; i += kCombineWarps) {
       const int4* src = reinterpret_cast<const int4*>(y + static_cast<std::size_t>(first + i) * row_bytes);
@@ -694,8 +711,8 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
         }
       }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
+    g.sync();
+    if (g.tid == 0) {
       __threadfence_system();
       st_release_sys(&flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
     }
@@ -704,31 +721,33 @@ __device__ void ring_stage(const PeerTable& peers, const CombineArgs& a, int hal
 
 // Reducer of the ring combine: tokens index, index + count, ... in order.
 template <typename T>
-__device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int half,
+__device__ void ring_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                             unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
   constexpr int kCols = 8;
-  __shared__ const char* rows[kMaxRanks];
-  __shared__ int start[kMaxRanks];
+  __shared__ const char* rows_of[kGroupsPerBlock][kMaxRanks];
+  __shared__ int start_of[kGroupsPerBlock][kMaxRanks];
+  const char** rows = rows_of[g.id];
+  int* start = start_of[g.id];
   const int R = peers.num_ranks, me = peers.rank, C = a.capacity, B = a.chunk_rows, ring = a.ring_rows;
   char* mine = peers.base[me];
   auto* signals = reinterpret_cast<const Signals*>(mine);
   unsigned long long* progress = reduce_progress(mine);
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const char* rings = staging_half(mine, half, peers.staging_half_bytes);
-  if (threadIdx.x == 0) st_release_sys(&progress[index], epoch << 32 | static_cast<unsigned>(index));
-  if (threadIdx.x < R) {
-    const int r = threadIdx.x;
+  if (g.tid == 0) st_release_sys(&progress[index], epoch << 32 | static_cast<unsigned>(index));
+  if (g.tid < R) {
+    const int r = g.tid;
     wait_epoch(peers, &signals->arrived[r], epoch, r, 5);
     const unsigned long long* slot = &region_starts(mine, half)[r];
     wait_epoch(peers, slot, epoch << 32, r, 5);
     start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
   }
-  __syncthreads();
+  g.sync();
   const int vecs = a.hidden / V::kN;
   for (int t = index; t < a.num_tokens; t += count) {
-    if (threadIdx.x < R) {
-      const int r = threadIdx.x;
+    if (g.tid < R) {
+      const int r = g.tid;
       const int p = a.send_pos[static_cast<long long>(t) * R + r];
       const char* row = nullptr;
       if (p >= 0) {
@@ -739,9 +758,9 @@ __device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int ha
       }
       rows[r] = row;
     }
-    __syncthreads();
+    g.sync();
     int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
-    for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+    for (int v = g.tid; v < vecs; v += kGroupThreads) {
       float acc[V::kN] = {};
       for (int j0 = 0; j0 < R; j0 += kCols) {
         int4 value[kCols];
@@ -755,28 +774,30 @@ __device__ void ring_reduce(const PeerTable& peers, const CombineArgs& a, int ha
       }
       out_row[v] = V::pack(acc);
     }
-    __syncthreads();  // every read of this token's rows is done
-    if (threadIdx.x == 0) {
+    g.sync();  // every read of this token's rows is done
+    if (g.tid == 0) {
       const unsigned next = t + count < a.num_tokens ? static_cast<unsigned>(t + count) : 0xffffffffu;
       st_release_sys(&progress[index], epoch << 32 | next);
     }
   }
-  if (threadIdx.x == 0 && index >= a.num_tokens) st_release_sys(&progress[index], epoch << 32 | 0xffffffffu);
+  if (g.tid == 0 && index >= a.num_tokens) st_release_sys(&progress[index], epoch << 32 | 0xffffffffu);
 }
 
-// Even blocks stage, odd blocks reduce (interleaved so both roles start).
+// Groups 0 and 1 of every block copy, groups 2 and 3 reduce.
 template <typename T>
-__global__ void __launch_bounds__(kCombineThreads, 4) combine_kernel(PeerTable peers, CombineArgs a) {
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerTable peers, CombineArgs a) {
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
   const unsigned long long epoch = ld_volatile(&me->epoch);  // arrive_kernel counted this call
   const int half = static_cast<int>((epoch - 1) & 1ull);
-  const bool copier = blockIdx.x % 2 == 0;
+  const Group g{static_cast<int>(threadIdx.x) / kGroupThreads, static_cast<int>(threadIdx.x) % kGroupThreads};
+  const bool copier = g.id < 2;
+  const int index = blockIdx.x * 2 + (g.id & 1), count = gridDim.x * 2;
   if (a.layout == Layout::kRankMajor) {
-    if (copier) ring_stage<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
-    else ring_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
+    if (copier) ring_stage<T>(g, peers, a, half, epoch, index, count, count);
+    else ring_reduce<T>(g, peers, a, half, epoch, index, count);
   } else {
-    if (copier) combine_stage<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
-    else combine_reduce<T>(peers, a, half, epoch, blockIdx.x / 2, gridDim.x / 2);
+    if (copier) combine_stage<T>(g, peers, a, half, epoch, index, count);
+    else combine_reduce<T>(g, peers, a, half, epoch, index, count);
   }
 }
 
@@ -837,9 +858,9 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg) {
   arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
-  // Every block must be resident (reducers wait for copiers). An even count:
-  // as many copiers as reducers, and at least one copier per ring.
-  const int blocks = std::min(2 * kMaxCombineBlocks, std::max(2 * peers.num_ranks, cfg.num_blocks / 2 * 2));
+  // One block per SM of the budget, every one resident (reducers wait for
+  // copiers); at least one copier per ring.
+  const int blocks = std::min(kMaxCombineBlocks / 2, std::max((peers.num_ranks + 1) / 2, cfg.num_sms));
   switch (args.dtype) {
     case DType::kBF16:
       combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);

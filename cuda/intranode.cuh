@@ -201,6 +201,7 @@ struct RowParts {
 struct LaunchConfig {
   int num_blocks;         // SM budget of the copy kernels (blocks)
   cudaStream_t stream;
+  int num_sms = 0;        // SM budget (kernels that spin take one block per SM)
 };
 
 // Dispatch outputs (all device pointers; C rows).

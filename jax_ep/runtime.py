@@ -158,11 +158,12 @@ def lookup(buffer_id: int | None) -> IntranodeRuntime:
 
 def intranode_buffer_bytes(
     num_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int,
-    capacity: int | None = None, itemsize: int = 2,
+    capacity: int | None = None, itemsize: int = 2, combine_ring_rows: int = 32,
 ) -> int:
     """``num_nvl_bytes`` a Buffer needs for dispatch, cached dispatch and combine
     of these shapes (T tokens per rank, rows of ``hidden * itemsize`` bytes,
-    ``capacity`` receive rows, default ``R*T``)."""
+    ``capacity`` receive rows, default ``R*T``; ``combine_ring_rows`` as in
+    ``NormalOptions``)."""
     if not _extension.available():
         raise RuntimeError(_extension.unavailable_reason())
     C = _extension._C
@@ -172,6 +173,7 @@ def intranode_buffer_bytes(
         C.dispatch_staging_bytes(num_tokens, num_topk, num_ranks, num_experts, row),
         C.row_staging_bytes(capacity, row),
         C.row_staging_bytes(num_tokens, row),
+        C.row_staging_bytes(num_ranks * combine_ring_rows, row),
     )
     return int(C.intranode_overhead_bytes + 2 * half + 512)
 

@@ -243,7 +243,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_sr
                                 : intranode::combine_chunk_rows(static_cast<int>(C), static_cast<int>(chunk_rows));
   args.ring_rows = static_cast<int>(ring_rows);
   args.layout = layout == 0 ? intranode::Layout::kRankMajor : intranode::Layout::kExpertMajor;
-  const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
+  const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream, static_cast<int>(num_sms)};
   return launch_status(kTarget, intranode::launch_combine(buf->peer_table(), args, cfg));
 }
 
