@@ -508,6 +508,18 @@ struct Group {
 constexpr int kStageUnroll = 8;  // 16-byte loads in flight per lane while staging
 constexpr int kMaxSendCols = kMaxRanks > kMaxTopk ? kMaxRanks : kMaxTopk;
 
+// Publish `v` at `flag` after the writes of the calling group (thread 0,
+// after the group's barrier): GPU-scope release when every peer is on this
+// GPU, system scope otherwise.
+__device__ __forceinline__ void publish(const PeerTable& peers, unsigned long long* flag, unsigned long long v) {
+  if (peers.gpu_scope) {
+    st_release_gpu(flag, v);
+  } else {
+    __threadfence_system();
+    st_release_sys(flag, v);
+  }
+}
+
 // Wait until *flag reaches `epoch`; on timeout leave a record naming `peer`.
 __device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigned long long* flag,
                                            unsigned long long epoch, int peer, int op) {
@@ -580,10 +592,7 @@ __device__ void combine_stage(const Group& g, const PeerTable& peers, const Comb
       }
     }
     g.sync();
-    if (g.tid == 0) {
-      __threadfence_system();
-      st_release_sys(&flags[k], epoch);
-    }
+    if (g.tid == 0) publish(peers, &flags[k], epoch);
   }
 }
 
@@ -712,30 +721,35 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
       }
     }
     g.sync();
-    if (g.tid == 0) {
-      __threadfence_system();
-      st_release_sys(&flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
-    }
+    if (g.tid == 0) publish(peers, &flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
   }
 }
 
-// Reducer of the ring combine: tokens index, index + count, ... in order.
+// Reducer of the ring combine: batches of kBatchTokens consecutive tokens,
+// batch index, index + count, ... in order. One wait per batch (a lane per
+// (token, source)), then the whole group sums the batch's rows.
+constexpr int kBatchTokens = 4;
+
 template <typename T>
 __device__ void ring_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                             unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
   constexpr int kCols = 8;
-  __shared__ const char* rows_of[kGroupsPerBlock][kMaxRanks];
+  __shared__ const char* rows_of[kGroupsPerBlock][kBatchTokens * kMaxRanks];
   __shared__ int start_of[kGroupsPerBlock][kMaxRanks];
   const char** rows = rows_of[g.id];
   int* start = start_of[g.id];
   const int R = peers.num_ranks, me = peers.rank, C = a.capacity, B = a.chunk_rows, ring = a.ring_rows;
+  const int num_tokens = a.num_tokens;
   char* mine = peers.base[me];
   auto* signals = reinterpret_cast<const Signals*>(mine);
   unsigned long long* progress = reduce_progress(mine);
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const char* rings = staging_half(mine, half, peers.staging_half_bytes);
-  if (g.tid == 0) st_release_sys(&progress[index], epoch << 32 | static_cast<unsigned>(index));
+  auto token_word = [&](long long t) {
+    return epoch << 32 | (t < num_tokens ? static_cast<unsigned long long>(t) : 0xffffffffull);
+  };
+  if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(static_cast<long long>(index) * kBatchTokens));
   if (g.tid < R) {
     const int r = g.tid;
     wait_epoch(peers, &signals->arrived[r], epoch, r, 5);
@@ -745,9 +759,10 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
   }
   g.sync();
   const int vecs = a.hidden / V::kN;
-  for (int t = index; t < a.num_tokens; t += count) {
-    if (g.tid < R) {
-      const int r = g.tid;
+  for (int t0 = index * kBatchTokens; t0 < num_tokens; t0 += count * kBatchTokens) {
+    const int n = min(kBatchTokens, num_tokens - t0);
+    if (g.tid < n * R) {
+      const int t = t0 + g.tid / R, r = g.tid % R;
       const int p = a.send_pos[static_cast<long long>(t) * R + r];
       const char* row = nullptr;
       if (p >= 0) {
@@ -756,31 +771,29 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
         wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j), r, 6);
         row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;
       }
-      rows[r] = row;
+      rows[g.tid] = row;
     }
     g.sync();
-    int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
-    for (int v = g.tid; v < vecs; v += kGroupThreads) {
+    for (int e = g.tid; e < n * vecs; e += kGroupThreads) {
+      const int k = e / vecs, v = e - k * vecs;
+      const char* const* trow = rows + k * R;
       float acc[V::kN] = {};
       for (int j0 = 0; j0 < R; j0 += kCols) {
         int4 value[kCols];
 #pragma unroll
         for (int u = 0; u < kCols; ++u) {
-          const char* row = j0 + u < R ? rows[j0 + u] : nullptr;
+          const char* row = j0 + u < R ? trow[j0 + u] : nullptr;
           value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
       }
-      out_row[v] = V::pack(acc);
+      reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t0 + k) * a.hidden)[v] = V::pack(acc);
     }
-    g.sync();  // every read of this token's rows is done
-    if (g.tid == 0) {
-      const unsigned next = t + count < a.num_tokens ? static_cast<unsigned>(t + count) : 0xffffffffu;
-      st_release_sys(&progress[index], epoch << 32 | next);
-    }
+    g.sync();  // every read of this batch's rows has returned
+    if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(t0 + static_cast<long long>(count) * kBatchTokens));
   }
-  if (g.tid == 0 && index >= a.num_tokens) st_release_sys(&progress[index], epoch << 32 | 0xffffffffu);
+  if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(num_tokens));
 }
 
 // Groups 0 and 1 of every block copy, groups 2 and 3 reduce.

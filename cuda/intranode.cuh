@@ -77,6 +77,7 @@ struct PeerTable {
   std::size_t staging_half_bytes;  // bytes of one staging half
   unsigned long long timeout_ns;   // barrier wait limit
   TimeoutRecord* timeout_record;   // mapped host memory
+  int gpu_scope;                   // 1: every peer's memory is on this GPU (GPU-scope fences suffice)
 };
 
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2

@@ -35,7 +35,8 @@ class DeviceGuard {
 IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_t num_bytes,
                                  double timeout_s)
     : device_(device), rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes),
-      timeout_s_(timeout_s), peers_(num_ranks, nullptr), peer_is_ipc_(num_ranks, false) {
+      timeout_s_(timeout_s), peers_(num_ranks, nullptr), peer_is_ipc_(num_ranks, false),
+      peer_same_gpu_(num_ranks, false) {
   if (num_ranks < 1 || num_ranks > intranode::kMaxRanks || rank < 0 || rank >= num_ranks) {
     throw std::invalid_argument("jax_ep runtime: need 0 <= rank < num_ranks <= 64, got rank " +
                                 std::to_string(rank) + " of " + std::to_string(num_ranks));
@@ -58,7 +59,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
                                  double timeout_s, char* local, const std::vector<char*>& peers)
     : device_(device), rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes),
       timeout_s_(timeout_s), local_(local), owns_memory_(false), peers_(peers),
-      peer_is_ipc_(num_ranks, false) {
+      peer_is_ipc_(num_ranks, false), peer_same_gpu_(num_ranks, false) {
   if (num_ranks < 1 || num_ranks > intranode::kMaxRanks || rank < 0 || rank >= num_ranks ||
       static_cast<int>(peers.size()) != num_ranks) {
     throw std::invalid_argument("jax_ep runtime: need 0 <= rank < num_ranks <= 64 and one pointer per rank");
@@ -126,21 +127,31 @@ IntranodeBuffer::~IntranodeBuffer() {
   cudaSetDevice(previous);
 }
 
+namespace {
+std::string device_uuid(int device) {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  return std::string(prop.uuid.bytes, sizeof(prop.uuid.bytes));
+}
+}  // namespace
+
+// The IPC handle followed by the 16-byte UUID of the GPU that holds the
+// buffer (peers on the same GPU can order their signals at GPU scope).
 std::string IntranodeBuffer::ipc_handle() const {
   DeviceGuard guard(device_);
   cudaIpcMemHandle_t handle;
   check(cudaIpcGetMemHandle(&handle, local_), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle)) + device_uuid(device_);
 }
 
 void IntranodeBuffer::open_peer_ipc(int peer, const std::string& handle) {
   if (peer < 0 || peer >= num_ranks_ || peer == rank_) {
     throw std::invalid_argument("jax_ep runtime: bad peer rank " + std::to_string(peer));
   }
-  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
-    throw std::invalid_argument("jax_ep runtime: an IPC handle has " +
-                                std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " +
-                                std::to_string(handle.size()));
+  constexpr std::size_t kBytes = sizeof(cudaIpcMemHandle_t) + 16;
+  if (handle.size() != kBytes) {
+    throw std::invalid_argument("jax_ep runtime: an IPC handle has " + std::to_string(kBytes) +
+                                " bytes, got " + std::to_string(handle.size()));
   }
   if (peers_[peer] != nullptr) return;
   DeviceGuard guard(device_);
@@ -151,6 +162,7 @@ void IntranodeBuffer::open_peer_ipc(int peer, const std::string& handle) {
         "cudaIpcOpenMemHandle of a peer's buffer");
   peers_[peer] = static_cast<char*>(ptr);
   peer_is_ipc_[peer] = true;
+  peer_same_gpu_[peer] = handle.compare(sizeof(h), 16, device_uuid(device_)) == 0;
 }
 
 void IntranodeBuffer::open_peer_local(int peer, const IntranodeBuffer& other) {
@@ -172,6 +184,7 @@ void IntranodeBuffer::open_peer_local(int peer, const IntranodeBuffer& other) {
     else check(err, "cudaDeviceEnablePeerAccess");
   }
   peers_[peer] = other.local();
+  peer_same_gpu_[peer] = other.device() == device_;
 }
 
 bool IntranodeBuffer::ready() const {
@@ -194,6 +207,10 @@ intranode::PeerTable IntranodeBuffer::peer_table() const {
   t.staging_half_bytes = staging_half_bytes();
   t.timeout_ns = static_cast<unsigned long long>(timeout_s_ * 1e9);
   t.timeout_record = timeout_device_;
+  t.gpu_scope = 1;
+  for (int r = 0; r < num_ranks_; ++r) {
+    if (r != rank_ && !peer_same_gpu_[r]) t.gpu_scope = 0;
+  }
   return t;
 }
 

@@ -59,6 +59,7 @@ class IntranodeBuffer {
   bool owns_memory_ = true;
   std::vector<char*> peers_;
   std::vector<bool> peer_is_ipc_;
+  std::vector<bool> peer_same_gpu_;  // the peer's memory is on this rank's GPU
   intranode::TimeoutRecord* timeout_host_ = nullptr;    // mapped, pinned
   intranode::TimeoutRecord* timeout_device_ = nullptr;  // its device address
   std::atomic<bool> stop_watch_{false};
