@@ -17,6 +17,10 @@ using intranode::Signals;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+// Every kernel fits two blocks per SM (at most 64 registers a thread), so a
+// send block of one rank always fits beside a spinning receive block of
+// another on the same SM.
+constexpr int kMinBlocksPerSm = 2;
 
 // Call counters live in the signal block's spare words.
 __device__ __forceinline__ unsigned long long* dispatch_counter(const PeerTable& p) {
@@ -144,7 +148,7 @@ __device__ __forceinline__ int rank_among_tokens(const int* topk_idx, int t, int
 // copy, or the per-128-channel FP8 cast of jax_ep.reference.fp8). Then warp k
 // copies it to slot k's destination and raises the expert's count. The last
 // block to finish publishes every expert's count to the expert's rank.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx) {
   extern __shared__ int4 smem[];
   char* msg = reinterpret_cast<char*>(smem);
@@ -229,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
 // never do), lays out the packed rows, then the grid copies them, a warp per
 // row, 16-byte vectors with several loads in flight per lane. The block that
 // finishes last advances the dispatch call counter.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     dispatch_recv_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
   const int R = p.num_ranks;
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Push each valid row of y to its token's owner, into [token][slot], several
 // 16-byte loads in flight per thread; the last block publishes the flags.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* recv_count,
                         const int* src_rank, const int* src_token, const int* src_slot) {
   const int R = p.num_ranks;
@@ -406,10 +410,12 @@ __global__ void __launch_bounds__(kThreads)
 // expert) in float32, a warp per token and a lane per 16-byte vector, all
 // top-k loads in flight. The block that finishes last advances the combine
 // call counter.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     combine_recv_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
                         __nv_bfloat16* out) {
   constexpr int kMaxK = intranode::kMaxTopk;
+  constexpr int kLoads = 8;
+  static_assert(kMaxK % kLoads == 0, "top-k chunks");
   const int R = p.num_ranks;
   const unsigned long long call = block_read_call(combine_counter(p));
   if (threadIdx.x < R) {
@@ -424,46 +430,55 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
+  // Per warp: slot k's vector offset inside the token's rows (the row of
+  // the first slot naming k's expert), or -1, and its weight.
+  __shared__ int slot_off[kWarps][kMaxK];
+  __shared__ float slot_w[kWarps][kMaxK];
+  int* my_off = slot_off[threadIdx.x / 32];
+  float* my_w = slot_w[threadIdx.x / 32];
   for (int t = warp; t < s.num_tokens; t += num_warps) {
-    // Lane k < K: the vector offset of slot k's row (its first slot naming
-    // the expert) inside the token's rows, or -1, and its weight.
-    int my_off = -1;
-    float my_w = 0.0f;
     if (lane < K) {
       const int* ids = topk_idx + static_cast<long long>(t) * K;
       const int id = ids[lane];
+      int off = -1;
+      float w = 0.0f;
       if (id >= 0 && id < s.num_experts) {
         int k0 = 0;
         while (ids[k0] != id) ++k0;
-        my_off = k0 * vecs;
-        my_w = topk_weights[static_cast<long long>(t) * K + lane];
+        off = k0 * vecs;
+        w = topk_weights[static_cast<long long>(t) * K + lane];
       }
+      my_off[lane] = off;
+      my_w[lane] = w;
     }
-    int off[kMaxK];
-    float w[kMaxK];
-#pragma unroll
-    for (int k = 0; k < kMaxK; ++k) {
-      off[k] = __shfl_sync(kFullWarpMask, my_off, k);
-      w[k] = __shfl_sync(kFullWarpMask, my_w, k);
-    }
+    __syncwarp();
     const int4* rows = reinterpret_cast<const int4*>(mine + l.combine_rows) + static_cast<long long>(t) * K * vecs;
     int4* to = reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden);
     for (int v = lane; v < vecs; v += 32) {
-      int4 raw[kMaxK];
-#pragma unroll
-      for (int k = 0; k < kMaxK; ++k) {
-        raw[k] = make_int4(0, 0, 0, 0);
-        if (k < K && off[k] >= 0) raw[k] = ld_v4_no_alloc(rows + off[k] + v);
-      }
       float acc[8] = {};
+      // kLoads top-k rows in flight at a time, summed in slot order.
 #pragma unroll
-      for (int k = 0; k < kMaxK; ++k) {
-        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+      for (int k0 = 0; k0 < kMaxK; k0 += kLoads) {
+        if (k0 < K) {
+          int4 raw[kLoads];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 f = __bfloat1622float2(h[q]);
-          acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
-          acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
+          for (int u = 0; u < kLoads; ++u) {
+            raw[u] = make_int4(0, 0, 0, 0);
+            if (k0 + u < K && my_off[k0 + u] >= 0) raw[u] = ld_v4_no_alloc(rows + my_off[k0 + u] + v);
+          }
+#pragma unroll
+          for (int u = 0; u < kLoads; ++u) {
+            if (k0 + u < K) {
+              const float w = my_w[k0 + u];
+              const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const float2 f = __bfloat1622float2(h[q]);
+                acc[2 * q] = fmaf(w, f.x, acc[2 * q]);
+                acc[2 * q + 1] = fmaf(w, f.y, acc[2 * q + 1]);
+              }
+            }
+          }
         }
       }
       int4 packed;
@@ -472,6 +487,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
       to[v] = packed;
     }
+    __syncwarp();  // the next token's offsets overwrite these
   }
   if (last_block_done<false>(p, kCombineRecvBlocks) && threadIdx.x == 0) {
     unsigned long long* c = combine_counter(p);
