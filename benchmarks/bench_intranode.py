@@ -47,7 +47,7 @@ def parse():
     p.add_argument("--tag", default="")
     p.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
     p.add_argument("--chunk-rows", default="8", help="comma-separated combine_chunk_rows to sweep (combine only)")
-    p.add_argument("--ring-rows", default="32", help="comma-separated combine_ring_rows to sweep (combine only)")
+    p.add_argument("--ring-rows", default=None, help="comma-separated combine_ring_rows to sweep (combine only)")
     return p.parse_args()
 
 
@@ -135,7 +135,8 @@ def main():
     t, h, k, e = a.tokens, a.hidden, a.topk, a.experts
     sms_list = [int(s) for s in a.sms.split(",")] if a.sms else [max(4, min(24, 128 // R))]
     chunk_list = [int(c) for c in a.chunk_rows.split(",")]
-    ring_list = [int(c) for c in a.ring_rows.split(",")]
+    ring_list = ([int(c) for c in a.ring_rows.split(",")] if a.ring_rows
+                 else [jax_ep.tuning.COMBINE_RING_ROWS.get(R, 64)])
     idxs, ws = zip(*[routing(1000 + s, t, k, e) for s in range(R)])
     rows = received_rows(idxs, e)
     capacity = int(-(-rows.max() // 256) * 256)

@@ -728,9 +728,7 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
 // Reducer of the ring combine: batches of kBatchTokens consecutive tokens,
 // batch index, index + count, ... in order. One wait per batch (a lane per
 // (token, source)), then the whole group sums the batch's rows.
-constexpr int kBatchTokens = 4;
-
-template <typename T>
+template <typename T, int kBatchTokens>
 __device__ void ring_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                             unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
@@ -797,7 +795,7 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
 }
 
 // Groups 0 and 1 of every block copy, groups 2 and 3 reduce.
-template <typename T>
+template <typename T, int kBatchTokens>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerTable peers, CombineArgs a) {
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
   const unsigned long long epoch = ld_volatile(&me->epoch);  // arrive_kernel counted this call
@@ -807,7 +805,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerTable p
   const int index = blockIdx.x * 2 + (g.id & 1), count = gridDim.x * 2;
   if (a.layout == Layout::kRankMajor) {
     if (copier) ring_stage<T>(g, peers, a, half, epoch, index, count, count);
-    else ring_reduce<T>(g, peers, a, half, epoch, index, count);
+    else ring_reduce<T, kBatchTokens>(g, peers, a, half, epoch, index, count);
   } else {
     if (copier) combine_stage<T>(g, peers, a, half, epoch, index, count);
     else combine_reduce<T>(g, peers, a, half, epoch, index, count);
@@ -874,15 +872,29 @@ cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, cons
   // One block per SM of the budget, every one resident (reducers wait for
   // copiers); at least one copier per ring.
   const int blocks = std::min(kMaxCombineBlocks / 2, std::max((peers.num_ranks + 1) / 2, cfg.num_sms));
+  // Tokens per reducer batch: the tokens all reducers hold at once (reducer
+  // groups x batch) bound how far ahead of the slowest one the copiers must
+  // run, i.e. how much of each ring is live. About 32 keeps the rings small
+  // while few reducer groups still get enough loads in flight.
+  const int batch = std::max(1, std::min(4, 32 / (2 * blocks)));
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
+  };
   switch (args.dtype) {
     case DType::kBF16:
-      combine_kernel<__nv_bfloat16><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
+      if (batch == 1) launch(combine_kernel<__nv_bfloat16, 1>);
+      else if (batch == 2) launch(combine_kernel<__nv_bfloat16, 2>);
+      else launch(combine_kernel<__nv_bfloat16, 4>);
       break;
     case DType::kF16:
-      combine_kernel<__half><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
+      if (batch == 1) launch(combine_kernel<__half, 1>);
+      else if (batch == 2) launch(combine_kernel<__half, 2>);
+      else launch(combine_kernel<__half, 4>);
       break;
     case DType::kF32:
-      combine_kernel<float><<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
+      if (batch == 1) launch(combine_kernel<float, 1>);
+      else if (batch == 2) launch(combine_kernel<float, 2>);
+      else launch(combine_kernel<float, 4>);
       break;
   }
   return cudaGetLastError();

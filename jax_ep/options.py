@@ -93,7 +93,7 @@ class NormalOptions:
     backend: Backend = "xla"
     num_sms: int = 24
     combine_chunk_rows: int = 8
-    combine_ring_rows: int = 32
+    combine_ring_rows: int = 64
     buffer_id: int | None = None
 
     def __post_init__(self):

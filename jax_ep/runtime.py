@@ -158,7 +158,7 @@ def lookup(buffer_id: int | None) -> IntranodeRuntime:
 
 def intranode_buffer_bytes(
     num_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int,
-    capacity: int | None = None, itemsize: int = 2, combine_ring_rows: int = 32,
+    capacity: int | None = None, itemsize: int = 2, combine_ring_rows: int = 64,
 ) -> int:
     """``num_nvl_bytes`` a Buffer needs for dispatch, cached dispatch and combine
     of these shapes (T tokens per rank, rows of ``hidden * itemsize`` bytes,

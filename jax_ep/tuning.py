@@ -13,6 +13,9 @@ from jax_ep.options import NormalOptions
 
 # R -> SMs per rank (BF16/FP8 handle-reusing dispatch and combine, 4096 tokens, hidden 7168).
 INTRANODE_NUM_SMS = {2: 48, 4: 32, 8: 8}
+# R -> rows of each (source, owner) ring of the rank-major combine: all R*R
+# rings must stay in L2 when the ranks share one GPU (R = 8: 64 rings).
+COMBINE_RING_ROWS = {2: 64, 4: 64, 8: 32}
 
 
 def tuned_normal_options(num_ranks: int, **overrides) -> NormalOptions:
@@ -25,4 +28,6 @@ def tuned_normal_options(num_ranks: int, **overrides) -> NormalOptions:
     opts = NormalOptions(backend="cuda", **overrides)
     if "num_sms" not in overrides and num_ranks in INTRANODE_NUM_SMS:
         opts = dataclasses.replace(opts, num_sms=INTRANODE_NUM_SMS[num_ranks])
+    if "combine_ring_rows" not in overrides and num_ranks in COMBINE_RING_ROWS:
+        opts = dataclasses.replace(opts, combine_ring_rows=COMBINE_RING_ROWS[num_ranks])
     return opts
