@@ -13,9 +13,10 @@ from jax_ep.options import NormalOptions
 
 # R -> SMs per rank (BF16/FP8 handle-reusing dispatch and combine, 4096 tokens, hidden 7168).
 INTRANODE_NUM_SMS = {2: 48, 4: 32, 8: 8}
-# R -> rows of each (source, owner) ring of the rank-major combine: all R*R
+# R -> rows of each (source, owner) ring of the rank-major combine. It must
+# cover the rows all reducers hold at once (more reducers at small R), and all R*R
 # rings must stay in L2 when the ranks share one GPU (R = 8: 64 rings).
-COMBINE_RING_ROWS = {2: 64, 4: 64, 8: 32}
+COMBINE_RING_ROWS = {2: 256, 4: 64, 8: 32}
 
 
 def tuned_normal_options(num_ranks: int, **overrides) -> NormalOptions:
