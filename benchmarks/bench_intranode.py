@@ -46,7 +46,7 @@ def parse():
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
     p.add_argument("--tag", default="")
     p.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
-    p.add_argument("--chunk-rows", default="8", help="comma-separated combine_chunk_rows to sweep (combine only)")
+    p.add_argument("--chunk-rows", default=None, help="comma-separated combine_chunk_rows to sweep (combine only)")
     p.add_argument("--ring-rows", default=None, help="comma-separated combine_ring_rows to sweep (combine only)")
     return p.parse_args()
 
@@ -134,7 +134,8 @@ def main():
     a = parse()
     t, h, k, e = a.tokens, a.hidden, a.topk, a.experts
     sms_list = [int(s) for s in a.sms.split(",")] if a.sms else [max(4, min(24, 128 // R))]
-    chunk_list = [int(c) for c in a.chunk_rows.split(",")]
+    chunk_list = ([int(c) for c in a.chunk_rows.split(",")] if a.chunk_rows
+                  else [jax_ep.tuning.COMBINE_CHUNK_ROWS.get(R, 2)])
     ring_list = ([int(c) for c in a.ring_rows.split(",")] if a.ring_rows
                  else [jax_ep.tuning.COMBINE_RING_ROWS.get(R, 64)])
     idxs, ws = zip(*[routing(1000 + s, t, k, e) for s in range(R)])

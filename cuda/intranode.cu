@@ -705,18 +705,21 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
     }
     g.sync();
     const int r1 = min((j + 1) * B, rows);
-    for (int i = j * B + warp; i < r1; i += kCombineWarps) {
+    // Small chunks share their rows among all the group's warps.
+    const int per_row = max(1, kCombineWarps / B);
+    const int part = warp % per_row, stride = 32 * per_row;
+    for (int i = j * B + warp / per_row; i < r1; i += kCombineWarps / per_row) {
       const int4* src = reinterpret_cast<const int4*>(y + static_cast<std::size_t>(first + i) * row_bytes);
       int4* dst = reinterpret_cast<int4*>(ring_base + static_cast<std::size_t>(i % ring) * row_stride);
-      for (int v = lane; v < vecs; v += 32 * kStageUnroll) {
+      for (int v = part * 32 + lane; v < vecs; v += stride * kStageUnroll) {
         int4 val[kStageUnroll];
 #pragma unroll
         for (int u = 0; u < kStageUnroll; ++u) {
-          if (v + 32 * u < vecs) val[u] = src[v + 32 * u];
+          if (v + stride * u < vecs) val[u] = src[v + stride * u];
         }
 #pragma unroll
         for (int u = 0; u < kStageUnroll; ++u) {
-          if (v + 32 * u < vecs) dst[v + 32 * u] = val[u];
+          if (v + stride * u < vecs) dst[v + stride * u] = val[u];
         }
       }
     }

@@ -92,7 +92,7 @@ class NormalOptions:
     checked: bool = False
     backend: Backend = "xla"
     num_sms: int = 24
-    combine_chunk_rows: int = 8
+    combine_chunk_rows: int = 2
     combine_ring_rows: int = 64
     buffer_id: int | None = None
 

@@ -211,6 +211,17 @@ def test_destroyed_buffer():
 
 def test_tuned_normal_options():
     opts = jax_ep.tuned_normal_options(8, layout="expert_major")
-    assert opts.backend == "cuda" and opts.num_sms == 8 and opts.layout == "expert_major"
+    assert opts.backend == "cuda" and opts.num_sms == 16 and opts.layout == "expert_major"
+    assert (opts.combine_chunk_rows, opts.combine_ring_rows) == (2, 24)
     assert jax_ep.tuned_normal_options(3).num_sms == jax_ep.NormalOptions().num_sms
     assert jax_ep.tuned_normal_options(4, num_sms=12).num_sms == 12
+    assert jax_ep.tuned_normal_options(2, combine_ring_rows=32).combine_ring_rows == 32
+
+
+def test_combine_ring_options_are_checked():
+    with pytest.raises(ValueError, match="combine_ring_rows must be a multiple of combine_chunk_rows"):
+        jax_ep.NormalOptions(combine_chunk_rows=4, combine_ring_rows=30)
+    with pytest.raises(ValueError, match="from 1 to 32 times"):
+        jax_ep.NormalOptions(combine_chunk_rows=2, combine_ring_rows=128)
+    with pytest.raises(ValueError, match="combine_chunk_rows must be a positive int"):
+        jax_ep.NormalOptions(combine_chunk_rows=0)
