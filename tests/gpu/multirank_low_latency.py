@@ -190,6 +190,10 @@ def bench():
             def comb(yb, w, handle):
                 return buf.low_latency_combine(yb, w, handle)[0, 0].astype(jnp.float32)
 
+            def trivial(x):  # the loop's own cost: one tiny op per iteration, no communication
+                return x[0, 0].astype(jnp.float32)
+
+            empty_us = many(trivial, x) * 1e6
             d_us = many(disp, x, i) * 1e6
             c_us = many(comb, yb, w, handle) * 1e6 if fp8 is not None else None
 
@@ -215,6 +219,7 @@ def bench():
             pairs = int((np.asarray(i) >= 0).sum())
             disp_bytes = pairs * ((h + h / 128 * 4 + 16) if fp8 else 2 * h)
             row = dict(ranks=R, sms=sms, fp8=fp8 is not None, dispatch_us=d_us, dispatch_gbps=disp_bytes / d_us / 1e3,
+                       trivial_op_loop_us=empty_us,
                        matmul_us=mm_us, dispatch_then_matmul_us=serial_us, matmul_between_send_and_recv_us=overlap_us)
             if c_us is not None:
                 row.update(combine_us=c_us, combine_gbps=pairs * 2 * h / c_us / 1e3)
@@ -222,7 +227,7 @@ def bench():
             if ME == 0:
                 print(f"LL R={R} sms={sms} {'FP8' if fp8 else 'BF16'} dispatch {d_us:.1f} us ({row['dispatch_gbps']:.1f} GB/s)"
                       + (f", BF16 combine {c_us:.1f} us ({row['combine_gbps']:.1f} GB/s)" if c_us else "")
-                      + f"; 4096^3 matmul {mm_us:.0f} us, dispatch then matmul {serial_us:.0f} us, "
+                      + f"; trivial op {empty_us:.1f} us; 4096^3 matmul {mm_us:.0f} us, dispatch then matmul {serial_us:.0f} us, "
                         f"matmul between send and receive {overlap_us:.0f} us", flush=True)
             buf.destroy()
     out = os.environ.get("JAX_EP_LL_BENCH_OUT")
