@@ -1,6 +1,6 @@
 // Low-latency dispatch and combine over peer-mapped memory (the packed
 // per-expert layout of decoding), split into a send and a receive kernel so
-// other work can run between them. Each half is one kernel launch.
+// other work can run between them.
 //
 // Push, then pack. A sender writes each (token, expert) message straight into
 // the receiving rank's buffer, in the slot [local expert][source rank][index
@@ -16,9 +16,7 @@
 // n % 2 of a peer only after its own receive of call n-1 saw that peer's call
 // n-1 messages, which the peer sent after it finished reading call n-2. So
 // at most two calls' data are in flight, and none is overwritten early.
-// Counts and flags carry the call number, so nothing needs resetting. The
-// receive kernel that ends a call (its last block to finish) advances the
-// call counter of its kind.
+// Counts and flags carry the call number, so nothing needs resetting.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -61,11 +59,7 @@ struct Shape {
 // Count slots and flags sit at fixed offsets of the buffer's workspace, not
 // in the shape-dependent halves, so a call with other shapes never reads an
 // earlier call's payload as a count. Their values carry the call number.
-// Workspace map (bytes from its start): [0, 32K) dispatch counts of both
-// halves, [32K, 33K) combine flags of both halves, [40K, 56K) the sender's
-// per-expert counts of its latest dispatch (local; see send_counts in
-// low_latency.cu).
-inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R, >= E
+inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R
 __host__ __device__ inline unsigned long long* dispatch_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + half * kCountSlots;
 }
@@ -78,6 +72,8 @@ __host__ __device__ inline unsigned long long* combine_flags(char* base, int hal
 struct Layout {
   std::size_t dispatch_rows;    // [E/R][R][M] messages
   std::size_t combine_rows;     // [M][K] rows of H bf16
+  std::size_t slot_index;       // [M][K] int: this rank's send plan (local scratch)
+  std::size_t expert_count;     // [E] int: this rank's tokens per expert (local scratch)
   std::size_t half_bytes;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
@@ -88,6 +84,8 @@ struct Layout {
     const std::size_t le = s.local_experts(R);
     l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
     l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
+    l.slot_index = o;      o = align_up(o + sizeof(int) * s.max_tokens * s.num_topk, kAlign);
+    l.expert_count = o;    o = align_up(o + sizeof(int) * s.num_experts, kAlign);
     l.half_bytes = o;
     return l;
   }
