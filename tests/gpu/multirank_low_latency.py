@@ -50,7 +50,7 @@ def make_buffer(m, h, k, e, fp8=None, sms=None, transport="ipc"):
         timeout_s=60.0)
 
 
-def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3, transport="ipc"):
+def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3, transport="ipc", mask_prob=0.05):
     buf = make_buffer(m, h, k, e, fp8, transport=transport)
 
     @jax.jit
@@ -60,7 +60,7 @@ def run_case(name, seed, t, m, k, e, h, fp8=None, distinct=True, iters=3, transp
         return o.recv_x, o.recv_count, o.handle.recv_src_rank, o.handle.recv_src_token, buf.low_latency_combine(y, w, o.handle)
 
     for it in range(iters):  # back-to-back calls alternate the buffer halves
-        xs, idxs, ws = inputs(seed + it, t, k, e, h, distinct=distinct)
+        xs, idxs, ws = inputs(seed + it, t, k, e, h, mask_prob=mask_prob, distinct=distinct)
         recv, count, src_rank, src_token, out = step(xs[ME], idxs[ME], ws[ME])
         ref = npr.ll_dispatch(xs, idxs, e, m)[ME]
         np.testing.assert_array_equal(np.asarray(count), ref["count"], err_msg=f"{name}: counts")
@@ -97,6 +97,16 @@ def _():
 @check("ll_bf16_duplicates_and_masks")
 def _():
     run_case("ll_bf16_duplicates_and_masks", 2, 20, 32, 5, 2 * R, 256, distinct=False)
+
+
+@check("ll_sparse_routing")
+def _():
+    # Few tokens, most slots masked: many (expert, source) counts are 0 in one
+    # call and not in the next (the sender's per-expert counts carry the call
+    # number instead of being reset), on both halves.
+    run_case("ll_sparse_routing", 8, 5, 16, 3, 8 * R, 256, iters=6, mask_prob=0.6)
+    run_case("ll_sparse_routing_fp8", 9, 3, 8, 2, 8 * R, 512, fp8=jax_ep.FP8Options(round_scale=True), iters=5,
+             mask_prob=0.5)
 
 
 @check("ll_fp8_deepep_shape")
