@@ -856,6 +856,11 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   return cudaGetLastError();
 }
 
+cudaError_t launch_barrier(const PeerTable& peers, int op, cudaStream_t stream) {
+  barrier_kernel<<<1, kMaxRanks, 0, stream>>>(peers, op);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int capacity,
                                    const int* recv_src_rank, const int* recv_src_token,
                                    const RowParts& parts, const LaunchConfig& cfg) {

@@ -281,6 +281,10 @@ inline int combine_chunk_rows(int capacity, int requested) {
   return requested > minimum ? requested : (minimum > 1 ? minimum : 1);
 }
 
+// One cross-rank barrier (the one every dispatch runs): each rank announces
+// its next epoch to every peer and waits for theirs.
+cudaError_t launch_barrier(const PeerTable& peers, int op, cudaStream_t stream);
+
 // Bytes of one staging half needed by the calls of these shapes.
 std::size_t dispatch_staging_bytes(int T, int K, int R, int E, std::size_t row_bytes);
 std::size_t row_staging_bytes(int C, std::size_t row_bytes);

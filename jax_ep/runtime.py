@@ -7,6 +7,12 @@ ranks have done so. One process per rank (one local GPU each); ranks may share
 a GPU under CUDA MPS. The EP rank is the JAX process index, so the EP mesh axis
 must list devices in process order (``jax.make_mesh`` over ``jax.devices()``
 does).
+
+One process driving several GPUs (JAX's single-host default) gets a buffer
+*group* instead: one buffer per device, rank i on ``jax.devices()[i]``, peers
+mapped through CUDA peer access; every handler finds the member of the device
+it runs on. Mixing the two (several processes with several GPUs each) is not
+supported.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ class IntranodeRuntime:
     num_ranks: int
     num_bytes: int
     staging_half_bytes: int
-    transports: tuple = ()  # per peer: "ipc" / "p2p" (NVSHMEM)
+    transports: tuple = ()  # per peer: "ipc", "p2p" (NVSHMEM) or "peer" (a group in one process)
 
     @staticmethod
     def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0) -> "IntranodeRuntime":
         if not _extension.available():
             raise RuntimeError(f"backend='cuda' needs jax_ep._C: {_extension.unavailable_reason()}")
         local = jax.local_devices()
+        if len(local) > 1 and jax.process_count() == 1 and all(d.platform == "gpu" for d in local):
+            return IntranodeRuntime.create_group([d.local_hardware_id for d in jax.devices()], num_bytes,
+                                                 timeout_s=timeout_s)
         if len(local) != 1 or local[0].platform != "gpu":
             raise RuntimeError(
                 "the CUDA backend runs one process per EP rank with one local GPU each "
@@ -61,6 +70,22 @@ class IntranodeRuntime:
         except BaseException:
             C.destroy_intranode_buffer(buffer_id)
             raise
+        with _lock:
+            _live[buffer_id] = runtime
+        return runtime
+
+    @staticmethod
+    def create_group(devices: list[int], num_bytes: int, *, timeout_s: float = 100.0) -> "IntranodeRuntime":
+        """One process, several GPUs: a buffer per CUDA device in ``devices``
+        (rank i on ``devices[i]``), peers mapped through peer access. The
+        returned id names the whole group in FFI calls."""
+        if not _extension.available():
+            raise RuntimeError(f"backend='cuda' needs jax_ep._C: {_extension.unavailable_reason()}")
+        C = _extension._C
+        buffer_id = C.create_intranode_group([int(d) for d in devices], int(num_bytes), float(timeout_s))
+        first = C.intranode_group_members(buffer_id)[0]
+        runtime = IntranodeRuntime(buffer_id, 0, len(devices), int(num_bytes), C.intranode_staging_half_bytes(first),
+                                   transports=("peer",) * len(devices))
         with _lock:
             _live[buffer_id] = runtime
         return runtime

@@ -35,9 +35,9 @@ using Pred2 = ffi::Buffer<ffi::PRED, 2>;
 
 constexpr int kBlocksPerSm = 4;  // copy-kernel blocks (256 threads) per SM of the budget
 
-ffi::Error lookup(const char* target, int64_t buffer_id, IntranodeBuffer** out) {
+ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, IntranodeBuffer** out) {
   std::string error;
-  *out = Runtime::get().find(buffer_id, &error);
+  *out = Runtime::get().find(buffer_id, device, &error);
   if (*out == nullptr) return invalid_argument(target, error);
   return ffi::Error::Success();
 }
@@ -69,7 +69,7 @@ ffi::Error check_fits(const char* target, const IntranodeBuffer& buf, std::size_
   return ffi::Error::Success();
 }
 
-ffi::Error Dispatch(const char* target, cudaStream_t stream, RowParts parts, I32_2 topk_idx,
+ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, RowParts parts, I32_2 topk_idx,
                     F32_2 topk_weights, int64_t buffer_id, int64_t num_experts, int64_t capacity,
                     int64_t expert_alignment, int64_t layout, int64_t num_sms,
                     I32_2* recv_topk_idx, F32_2* recv_topk_weights, I32_1* num_recv_per_expert,
@@ -77,7 +77,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, RowParts parts, I32
                     I32_1* recv_src_rank, I32_1* recv_src_token, Pred2* is_token_in_rank,
                     I32_2* send_pos) {
   IntranodeBuffer* buf = nullptr;
-  if (auto err = lookup(target, buffer_id, &buf); err.failure()) return err;
+  if (auto err = lookup(target, buffer_id, device, &buf); err.failure()) return err;
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
   const int R = buf->num_ranks();
   if (K < 1 || K > intranode::kMaxTopk) return invalid_argument(target, "num_topk must be in [1, 16]");
@@ -127,7 +127,7 @@ RowParts one_part(const ffi::AnyBuffer& src, ffi::Result<ffi::AnyBuffer>& dst) {
   return p;
 }
 
-ffi::Error IntranodeDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_2 topk_idx, F32_2 topk_weights,
+ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, F32_2 topk_weights,
                              int64_t buffer_id, int64_t num_experts, int64_t capacity,
                              int64_t expert_alignment, int64_t layout, int64_t num_sms,
                              ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<I32_2> recv_topk_idx,
@@ -140,13 +140,13 @@ ffi::Error IntranodeDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_2 topk_i
   if (auto err = check_row_bytes(kTarget, "x", row_bytes_of(x)); err.failure() && rows_of(x) > 0) return err;
   RowParts parts = one_part(x, recv_x);
   if (rows_of(x) == 0) parts.part_bytes[0] = static_cast<int>(row_bytes_of(*recv_x));
-  return Dispatch(kTarget, stream, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
+  return Dispatch(kTarget, stream, device, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
                   expert_alignment, layout, num_sms, &*recv_topk_idx, &*recv_topk_weights,
                   &*num_recv_per_expert, &*expert_group_sizes, &*num_kept, &*num_needed,
                   &*recv_src_rank, &*recv_src_token, &*is_token_in_rank, &*send_pos);
 }
 
-ffi::Error IntranodeDispatchFp8(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer scales,
+ffi::Error IntranodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::AnyBuffer scales,
                                 I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
                                 int64_t num_experts, int64_t capacity, int64_t expert_alignment,
                                 int64_t layout, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
@@ -166,18 +166,18 @@ ffi::Error IntranodeDispatchFp8(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
   parts.num_parts = 2;
   if (auto err = check_row_bytes(kTarget, "x_fp8", parts.part_bytes[0]); err.failure()) return err;
   if (auto err = check_row_bytes(kTarget, "scales", parts.part_bytes[1]); err.failure()) return err;
-  return Dispatch(kTarget, stream, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
+  return Dispatch(kTarget, stream, device, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
                   expert_alignment, layout, num_sms, &*recv_topk_idx, &*recv_topk_weights,
                   &*num_recv_per_expert, &*expert_group_sizes, &*num_kept, &*num_needed,
                   &*recv_src_rank, &*recv_src_token, &*is_token_in_rank, &*send_pos);
 }
 
-ffi::Error IntranodeCachedDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_1 recv_src_rank,
+ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_1 recv_src_rank,
                                    I32_1 recv_src_token, int64_t buffer_id, int64_t num_sms,
                                    ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_cached_dispatch";
   IntranodeBuffer* buf = nullptr;
-  if (auto err = lookup(kTarget, buffer_id, &buf); err.failure()) return err;
+  if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
   RowParts parts = one_part(x, out);
   parts.part_bytes[0] = static_cast<int>(row_bytes_of(*out));
   if (auto err = check_row_bytes(kTarget, "x", parts.part_bytes[0]); err.failure()) return err;
@@ -192,13 +192,13 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, ffi::AnyBuffer x, I32_1 
                                     recv_src_rank.typed_data(), recv_src_token.typed_data(), parts, cfg));
 }
 
-ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_src_rank,
+ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_src_rank,
                             I32_1 recv_src_token, I32_2 send_pos,
                             int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t chunk_rows,
                             int64_t ring_rows, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_combine";
   IntranodeBuffer* buf = nullptr;
-  if (auto err = lookup(kTarget, buffer_id, &buf); err.failure()) return err;
+  if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
   intranode::CombineArgs args{};
   switch (y.element_type()) {
     case ffi::BF16: args.dtype = intranode::DType::kBF16; break;
@@ -259,6 +259,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_sr
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchHandler, IntranodeDispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
                                   .Arg<F32_2>() JAX_EP_DISPATCH_ATTRS
@@ -268,6 +269,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchHandler, IntranodeDispatch,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchFp8Handler, IntranodeDispatchFp8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
@@ -279,6 +281,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchFp8Handler, IntranodeDispatchFp8,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler, IntranodeCachedDispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_1>()
@@ -290,6 +293,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler, IntranodeCachedDis
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCombineHandler, IntranodeCombine,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_1>()

@@ -36,10 +36,10 @@ struct Call {
   low_latency::Shape shape{};
 };
 
-ffi::Error prepare(const char* target, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
+ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
                    int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload, Call* call) {
   std::string error;
-  call->buf = Runtime::get().find(buffer_id, &error);
+  call->buf = Runtime::get().find(buffer_id, device, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
   const int R = call->buf->num_ranks();
   if (num_experts % R != 0) return invalid_argument(target, "num_experts must be a multiple of the rank count");
@@ -62,13 +62,13 @@ ffi::Error prepare(const char* target, int64_t buffer_id, int64_t num_tokens, in
   return ffi::Error::Success();
 }
 
-ffi::Error DispatchSend(cudaStream_t stream, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = "jax_ep_ll_dispatch_send";
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
   Call c;
-  if (auto err = prepare(kTarget, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
+  if (auto err = prepare(kTarget, device, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
                          num_topk, payload, &c);
       err.failure()) {
     return err;
@@ -79,14 +79,14 @@ ffi::Error DispatchSend(cudaStream_t stream, ffi::AnyBuffer x, I32_2 topk_idx, i
                                                                   static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error DispatchRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, int64_t buffer_id, int64_t num_tokens,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
   constexpr const char* kTarget = "jax_ep_ll_dispatch_recv";
   Call c;
-  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
   }
@@ -97,14 +97,14 @@ ffi::Error DispatchRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, i
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineSend(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_count, I32_2 src_rank,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_count, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = "jax_ep_ll_combine_send";
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
   Call c;
-  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
   }
@@ -115,12 +115,12 @@ ffi::Error CombineSend(cudaStream_t stream, ffi::AnyBuffer y, I32_1 recv_count, 
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
                        int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
                        int64_t num_topk, int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_ll_combine_recv";
   Call c;
-  if (auto err = prepare(kTarget, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
   }
@@ -143,6 +143,7 @@ ffi::Error CombineRecv(cudaStream_t stream, I32_0 /*token: orders the call*/, I3
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS
                                   .Ret<I32_0>(),
@@ -151,6 +152,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<I32_0>() JAX_EP_LL_ATTRS
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -163,6 +165,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_2>()
@@ -174,6 +177,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler, CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>()
                                   .Arg<F32_2>() JAX_EP_LL_ATTRS

@@ -106,6 +106,17 @@ NB_MODULE(_C, m) {
         nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("num_bytes"), nb::arg("timeout_s"),
         nb::arg("local"), nb::arg("peers"),
         "Register memory mapped elsewhere (an NVSHMEM symmetric allocation) as a buffer; returns its id.");
+  m.def("create_intranode_group",
+        [](const std::vector<int>& devices, size_t num_bytes, double timeout_s) {
+          return jax_ep::Runtime::get().create_group(devices, num_bytes, timeout_s);
+        },
+        nb::arg("devices"), nb::arg("num_bytes"), nb::arg("timeout_s"),
+        "One process driving several GPUs: a buffer per device (rank i on devices[i]), peers mapped "
+        "through peer access; returns the group's id.");
+  m.def("intranode_group_members", [](int id) { return jax_ep::Runtime::get().members(id); },
+        "Member buffer ids of a group, in rank order.");
+  m.def("group_barrier_selftest", &jax_ep::group_barrier_selftest, nb::arg("group_id"),
+        "Run one barrier across a group's members (each on its own stream) and check it completed.");
   m.def("intranode_ipc_handle", &ipc_handle, "CUDA IPC handle (bytes) of a buffer.");
   m.def("open_intranode_peer_ipc", &open_peer_ipc, nb::arg("id"), nb::arg("peer"),
         nb::arg("handle"), "Map peer rank `peer`'s buffer from its IPC handle.");

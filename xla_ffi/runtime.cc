@@ -237,10 +237,41 @@ int Runtime::create_external(int device, int rank, int num_ranks, std::size_t nu
   return id;
 }
 
+int Runtime::create_group(const std::vector<int>& devices, std::size_t num_bytes, double timeout_s) {
+  const int n = static_cast<int>(devices.size());
+  if (n < 1 || n > intranode::kMaxRanks) {
+    throw std::invalid_argument("jax_ep runtime: a group needs 1 to 64 devices, got " + std::to_string(n));
+  }
+  std::vector<int> ids;
+  try {
+    for (int r = 0; r < n; ++r) ids.push_back(create(devices[r], r, n, num_bytes, timeout_s));
+    for (int r = 0; r < n; ++r) {
+      for (int p = 0; p < n; ++p) {
+        if (p != r) at(ids[r]).open_peer_local(p, at(ids[p]));
+      }
+    }
+  } catch (...) {
+    for (int id : ids) destroy(id);
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int id = next_id_++;
+  groups_[id] = ids;
+  return id;
+}
+
+std::vector<int> Runtime::members(int id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = groups_.find(id);
+  return it == groups_.end() ? std::vector<int>{} : it->second;
+}
+
 void Runtime::destroy(int id) {
+  for (int member : members(id)) destroy(member);
   std::unique_ptr<IntranodeBuffer> buffer;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    groups_.erase(id);
     auto it = buffers_.find(id);
     if (it == buffers_.end()) return;
     buffer = std::move(it->second);
@@ -248,8 +279,25 @@ void Runtime::destroy(int id) {
   }
 }
 
-IntranodeBuffer* Runtime::find(int64_t id, std::string* error) {
+IntranodeBuffer* Runtime::find(int64_t id, int device, std::string* error) {
   std::lock_guard<std::mutex> lock(mutex_);
+  auto group = groups_.find(static_cast<int>(id));
+  if (group != groups_.end()) {
+    IntranodeBuffer* found = nullptr;
+    for (int member : group->second) {
+      IntranodeBuffer* b = buffers_.at(member).get();
+      if (b->device() != device) continue;
+      if (found != nullptr) {
+        *error = "jax_ep buffer group " + std::to_string(id) + " has several ranks on device " +
+                 std::to_string(device) + "; a handler cannot tell them apart";
+        return nullptr;
+      }
+      found = b;
+    }
+    if (found == nullptr) *error = "jax_ep buffer group " + std::to_string(id) + " has no rank on device " +
+                                   std::to_string(device);
+    return found;
+  }
   auto it = buffers_.find(static_cast<int>(id));
   if (it == buffers_.end()) {
     *error = "jax_ep buffer " + std::to_string(id) +
@@ -261,6 +309,33 @@ IntranodeBuffer* Runtime::find(int64_t id, std::string* error) {
     return nullptr;
   }
   return it->second.get();
+}
+
+void group_barrier_selftest(int group_id) {
+  Runtime& runtime = Runtime::get();
+  const std::vector<int> ids = runtime.members(group_id);
+  if (ids.empty()) throw std::invalid_argument("jax_ep runtime: " + std::to_string(group_id) + " is not a group");
+  std::vector<cudaStream_t> streams(ids.size());
+  for (std::size_t r = 0; r < ids.size(); ++r) {
+    IntranodeBuffer& b = runtime.at(ids[r]);
+    DeviceGuard guard(b.device());
+    check(cudaStreamCreateWithFlags(&streams[r], cudaStreamNonBlocking), "cudaStreamCreate");
+    check(intranode::launch_barrier(b.peer_table(), 0, streams[r]), "barrier launch");
+  }
+  for (std::size_t r = 0; r < ids.size(); ++r) {
+    IntranodeBuffer& b = runtime.at(ids[r]);
+    DeviceGuard guard(b.device());
+    check(cudaStreamSynchronize(streams[r]), "barrier of the group self-test");
+    cudaStreamDestroy(streams[r]);
+    intranode::Signals signals{};
+    check(cudaMemcpy(&signals, b.local(), sizeof(signals), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    for (std::size_t p = 0; p < ids.size(); ++p) {
+      if (signals.arrived[p] < signals.epoch || signals.epoch == 0) {
+        throw std::runtime_error("jax_ep runtime: group self-test: rank " + std::to_string(r) +
+                                 " did not see rank " + std::to_string(p) + " arrive");
+      }
+    }
+  }
 }
 
 IntranodeBuffer& Runtime::at(int id) {

@@ -66,6 +66,11 @@ class IntranodeBuffer {
   std::thread watcher_;  // prints a timeout record as soon as a kernel writes it
 };
 
+// Runs one barrier across the members of a group, each on its own stream,
+// and checks every member saw every other one (a self-test of peer mapping
+// inside one process; works with several members on one GPU).
+void group_barrier_selftest(int group_id);
+
 // Message of a timeout record (empty when none).
 std::string timeout_message(const intranode::TimeoutRecord& rec);
 
@@ -76,15 +81,23 @@ class Runtime {
   int create(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s);
   int create_external(int device, int rank, int num_ranks, std::size_t num_bytes, double timeout_s,
                       char* local, const std::vector<char*>& peers);
-  void destroy(int id);
-  // The buffer, or nullptr (with *error set) when the id is unknown or not ready.
-  IntranodeBuffer* find(int64_t id, std::string* error);
+  // One process driving several GPUs: one buffer per listed device (rank i
+  // on devices[i]), every pair mapped through peer access. Returns the id of
+  // the group; a handler finds the member of the device it runs on.
+  int create_group(const std::vector<int>& devices, std::size_t num_bytes, double timeout_s);
+  // Member buffer ids in rank order (empty when `id` is not a group).
+  std::vector<int> members(int id);
+  void destroy(int id);  // a buffer, or every member of a group
+  // The buffer (a group's member on `device`), or nullptr with *error set
+  // when the id is unknown, not ready, or the group has no member there.
+  IntranodeBuffer* find(int64_t id, int device, std::string* error);
   IntranodeBuffer& at(int id);
 
  private:
   std::mutex mutex_;
   int next_id_ = 1;
   std::unordered_map<int, std::unique_ptr<IntranodeBuffer>> buffers_;
+  std::unordered_map<int, std::vector<int>> groups_;
 };
 
 }  // namespace jax_ep

@@ -84,3 +84,55 @@ def test_kernels_in_fori_loop(rng):
         return jax.lax.fori_loop(0, 50, body, jnp.float32(0))
 
     np.testing.assert_allclose(float(loop(idx, x)), float(loop_ref(idx, x)), rtol=1e-6)
+
+
+def test_group_runtime_two_ranks_on_one_gpu():
+    """One process driving several ranks (a buffer group, peers through peer
+    access): both members map each other and a barrier across them completes,
+    twice. Here both ranks sit on the one GPU; on a multi-GPU host the same
+    path enables peer access between devices."""
+    from jax_ep.runtime import IntranodeRuntime
+
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev, dev], 1 << 22, timeout_s=10.0)
+    try:
+        assert group.num_ranks == 2 and group.transports == ("peer", "peer")
+        members = _extension._C.intranode_group_members(group.buffer_id)
+        assert len(members) == 2 and all(_extension._C.intranode_buffer_ready(m) for m in members)
+        _extension._C.group_barrier_selftest(group.buffer_id)
+        _extension._C.group_barrier_selftest(group.buffer_id)
+    finally:
+        group.destroy()
+    assert _extension._C.intranode_group_members(group.buffer_id) == []
+
+
+def test_group_runtime_ffi_finds_the_member_of_its_device(rng):
+    """FFI calls name a group by one id and pick the member of the device they
+    run on: dispatch + combine through a one-device group match the reference."""
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
+
+    t, k, e, h = 64, 4, 16, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e))
+    try:
+        idx = random_routing(rng, 1, t, k, e)[0]
+        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((1,), ("ep",))
+
+        def run(options):
+            def body(x, i, w):
+                out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
+                return out.recv_x, jax_ep.combine(out.recv_x, out.handle)
+
+            return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(x, idx, w)
+
+        got = run(jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id))
+        want = run(jax_ep.NormalOptions())
+        np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint16), np.asarray(want[0]).view(np.uint16))
+        np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32), rtol=1e-2)
+    finally:
+        group.destroy()
