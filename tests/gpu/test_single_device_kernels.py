@@ -119,9 +119,10 @@ def test_group_runtime_ffi_finds_the_member_of_its_device(rng):
         x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
         w = jnp.asarray(rng.random((t, k)), jnp.float32)
 
-        from jax.sharding import PartitionSpec as P
+        from jax.sharding import NamedSharding, PartitionSpec as P
 
-        mesh = jax.make_mesh((1,), ("ep",))
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
 
         def run(options):
             def body(x, i, w):
