@@ -471,6 +471,25 @@ struct Vec8<float> {
   }
 };
 
+// Float32 sum of 16-byte vector `v` of `n` rows (null rows count as zero),
+// in row order so every rank sums alike; eight loads in flight per thread.
+template <typename V>
+__device__ __forceinline__ int4 sum_rows(const char* const* rows, int n, int v) {
+  constexpr int kCols = 8;
+  float acc[V::kN] = {};
+  for (int j0 = 0; j0 < n; j0 += kCols) {
+    int4 value[kCols];
+#pragma unroll
+    for (int u = 0; u < kCols; ++u) {
+      const char* row = j0 + u < n ? rows[j0 + u] : nullptr;
+      value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
+  }
+  return V::pack(acc);
+}
+
 // Announce this call's epoch to every peer without waiting (the combine's
 // reducers do the waiting). A rank announces a call only after its previous
 // call finished (stream order), so seeing every peer's announcement means
@@ -602,7 +621,6 @@ template <typename T>
 __device__ void combine_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                                unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
-  constexpr int kCols = 8;  // loads in flight per thread
   __shared__ const char* rows_of[kGroupsPerBlock][kMaxSendCols];
   const char** rows = rows_of[g.id];
   const int R = peers.num_ranks, C = a.capacity, B = a.chunk_rows, S = a.num_send_cols;
@@ -624,20 +642,7 @@ __device__ void combine_reduce(const Group& g, const PeerTable& peers, const Com
     }
     g.sync();
     int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
-    for (int v = g.tid; v < vecs; v += kGroupThreads) {
-      float acc[V::kN] = {};
-      for (int j0 = 0; j0 < S; j0 += kCols) {
-        int4 value[kCols];
-#pragma unroll
-        for (int u = 0; u < kCols; ++u) {
-          const char* row = j0 + u < S ? rows[j0 + u] : nullptr;
-          value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
-      }
-      out_row[v] = V::pack(acc);
-    }
+    for (int v = g.tid; v < vecs; v += kGroupThreads) out_row[v] = sum_rows<V>(rows, S, v);
     g.sync();  // rows[] is rewritten for the next token
   }
 }
@@ -735,7 +740,6 @@ template <typename T, int kBatchTokens>
 __device__ void ring_reduce(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                             unsigned long long epoch, int index, int count) {
   using V = Vec8<T>;
-  constexpr int kCols = 8;
   __shared__ const char* rows_of[kGroupsPerBlock][kBatchTokens * kMaxRanks];
   __shared__ int start_of[kGroupsPerBlock][kMaxRanks];
   const char** rows = rows_of[g.id];
@@ -777,19 +781,8 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
     g.sync();
     for (int e = g.tid; e < n * vecs; e += kGroupThreads) {
       const int k = e / vecs, v = e - k * vecs;
-      const char* const* trow = rows + k * R;
-      float acc[V::kN] = {};
-      for (int j0 = 0; j0 < R; j0 += kCols) {
-        int4 value[kCols];
-#pragma unroll
-        for (int u = 0; u < kCols; ++u) {
-          const char* row = j0 + u < R ? trow[j0 + u] : nullptr;
-          value[u] = row != nullptr ? ld_cg_v4(reinterpret_cast<const int4*>(row) + v) : make_int4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < kCols; ++u) V::add(acc, value[u]);
-      }
-      reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t0 + k) * a.hidden)[v] = V::pack(acc);
+      reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t0 + k) * a.hidden)[v] =
+          sum_rows<V>(rows + k * R, R, v);
     }
     g.sync();  // every read of this batch's rows has returned
     if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(t0 + static_cast<long long>(count) * kBatchTokens));
