@@ -104,6 +104,10 @@ for R in ${JAX_EP_GPU_RANKS:-2 4 8}; do
   done
 done
 
+# One process driving every local GPU (a buffer group); skips itself with one GPU.
+step single_process_multi_gpu "$OUT/single_process_multi_gpu.log" \
+  timeout --kill-after=30 300 python3 tests/gpu/single_process_multi_gpu.py
+
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
