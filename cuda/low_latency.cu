@@ -117,10 +117,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // One block per token: build its message once in shared memory (BF16 copy,
 // or the per-128-channel FP8 cast of jax_ep.reference.fp8), then warp k
-// copies it to the destination of top-k slot k. The last block to finish
-// publishes every expert's count to the expert's rank.
+// copies it to the destination of top-k slot k. With `per_slot` (BF16 only)
+// x is [T, K, H] and slot k sends its own row x[t, k] (the backward of
+// combine). The last block to finish publishes every expert's count to the
+// expert's rank.
 __global__ void __launch_bounds__(kThreads)
-    send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx) {
+    send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx, bool per_slot) {
   extern __shared__ int4 smem[];
   char* msg = reinterpret_cast<char*>(smem);
   const int R = p.num_ranks, me = p.rank, le = s.local_experts(R);
@@ -135,7 +137,9 @@ __global__ void __launch_bounds__(kThreads)
     const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
     if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
     char* values = msg + kHeaderBytes;
-    if (!s.fp8()) {
+    if (per_slot) {
+      // each slot sends its own row, straight from x below
+    } else if (!s.fp8()) {
       for (int v = threadIdx.x; v < s.hidden / 8; v += blockDim.x)
         reinterpret_cast<int4*>(values)[v] = reinterpret_cast<const int4*>(row)[v];
     } else {
@@ -174,7 +178,12 @@ __global__ void __launch_bounds__(kThreads)
         char* out = half_of(p, dst, call) + l.dispatch_rows +
                     ((static_cast<std::size_t>(local) * R + me) * s.max_tokens + idx) * stride;
         if (lane == 0) *reinterpret_cast<int4*>(out) = make_int4(t, k, 0, 0);
-        for (int v = 1 + lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = smem[v];
+        if (per_slot) {
+          const int4* from = reinterpret_cast<const int4*>(x + (static_cast<long long>(t) * s.num_topk + k) * s.hidden);
+          for (int v = lane; v < s.hidden / 8; v += 32) reinterpret_cast<int4*>(out)[1 + v] = from[v];
+        } else {
+          for (int v = 1 + lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = smem[v];
+        }
       }
     }
     __syncthreads();
@@ -432,6 +441,36 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out[t, k] = row(t, first slot naming k's expert), or zeros on a masked
+// slot: the rows a combine would sum, unsummed (the backward of combine and
+// of dispatch). A warp per (token, slot).
+__global__ void __launch_bounds__(kThreads)
+    combine_gather_kernel(PeerTable p, Shape s, const int* topk_idx, __nv_bfloat16* out) {
+  const int R = p.num_ranks;
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const char* mine = half_of(p, p.rank, call);
+  const int vecs = s.hidden / 8;
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  for (int i = warp; i < s.num_tokens * s.num_topk; i += num_warps) {
+    const int t = i / s.num_topk, k = i % s.num_topk;
+    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
+    const int id = ids[k];
+    int4* to = reinterpret_cast<int4*>(out + static_cast<long long>(i) * s.hidden);
+    if (id < 0 || id >= s.num_experts) {
+      for (int v = lane; v < vecs; v += 32) to[v] = make_int4(0, 0, 0, 0);
+      continue;
+    }
+    int k0 = 0;
+    while (ids[k0] != id) ++k0;
+    const int4* from = reinterpret_cast<const int4*>(
+        mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * s.hidden * 2);
+    for (int v = lane; v < vecs; v += 32) to[v] = ld_nc_v4(from + v);
+  }
+}
+
 int blocks_for(int num_blocks) { return std::max(1, num_blocks); }
 
 // Kernels that never wait may take more blocks than the budget of waiting ones.
@@ -447,12 +486,12 @@ std::size_t buffer_bytes(const Shape& s, int num_ranks) {
 }
 
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
-                                 const int* topk_idx, int num_blocks, cudaStream_t stream) {
+                                 const int* topk_idx, int num_blocks, cudaStream_t stream, bool per_slot) {
   plan_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(peers, s, topk_idx);
   const int smem = static_cast<int>(s.message_stride());
   cudaFuncSetAttribute(send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   send_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, smem, stream>>>(
-      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx);
+      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx, per_slot);
   return cudaGetLastError();
 }
 
@@ -483,6 +522,15 @@ cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const in
   wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
   combine_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
+  advance_kernel<<<1, 1, 0, stream>>>(peers, 1);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_gather(const PeerTable& peers, const Shape& s, const int* topk_idx, void* out,
+                                  int num_blocks, cudaStream_t stream) {
+  wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
+  combine_gather_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
+      peers, s, topk_idx, static_cast<__nv_bfloat16*>(out));
   advance_kernel<<<1, 1, 0, stream>>>(peers, 1);
   return cudaGetLastError();
 }

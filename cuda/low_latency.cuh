@@ -95,8 +95,11 @@ struct Layout {
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
 
 // Send: quantize (FP8) and push every (token, expert) message, publish counts.
+// With `per_slot` (BF16 only) x is [T, K, H] and each top-k slot sends its own
+// row instead of the token's.
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
-                                 const int* topk_idx, int num_blocks, cudaStream_t stream);
+                                 const int* topk_idx, int num_blocks, cudaStream_t stream,
+                                 bool per_slot = false);
 
 // Receive: wait for every source's counts, pack rows, write the routing.
 // recv_x [E/R, R*M, H] (bf16, or fp8 values); recv_scales [E/R, R*M, G] (fp8
@@ -116,6 +119,11 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
                                 const float* topk_weights, void* out, int num_blocks,
                                 cudaStream_t stream);
+
+// Combine receive without the sum: out [T, K, H] bf16 = row(t, first slot of
+// k's expert), zeros on masked slots.
+cudaError_t launch_combine_gather(const PeerTable& peers, const Shape& s, const int* topk_idx, void* out,
+                                  int num_blocks, cudaStream_t stream);
 
 }  // namespace low_latency
 }  // namespace jax_ep

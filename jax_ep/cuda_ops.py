@@ -258,3 +258,40 @@ def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Ar
     if recv_count is None:
         recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
     return ll_combine_recv(ll_combine_send(y, recv_count, handle), topk_weights, handle)
+
+
+# --- low-latency gradients -------------------------------------------------------
+
+IMPLEMENTED += ("ll_gather_back", "ll_scatter_out")
+
+
+def ll_gather_back(y: jax.Array, handle) -> jax.Array:
+    """[E/R, R*M, H] -> float32 [T, K, H]: the row each top-k slot reads (the
+    first slot naming its expert), zeros on masked slots. A combine without
+    the sum: the rows travel back as in ``ll_combine``."""
+    spec = handle.spec
+    recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
+    token = ll_combine_send(y.astype(jnp.bfloat16), recv_count, handle)
+    call = jax.ffi.ffi_call(
+        "jax_ep_ll_combine_gather_recv",
+        jax.ShapeDtypeStruct((spec.num_tokens, spec.num_topk, spec.hidden), jnp.bfloat16), **_COMM
+    )
+    return _varying(call(token, handle.topk_idx, **_ll_attrs(spec)), spec.axis_name).astype(jnp.float32)
+
+
+def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
+    """Transpose of ``ll_gather_back``: v [T, K, H] -> float32 [E/R, R*M, H].
+
+    Slots naming the same expert add into its first slot, whose row then
+    travels like a BF16 low-latency dispatch (one row per slot instead of one
+    per token). Padding rows are zero."""
+    import dataclasses
+
+    spec = handle.spec
+    idx = handle.topk_idx
+    same = (idx[:, :, None] == idx[:, None, :]).astype(jnp.float32)  # [T, K, K]
+    rows = jnp.einsum("tkj,tjh->tkh", same, v.astype(jnp.float32), precision="highest").astype(jnp.bfloat16)
+    bf16 = dataclasses.replace(spec, options=dataclasses.replace(spec.options, fp8=None))
+    token = ll_dispatch_send(rows, idx, bf16)
+    recv_x, _, _ = ll_dispatch_recv(token, idx, bf16)
+    return jnp.where((handle.recv_src_rank >= 0)[..., None], recv_x.astype(jnp.float32), 0.0)

@@ -30,7 +30,8 @@ class LowLatencyDispatchOutput(NamedTuple):
         ``(float8_e4m3fn [E/R, R*M, H], scales)`` with scales ``float32
         [E/R, R*M, H/128]`` or packed UE8M0 ``int32 [E/R, R*M, H/512]``.
         Local expert ``e``'s tokens fill rows ``[0, recv_count[e])`` ordered by
-        (source rank, source token); the rest are zero.
+        (source rank, source token); the rest are zero with the xla backend
+        and unspecified with the CUDA kernels (the handle marks them -1).
       recv_count: ``int32 [E/R]``, tokens received by each local expert.
       handle: ``LowLatencyHandle`` for ``low_latency_combine``.
     """
@@ -140,7 +141,7 @@ def low_latency_dispatch(
 
     Returns:
       ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
-      cotangent to its token (an un-weighted low-latency combine; xla backend).
+      cotangent to its token (an un-weighted low-latency combine).
     """
     spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
     topk_idx = topk_idx.astype(jnp.int32)

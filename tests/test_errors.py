@@ -171,8 +171,9 @@ def test_cuda_backend_missing_op_is_clear():
 
     if not _extension.available():
         pytest.skip("extension not built")
-    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'll_gather_back' kernel in this build"):
-        require(cuda_ops, "ll_gather_back", "cuda")
+    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no 'no_such_op' kernel in this build"):
+        require(cuda_ops, "no_such_op", "cuda")
+    assert {"ll_gather_back", "ll_scatter_out", "combine"} <= set(cuda_ops.IMPLEMENTED)
 
 
 def test_cuda_low_latency_checks(inputs):

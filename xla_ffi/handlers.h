@@ -22,10 +22,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCombineHandler);
 
 // "jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv", "jax_ep_ll_combine_send",
-// "jax_ep_ll_combine_recv"
+// "jax_ep_ll_combine_recv", "jax_ep_ll_combine_gather_recv"
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler);
 
 }  // namespace jax_ep

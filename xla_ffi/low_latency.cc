@@ -1,12 +1,14 @@
 // FFI handlers of the low-latency ops (send and receive halves):
 //
-//   jax_ep_ll_dispatch_send   x bf16[T, H], topk_idx s32[T, K] -> token s32[]
+//   jax_ep_ll_dispatch_send   x bf16[T, H] (or per-slot rows bf16[T, K, H], BF16 payload),
+//                             topk_idx s32[T, K] -> token s32[]
 //   jax_ep_ll_dispatch_recv   token -> recv_x [E/R, R*M, H] (bf16, or f8e4m3fn),
 //                             recv_scales [E/R, R*M, G] (f32 scales, s32 packed UE8M0,
 //                             or f32 with G = 0 for BF16), recv_count s32[E/R],
 //                             recv_src_rank/token/slot s32[E/R, R*M]
 //   jax_ep_ll_combine_send    y bf16[E/R, R*M, H], recv_count, recv_src_rank/token/slot -> token
 //   jax_ep_ll_combine_recv    token, topk_idx s32[T, K], topk_weights f32[T, K] -> out bf16[T, H]
+//   jax_ep_ll_combine_gather_recv  token, topk_idx s32[T, K] -> out bf16[T, K, H] (unsummed rows)
 //
 //   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
 //   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0), num_sms
@@ -67,6 +69,13 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
                         int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = "jax_ep_ll_dispatch_send";
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
+  // x [T, H]: every slot sends its token's row; x [T, K, H] (BF16 only): every
+  // slot sends its own row (the backward of combine).
+  const bool per_slot = x.dimensions().size() == 3;
+  if (per_slot && (payload != 0 || x.dimensions()[0] != topk_idx.dimensions()[0] ||
+                   x.dimensions()[1] != topk_idx.dimensions()[1] || x.dimensions()[2] != hidden)) {
+    return invalid_argument(kTarget, "per-slot rows must be bfloat16 [T, K, H] matching topk_idx, with a BF16 payload");
+  }
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
                          num_topk, payload, &c);
@@ -76,7 +85,8 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
   cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
   return launch_status(kTarget, low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(),
                                                                   topk_idx.typed_data(),
-                                                                  static_cast<int>(num_sms) * kBlocksPerSm, stream));
+                                                                  static_cast<int>(num_sms) * kBlocksPerSm, stream,
+                                                                  per_slot));
 }
 
 ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, int64_t buffer_id, int64_t num_tokens,
@@ -129,6 +139,21 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
                                     out->untyped_data(), static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
+ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+                             int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens,
+                             int64_t hidden, int64_t num_topk, int64_t payload, int64_t num_sms,
+                             ffi::Result<ffi::AnyBuffer> out) {
+  constexpr const char* kTarget = "jax_ep_ll_combine_gather_recv";
+  Call c;
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+      err.failure()) {
+    return err;
+  }
+  return launch_status(kTarget, low_latency::launch_combine_gather(c.buf->peer_table(), c.shape,
+                                                                   topk_idx.typed_data(), out->untyped_data(),
+                                                                   static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
 }  // namespace
 
 #define JAX_EP_LL_ATTRS                                                                          \
@@ -143,7 +168,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS
                                   .Ret<I32_0>(),
@@ -152,7 +177,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<I32_0>() JAX_EP_LL_ATTRS
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -165,7 +190,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_2>()
@@ -177,10 +202,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler, CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>()
                                   .Arg<F32_2>() JAX_EP_LL_ATTRS
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler, CombineGatherRecv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<I32_0>()
+                                  .Arg<I32_2>() JAX_EP_LL_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -49,6 +49,7 @@ nb::dict registrations() {
   targets["jax_ep_ll_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyDispatchRecvHandler);
   targets["jax_ep_ll_combine_send"] = handler_capsule(jax_ep::LowLatencyCombineSendHandler);
   targets["jax_ep_ll_combine_recv"] = handler_capsule(jax_ep::LowLatencyCombineRecvHandler);
+  targets["jax_ep_ll_combine_gather_recv"] = handler_capsule(jax_ep::LowLatencyCombineGatherRecvHandler);
   return targets;
 }
 
