@@ -160,16 +160,22 @@ def _ll_combine(y, topk_weights, handle):
 
 
 def _ll_combine_fwd(y, topk_weights, handle):
-    return _ll_combine(y, topk_weights, handle), (y, topk_weights, handle)
+    out = _ll_combine(y, topk_weights, handle)
+    return out, (y, topk_weights, handle, out)
 
 
 def _ll_combine_bwd(res, ct):
-    y, topk_weights, handle = res
+    y, topk_weights, handle, out = res
     spec = handle.spec
-    weighted = topk_weights[..., None] * ct[:, None, :].astype(jnp.float32)  # [T, K, H]
-    grad_y = _impl(spec, "ll_scatter_out")(weighted, handle).astype(y.dtype)
+    # The CUDA backward ops are calls on the same buffer, and each kind must
+    # follow the previous call of its kind: tie them in order (after the
+    # forward combine's receive, the gather; after the gather, the scatter).
+    y, _ = jax.lax.optimization_barrier((y, out))
     vals = _impl(spec, "ll_gather_back")(y, handle)
     grad_w = jnp.einsum("th,tkh->tk", ct.astype(jnp.float32), vals, precision="highest")
+    weighted = topk_weights[..., None] * ct[:, None, :].astype(jnp.float32)  # [T, K, H]
+    weighted, _ = jax.lax.optimization_barrier((weighted, vals))
+    grad_y = _impl(spec, "ll_scatter_out")(weighted, handle).astype(y.dtype)
     return grad_y, grad_w, _zero_cotangent(handle)
 
 
