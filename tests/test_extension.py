@@ -15,7 +15,7 @@ TARGETS = {
     "jax_ep_get_dispatch_layout", "jax_ep_per_token_cast_to_fp8", "jax_ep_per_token_cast_back",
     "jax_ep_intranode_dispatch", "jax_ep_intranode_dispatch_fp8", "jax_ep_intranode_cached_dispatch",
     "jax_ep_intranode_combine", "jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
-    "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv",
+    "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv", "jax_ep_ll_combine_gather_recv",
 }
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")
