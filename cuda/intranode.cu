@@ -550,11 +550,13 @@ __device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigne
   }
 }
 
-// Copier side of the combine: stage the valid rows of y chunk by chunk and
-// flag every chunk. Work item w is step w / regions of region w % regions,
-// where a region is one owner's rows (rank-major: rows are grouped by source
-// rank in token order) or all rows (expert-major). A chunk on a region
-// boundary is staged by both regions (same bytes, same flag value).
+// Copier side of the full-staging combine: stage the valid rows of y chunk by
+// chunk and flag every chunk. Work item w is step w / regions of region
+// w % regions, where a region is one owner's rows (rank-major: rows grouped
+// by source rank in token order) or all rows (expert-major). A chunk on a
+// region boundary is staged by both regions (same bytes, same flag value).
+// combine_kernel runs it for the expert-major layout only (one region); the
+// rank-major layout goes through the rings (ring_stage).
 template <typename T>
 __device__ void combine_stage(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                               unsigned long long epoch, int index, int count) {

@@ -6,6 +6,8 @@ have no kernel yet are absent, and ``jax_ep.backends.require`` says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,8 +240,13 @@ def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
     return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec), topk_idx, spec)
 
 
-def ll_combine_send(y: jax.Array, recv_count: jax.Array, handle) -> jax.Array:
-    """Push every valid expert-output row back to its token's owner."""
+def ll_combine_send(y: jax.Array, recv_count: jax.Array | None, handle) -> jax.Array:
+    """Push every valid expert-output row back to its token's owner.
+
+    recv_count: the dispatch's ``int32 [E/R]``, or None to derive it from the
+    handle (its rows that are not -1)."""
+    if recv_count is None:
+        recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
     call = jax.ffi.ffi_call("jax_ep_ll_combine_send", _TOKEN, **_COMM)
     return call(y, recv_count, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot,
                 **_ll_attrs(handle.spec))
@@ -255,8 +262,6 @@ def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Ar
 
 
 def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Array | None = None) -> jax.Array:
-    if recv_count is None:
-        recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
     return ll_combine_recv(ll_combine_send(y, recv_count, handle), topk_weights, handle)
 
 
@@ -270,8 +275,7 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
     first slot naming its expert), zeros on masked slots. A combine without
     the sum: the rows travel back as in ``ll_combine``."""
     spec = handle.spec
-    recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
-    token = ll_combine_send(y.astype(jnp.bfloat16), recv_count, handle)
+    token = ll_combine_send(y.astype(jnp.bfloat16), None, handle)
     call = jax.ffi.ffi_call(
         "jax_ep_ll_combine_gather_recv",
         jax.ShapeDtypeStruct((spec.num_tokens, spec.num_topk, spec.hidden), jnp.bfloat16), **_COMM
@@ -285,8 +289,6 @@ def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
     Slots naming the same expert add into its first slot, whose row then
     travels like a BF16 low-latency dispatch (one row per slot instead of one
     per token). Padding rows are zero."""
-    import dataclasses
-
     spec = handle.spec
     idx = handle.topk_idx
     same = (idx[:, :, None] == idx[:, None, :]).astype(jnp.float32)  # [T, K, K]

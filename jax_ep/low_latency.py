@@ -286,8 +286,6 @@ def low_latency_combine_send(y: jax.Array, handle: LowLatencyHandle, recv_count:
     if hasattr(backend, "ll_combine_send"):
         if y.dtype != jnp.bfloat16:
             raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
-        if recv_count is None:
-            recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
         return LowLatencyPending(backend.ll_combine_send(y, recv_count, handle), (handle,), handle.spec)
     return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec)
 
