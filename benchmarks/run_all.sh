@@ -23,9 +23,9 @@ for R in ${JAX_EP_BENCH_RANKS-2 4 8}; do
     || status=1
 done
 for R in ${JAX_EP_LL_BENCH_RANKS-8}; do
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.45 / $R:.3f}')") JAX_EP_LL_BENCH_OUT="$OUT/bench" \
-    JAX_EP_LL_SMS=${JAX_EP_LL_SMS:-4,8,16} \
-    python3 -m jax_ep.launch -n "$R" --timeout 300 tests/gpu/multirank_low_latency.py || status=1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.45 / $R:.3f}')") \
+    python3 -m jax_ep.launch -n "$R" --timeout 400 benchmarks/bench_low_latency.py \
+      --sms "${JAX_EP_LL_SMS:-4,8,16}" --out "$OUT/bench" || status=1
 done
 if [ -n "${JAX_EP_COMPARE-1}" ]; then
   python3 benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 2048 --hidden 1024 --ffn 2048 \

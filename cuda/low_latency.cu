@@ -25,8 +25,11 @@ __device__ __forceinline__ unsigned long long* dispatch_counter(const PeerTable&
 __device__ __forceinline__ unsigned long long* combine_counter(const PeerTable& p) {
   return &reinterpret_cast<Signals*>(p.base[p.rank])->pad[1];
 }
-__device__ __forceinline__ unsigned int* blocks_done(const PeerTable& p) {
-  return reinterpret_cast<unsigned int*>(&reinterpret_cast<Signals*>(p.base[p.rank])->pad[2]);
+// Finished-block counters, one per kernel kind (0 dispatch send, 1 combine
+// send, 2 dispatch receive, 3 combine receive): a send on the send stream may
+// run beside a call of the other kind on XLA's stream.
+__device__ __forceinline__ unsigned int* blocks_done(const PeerTable& p, int which) {
+  return reinterpret_cast<unsigned int*>(&reinterpret_cast<Signals*>(p.base[p.rank])->pad[2 + which]);
 }
 
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
@@ -47,24 +50,28 @@ __device__ unsigned long long wait_call(const PeerTable& p, const unsigned long 
   return v;
 }
 
-// True in every thread of the block that finished last (after a system
-// fence of this block's writes); that block resets the counter.
-__device__ __forceinline__ bool last_block_done(const PeerTable& p) {
+// True in every thread of the block that finished last; that block resets
+// the counter. kPublish: fence this block's writes at system scope first (a
+// send whose last block then publishes them to peers).
+template <bool kPublish>
+__device__ __forceinline__ bool last_block_done(const PeerTable& p, int which) {
   __shared__ bool last;
-  __threadfence_system();
+  if (kPublish) __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    last = atomicAdd(blocks_done(p), 1u) + 1 == gridDim.x;
-    if (last) *blocks_done(p) = 0;
+    last = atomicAdd(blocks_done(p, which), 1u) + 1 == gridDim.x;
+    if (last) *blocks_done(p, which) = 0;
   }
   __syncthreads();
   return last;
 }
 
-// Ends a receive: the next send of this kind is the next call.
-__global__ void advance_kernel(PeerTable p, int which) {
+// Ends a receive (its last block): the next send of this kind is the next call.
+__device__ __forceinline__ void advance(const PeerTable& p, int which) {
   unsigned long long* c = which == 0 ? dispatch_counter(p) : combine_counter(p);
-  *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
+  if (last_block_done<false>(p, 2 + which) && threadIdx.x == 0) {
+    *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
+  }
 }
 
 // Bits of float32 scale -> smallest power of two >= it (exact).
@@ -75,64 +82,33 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float(e << 23);
 }
 
-// Plan the sends: one warp per global expert finds the local tokens whose
-// first slot names it, in token order, and records each one's index among
-// them (slot_index[t, k0]) and the expert's count. Slots that send nothing
-// get -1.
-__global__ void __launch_bounds__(kThreads)
-    plan_kernel(PeerTable p, Shape s, const int* topk_idx) {
-  const int R = p.num_ranks;
-  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
-  const Layout l = Layout::make(s, R);
-  char* mine = half_of(p, p.rank, call);
-  int* slot_index = reinterpret_cast<int*>(mine + l.slot_index);
-  int* expert_count = reinterpret_cast<int*>(mine + l.expert_count);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < s.num_tokens * s.num_topk; i += gridDim.x * blockDim.x) {
-    const int* ids = topk_idx + (i / s.num_topk) * s.num_topk;
-    const int k = i % s.num_topk, id = ids[k];
-    bool first = id >= 0 && id < s.num_experts;
-    for (int j = 0; j < k; ++j) first &= ids[j] != id;
-    if (!first) slot_index[i] = -1;
-  }
-  for (int e = warp; e < s.num_experts; e += num_warps) {
-    int count = 0;
-    for (int base = 0; base < s.num_tokens; base += 32) {
-      const int t = base + lane;
-      int slot = -1;
-      if (t < s.num_tokens) {
-        const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
-        for (int k = 0; k < s.num_topk && slot < 0; ++k) slot = ids[k] == e ? k : -1;
-      }
-      const unsigned int hit = __ballot_sync(kFullWarpMask, slot >= 0);
-      if (slot >= 0) slot_index[t * s.num_topk + slot] = count + __popc(hit & ((1u << lane) - 1u));
-      count += __popc(hit);
-    }
-    if (lane == 0) expert_count[e] = count;
-  }
+// Whether top-k slot k of a token sends: a valid id its earlier slots do not repeat.
+__device__ __forceinline__ bool first_slot(const int* ids, int k, int num_experts) {
+  const int id = ids[k];
+  bool first = id >= 0 && id < num_experts;
+  for (int j = 0; j < k; ++j) first &= ids[j] != id;
+  return first;
 }
-
 
 // One block per token: build its message once in shared memory (BF16 copy,
 // or the per-128-channel FP8 cast of jax_ep.reference.fp8), then warp k
-// copies it to the destination of top-k slot k. With `per_slot` (BF16 only)
-// x is [T, K, H] and slot k sends its own row x[t, k] (the backward of
-// combine). The last block to finish publishes every expert's count to the
-// expert's rank.
+// copies it to the destination of top-k slot k, at the index of token t among
+// this rank's tokens naming that expert (the warp counts the earlier tokens
+// naming it, so no planning pass is needed). With `per_slot` (BF16 only) x
+// is [T, K, H] and slot k sends its own row x[t, k] (the backward of
+// combine). The last block to finish counts each expert's tokens and
+// publishes the counts to the experts' ranks.
 __global__ void __launch_bounds__(kThreads)
-    send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx, bool per_slot) {
+    send_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx, bool per_slot, int* token) {
   extern __shared__ int4 smem[];
   char* msg = reinterpret_cast<char*>(smem);
   const int R = p.num_ranks, me = p.rank, le = s.local_experts(R);
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
   const std::size_t stride = s.message_stride();
-  const char* mine = half_of(p, me, call);
-  const int* slot_index = reinterpret_cast<const int*>(mine + l.slot_index);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int vecs = static_cast<int>(stride / 16);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *token = 0;
   for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
     const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
     if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
@@ -169,35 +145,48 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
-    if (warp < s.num_topk) {
-      const int k = warp;
-      const int idx = slot_index[t * s.num_topk + k];
-      if (idx >= 0) {
-        const int e = topk_idx[static_cast<long long>(t) * s.num_topk + k];
-        const int dst = e / le, local = e % le;
-        char* out = half_of(p, dst, call) + l.dispatch_rows +
-                    ((static_cast<std::size_t>(local) * R + me) * s.max_tokens + idx) * stride;
-        if (lane == 0) *reinterpret_cast<int4*>(out) = make_int4(t, k, 0, 0);
-        if (per_slot) {
-          const int4* from = reinterpret_cast<const int4*>(x + (static_cast<long long>(t) * s.num_topk + k) * s.hidden);
-          for (int v = lane; v < s.hidden / 8; v += 32) reinterpret_cast<int4*>(out)[1 + v] = from[v];
-        } else {
-          for (int v = 1 + lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = smem[v];
+    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
+    if (warp < s.num_topk && first_slot(ids, warp, s.num_experts)) {
+      const int k = warp, e = ids[k];
+      int idx = 0;  // earlier tokens naming e
+      for (int base = 0; base < t; base += 32) {
+        bool names = false;
+        if (base + lane < t) {
+          const int* other = topk_idx + static_cast<long long>(base + lane) * s.num_topk;
+          for (int j = 0; j < s.num_topk; ++j) names |= other[j] == e;
         }
+        idx += __popc(__ballot_sync(kFullWarpMask, names));
+      }
+      const int dst = e / le, local = e % le;
+      char* out = half_of(p, dst, call) + l.dispatch_rows +
+                  ((static_cast<std::size_t>(local) * R + me) * s.max_tokens + idx) * stride;
+      if (lane == 0) *reinterpret_cast<int4*>(out) = make_int4(t, k, 0, 0);
+      if (per_slot) {
+        const int4* from = reinterpret_cast<const int4*>(x + (static_cast<long long>(t) * s.num_topk + k) * s.hidden);
+        for (int v = lane; v < s.hidden / 8; v += 32) reinterpret_cast<int4*>(out)[1 + v] = from[v];
+      } else {
+        for (int v = 1 + lane; v < vecs; v += 32) reinterpret_cast<int4*>(out)[v] = smem[v];
       }
     }
     __syncthreads();
   }
-  // The last block to finish publishes the counts, one thread per expert:
-  // one system fence, then plain stores (release stores one after another
-  // would cost a fence each).
-  if (last_block_done(p)) {
+  // The last block to finish counts each expert's tokens (a shared-memory
+  // histogram of the first slots) and publishes the counts, one thread per
+  // expert: one system fence, then plain stores (release stores one after
+  // another would cost a fence each).
+  if (last_block_done<true>(p, 0)) {
+    __shared__ int count[kCountSlots];
+    for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < s.num_tokens * s.num_topk; i += blockDim.x) {
+      const int* ids = topk_idx + (i / s.num_topk) * s.num_topk;
+      if (first_slot(ids, i % s.num_topk, s.num_experts)) atomicAdd(&count[ids[i % s.num_topk]], 1);
+    }
+    __syncthreads();
     __threadfence_system();
-    const int* expert_count = reinterpret_cast<const int*>(mine + l.expert_count);
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
       auto* slot = &dispatch_counts(p.base[e / le], static_cast<int>(call & 1))[(e % le) * R + me];
-      *reinterpret_cast<volatile unsigned long long*>(slot) =
-          (call << 32) | static_cast<unsigned long long>(expert_count[e]);
+      *reinterpret_cast<volatile unsigned long long*>(slot) = (call << 32) | static_cast<unsigned long long>(count[e]);
     }
   }
 }
@@ -321,28 +310,38 @@ __global__ void __launch_bounds__(kThreads)
           reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
     }
   }
+  advance(p, 0);
 }
 
 // Push each valid row of y to its token's owner, into [token][slot], several
 // 16-byte loads in flight per thread; the last block publishes the flags.
+// Expert e's valid rows are [0, count): the rows before its first -1 source.
 __global__ void __launch_bounds__(kThreads)
-    combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* recv_count,
-                        const int* src_rank, const int* src_token, const int* src_slot) {
+    combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* src_rank,
+                        const int* src_token, const int* src_slot, int* token) {
   const int R = p.num_ranks;
   const int le = s.local_experts(R);
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
   const int rows_out = R * s.max_tokens;
   const int vecs = s.hidden / 8;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *token = 0;
   // Only the valid rows: first[e] = valid rows of the experts before e.
   __shared__ int first[2049];
-  if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int e = 0; e < le; ++e) {
-      first[e] = acc;
-      acc += recv_count[e];
+  for (int e = threadIdx.x; e < le; e += blockDim.x) {
+    const int* ranks = src_rank + static_cast<long long>(e) * rows_out;
+    int lo = 0, hi = rows_out;  // count = the first row whose source is -1
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (ranks[mid] >= 0) lo = mid + 1;
+      else hi = mid;
     }
-    first[le] = acc;
+    first[e + 1] = lo;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    first[0] = 0;
+    for (int e = 1; e <= le; ++e) first[e] += first[e - 1];
   }
   __syncthreads();
   // One warp per valid row: find it once, then push its vectors.
@@ -374,7 +373,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  if (last_block_done(p) && threadIdx.x < R) {
+  if (last_block_done<true>(p, 1) && threadIdx.x < R) {
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(
         &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;
@@ -439,6 +438,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
     reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
   }
+  advance(p, 1);
 }
 
 // out[t, k] = row(t, first slot naming k's expert), or zeros on a masked
@@ -469,9 +469,8 @@ __global__ void __launch_bounds__(kThreads)
         mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * s.hidden * 2);
     for (int v = lane; v < vecs; v += 32) to[v] = ld_nc_v4(from + v);
   }
+  advance(p, 1);
 }
-
-int blocks_for(int num_blocks) { return std::max(1, num_blocks); }
 
 // Kernels that never wait may take more blocks than the budget of waiting ones.
 int copy_blocks_for(int num_blocks, long long items) {
@@ -486,12 +485,12 @@ std::size_t buffer_bytes(const Shape& s, int num_ranks) {
 }
 
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
-                                 const int* topk_idx, int num_blocks, cudaStream_t stream, bool per_slot) {
-  plan_kernel<<<blocks_for(num_blocks), kThreads, 0, stream>>>(peers, s, topk_idx);
+                                 const int* topk_idx, int* token, int num_blocks, cudaStream_t stream,
+                                 bool per_slot) {
   const int smem = static_cast<int>(s.message_stride());
   cudaFuncSetAttribute(send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   send_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, smem, stream>>>(
-      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx, per_slot);
+      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx, per_slot, token);
   return cudaGetLastError();
 }
 
@@ -503,16 +502,14 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
   dispatch_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
       recv_src_token, recv_src_slot);
-  advance_kernel<<<1, 1, 0, stream>>>(peers, 0);
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const void* y,
-                                const int* recv_count, const int* recv_src_rank,
-                                const int* recv_src_token, const int* recv_src_slot,
-                                int num_blocks, cudaStream_t stream) {
+                                const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
+                                int* token, int num_blocks, cudaStream_t stream) {
   combine_send_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
-      peers, s, static_cast<const __nv_bfloat16*>(y), recv_count, recv_src_rank, recv_src_token, recv_src_slot);
+      peers, s, static_cast<const __nv_bfloat16*>(y), recv_src_rank, recv_src_token, recv_src_slot, token);
   return cudaGetLastError();
 }
 
@@ -522,7 +519,6 @@ cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const in
   wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
   combine_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
-  advance_kernel<<<1, 1, 0, stream>>>(peers, 1);
   return cudaGetLastError();
 }
 
@@ -531,7 +527,6 @@ cudaError_t launch_combine_gather(const PeerTable& peers, const Shape& s, const 
   wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
   combine_gather_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, static_cast<__nv_bfloat16*>(out));
-  advance_kernel<<<1, 1, 0, stream>>>(peers, 1);
   return cudaGetLastError();
 }
 

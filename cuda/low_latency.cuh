@@ -72,8 +72,6 @@ __host__ __device__ inline unsigned long long* combine_flags(char* base, int hal
 struct Layout {
   std::size_t dispatch_rows;    // [E/R][R][M] messages
   std::size_t combine_rows;     // [M][K] rows of H bf16
-  std::size_t slot_index;       // [M][K] int: this rank's send plan (local scratch)
-  std::size_t expert_count;     // [E] int: this rank's tokens per expert (local scratch)
   std::size_t half_bytes;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
@@ -84,8 +82,6 @@ struct Layout {
     const std::size_t le = s.local_experts(R);
     l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
     l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
-    l.slot_index = o;      o = align_up(o + sizeof(int) * s.max_tokens * s.num_topk, kAlign);
-    l.expert_count = o;    o = align_up(o + sizeof(int) * s.num_experts, kAlign);
     l.half_bytes = o;
     return l;
   }
@@ -94,14 +90,16 @@ struct Layout {
 // Bytes a buffer needs (both halves and the call counters).
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
 
-// Send: quantize (FP8) and push every (token, expert) message, publish counts.
+// Send: quantize (FP8) and push every (token, expert) message, publish counts;
+// one kernel, which also zeroes the int32 `token` (the call's XLA result).
 // With `per_slot` (BF16 only) x is [T, K, H] and each top-k slot sends its own
 // row instead of the token's.
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
-                                 const int* topk_idx, int num_blocks, cudaStream_t stream,
+                                 const int* topk_idx, int* token, int num_blocks, cudaStream_t stream,
                                  bool per_slot = false);
 
-// Receive: wait for every source's counts, pack rows, write the routing.
+// Receive: wait for every source's counts (one block), then pack rows and
+// write the routing (a wider grid that never waits).
 // recv_x [E/R, R*M, H] (bf16, or fp8 values); recv_scales [E/R, R*M, G] (fp8
 // only); recv_count [E/R]; recv_src_{rank,token,slot} [E/R, R*M] (-1 padding).
 cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* recv_x,
@@ -109,11 +107,11 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  int* recv_src_token, int* recv_src_slot, int num_blocks,
                                  cudaStream_t stream);
 
-// Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's owner.
+// Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
+// owner (valid rows: those whose recv_src_rank is not -1); zeroes `token`.
 cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const void* y,
-                                const int* recv_count, const int* recv_src_rank,
-                                const int* recv_src_token, const int* recv_src_slot,
-                                int num_blocks, cudaStream_t stream);
+                                const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
+                                int* token, int num_blocks, cudaStream_t stream);
 
 // Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert).
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,

@@ -139,11 +139,12 @@ class Buffer:
         self._alive()
         return _ll.low_latency_combine(y, topk_weights, handle)
 
-    def low_latency_dispatch_send(self, x, topk_idx, options: LowLatencyOptions | None = None):
+    def low_latency_dispatch_send(self, x, topk_idx, options: LowLatencyOptions | None = None, *, after=None):
         """See ``jax_ep.low_latency_dispatch_send``."""
         self._alive()
         return _ll.low_latency_dispatch_send(
-            x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options or self.low_latency
+            x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options or self.low_latency,
+            after=after,
         )
 
     def destroy(self) -> None:

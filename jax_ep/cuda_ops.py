@@ -206,16 +206,26 @@ def _ll_attrs(spec):
     )
 
 
-def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec) -> jax.Array:
-    """Push every (token, expert) message; returns the token that orders the receive."""
+def _target(name: str, asynchronous: bool) -> str:
+    return name + ("_async" if asynchronous else "")
+
+
+def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False) -> jax.Array:
+    """Push every (token, expert) message; returns the token that orders the receive.
+
+    asynchronous: run the send on the buffer's send stream; its receive must
+    then be ``ll_dispatch_recv(..., keep_alive=(x, topk_idx))``."""
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
-    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_send", _TOKEN, **_COMM)
+    call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_send", asynchronous), _TOKEN, **_COMM)
     return call(x, topk_idx, **attrs)
 
 
-def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec):
-    """Wait for every source and pack: (recv_x, recv_count, handle)."""
+def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, keep_alive: tuple | None = None):
+    """Wait for every source and pack: (recv_x, recv_count, handle).
+
+    keep_alive: the inputs of an asynchronous send (this receive joins the
+    send stream, and XLA keeps these arrays alive until it runs)."""
     from jax_ep.handle import LowLatencyHandle
 
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
@@ -229,9 +239,10 @@ def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec):
                  else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
     ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
     call = jax.ffi.ffi_call(
-        "jax_ep_ll_dispatch_recv", (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
+        _target("jax_ep_ll_dispatch_recv", keep_alive is not None),
+        (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
-    recv_x, scales, count, src_rank, src_token, src_slot = call(token, **_ll_attrs(spec))
+    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *(keep_alive or ()), **_ll_attrs(spec))
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
     return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
@@ -240,25 +251,36 @@ def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
     return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec), topk_idx, spec)
 
 
+def _combine_send_operands(y: jax.Array, handle) -> tuple:
+    return (y, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot)
+
+
 def ll_combine_send(y: jax.Array, recv_count: jax.Array | None, handle) -> jax.Array:
     """Push every valid expert-output row back to its token's owner.
 
-    recv_count: the dispatch's ``int32 [E/R]``, or None to derive it from the
-    handle (its rows that are not -1)."""
-    if recv_count is None:
-        recv_count = jnp.sum(handle.recv_src_rank >= 0, axis=1).astype(jnp.int32)
+    recv_count: the dispatch's ``int32 [E/R]``; unused here, since the kernel
+    reads each expert's count from the handle (its rows that are not -1)."""
     call = jax.ffi.ffi_call("jax_ep_ll_combine_send", _TOKEN, **_COMM)
-    return call(y, recv_count, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot,
-                **_ll_attrs(handle.spec))
+    return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec))
 
 
-def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Array:
-    """Wait for every rank's rows; [T, H] bf16 weighted sum."""
+def ll_combine_send_async(y: jax.Array, recv_count: jax.Array | None, handle) -> tuple:
+    """``ll_combine_send`` on the buffer's send stream: (token, keep_alive),
+    where keep_alive goes to ``ll_combine_recv``."""
+    operands = _combine_send_operands(y, handle)
+    call = jax.ffi.ffi_call("jax_ep_ll_combine_send_async", _TOKEN, **_COMM)
+    return call(*operands, **_ll_attrs(handle.spec)), operands
+
+
+def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle, keep_alive: tuple | None = None) -> jax.Array:
+    """Wait for every rank's rows; [T, H] bf16 weighted sum. keep_alive: as in ``ll_dispatch_recv``."""
     spec = handle.spec
     call = jax.ffi.ffi_call(
-        "jax_ep_ll_combine_recv", jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
+        _target("jax_ep_ll_combine_recv", keep_alive is not None),
+        jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
-    return _varying(call(token, handle.topk_idx, topk_weights, **_ll_attrs(spec)), spec.axis_name)
+    out = call(token, handle.topk_idx, topk_weights, *(keep_alive or ()), **_ll_attrs(spec))
+    return _varying(out, spec.axis_name)
 
 
 def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Array | None = None) -> jax.Array:

@@ -226,6 +226,14 @@ class LowLatencyPending:
     token: jax.Array
     state: tuple
     spec: object = dataclasses.field(default=None, metadata=dict(static=True))
+    kind: str = dataclasses.field(default="dispatch", metadata=dict(static=True))  # or "combine"
+
+    def then(self, tree):
+        """``tree`` unchanged, ordered after this send: compute that consumes
+        the result is scheduled after the send was issued, so it can overlap
+        the transfer (XLA may otherwise schedule independent compute first)."""
+        tree, _ = jax.lax.optimization_barrier((tree, self.token))
+        return tree
 
 
 def _after(value, after):
@@ -238,20 +246,30 @@ def _after(value, after):
 
 def low_latency_dispatch_send(
     x: jax.Array, topk_idx: jax.Array, *, num_experts: int, axis_name="ep",
-    options: LowLatencyOptions = LowLatencyOptions(),
+    options: LowLatencyOptions = LowLatencyOptions(), after=None,
 ) -> LowLatencyPending:
     """Issue a low-latency dispatch's sends and return at once (DeepEP's
-    ``return_recv_hook``). Work placed between this and
-    ``low_latency_dispatch_recv`` overlaps the transfer; no SM waits meanwhile.
+    ``return_recv_hook``). No SM waits between send and receive.
 
-    Same arguments as ``low_latency_dispatch``. Not differentiable. On one
-    buffer, every send must be received before the next send.
+    With the CUDA backend and ``options.async_send`` (the default) the send
+    kernel runs on a CUDA stream of its own, beside whatever XLA runs next;
+    place compute between send and receive (``pending.then(inputs)`` orders
+    it after the send, ``after=`` orders the receive after it) and it
+    overlaps the transfer. Same arguments as ``low_latency_dispatch``, and
+    ``after``: arrays the send must follow. Not differentiable.
+
+    On one buffer, every send must be received before the next send of its
+    kind. XLA orders calls only by their data, so when one program issues
+    several rounds, pass the previous round's result as ``after``.
     """
+    x, topk_idx = _after((x, topk_idx), after)
     spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
     topk_idx = topk_idx.astype(jnp.int32)
     backend = get_backend(options.backend)
     if hasattr(backend, "ll_dispatch_send"):
-        return LowLatencyPending(backend.ll_dispatch_send(x, topk_idx, spec), (topk_idx,), spec)
+        asynchronous = options.async_send
+        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=asynchronous)
+        return LowLatencyPending(token, (topk_idx, (x, topk_idx) if asynchronous else None), spec)
     out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
 
@@ -264,37 +282,60 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
       after: optional arrays the receive must wait for (XLA schedules the
         receive after them), e.g. the result of the compute to overlap.
     """
+    _check_pending(pending, "low_latency_dispatch_recv", "dispatch")
     spec = pending.spec
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
-        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, pending.state[0], spec))
+        topk_idx, keep_alive = pending.state
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, keep_alive=keep_alive))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 
-def low_latency_combine_send(y: jax.Array, handle: LowLatencyHandle, recv_count: jax.Array | None = None) -> LowLatencyPending:
-    """Issue a low-latency combine's sends (see ``low_latency_dispatch_send``).
+def low_latency_combine_send(
+    y: jax.Array, handle: LowLatencyHandle, recv_count: jax.Array | None = None, *, after=None
+) -> LowLatencyPending:
+    """Issue a low-latency combine's sends (see ``low_latency_dispatch_send``;
+    ``handle.spec.options.async_send`` picks the stream).
 
     Args:
       y: ``[E/R, R*M, H]`` expert outputs (bfloat16 with the CUDA backend).
       handle: the dispatch's handle.
-      recv_count: the dispatch's ``recv_count`` (derived from the handle when omitted).
+      recv_count: the dispatch's ``recv_count``; optional (the handle determines it).
+      after: arrays the send must follow (the previous combine's result when
+        one program issues several rounds).
     """
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+    y = _after(y, after)
     backend = get_backend(handle.spec.options.backend)
     if hasattr(backend, "ll_combine_send"):
         if y.dtype != jnp.bfloat16:
             raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
-        return LowLatencyPending(backend.ll_combine_send(y, recv_count, handle), (handle,), handle.spec)
-    return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec)
+        if handle.spec.options.async_send:
+            token, keep_alive = backend.ll_combine_send_async(y, recv_count, handle)
+        else:
+            token, keep_alive = backend.ll_combine_send(y, recv_count, handle), None
+        return LowLatencyPending(token, (handle, keep_alive), handle.spec, "combine")
+    return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec, "combine")
 
 
 def low_latency_combine_recv(pending: LowLatencyPending, topk_weights: jax.Array, *, after=None) -> jax.Array:
     """Receive a combine issued by ``low_latency_combine_send``: ``[T, H]``."""
+    _check_pending(pending, "low_latency_combine_recv", "combine")
     spec = pending.spec
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_combine_recv"):
-        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, pending.state[0])
+        handle, keep_alive = pending.state
+        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, keep_alive=keep_alive)
     y, handle = _after(pending.state, after)
     return low_latency_combine(y, topk_weights, handle)
+
+
+def _check_pending(pending, fn: str, kind: str) -> None:
+    if not isinstance(pending, LowLatencyPending):
+        raise TypeError(f"{fn} takes the LowLatencyPending returned by low_latency_{kind}_send, got {type(pending).__name__}")
+    if pending.kind != kind:
+        other = "dispatch" if kind == "combine" else "combine"
+        raise TypeError(f"{fn} got the pending result of low_latency_{other}_send; "
+                        f"receive it with low_latency_{other}_recv")

@@ -125,6 +125,13 @@ class LowLatencyOptions:
       checked: raise a runtime error when a top-k id is out of range.
       backend: ``"xla"`` or ``"cuda"``.
       num_sms: SM budget of the CUDA kernels (one 512-thread block per SM).
+      async_send: with the CUDA backend, the split API's send
+        (``low_latency_dispatch_send``, ``low_latency_combine_send``) runs on
+        a high-priority CUDA stream of its own, so compute placed between send
+        and receive runs beside the transfer; the receive joins that stream.
+        Those calls then stay outside XLA command buffers (CUDA graphs).
+        ``False`` runs the send on XLA's stream: capturable, no overlap.
+        The one-call ``low_latency_dispatch``/``combine`` always use XLA's stream.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -134,6 +141,7 @@ class LowLatencyOptions:
     checked: bool = False
     backend: Backend = "xla"
     num_sms: int = 16
+    async_send: bool = True
     buffer_id: int | None = None
 
     def __post_init__(self):
@@ -142,6 +150,8 @@ class LowLatencyOptions:
             raise ValueError(f"fp8 must be None or an FP8Options, got {self.fp8!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_positive_int("num_sms", self.num_sms)
+        if not isinstance(self.async_send, bool):
+            raise TypeError(f"async_send must be True or False, got {self.async_send!r}")
 
     @property
     def payload_code(self) -> int:

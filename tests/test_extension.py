@@ -16,6 +16,8 @@ TARGETS = {
     "jax_ep_intranode_dispatch", "jax_ep_intranode_dispatch_fp8", "jax_ep_intranode_cached_dispatch",
     "jax_ep_intranode_combine", "jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
     "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv", "jax_ep_ll_combine_gather_recv",
+    "jax_ep_ll_dispatch_send_async", "jax_ep_ll_dispatch_recv_async", "jax_ep_ll_combine_send_async",
+    "jax_ep_ll_combine_recv_async",
 }
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")
@@ -108,3 +110,40 @@ def test_fp8_casts_lower_for_cuda(dtype, use_ue8m0):
     assert "stablehlo.custom_call @jax_ep_per_token_cast_back" in text
     assert f"use_ue8m0 = {flag}" in text
     assert f"tensor<{t}x{h}x{'bf16' if dtype == jnp.bfloat16 else 'f32'}>" in text
+
+
+@needs_extension
+@pytest.mark.parametrize("async_send", [True, False])
+def test_low_latency_split_lowers_for_cuda(monkeypatch, async_send):
+    """The split API picks the send-stream targets with async_send, and their
+    receives take the send's inputs again (so XLA keeps them alive)."""
+    import jax_ep
+    from jax_ep import runtime
+    from jax_ep.handle import LowLatencySpec
+
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: None)  # no GPU buffer needed to lower
+    t, k, e, h, r, m = 8, 2, 8, 512, 2, 8
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", buffer_id=7,
+                                    async_send=async_send)
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
+
+    def split(x, idx, w):
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=e, axis_name=None, options=opts)
+        busy = pending.then(x).astype(jnp.float32).sum()
+        o = jax_ep.low_latency_dispatch_recv(pending, after=busy)
+        p2 = jax_ep.low_latency_combine_send(o.recv_x, o.handle)
+        return jax_ep.low_latency_combine_recv(p2, w, after=busy)
+
+    text = _lower_for_cuda(split, jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
+                           jax.ShapeDtypeStruct((t, k), jnp.float32))
+    suffix = "_async" if async_send else ""
+    for op in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"):
+        assert f"stablehlo.custom_call @jax_ep_ll_{op}{suffix}(" in text, op
+        other = "" if async_send else "_async"
+        assert f"@jax_ep_ll_{op}{other}(" not in text, op
+    recv = next(line for line in text.splitlines() if f"@jax_ep_ll_dispatch_recv{suffix}(" in line)
+    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
+    assert len(operands) == (3 if async_send else 1)  # token, then x and topk_idx
+    recv = next(line for line in text.splitlines() if f"@jax_ep_ll_combine_recv{suffix}(" in line)
+    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
+    assert len(operands) == (3 + 4 if async_send else 3)  # token, topk_idx, weights, then y and the routing

@@ -114,3 +114,41 @@ def test_send_recv_split_matches_fused(rng):
         np.testing.assert_array_equal(back[s], fused[s])
         np.testing.assert_array_equal(count[s], ref[s]["count"])
         np.testing.assert_allclose(back[s], 2 * xs[s] * np.where(idxs[s] >= 0, ws[s], 0).sum(1)[:, None], rtol=1e-5, atol=1e-6)
+
+
+def test_split_pending_orders_and_kinds(rng):
+    """``pending.then`` returns its input unchanged; a pending result goes only to its own receive."""
+    r, t, k, e, h, m = 2, 4, 2, 4, 16, 4
+    xs, idxs, ws = _inputs(rng, r, t, k, e, h)
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m)
+
+    def f(x, i, w):
+        pending = jax_ep.low_latency_dispatch_send(x, i, num_experts=e, options=opts)
+        same = pending.then(x)
+        o = jax_ep.low_latency_dispatch_recv(pending)
+        with pytest.raises(TypeError, match="low_latency_dispatch_send; receive it with low_latency_dispatch_recv"):
+            jax_ep.low_latency_combine_recv(pending, w)
+        p2 = jax_ep.low_latency_combine_send(o.recv_x, o.handle)
+        with pytest.raises(TypeError, match="receive it with low_latency_combine_recv"):
+            jax_ep.low_latency_dispatch_recv(p2)
+        with pytest.raises(TypeError, match="takes the LowLatencyPending"):
+            jax_ep.low_latency_dispatch_recv(o)
+        back = jax_ep.low_latency_combine_recv(p2, w)
+        # a second round, ordered after the first
+        o2 = jax_ep.low_latency_dispatch_recv(
+            jax_ep.low_latency_dispatch_send(3 * x, i, num_experts=e, options=opts, after=back))
+        back2 = jax_ep.low_latency_combine_recv(jax_ep.low_latency_combine_send(o2.recv_x, o2.handle, after=back), w)
+        return same, back, back2
+
+    same, back, back2 = run_ranks(f, r, xs, idxs, ws)
+    for s in range(r):
+        np.testing.assert_array_equal(same[s], xs[s])
+        want = xs[s] * np.where(idxs[s] >= 0, ws[s], 0).sum(1)[:, None]
+        np.testing.assert_allclose(back[s], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(back2[s], 3 * want, rtol=1e-5, atol=1e-5)
+
+
+def test_async_send_option_is_checked():
+    assert jax_ep.LowLatencyOptions().async_send is True
+    with pytest.raises(TypeError, match="async_send must be True or False"):
+        jax_ep.LowLatencyOptions(async_send=1)

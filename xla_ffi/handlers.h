@@ -28,5 +28,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler);
+// Their asynchronous twins: "jax_ep_ll_dispatch_send_async", ... (send on the
+// buffer's send stream; not command-buffer compatible)
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchSendAsyncHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchRecvAsyncHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineSendAsyncHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyCombineRecvAsyncHandler);
 
 }  // namespace jax_ep

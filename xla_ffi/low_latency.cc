@@ -6,7 +6,7 @@
 //                             recv_scales [E/R, R*M, G] (f32 scales, s32 packed UE8M0,
 //                             or f32 with G = 0 for BF16), recv_count s32[E/R],
 //                             recv_src_rank/token/slot s32[E/R, R*M]
-//   jax_ep_ll_combine_send    y bf16[E/R, R*M, H], recv_count, recv_src_rank/token/slot -> token
+//   jax_ep_ll_combine_send    y bf16[E/R, R*M, H], recv_src_rank/token/slot -> token
 //   jax_ep_ll_combine_recv    token, topk_idx s32[T, K], topk_weights f32[T, K] -> out bf16[T, H]
 //   jax_ep_ll_combine_gather_recv  token, topk_idx s32[T, K] -> out bf16[T, K, H] (unsummed rows)
 //
@@ -15,6 +15,15 @@
 //
 // A receive must follow its send on the same buffer before the next send of
 // that kind (the tokens order them).
+//
+// Each target has an asynchronous twin, `<target>_async`, for the split API:
+// the send runs on the buffer's high-priority send stream (after the work
+// already queued on XLA's stream), so XLA's next ops run beside it, and the
+// receive first makes XLA's stream wait for that send. The twins take the
+// send's inputs again as trailing operands of the receive (unread): that keeps
+// XLA from reusing their memory while the send stream may still read them.
+// They are not command-buffer compatible (the fork and join span two custom
+// calls, which XLA would capture into separate graphs).
 #include <string>
 
 #include "../cuda/low_latency.cuh"
@@ -64,10 +73,41 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
   return ffi::Error::Success();
 }
 
+constexpr int kDispatch = 0, kCombine = 1;
+
+// Runs `launch(stream)` on the buffer's send stream after everything queued
+// on XLA's `stream`, and records the send's `kind` event there.
+template <class Launch>
+ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream,
+                                 Launch launch) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(stream, &capture);
+  if (capture != cudaStreamCaptureStatusNone) {
+    return invalid_argument(target, "an asynchronous send cannot be captured into a CUDA graph; use "
+                                    "LowLatencyOptions(async_send=False) inside captured code");
+  }
+  IntranodeBuffer::SendStream* side = nullptr;
+  cudaError_t err = buf->send_stream(&side);
+  if (err == cudaSuccess) err = cudaEventRecord(side->fork[kind], stream);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(side->stream, side->fork[kind], 0);
+  if (err == cudaSuccess) err = launch(side->stream);
+  if (err == cudaSuccess) err = cudaEventRecord(side->done[kind], side->stream);
+  return launch_status(target, err);
+}
+
+// Makes XLA's `stream` wait for the last asynchronous send of `kind`.
+ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream) {
+  IntranodeBuffer::SendStream* side = nullptr;
+  cudaError_t err = buf->send_stream(&side);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(stream, side->done[kind], 0);
+  return launch_status(target, err);
+}
+
+template <bool kAsync>
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
-  constexpr const char* kTarget = "jax_ep_ll_dispatch_send";
+  constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_send_async" : "jax_ep_ll_dispatch_send";
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
   // x [T, H]: every slot sends its token's row; x [T, K, H] (BF16 only): every
   // slot sends its own row (the backward of combine).
@@ -82,23 +122,30 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
       err.failure()) {
     return err;
   }
-  cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
-  return launch_status(kTarget, low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(),
-                                                                  topk_idx.typed_data(),
-                                                                  static_cast<int>(num_sms) * kBlocksPerSm, stream,
-                                                                  per_slot));
+  auto launch = [&](cudaStream_t on) {
+    return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
+                                             token->typed_data(), static_cast<int>(num_sms) * kBlocksPerSm, on,
+                                             per_slot);
+  };
+  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, launch);
+  return launch_status(kTarget, launch(stream));
 }
 
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, int64_t buffer_id, int64_t num_tokens,
+template <bool kAsync>
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
+                        ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
-  constexpr const char* kTarget = "jax_ep_ll_dispatch_recv";
+  constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_recv_async" : "jax_ep_ll_dispatch_recv";
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
+  }
+  if constexpr (kAsync) {
+    if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
   return launch_status(kTarget, low_latency::launch_dispatch_recv(
                                     c.buf->peer_table(), c.shape, recv_x->untyped_data(),
@@ -107,32 +154,40 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_count, I32_2 src_rank,
+template <bool kAsync>
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
-  constexpr const char* kTarget = "jax_ep_ll_combine_send";
+  constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_send_async" : "jax_ep_ll_combine_send";
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
   }
-  cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
-  return launch_status(kTarget, low_latency::launch_combine_send(
-                                    c.buf->peer_table(), c.shape, y.untyped_data(), recv_count.typed_data(),
-                                    src_rank.typed_data(), src_token.typed_data(), src_slot.typed_data(),
-                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
+  auto launch = [&](cudaStream_t on) {
+    return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
+                                            src_token.typed_data(), src_slot.typed_data(), token->typed_data(),
+                                            static_cast<int>(num_sms) * kBlocksPerSm, on);
+  };
+  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kCombine, stream, launch);
+  return launch_status(kTarget, launch(stream));
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
+template <bool kAsync>
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+                       F32_2 topk_weights, ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id,
                        int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
                        int64_t num_topk, int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
-  constexpr const char* kTarget = "jax_ep_ll_combine_recv";
+  constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_recv_async" : "jax_ep_ll_combine_recv";
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
       err.failure()) {
     return err;
+  }
+  if constexpr (kAsync) {
+    if (auto err = join_send_stream(kTarget, c.buf, kCombine, stream); err.failure()) return err;
   }
   return launch_status(kTarget, low_latency::launch_combine_recv(
                                     c.buf->peer_table(), c.shape, topk_idx.typed_data(), topk_weights.typed_data(),
@@ -165,49 +220,53 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       .Attr<int64_t>("hidden").Attr<int64_t>("num_topk").Attr<int64_t>("payload")                \
       .Attr<int64_t>("num_sms")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS
-                                  .Ret<I32_0>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+// The binding of each op; the synchronous targets are command-buffer compatible.
+#define JAX_EP_LL_DISPATCH_SEND_BINDING                                                          \
+  ffi::Ffi::Bind()                                                                               \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
+      .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                                     \
+      .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS.Ret<I32_0>()
+#define JAX_EP_LL_DISPATCH_RECV_BINDING                                                          \
+  ffi::Ffi::Bind()                                                                               \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
+      .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<I32_0>()                                                                              \
+      .RemainingArgs() JAX_EP_LL_ATTRS.Ret<ffi::AnyBuffer>()                                     \
+      .Ret<ffi::AnyBuffer>()                                                                     \
+      .Ret<I32_1>()                                                                              \
+      .Ret<I32_2>()                                                                              \
+      .Ret<I32_2>()                                                                              \
+      .Ret<I32_2>()
+#define JAX_EP_LL_COMBINE_SEND_BINDING                                                           \
+  ffi::Ffi::Bind()                                                                               \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
+      .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                                     \
+      .Arg<I32_2>()                                                                              \
+      .Arg<I32_2>()                                                                              \
+      .Arg<I32_2>() JAX_EP_LL_ATTRS.Ret<I32_0>()
+#define JAX_EP_LL_COMBINE_RECV_BINDING                                                           \
+  ffi::Ffi::Bind()                                                                               \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
+      .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<I32_0>()                                                                              \
+      .Arg<I32_2>()                                                                              \
+      .Arg<F32_2>()                                                                              \
+      .RemainingArgs() JAX_EP_LL_ATTRS.Ret<ffi::AnyBuffer>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<I32_0>() JAX_EP_LL_ATTRS
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<I32_1>()
-                                  .Ret<I32_2>()
-                                  .Ret<I32_2>()
-                                  .Ret<I32_2>(),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend<false>, JAX_EP_LL_DISPATCH_SEND_BINDING,
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<I32_1>()
-                                  .Arg<I32_2>()
-                                  .Arg<I32_2>()
-                                  .Arg<I32_2>() JAX_EP_LL_ATTRS
-                                  .Ret<I32_0>(),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvHandler, DispatchRecv<false>, JAX_EP_LL_DISPATCH_RECV_BINDING,
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler, CombineRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<I32_0>()
-                                  .Arg<I32_2>()
-                                  .Arg<F32_2>() JAX_EP_LL_ATTRS
-                                  .Ret<ffi::AnyBuffer>(),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendHandler, CombineSend<false>, JAX_EP_LL_COMBINE_SEND_BINDING,
                               {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvHandler, CombineRecv<false>, JAX_EP_LL_COMBINE_RECV_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendAsyncHandler, DispatchSend<true>, JAX_EP_LL_DISPATCH_SEND_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchRecvAsyncHandler, DispatchRecv<true>, JAX_EP_LL_DISPATCH_RECV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineSendAsyncHandler, CombineSend<true>, JAX_EP_LL_COMBINE_SEND_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineRecvAsyncHandler, CombineRecv<true>, JAX_EP_LL_COMBINE_RECV_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler, CombineGatherRecv,
                               ffi::Ffi::Bind()

@@ -50,6 +50,10 @@ nb::dict registrations() {
   targets["jax_ep_ll_combine_send"] = handler_capsule(jax_ep::LowLatencyCombineSendHandler);
   targets["jax_ep_ll_combine_recv"] = handler_capsule(jax_ep::LowLatencyCombineRecvHandler);
   targets["jax_ep_ll_combine_gather_recv"] = handler_capsule(jax_ep::LowLatencyCombineGatherRecvHandler);
+  targets["jax_ep_ll_dispatch_send_async"] = handler_capsule(jax_ep::LowLatencyDispatchSendAsyncHandler);
+  targets["jax_ep_ll_dispatch_recv_async"] = handler_capsule(jax_ep::LowLatencyDispatchRecvAsyncHandler);
+  targets["jax_ep_ll_combine_send_async"] = handler_capsule(jax_ep::LowLatencyCombineSendAsyncHandler);
+  targets["jax_ep_ll_combine_recv_async"] = handler_capsule(jax_ep::LowLatencyCombineRecvAsyncHandler);
   return targets;
 }
 

@@ -120,11 +120,39 @@ IntranodeBuffer::~IntranodeBuffer() {
   cudaGetDevice(&previous);
   cudaSetDevice(device_);
   cudaDeviceSynchronize();
+  for (int kind = 0; kind < 2; ++kind) {
+    if (send_stream_.fork[kind] != nullptr) cudaEventDestroy(send_stream_.fork[kind]);
+    if (send_stream_.done[kind] != nullptr) cudaEventDestroy(send_stream_.done[kind]);
+  }
+  if (send_stream_.stream != nullptr) cudaStreamDestroy(send_stream_.stream);
   for (int r = 0; r < num_ranks_; ++r) {
     if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
   }
   if (local_ != nullptr && owns_memory_) cudaFree(local_);
   cudaSetDevice(previous);
+}
+
+cudaError_t IntranodeBuffer::send_stream(SendStream** out) {
+  std::lock_guard<std::mutex> lock(send_stream_mutex_);
+  if (send_stream_.stream == nullptr) {
+    int previous = 0;
+    cudaGetDevice(&previous);
+    cudaError_t err = cudaSetDevice(device_);
+    // Highest priority: the send's blocks go ahead of queued compute blocks.
+    int least = 0, greatest = 0;
+    if (err == cudaSuccess) err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    cudaStream_t stream = nullptr;
+    if (err == cudaSuccess) err = cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest);
+    for (int kind = 0; kind < 2 && err == cudaSuccess; ++kind) {
+      err = cudaEventCreateWithFlags(&send_stream_.fork[kind], cudaEventDisableTiming);
+      if (err == cudaSuccess) err = cudaEventCreateWithFlags(&send_stream_.done[kind], cudaEventDisableTiming);
+    }
+    cudaSetDevice(previous);
+    if (err != cudaSuccess) return err;
+    send_stream_.stream = stream;
+  }
+  *out = &send_stream_;
+  return cudaSuccess;
 }
 
 namespace {

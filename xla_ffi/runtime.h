@@ -18,6 +18,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <cuda_runtime_api.h>
+
 #include "../cuda/intranode.cuh"
 
 namespace jax_ep {
@@ -51,8 +53,21 @@ class IntranodeBuffer {
   std::size_t staging_half_bytes() const;
   char* local() const { return local_; }
 
+  // What an asynchronous send runs on: a high-priority stream of this
+  // buffer's device, and per kind of call (0 dispatch, 1 combine) an event
+  // the send records there before its receive waits for it. Created on first
+  // use; an error names the CUDA call that failed.
+  struct SendStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork[2] = {nullptr, nullptr};  // recorded on XLA's stream at the send
+    cudaEvent_t done[2] = {nullptr, nullptr};  // recorded on `stream` after the send
+  };
+  cudaError_t send_stream(SendStream** out);
+
  private:
   int device_, rank_, num_ranks_;
+  std::mutex send_stream_mutex_;
+  SendStream send_stream_{};
   std::size_t num_bytes_;
   double timeout_s_;
   char* local_ = nullptr;

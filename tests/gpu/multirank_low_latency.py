@@ -1,13 +1,11 @@
-"""Low-latency CUDA dispatch/combine on R rank processes, checked against numpy,
-plus a latency benchmark (DeepEP's LL configuration) when JAX_EP_LL_BENCH_OUT is set.
+"""Low-latency CUDA dispatch/combine on R rank processes, checked against numpy
+(the benchmark is benchmarks/bench_low_latency.py).
 
     python -m jax_ep.launch -n 8 tests/gpu/multirank_low_latency.py
 """
 
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -183,112 +181,40 @@ def _():
 
 @check("ll_send_recv_split")
 def _():
+    """Split calls, with the send on the send stream (async_send) and on XLA's
+    stream, compute between send and receive, three rounds back to back."""
+    import dataclasses
+
     t, m, k, e, h = 64, 64, 4, 4 * R, 1024
     buf = make_buffer(m, h, k, e)
     xs, idxs, ws = inputs(7, t, k, e, h)
+    for async_send in (True, False):
+        opts = dataclasses.replace(buf.low_latency, async_send=async_send)
 
-    @jax.jit
-    def step(x, i, w):
-        pending = buf.low_latency_dispatch_send(x, i)
-        busy = jnp.tanh(x.astype(jnp.float32) @ x.astype(jnp.float32).T).sum()
-        o = jax_ep.low_latency_dispatch_recv(pending, after=busy)
-        back = jax_ep.low_latency_combine_recv(jax_ep.low_latency_combine_send(o.recv_x, o.handle), w, after=busy)
-        return back
+        @jax.jit
+        def step(x, i, w):
+            outs = []
+            for r in range(3):
+                xr = (x.astype(jnp.float32) * (r + 1)).astype(jnp.bfloat16)
+                # XLA orders calls only by data: each round follows the previous one.
+                pending = buf.low_latency_dispatch_send(xr, i, options=opts, after=outs[-1] if outs else None)
+                a = pending.then(x.astype(jnp.float32))
+                busy = jnp.tanh(a @ a.T).sum()
+                o = jax_ep.low_latency_dispatch_recv(pending, after=busy)
+                p2 = jax_ep.low_latency_combine_send(o.recv_x, o.handle)
+                b = p2.then(a)
+                busy2 = jnp.tanh(b @ b.T).sum()
+                outs.append(jax_ep.low_latency_combine_recv(p2, w, after=busy2))
+            return jnp.stack(outs)
 
-    out = step(xs[ME], idxs[ME], ws[ME])
-    want = xs[ME].astype(np.float64) * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
-    assert calc_diff(np.asarray(out, np.float32), want) < 1e-5
+        out = np.asarray(step(xs[ME], idxs[ME], ws[ME]), np.float32)
+        for r in range(3):
+            xr = (xs[ME].astype(np.float32) * (r + 1)).astype(ml_dtypes.bfloat16).astype(np.float64)
+            want = xr * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+            assert calc_diff(out[r], want) < 1e-5, (async_send, r)
     buf.destroy()
 
 
-def bench():
-    """DeepEP's LL configuration: 128 tokens, hidden 7168, top-8, experts ~288."""
-    t = m = 128
-    h, k = 7168, 8
-    e = (288 // R) * R
-    rows = []
-    for sms in [int(s) for s in os.environ.get("JAX_EP_LL_SMS", "4,8,16").split(",")]:
-        for fp8 in (jax_ep.FP8Options(), None):
-            buf = make_buffer(m, h, k, e, fp8, sms=sms)
-            xs, idxs, ws = inputs(11, t, k, e, h, mask_prob=0.0)
-            x, i, w = jnp.asarray(xs[ME]), jnp.asarray(idxs[ME]), jnp.asarray(ws[ME])
-            y = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i).recv_x)(x, i)
-            handle = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i).handle)(x, i)
-            yb = y if fp8 is None else jax_ep.per_token_cast_back(*y, fp8, out_dtype=jnp.bfloat16)
-            iters = 8
-
-            def many(fn, *args):
-                def body(*args):
-                    acc = jnp.float32(0)
-                    for _ in range(iters):
-                        args, acc = jax.lax.optimization_barrier((args, acc))
-                        acc = acc + fn(*args)
-                    return acc
-                f = jax.jit(body)
-                f(*args).block_until_ready()
-                times = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    f(*args).block_until_ready()
-                    times.append((time.perf_counter() - t0) / iters)
-                return float(np.median(times))
-
-            def disp(x, i):
-                r = buf.low_latency_dispatch(x, i).recv_x
-                return (r[0] if isinstance(r, tuple) else r)[0, 0, 0].astype(jnp.float32)
-
-            def comb(yb, w, handle):
-                return buf.low_latency_combine(yb, w, handle)[0, 0].astype(jnp.float32)
-
-            def trivial(x):  # the loop's own cost: one tiny op per iteration, no communication
-                return x[0, 0].astype(jnp.float32)
-
-            empty_us = many(trivial, x) * 1e6
-            d_us = many(disp, x, i) * 1e6
-            c_us = many(comb, yb, w, handle) * 1e6 if fp8 is not None else None
-
-            # Overlap: a matmul alone, the dispatch then the matmul, and the
-            # matmul placed between send and receive (the receive tied after it).
-            a = jnp.asarray(np.random.default_rng(ME).standard_normal((4096, 4096)), jnp.bfloat16)
-
-            def compute(a):
-                return jnp.sum((a @ a).astype(jnp.float32)) * 1e-9
-
-            def serial(x, i, a):
-                return disp(x, i) + compute(a)
-
-            def overlapped(x, i, a):
-                pending = buf.low_latency_dispatch_send(x, i)
-                busy = compute(a)
-                r = jax_ep.low_latency_dispatch_recv(pending, after=busy).recv_x
-                return (r[0] if isinstance(r, tuple) else r)[0, 0, 0].astype(jnp.float32) + busy
-
-            mm_us = many(compute, a) * 1e6
-            serial_us = many(serial, x, i, a) * 1e6
-            overlap_us = many(overlapped, x, i, a) * 1e6
-            pairs = int((np.asarray(i) >= 0).sum())
-            disp_bytes = pairs * ((h + h / 128 * 4 + 16) if fp8 else 2 * h)
-            row = dict(ranks=R, sms=sms, fp8=fp8 is not None, dispatch_us=d_us, dispatch_gbps=disp_bytes / d_us / 1e3,
-                       trivial_op_loop_us=empty_us,
-                       matmul_us=mm_us, dispatch_then_matmul_us=serial_us, matmul_between_send_and_recv_us=overlap_us)
-            if c_us is not None:
-                row.update(combine_us=c_us, combine_gbps=pairs * 2 * h / c_us / 1e3)
-            rows.append(row)
-            if ME == 0:
-                print(f"LL R={R} sms={sms} {'FP8' if fp8 else 'BF16'} dispatch {d_us:.1f} us ({row['dispatch_gbps']:.1f} GB/s)"
-                      + (f", BF16 combine {c_us:.1f} us ({row['combine_gbps']:.1f} GB/s)" if c_us else "")
-                      + f"; trivial op {empty_us:.1f} us; 4096^3 matmul {mm_us:.0f} us, dispatch then matmul {serial_us:.0f} us, "
-                        f"matmul between send and receive {overlap_us:.0f} us", flush=True)
-            buf.destroy()
-    out = os.environ.get("JAX_EP_LL_BENCH_OUT")
-    if ME == 0 and out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"low_latency_R{R}.json"), "w") as f:
-            json.dump(dict(device=str(jax.devices()[0].device_kind), note="per-rank time, wall clock over 8 back-to-back calls, median of 5", results=rows), f, indent=1)
-
-
-if os.environ.get("JAX_EP_LL_BENCH_OUT") and checks.all_passed:
-    bench()
 code = checks.summary(ME, R)
 jax.distributed.shutdown()
 sys.exit(code)

@@ -1,0 +1,317 @@
+"""Low-latency dispatch/combine benchmark at DeepEP's LL configuration, on R rank processes:
+
+    python -m jax_ep.launch -n 8 benchmarks/bench_low_latency.py --sms 4,8,16 --out OUT_DIR
+
+128 tokens per rank, hidden 7168, top-8 of the expert count nearest 288 that R
+divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
+
+* **latency**: per-call wall time of a jit-compiled loop of 8 back-to-back
+  calls (median of ``--reps``), beside the same loop around a trivial op (what
+  the loop itself costs on this machine), and GB/s by DeepEP's LL counting
+  (dispatch: valid (token, expert) pairs x (H + H/128*4 scales + 16) bytes in
+  FP8, x 2H in BF16; combine: pairs x 2H).
+* **send / receive split**: the kernel time of each half, from a profiler
+  trace of rank 0 (``jax.profiler``): the send kernels, the receive's wait,
+  and the receive's copy.
+* **overlap**: a BF16 matmul (``--matmul N``: N x N @ N x N, then tanh and a
+  sum) placed between send and receive, against the dispatch (or combine)
+  followed by the matmul. With ``async_send`` the send runs on its own stream;
+  the profile gives the fraction of send-kernel time that ran while a matmul
+  kernel of the same rank was running.
+
+Rank 0 prints the table and writes OUT_DIR/low_latency_R{R}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jax_ep.launch import initialize_distributed  # noqa: E402
+
+info = initialize_distributed()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_ep  # noqa: E402
+
+R, ME = info.num_ranks, info.rank
+T = M = 128
+H, K = 7168, 8
+E = (288 // R) * R
+ITERS = 8
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sms", default="4,8,16", help="comma-separated SM budgets per rank")
+    p.add_argument("--matmul", type=int, default=2048, help="N of the N x N x N BF16 matmul used as compute")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions of each loop (median)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiler trace")
+    p.add_argument("--out", default=None, help="folder for low_latency_R{R}.json")
+    return p.parse_args()
+
+
+def inputs(seed):
+    rng = np.random.default_rng(seed + 1000 * ME)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.random((T, K)).astype(np.float32)
+    return jnp.asarray(x, jnp.bfloat16), jnp.asarray(idx), jnp.asarray(w)
+
+
+def loop(fn, iters=ITERS):
+    """jit of `iters` calls of fn(*args) -> scalar, each ordered after the previous one."""
+
+    def body(*args):
+        acc = jnp.float32(0)
+        for _ in range(iters):
+            args, acc = jax.lax.optimization_barrier((args, acc))
+            acc = acc + fn(*args)
+        return acc
+
+    return jax.jit(body)
+
+
+def time_per_call(fn, *args, reps):
+    f = loop(fn)
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append((time.perf_counter() - t0) / ITERS)
+    return float(np.median(times)) * 1e6
+
+
+def first(r):
+    return (r[0] if isinstance(r, tuple) else r)[0, 0, 0].astype(jnp.float32)
+
+
+# --- profile ---------------------------------------------------------------------
+
+KERNELS = {  # phase -> substrings of the kernel names (jax_ep::low_latency::*)
+    "dispatch_send": ("plan_kernel", "low_latency::(anonymous namespace)::send_kernel"),
+    "dispatch_wait": ("wait_counts_kernel",),
+    "dispatch_copy": ("dispatch_recv_kernel",),
+    "combine_send": ("combine_send_kernel",),
+    "combine_wait": ("wait_flags_kernel",),
+    "combine_copy": ("combine_recv_kernel",),
+}
+
+
+def phase_of(name: str):
+    for phase, keys in KERNELS.items():
+        if any(k in name for k in keys):
+            return phase
+    if "jax_ep" in name:
+        return "other_jax_ep"
+    return "compute"
+
+
+def gpu_kernels(trace_dir):
+    """[(name, start_ns, end_ns)] of every GPU kernel in the trace."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return []
+    data = jax.profiler.ProfileData.from_file(files[0])
+    out = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                out.append((ev.name, int(ev.start_ns), int(ev.start_ns + ev.duration_ns)))
+    return out
+
+
+def union(intervals):
+    merged = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return merged
+
+
+def overlap_ns(intervals, cover):
+    total = 0
+    for s, e in intervals:
+        for cs, ce in cover:
+            total += max(0, min(e, ce) - max(s, cs))
+    return total
+
+
+def profile(fn, *args, calls):
+    """Kernel time per call of each phase over one traced run of loop(fn), and
+    the fraction of send-kernel time that ran beside compute kernels."""
+    f = loop(fn)
+    f(*args).block_until_ready()
+    d = tempfile.mkdtemp(prefix="jax_ep_ll_trace_")
+    with jax.profiler.trace(d):
+        f(*args).block_until_ready()
+    kernels = gpu_kernels(d)
+    if not kernels:
+        return None
+    by_phase: dict[str, list] = {}
+    for name, s, e in kernels:
+        by_phase.setdefault(phase_of(name), []).append((s, e))
+    result = {f"{p}_us": sum(e - s for s, e in iv) / 1e3 / calls for p, iv in by_phase.items() if p != "compute"}
+    cover = union(by_phase.get("compute", []))
+    for kind in ("dispatch", "combine"):
+        sends = by_phase.get(f"{kind}_send", [])
+        busy = sum(e - s for s, e in sends)
+        if busy and cover:
+            result[f"{kind}_send_beside_compute"] = overlap_ns(sends, cover) / busy
+    result["compute_us"] = sum(e - s for s, e in by_phase.get("compute", [])) / 1e3 / calls
+    return result
+
+
+# --- benchmark -------------------------------------------------------------------
+
+
+def bench_budget(sms, args):
+    rows = []
+    x, idx, w = inputs(11)
+    n = args.matmul
+    rng = np.random.default_rng(ME)
+    a = jnp.asarray(rng.standard_normal((n, n)) / np.sqrt(n), jnp.bfloat16)
+    pairs = int((np.asarray(idx) >= 0).sum())
+
+    def compute(a):
+        return jnp.tanh(a @ a).astype(jnp.float32).sum() * 1e-9
+
+    for fp8 in (jax_ep.FP8Options(), None):
+        buf = jax_ep.Buffer(
+            num_experts=E, axis_name=None, num_nvl_bytes=1 << 22,
+            num_ll_bytes=jax_ep.low_latency_buffer_bytes(M, H, R, K, E, fp8),
+            low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, fp8=fp8, backend="cuda",
+                                                 num_sms=sms),
+            timeout_s=60.0)
+        sync = dataclasses.replace(buf.low_latency, async_send=False)
+        out = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i))(x, idx)
+        yb = out.recv_x if fp8 is None else jax_ep.per_token_cast_back(*out.recv_x, fp8, out_dtype=jnp.bfloat16)
+        handle = out.handle
+
+        def disp(x, i):
+            return first(buf.low_latency_dispatch(x, i).recv_x)
+
+        def comb(y, w, h):
+            return buf.low_latency_combine(y, w, h)[0, 0].astype(jnp.float32)
+
+        def disp_split(opts):
+            def f(x, i, a):
+                pending = buf.low_latency_dispatch_send(x, i, options=opts)
+                busy = compute(pending.then(a))
+                return first(jax_ep.low_latency_dispatch_recv(pending, after=busy).recv_x) + busy
+            return f
+
+        def comb_split(async_send):
+            h2 = dataclasses.replace(handle, spec=dataclasses.replace(
+                handle.spec, options=dataclasses.replace(handle.spec.options, async_send=async_send)))
+
+            def f(y, w, a):
+                pending = jax_ep.low_latency_combine_send(y, h2)
+                busy = compute(pending.then(a))
+                return jax_ep.low_latency_combine_recv(pending, w, after=busy)[0, 0].astype(jnp.float32) + busy
+            return f
+
+        reps = args.reps
+        row = dict(ranks=R, sms=sms, payload="FP8" if fp8 else "BF16", matmul_n=n, pairs=pairs)
+        row["trivial_op_loop_us"] = time_per_call(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
+        row["dispatch_us"] = time_per_call(disp, x, idx, reps=reps)
+        disp_bytes = pairs * ((H + H / 128 * 4 + 16) if fp8 else 2 * H)
+        row["dispatch_gbps"] = disp_bytes / row["dispatch_us"] / 1e3
+        row["matmul_us"] = time_per_call(compute, a, reps=reps)
+        row["dispatch_then_matmul_us"] = time_per_call(lambda x, i, a: disp(x, i) + compute(a), x, idx, a, reps=reps)
+        row["matmul_between_sync_us"] = time_per_call(disp_split(sync), x, idx, a, reps=reps)
+        row["matmul_between_async_us"] = time_per_call(disp_split(buf.low_latency), x, idx, a, reps=reps)
+        if fp8 is not None:  # BF16 combine once per budget
+            row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
+            row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
+            row["combine_then_matmul_us"] = time_per_call(lambda y, w, h, a: comb(y, w, h) + compute(a),
+                                                          yb, w, handle, a, reps=reps)
+            row["combine_matmul_between_sync_us"] = time_per_call(comb_split(False), yb, w, a, reps=reps)
+            row["combine_matmul_between_async_us"] = time_per_call(comb_split(True), yb, w, a, reps=reps)
+        if not args.no_profile:
+            # Every rank runs the traced loops (the peers must take part); rank 0's trace is kept.
+            def both(dispatch_run, combine_run):
+                got = dict(profile(*dispatch_run, calls=ITERS) or {})
+                if fp8 is not None:
+                    got.update({k: v for k, v in (profile(*combine_run, calls=ITERS) or {}).items()
+                                if k.startswith("combine")})
+                return got
+
+            prof = dict(fused=both((disp, x, idx), (comb, yb, w, handle)),
+                        async_send=both((disp_split(buf.low_latency), x, idx, a), (comb_split(True), yb, w, a)))
+            row["profile_rank0"] = prof if prof["fused"] else "no GPU kernels in the trace"
+        rows.append(row)
+        buf.destroy()
+        if ME == 0:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def summarize(rows):
+    print(f"\nlow latency, R = {R}, T = {T}, H = {H}, top-{K} of {E} experts, device {jax.devices()[0].device_kind}")
+    print("| SMs | payload | dispatch us (GB/s) | combine us (GB/s) | loop floor us | send / wait / copy us (profile) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        prof = r.get("profile_rank0", {})
+        f = prof.get("fused", {}) if isinstance(prof, dict) else {}
+        split = " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("dispatch_send_us", "dispatch_wait_us", "dispatch_copy_us"))
+        if "combine_send_us" in f:
+            split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
+        comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
+        print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "
+              f"{r['trivial_op_loop_us']:.0f} | {split} |")
+    print("\n| SMs | payload | matmul us | dispatch then matmul | between, XLA stream | between, send stream | send beside matmul |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        prof = r.get("profile_rank0", {})
+        a = prof.get("async_send", {}) if isinstance(prof, dict) else {}
+        frac = a.get("dispatch_send_beside_compute")
+        print(f"| {r['sms']} | {r['payload']} | {r['matmul_us']:.0f} | {r['dispatch_then_matmul_us']:.0f} | "
+              f"{r['matmul_between_sync_us']:.0f} | {r['matmul_between_async_us']:.0f} | "
+              f"{'-' if frac is None else f'{frac:.2f}'} |")
+        if "combine_us" in r:
+            frac = a.get("combine_send_beside_compute")
+            print(f"| {r['sms']} | combine | {r['matmul_us']:.0f} | {r['combine_then_matmul_us']:.0f} | "
+                  f"{r['combine_matmul_between_sync_us']:.0f} | {r['combine_matmul_between_async_us']:.0f} | "
+                  f"{'-' if frac is None else f'{frac:.2f}'} |")
+
+
+def main():
+    args = parse_args()
+    rows = []
+    for sms in [int(s) for s in args.sms.split(",")]:
+        rows += bench_budget(sms, args)
+    if ME == 0:
+        summarize(rows)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"low_latency_R{R}.json")
+            with open(path, "w") as f:
+                json.dump(dict(device=str(jax.devices()[0].device_kind), ranks=R, tokens=T, hidden=H, topk=K,
+                               experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit, "
+                                               "median of the repetitions; profile: rank 0's kernel time per call",
+                               results=rows), f, indent=1)
+            print(f"wrote {path}")
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
