@@ -5,19 +5,20 @@
 128 tokens per rank, hidden 7168, top-8 of the expert count nearest 288 that R
 divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
 
-* **latency**: per-call wall time of a jit-compiled loop of 8 back-to-back
-  calls (median of ``--reps``), beside the same loop around a trivial op (what
-  the loop itself costs on this machine), and GB/s by DeepEP's LL counting
-  (dispatch: valid (token, expert) pairs x (H + H/128*4 scales + 16) bytes in
-  FP8, x 2H in BF16; combine: pairs x 2H).
+* **latency**: per-call wall time (median of ``--reps``) of 64 calls in a
+  ``lax.fori_loop`` (a decode loop) and of 8 calls unrolled in one jit, each
+  beside the same loop around a trivial op (what the loop itself costs on
+  this machine), and GB/s by DeepEP's LL counting (dispatch: valid (token,
+  expert) pairs x (H + H/128*4 scales + 16) bytes in FP8, x 2H in BF16;
+  combine: pairs x 2H) of the unrolled time.
 * **send / receive split**: the kernel time of each half, from a profiler
   trace of rank 0 (``jax.profiler``): the send kernels, the receive's wait,
   and the receive's copy.
 * **overlap**: a BF16 matmul (``--matmul N``: N x N @ N x N, then tanh and a
   sum) placed between send and receive, against the dispatch (or combine)
-  followed by the matmul. With ``async_send`` the send runs on its own stream;
-  the profile gives the fraction of send-kernel time that ran while a matmul
-  kernel of the same rank was running.
+  followed by the matmul, each in a fori_loop of 64. With ``async_send`` the
+  send runs on its own stream; the profile gives the fraction of send-kernel
+  time that ran while a matmul kernel of the same rank was running.
 
 Rank 0 prints the table and writes OUT_DIR/low_latency_R{R}.json.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -58,6 +60,7 @@ def parse_args():
     p.add_argument("--matmul", type=int, default=2048, help="N of the N x N x N BF16 matmul used as compute")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions of each loop (median)")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler trace")
+    p.add_argument("--no-overlap", action="store_true", help="skip the matmul overlap loops")
     p.add_argument("--out", default=None, help="folder for low_latency_R{R}.json")
     return p.parse_args()
 
@@ -91,6 +94,20 @@ def time_per_call(fn, *args, reps):
         t0 = time.perf_counter()
         f(*args).block_until_ready()
         times.append((time.perf_counter() - t0) / ITERS)
+    return float(np.median(times)) * 1e6
+
+
+def time_per_call_fori(fn, *args, reps, n=64):
+    """Per-call wall time of `n` calls in one ``lax.fori_loop`` (a decode loop).
+    With XLA command buffers covering WHILE, the loop is one CUDA graph and
+    the host launches nothing per call: the time is the GPU's."""
+    f = jax.jit(lambda *a: jax.lax.fori_loop(0, n, lambda _, acc: acc + fn(*a), jnp.float32(0)))
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append((time.perf_counter() - t0) / n)
     return float(np.median(times)) * 1e6
 
 
@@ -177,6 +194,11 @@ def profile(fn, *args, calls):
         if busy and cover:
             result[f"{kind}_send_beside_compute"] = overlap_ns(sends, cover) / busy
     result["compute_us"] = sum(e - s for s, e in by_phase.get("compute", [])) / 1e3 / calls
+    # The GPU timeline of one call: from its first kernel's start to its last
+    # kernel's end, and the time some kernel ran (the rest: gaps, e.g. launches).
+    everything = [(s, e) for _, s, e in kernels]
+    result["gpu_span_us"] = (max(e for _, e in everything) - min(s for s, _ in everything)) / 1e3 / calls
+    result["gpu_busy_us"] = sum(e - s for s, e in union(everything)) / 1e3 / calls
     return result
 
 
@@ -233,30 +255,39 @@ def bench_budget(sms, args):
         row = dict(ranks=R, sms=sms, payload="FP8" if fp8 else "BF16", matmul_n=n, pairs=pairs)
         row["trivial_op_loop_us"] = time_per_call(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         row["dispatch_us"] = time_per_call(disp, x, idx, reps=reps)
+        row["dispatch_fori_us"] = time_per_call_fori(disp, x, idx, reps=reps)
+        row["trivial_op_fori_us"] = time_per_call_fori(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         disp_bytes = pairs * ((H + H / 128 * 4 + 16) if fp8 else 2 * H)
         row["dispatch_gbps"] = disp_bytes / row["dispatch_us"] / 1e3
-        row["matmul_us"] = time_per_call(compute, a, reps=reps)
-        row["dispatch_then_matmul_us"] = time_per_call(lambda x, i, a: disp(x, i) + compute(a), x, idx, a, reps=reps)
-        row["matmul_between_sync_us"] = time_per_call(disp_split(sync), x, idx, a, reps=reps)
-        row["matmul_between_async_us"] = time_per_call(disp_split(buf.low_latency), x, idx, a, reps=reps)
         if fp8 is not None:  # BF16 combine once per budget
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
-            row["combine_then_matmul_us"] = time_per_call(lambda y, w, h, a: comb(y, w, h) + compute(a),
-                                                          yb, w, handle, a, reps=reps)
-            row["combine_matmul_between_sync_us"] = time_per_call(comb_split(False), yb, w, a, reps=reps)
-            row["combine_matmul_between_async_us"] = time_per_call(comb_split(True), yb, w, a, reps=reps)
+            row["combine_fori_us"] = time_per_call_fori(comb, yb, w, handle, reps=reps)
+        if not args.no_overlap:  # in fori_loops: steadier than the unrolled loops
+            t = functools.partial(time_per_call_fori, reps=reps)
+            row["matmul_us"] = t(compute, a)
+            row["dispatch_then_matmul_us"] = t(lambda x, i, a: disp(x, i) + compute(a), x, idx, a)
+            row["matmul_between_sync_us"] = t(disp_split(sync), x, idx, a)
+            row["matmul_between_async_us"] = t(disp_split(buf.low_latency), x, idx, a)
+            if fp8 is not None:
+                row["combine_then_matmul_us"] = t(lambda y, w, h, a: comb(y, w, h) + compute(a), yb, w, handle, a)
+                row["combine_matmul_between_sync_us"] = t(comb_split(False), yb, w, a)
+                row["combine_matmul_between_async_us"] = t(comb_split(True), yb, w, a)
         if not args.no_profile:
             # Every rank runs the traced loops (the peers must take part); rank 0's trace is kept.
             def both(dispatch_run, combine_run):
                 got = dict(profile(*dispatch_run, calls=ITERS) or {})
                 if fp8 is not None:
-                    got.update({k: v for k, v in (profile(*combine_run, calls=ITERS) or {}).items()
-                                if k.startswith("combine")})
+                    for k, v in (profile(*combine_run, calls=ITERS) or {}).items():
+                        if k.startswith("combine"):
+                            got[k] = v
+                        elif k.startswith("gpu_"):
+                            got["combine_" + k] = v
                 return got
 
-            prof = dict(fused=both((disp, x, idx), (comb, yb, w, handle)),
-                        async_send=both((disp_split(buf.low_latency), x, idx, a), (comb_split(True), yb, w, a)))
+            prof = dict(fused=both((disp, x, idx), (comb, yb, w, handle)))
+            if not args.no_overlap:
+                prof["async_send"] = both((disp_split(buf.low_latency), x, idx, a), (comb_split(True), yb, w, a))
             row["profile_rank0"] = prof if prof["fused"] else "no GPU kernels in the trace"
         rows.append(row)
         buf.destroy()
@@ -267,8 +298,9 @@ def bench_budget(sms, args):
 
 def summarize(rows):
     print(f"\nlow latency, R = {R}, T = {T}, H = {H}, top-{K} of {E} experts, device {jax.devices()[0].device_kind}")
-    print("| SMs | payload | dispatch us (GB/s) | combine us (GB/s) | loop floor us | send / wait / copy us (profile) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print("| SMs | payload | dispatch us (GB/s) | combine us (GB/s) | loop floor us | fori_loop: dispatch / combine / floor us | send / wait / copy us (profile) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         prof = r.get("profile_rank0", {})
         f = prof.get("fused", {}) if isinstance(prof, dict) else {}
@@ -276,8 +308,11 @@ def summarize(rows):
         if "combine_send_us" in f:
             split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
         comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
+        fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
         print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "
-              f"{r['trivial_op_loop_us']:.0f} | {split} |")
+              f"{r['trivial_op_loop_us']:.0f} | {fori} | {split} |")
+    if "matmul_us" not in rows[0]:
+        return
     print("\n| SMs | payload | matmul us | dispatch then matmul | between, XLA stream | between, send stream | send beside matmul |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -1,7 +1,7 @@
 """One rank's low-latency dispatch + combine at DeepEP's LL shape, for a kernel
 profiler (no peers to wait for):
 
-    ncu --metrics gpu__time_duration.sum -k regex:"plan|send|recv|wait|advance" \\
+    ncu --metrics gpu__time_duration.sum -k regex:"send|recv|wait" \\
         python -m jax_ep.launch -n 1 benchmarks/profile_low_latency.py
 """
 

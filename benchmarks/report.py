@@ -1,5 +1,6 @@
-"""Turn the benchmark JSON (docs/benchmarks/intranode_R*.json) into the
-markdown table of docs/benchmarks/README.md and a plot.
+"""Turn the benchmark JSON (docs/benchmarks/intranode_R*.json and
+low_latency_R*.json) into the markdown tables of docs/benchmarks/README.md
+and plots (intranode.png, low_latency.png).
 
     python benchmarks/report.py docs/benchmarks
 """
@@ -71,12 +72,72 @@ def plot(runs, path):
     fig.savefig(path, dpi=100)
 
 
-if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+# DeepEP's published low-latency figures (EP8 over NVLink, H800; 128 tokens,
+# hidden 7168, top-8): the bar of the low-latency mode.
+DEEPEP_LL_US = dict(dispatch=77, combine=114)
+
+
+def load_ll(folder):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "low_latency_R*.json"))):
+        d = json.load(open(path))
+        if "ranks" in d:  # benchmarks/bench_low_latency.py's format
+            runs[d["ranks"]] = d
+    return runs
+
+
+def ll_table(runs):
+    lines = ["| R | SMs/rank | payload | dispatch us: fori_loop / unrolled | combine us: fori_loop / unrolled | "
+             "loop floor us: fori_loop / unrolled |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, reverse=True):
+        for row in runs[r]["results"]:
+            comb = (f"{row['combine_fori_us']:.0f} / {row['combine_us']:.0f}" if "combine_us" in row else "")
+            lines.append(f"| {r} | {row['sms']} | {row['payload']} | {row['dispatch_fori_us']:.0f} / "
+                         f"{row['dispatch_us']:.0f} | {comb} | {row['trivial_op_fori_us']:.0f} / "
+                         f"{row['trivial_op_loop_us']:.0f} |")
+    return "\n".join(lines)
+
+
+def ll_plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, op in zip(axes, ("dispatch", "combine")):
+        for r in sorted(runs):
+            rows = [x for x in runs[r]["results"] if x["payload"] == "FP8" and f"{op}_fori_us" in x]
+            rows.sort(key=lambda x: x["sms"])
+            ax.plot([x["sms"] for x in rows], [x[f"{op}_fori_us"] for x in rows], marker="o", label=f"R = {r}")
+        ax.axhline(DEEPEP_LL_US[op], color="tab:red", linestyle="--", label="DeepEP EP8 (8 GPUs)")
+        ax.set_title(f"{'FP8 dispatch' if op == 'dispatch' else 'BF16 combine'}, R ranks on one H100")
+        ax.set_xlabel("SMs per rank")
+        ax.set_xscale("log", base=2)
+    axes[0].set_ylabel("us per call (fori_loop of 64 calls)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(folder):
     runs = load(folder)
-    print(table(runs))
+    if runs:
+        print(table(runs))
+    ll = load_ll(folder)
+    if ll:
+        print()
+        print(ll_table(ll))
     try:
-        plot(runs, os.path.join(folder, "intranode.png"))
-        print(f"\nplot: {os.path.join(folder, 'intranode.png')}")
+        if runs:
+            plot(runs, os.path.join(folder, "intranode.png"))
+            print(f"\nplot: {os.path.join(folder, 'intranode.png')}")
+        if ll:
+            ll_plot(ll, os.path.join(folder, "low_latency.png"))
+            print(f"plot: {os.path.join(folder, 'low_latency.png')}")
     except ImportError:
         print("\n(matplotlib not installed: no plot)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks")
