@@ -137,3 +137,47 @@ def test_group_runtime_ffi_finds_the_member_of_its_device(rng):
         np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32), rtol=1e-2)
     finally:
         group.destroy()
+
+
+@pytest.mark.parametrize("async_send", [True, False])
+def test_low_latency_split_in_decode_loop(rng, async_send):
+    """The split low-latency calls in a compiled decode loop (``fori_loop``),
+    a matmul between each send and receive, rounds chained with ``after=``:
+    with the send on the buffer's send stream and on XLA's stream, the
+    combined rows match numpy (with XLA command buffers on and off: the GPU
+    suite runs this file both ways)."""
+    from jax_ep.runtime import IntranodeRuntime, low_latency_buffer_bytes
+
+    t, m, k, e, h, steps = 32, 32, 4, 8, 512, 12
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], low_latency_buffer_bytes(m, h, 1, k, e), timeout_s=20.0)
+    try:
+        idx = random_routing(rng, 1, t, k, e)[0]
+        x = rng.standard_normal((t, h)).astype(np.float32)
+        w = rng.random((t, k)).astype(np.float32)
+        a = jnp.asarray(rng.standard_normal((256, 256)) / 16, jnp.float32)
+        opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", num_sms=4,
+                                        buffer_id=group.buffer_id, async_send=async_send)
+
+        @jax.jit
+        def decode(x, idx, w, a):
+            def body(i, carry):
+                acc, prev = carry
+                xi = (x * (i + 1).astype(jnp.float32)).astype(jnp.bfloat16)
+                pending = jax_ep.low_latency_dispatch_send(xi, idx, num_experts=e, axis_name=None, options=opts,
+                                                           after=prev)
+                busy = jnp.tanh(pending.then(a) @ a).sum()
+                o = jax_ep.low_latency_dispatch_recv(pending, after=busy)
+                p2 = jax_ep.low_latency_combine_send(o.recv_x, o.handle)
+                out = jax_ep.low_latency_combine_recv(p2, w, after=busy)
+                return acc + out.astype(jnp.float32), out
+
+            init = (jnp.zeros((t, h), jnp.float32), jnp.zeros((t, h), jnp.bfloat16))
+            return jax.lax.fori_loop(0, steps, body, init)[0]
+
+        got = np.asarray(decode(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), a))
+        wsum = np.where(idx >= 0, w, 0).sum(1)[:, None]
+        want = sum((x * (i + 1)).astype(jnp.bfloat16).astype(np.float32) * wsum for i in range(steps))
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+    finally:
+        group.destroy()
