@@ -11,6 +11,7 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   this machine), and GB/s by DeepEP's LL counting (dispatch: valid (token,
   expert) pairs x (H + H/128*4 scales + 16) bytes in FP8, x 2H in BF16;
   combine: pairs x 2H) of the unrolled time.
+* **FP8 combine** (``combine_fp8``): the same combine with FP8 rows.
 * **send / receive split**: the kernel time of each half, from a profiler
   trace of rank 0 (``jax.profiler``): the send kernels, the receive's wait,
   and the receive's copy.
@@ -263,6 +264,10 @@ def bench_budget(sms, args):
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
             row["combine_fori_us"] = time_per_call_fori(comb, yb, w, handle, reps=reps)
+            h8 = dataclasses.replace(handle, spec=dataclasses.replace(
+                handle.spec, options=dataclasses.replace(handle.spec.options, combine_fp8=True)))
+            row["combine_fp8_us"] = time_per_call(comb, yb, w, h8, reps=reps)
+            row["combine_fp8_fori_us"] = time_per_call_fori(comb, yb, w, h8, reps=reps)
         if not args.no_overlap:  # in fori_loops: steadier than the unrolled loops
             t = functools.partial(time_per_call_fori, reps=reps)
             row["matmul_us"] = t(compute, a)
@@ -309,6 +314,8 @@ def summarize(rows):
             split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
         comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
         fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
+        if "combine_fp8_fori_us" in r:
+            fori += f" (FP8 combine {r['combine_fp8_fori_us']:.0f} / {r['combine_fp8_us']:.0f} unrolled)"
         print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "
               f"{r['trivial_op_loop_us']:.0f} | {fori} | {split} |")
     if "matmul_us" not in rows[0]:

@@ -82,6 +82,28 @@ __device__ __forceinline__ float pow2_ceil(float s) {
   return __uint_as_float(e << 23);
 }
 
+// The FP8 cast of one 128-channel group of a BF16 row (jax_ep.reference.fp8's
+// arithmetic), a warp per group and 4 channels per lane: returns this lane's
+// 4 FP8 bytes and, in every lane, the group's scale.
+__device__ __forceinline__ unsigned int cast_group_fp8(uint2 raw, bool pow2_scale, float* scale_out) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+  float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
+  amax = fmaxf(amax, 1e-4f);
+  float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
+  if (pow2_scale) scale = pow2_ceil(scale);
+  const float inv = __fdiv_rn(1.0f, scale);
+  unsigned char q[4];
+  q[0] = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
+  q[1] = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
+  q[2] = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
+  q[3] = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
+  *scale_out = scale;
+  return *reinterpret_cast<const unsigned int*>(q);
+}
+
 // Whether top-k slot k of a token sends: a valid id its earlier slots do not repeat.
 __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_experts) {
   const int id = ids[k];
@@ -122,22 +144,9 @@ __global__ void __launch_bounds__(kThreads)
       char* scales = values + s.hidden;
       for (int g = warp; g < s.hidden / 128; g += kWarps) {  // a warp per 128 channels, 4 per lane
         const int c = g * 128 + lane * 4;
-        const uint2 raw = *reinterpret_cast<const uint2*>(row + c);
-        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-        float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-        amax = fmaxf(amax, 1e-4f);
-        float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
-        if (s.payload != Payload::kFP8) scale = pow2_ceil(scale);
-        const float inv = __fdiv_rn(1.0f, scale);
-        unsigned char q[4];
-        q[0] = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
-        q[1] = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
-        q[2] = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
-        q[3] = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
-        *reinterpret_cast<unsigned int*>(values + c) = *reinterpret_cast<const unsigned int*>(q);
+        float scale;
+        *reinterpret_cast<unsigned int*>(values + c) =
+            cast_group_fp8(*reinterpret_cast<const uint2*>(row + c), s.payload != Payload::kFP8, &scale);
         if (lane == 0) {
           if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
           else reinterpret_cast<float*>(scales)[g] = scale;
@@ -356,10 +365,31 @@ __global__ void __launch_bounds__(kThreads)
       else hi = mid;
     }
     const long long row = static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+    char* dst = half_of(p, src_rank[row], call) + l.combine_rows +
+                (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
+    if (s.combine_fp8) {
+      // FP8 values then one float scale per 128 channels; 8 groups' loads in flight.
+      const __nv_bfloat16* from = y + row * s.hidden;
+      constexpr int kGroups = 8;
+      for (int g0 = 0; g0 < s.hidden / 128; g0 += kGroups) {
+        uint2 raw[kGroups];
+#pragma unroll
+        for (int u = 0; u < kGroups; ++u) {
+          if (g0 + u < s.hidden / 128) raw[u] = *reinterpret_cast<const uint2*>(from + (g0 + u) * 128 + lane * 4);
+        }
+#pragma unroll
+        for (int u = 0; u < kGroups; ++u) {
+          if (g0 + u >= s.hidden / 128) break;
+          float scale;
+          const unsigned int q = cast_group_fp8(raw[u], false, &scale);
+          *reinterpret_cast<unsigned int*>(dst + (g0 + u) * 128 + lane * 4) = q;
+          if (lane == 0) reinterpret_cast<float*>(dst + s.hidden)[g0 + u] = scale;
+        }
+      }
+      continue;
+    }
     const int4* from = reinterpret_cast<const int4*>(y + row * s.hidden);
-    int4* to = reinterpret_cast<int4*>(half_of(p, src_rank[row], call) + l.combine_rows +
-                                       (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) *
-                                           s.hidden * 2);
+    int4* to = reinterpret_cast<int4*>(dst);
     constexpr int kUnroll = 4;
     for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
       int4 value[kUnroll];
@@ -428,6 +458,60 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
+        acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
+      }
+    }
+    int4 packed;
+    auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
+  }
+  advance(p, 1);
+}
+
+// combine_recv_kernel for FP8 rows: a thread per 8 channels of a token reads
+// 8 FP8 bytes and the group's scale of every top-k row, all loads in flight.
+__global__ void __launch_bounds__(kThreads)
+    combine_recv_fp8_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
+                            __nv_bfloat16* out) {
+  const int R = p.num_ranks;
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const char* mine = half_of(p, p.rank, call);
+  const std::size_t row_bytes = s.combine_row_bytes();
+  const int vecs = s.hidden / 8;
+  const long long n = static_cast<long long>(s.num_tokens) * vecs;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
+    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
+    uint2 raw[intranode::kMaxTopk];
+    float w[intranode::kMaxTopk];
+#pragma unroll
+    for (int k = 0; k < intranode::kMaxTopk; ++k) {
+      w[k] = 0.0f;
+      raw[k] = make_uint2(0, 0);
+      if (k < s.num_topk) {
+        const int id = ids[k];
+        if (id >= 0 && id < s.num_experts) {
+          int k0 = 0;
+          while (ids[k0] != id) ++k0;
+          const char* row = mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * row_bytes;
+          w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k] *
+                 reinterpret_cast<const float*>(row + s.hidden)[v * 8 / 128];
+          raw[k] = *reinterpret_cast<const uint2*>(row + v * 8);
+        }
+      }
+    }
+    float acc[8] = {};
+#pragma unroll
+    for (int k = 0; k < intranode::kMaxTopk; ++k) {
+      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[k]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[q], __NV_E4M3)));
         acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
         acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
       }
@@ -517,7 +601,8 @@ cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const in
                                 const float* topk_weights, void* out, int num_blocks,
                                 cudaStream_t stream) {
   wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
-  combine_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
+  auto* kernel = s.combine_fp8 ? combine_recv_fp8_kernel : combine_recv_kernel;
+  kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
   return cudaGetLastError();
 }

@@ -43,8 +43,14 @@ struct Shape {
   int num_experts;  // E
   int hidden;       // H
   Payload payload;
+  bool combine_fp8 = false;  // combine rows travel as FP8 with a float scale per 128 channels
 
   __host__ __device__ int local_experts(int num_ranks) const { return num_experts / num_ranks; }
+  // One combine row in the owner's buffer: BF16 values, or FP8 values then scales.
+  __host__ __device__ std::size_t combine_row_bytes() const {
+    return combine_fp8 ? intranode::align_up(static_cast<std::size_t>(hidden) + hidden / 128 * 4, 16)
+                       : static_cast<std::size_t>(hidden) * 2;
+  }
   __host__ __device__ bool fp8() const { return payload != Payload::kBF16; }
   __host__ __device__ int scale_bytes() const {
     return payload == Payload::kFP8UE8M0 ? hidden / 128 : hidden / 128 * 4;
@@ -108,12 +114,14 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  cudaStream_t stream);
 
 // Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
-// owner (valid rows: those whose recv_src_rank is not -1); zeroes `token`.
+// owner (valid rows: those whose recv_src_rank is not -1), cast to FP8 per
+// 128 channels on the way with combine_fp8; zeroes `token`.
 cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const void* y,
                                 const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
                                 int* token, int num_blocks, cudaStream_t stream);
 
-// Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert).
+// Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert)
+// (rows dequantized first with combine_fp8).
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
                                 const float* topk_weights, void* out, int num_blocks,
                                 cudaStream_t stream);

@@ -202,7 +202,8 @@ def _ll_attrs(spec):
     return dict(
         buffer_id=np.int64(o.buffer_id), num_tokens=np.int64(spec.num_tokens), num_experts=np.int64(spec.num_experts),
         max_tokens=np.int64(spec.max_tokens), hidden=np.int64(spec.hidden), num_topk=np.int64(spec.num_topk),
-        payload=np.int64(o.payload_code), num_sms=np.int64(o.num_sms),
+        payload=np.int64(o.payload_code), combine_payload=np.int64(1 if o.combine_fp8 else 0),
+        num_sms=np.int64(o.num_sms),
     )
 
 
@@ -297,6 +298,9 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
     first slot naming its expert), zeros on masked slots. A combine without
     the sum: the rows travel back as in ``ll_combine``."""
     spec = handle.spec
+    if spec.options.combine_fp8:  # the unsummed rows travel as BF16
+        spec = dataclasses.replace(spec, options=dataclasses.replace(spec.options, combine_fp8=False))
+        handle = dataclasses.replace(handle, spec=spec)
     token = ll_combine_send(y.astype(jnp.bfloat16), None, handle)
     call = jax.ffi.ffi_call(
         "jax_ep_ll_combine_gather_recv",

@@ -109,6 +109,11 @@ def _ll_spec(x, topk_idx, num_experts, axis_name, options) -> LowLatencySpec:
         )
     if options.fp8 is not None:
         validation.check_fp8_hidden(h, use_ue8m0=options.fp8.use_ue8m0)
+    if options.combine_fp8 and h % 512:
+        raise ValueError(
+            f"x has hidden size {h}; combine_fp8=True needs a multiple of 512 (FP8 rows with a scale per "
+            f"128 channels, four groups per step), for example {h + (-h) % 512}; or set combine_fp8=False"
+        )
     if options.backend == "cuda" and x.dtype != jnp.bfloat16:
         raise TypeError(f"the CUDA low-latency kernels take bfloat16 x, got {x.dtype}; cast with x.astype(jnp.bfloat16)")
     r = validation.num_ranks_for(axis_name, options.backend, options.buffer_id)
@@ -167,6 +172,11 @@ def _ll_combine_fwd(y, topk_weights, handle):
 def _ll_combine_bwd(res, ct):
     y, topk_weights, handle, out = res
     spec = handle.spec
+    if spec.options.combine_fp8:
+        raise NotImplementedError(
+            "low_latency_combine with combine_fp8=True has no gradient (the cast is not differentiable); "
+            "differentiate a BF16 combine (LowLatencyOptions(combine_fp8=False)) instead"
+        )
     # The CUDA backward ops are calls on the same buffer, and each kind must
     # follow the previous call of its kind: tie them in order (after the
     # forward combine's receive, the gather; after the gather, the scatter).

@@ -152,3 +152,46 @@ def test_async_send_option_is_checked():
     assert jax_ep.LowLatencyOptions().async_send is True
     with pytest.raises(TypeError, match="async_send must be True or False"):
         jax_ep.LowLatencyOptions(async_send=1)
+
+
+def test_combine_fp8_rows_round_trip_through_fp8(rng):
+    """combine_fp8: each returned row is the FP8 cast and back of the expert's row."""
+    r, t, k, e, h, m = 2, 6, 3, 4, 512, 6
+    xs, idxs, ws = _inputs(rng, r, t, k, e, h)
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, combine_fp8=True)
+
+    def f(x, i, w):
+        o = jax_ep.low_latency_dispatch(x, i, num_experts=e, options=opts)
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+
+    (out,) = run_ranks(lambda x, i, w: (f(x, i, w),), r, xs, idxs, ws)
+    for s in range(r):
+        q, sc = npr.fp8_quantize(xs[s])
+        deq = (q.astype(np.float32).reshape(t, -1, 128) * sc[..., None]).reshape(t, h)
+        want = deq * np.where(idxs[s] >= 0, ws[s], 0).sum(1)[:, None]
+        np.testing.assert_allclose(out[s], want, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(out[s], xs[s] * np.where(idxs[s] >= 0, ws[s], 0).sum(1)[:, None], rtol=1e-6, atol=0)
+
+
+def test_combine_fp8_errors():
+    import jax
+
+    x, i = jnp.zeros((4, 256)), jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match="combine_fp8=True needs a multiple of 512"):
+        jax_ep.low_latency_dispatch(x, i, num_experts=4, axis_name=None,
+                                    options=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4, combine_fp8=True))
+    with pytest.raises(TypeError, match="combine_fp8 must be True or False"):
+        jax_ep.LowLatencyOptions(combine_fp8="yes")
+
+    r, t, k, e, h, m = 1, 2, 2, 2, 512, 2
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, combine_fp8=True)
+    xs = [np.ones((t, h), np.float32)]
+    idxs = [np.array([[0, 1], [1, -1]], np.int32)]
+    ws = [np.ones((t, k), np.float32)]
+
+    def loss(x, i, w):
+        o = jax_ep.low_latency_dispatch(x, i, num_experts=e, options=opts)
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle).sum()
+
+    with pytest.raises(NotImplementedError, match="combine_fp8=True has no gradient"):
+        run_ranks(lambda x, i, w: (jax.grad(loss, argnums=2)(x, i, w),), r, xs, idxs, ws)

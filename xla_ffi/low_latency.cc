@@ -11,7 +11,9 @@
 //   jax_ep_ll_combine_gather_recv  token, topk_idx s32[T, K] -> out bf16[T, K, H] (unsummed rows)
 //
 //   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
-//   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0), num_sms
+//   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0),
+//   combine_payload (0 BF16 rows, 1 FP8 rows with a float scale per 128
+//   channels), num_sms
 //
 // A receive must follow its send on the same buffer before the next send of
 // that kind (the tokens order them).
@@ -48,7 +50,8 @@ struct Call {
 };
 
 ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
-                   int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload, Call* call) {
+                   int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
+                   Call* call) {
   std::string error;
   call->buf = Runtime::get().find(buffer_id, device, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
@@ -60,9 +63,14 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
   if (hidden % 512 != 0 && payload != 0) return invalid_argument(target, "FP8 needs hidden % 512 == 0 here");
   if (hidden % 8 != 0) return invalid_argument(target, "hidden must be a multiple of 8");
   if (num_tokens > max_tokens) return invalid_argument(target, "T must be <= max_tokens");
+  if (combine_payload != 0 && combine_payload != 1) return invalid_argument(target, "combine_payload must be 0 or 1");
+  if (combine_payload == 1 && hidden % 512 != 0) {
+    return invalid_argument(target, "an FP8 combine needs hidden % 512 == 0");
+  }
   call->shape = low_latency::Shape{static_cast<int>(num_tokens), static_cast<int>(max_tokens),
                                    static_cast<int>(num_topk), static_cast<int>(num_experts),
-                                   static_cast<int>(hidden), static_cast<low_latency::Payload>(payload)};
+                                   static_cast<int>(hidden), static_cast<low_latency::Payload>(payload),
+                                   combine_payload == 1};
   const std::size_t need = low_latency::Layout::make(call->shape, R).half_bytes;
   if (need > call->buf->staging_half_bytes()) {
     return invalid_argument(target, "the jax_ep low-latency buffer is too small: it needs " +
@@ -106,7 +114,7 @@ ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, 
 template <bool kAsync>
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                        int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
+                        int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_send_async" : "jax_ep_ll_dispatch_send";
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
   // x [T, H]: every slot sends its token's row; x [T, K, H] (BF16 only): every
@@ -118,7 +126,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
   }
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
-                         num_topk, payload, &c);
+                         num_topk, payload, combine_payload, &c);
       err.failure()) {
     return err;
   }
@@ -135,12 +143,13 @@ template <bool kAsync>
 ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                        int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
+                        int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_recv_async" : "jax_ep_ll_dispatch_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+                         combine_payload, &c);
       err.failure()) {
     return err;
   }
@@ -158,11 +167,12 @@ template <bool kAsync>
 ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                       int64_t payload, int64_t num_sms, ffi::Result<I32_0> token) {
+                       int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_send_async" : "jax_ep_ll_combine_send";
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+                         combine_payload, &c);
       err.failure()) {
     return err;
   }
@@ -179,10 +189,11 @@ template <bool kAsync>
 ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
                        F32_2 topk_weights, ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id,
                        int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
-                       int64_t num_topk, int64_t payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
+                       int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_recv_async" : "jax_ep_ll_combine_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+                         combine_payload, &c);
       err.failure()) {
     return err;
   }
@@ -196,11 +207,13 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
 
 ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
                              int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens,
-                             int64_t hidden, int64_t num_topk, int64_t payload, int64_t num_sms,
-                             ffi::Result<ffi::AnyBuffer> out) {
+                             int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
+                             int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_ll_combine_gather_recv";
+  if (combine_payload != 0) return invalid_argument(kTarget, "the unsummed combine takes BF16 rows only");
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload, &c);
+  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+                         combine_payload, &c);
       err.failure()) {
     return err;
   }
@@ -214,11 +227,11 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
 #define JAX_EP_LL_ATTRS                                                                          \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_tokens").Attr<int64_t>("num_experts")          \
       .Attr<int64_t>("max_tokens").Attr<int64_t>("hidden").Attr<int64_t>("num_topk")             \
-      .Attr<int64_t>("payload").Attr<int64_t>("num_sms")
+      .Attr<int64_t>("payload").Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms")
 #define JAX_EP_LL_SEND_ATTRS                                                                     \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("max_tokens")           \
       .Attr<int64_t>("hidden").Attr<int64_t>("num_topk").Attr<int64_t>("payload")                \
-      .Attr<int64_t>("num_sms")
+      .Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms")
 
 // The binding of each op; the synchronous targets are command-buffer compatible.
 #define JAX_EP_LL_DISPATCH_SEND_BINDING                                                          \

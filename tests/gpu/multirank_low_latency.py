@@ -179,6 +179,40 @@ def _():
     buf.destroy()
 
 
+@check("ll_combine_fp8_rows")
+def _():
+    """combine_fp8: the rows travel as FP8; the sum equals numpy's over the
+    FP8 round trip of each row (the one-call and the split combine, twice
+    back to back)."""
+    import dataclasses
+
+    t = m = 128
+    k, h = 8, 7168
+    e = (288 // R) * R
+    buf = make_buffer(m, h, k, e)
+    opts = dataclasses.replace(buf.low_latency, combine_fp8=True)
+    for it in range(2):
+        xs, idxs, ws = inputs(40 + it, t, k, e, h)
+
+        @jax.jit
+        def step(x, i, w):
+            o = buf.low_latency_dispatch(x, i, options=opts)
+            fused = buf.low_latency_combine(o.recv_x, w, o.handle)
+            split = jax_ep.low_latency_combine_recv(jax_ep.low_latency_combine_send(o.recv_x, o.handle, after=fused), w)
+            return fused, split
+
+        fused, split = step(xs[ME], idxs[ME], ws[ME])
+        q, sc = npr.fp8_quantize(xs[ME].astype(np.float32))
+        deq = (q.astype(np.float32).reshape(t, -1, 128) * sc[..., None]).reshape(t, h).astype(np.float64)
+        want = deq * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+        for got in (fused, split):
+            diff = calc_diff(np.asarray(got, np.float32), want)
+            assert diff < 1e-5, f"combine_fp8 calc_diff {diff} against the FP8 round trip"
+        exact = calc_diff(np.asarray(fused, np.float32), xs[ME].astype(np.float64) * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None])
+        assert exact < 1e-3, f"combine_fp8 calc_diff {exact} against the exact sum"
+    buf.destroy()
+
+
 @check("ll_send_recv_split")
 def _():
     """Split calls, with the send on the send stream (async_send) and on XLA's
