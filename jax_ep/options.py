@@ -127,9 +127,10 @@ class LowLatencyOptions:
       num_sms: SM budget of the CUDA kernels (one 512-thread block per SM).
       combine_fp8: the combine's rows travel as FP8 (e4m3, one float32
         scale per 128 channels, the cast of ``per_token_cast_to_fp8``)
-        instead of BF16: half the bytes, a relative error of a few 1e-3 per
-        row; needs ``H % 512 == 0``; not differentiable. The weighted sum is
-        still taken in float32 and returned in BF16.
+        instead of BF16: half the bytes, each element rounded to e4m3's three
+        mantissa bits (a relative error of up to 1/16); needs
+        ``H % 512 == 0``; not differentiable. The weighted sum is still taken
+        in float32 and returned in BF16.
       async_send: with the CUDA backend, the split API's send
         (``low_latency_dispatch_send``, ``low_latency_combine_send``) runs on
         a high-priority CUDA stream of its own, so compute placed between send
