@@ -63,7 +63,7 @@ struct Signals {
 // timeout, so the host can print a message naming the peer even though the
 // CUDA context is lost.
 struct TimeoutRecord {
-  int code;  // 0 none, 1 barrier timeout
+  int code;  // 0 none, 1 barrier timeout, 2 low-latency calls out of order (peer: 0 send twice, 1 receive without send)
   int rank, peer, op;
   unsigned long long epoch, peer_epoch;
   double seconds;
@@ -100,10 +100,10 @@ inline const char* op_name(int op) {
 #ifdef __CUDACC__
 // A wait gave up: leave a record for the host's watcher (the first one
 // wins), give it time to print, then trap (the CUDA context is lost anyway).
-__device__ __forceinline__ void fail_wait(const PeerTable& peers, int peer, int op,
-                                          unsigned long long epoch, unsigned long long peer_epoch) {
+__device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer, int op,
+                                     unsigned long long epoch, unsigned long long peer_epoch) {
   TimeoutRecord* rec = peers.timeout_record;
-  if (atomicCAS(&rec->code, 0, 1) == 0) {
+  if (atomicCAS(&rec->code, 0, code) == 0) {
     rec->rank = peers.rank;
     rec->peer = peer;
     rec->op = op;
@@ -118,6 +118,11 @@ __device__ __forceinline__ void fail_wait(const PeerTable& peers, int peer, int 
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   }
   __trap();
+}
+
+__device__ __forceinline__ void fail_wait(const PeerTable& peers, int peer, int op,
+                                          unsigned long long epoch, unsigned long long peer_epoch) {
+  fail(peers, 1, peer, op, epoch, peer_epoch);
 }
 #endif
 

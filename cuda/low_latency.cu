@@ -32,6 +32,21 @@ __device__ __forceinline__ unsigned int* blocks_done(const PeerTable& p, int whi
   return reinterpret_cast<unsigned int*>(&reinterpret_cast<Signals*>(p.base[p.rank])->pad[2 + which]);
 }
 
+// The last call whose send this rank issued, per kind (0 dispatch, 1 combine):
+// a send finding its own call number there follows an unreceived send; a
+// receive finding another one has no send.
+__device__ __forceinline__ unsigned long long* sent_mark(const PeerTable& p, int which) {
+  return reinterpret_cast<unsigned long long*>(p.base[p.rank] + intranode::kSignalBytes + 60 * 1024) + which;
+}
+
+// Called by one thread at the start of a send (`is_send`) or a receive.
+__device__ __forceinline__ void check_order(const PeerTable& p, int which, unsigned long long call, bool is_send) {
+  unsigned long long* mark = sent_mark(p, which);
+  const unsigned long long last = ld_volatile(mark);
+  if (is_send ? last == call : last != call) intranode::fail(p, 2, is_send ? 0 : 1, 3 + which, call, last);
+  if (is_send) *mark = call;
+}
+
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
   return intranode::staging_half(p.base[rank], static_cast<int>(call & 1ull), p.staging_half_bytes);
 }
@@ -130,7 +145,10 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t stride = s.message_stride();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int vecs = static_cast<int>(stride / 16);
-  if (blockIdx.x == 0 && threadIdx.x == 0) *token = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    check_order(p, 0, call, true);
+    if (token != nullptr) *token = 0;
+  }
   for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
     const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
     if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
@@ -212,6 +230,7 @@ __global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s)
   const int le = s.local_experts(R);
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   int* counts = received_counts(p);
+  if (threadIdx.x == 0) check_order(p, 0, call, false);
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
     counts[i] = static_cast<int>(wait_call(p, slot, call, false, i % R, 3) & 0xffffffffull);
@@ -334,7 +353,10 @@ __global__ void __launch_bounds__(kThreads)
   const Layout l = Layout::make(s, R);
   const int rows_out = R * s.max_tokens;
   const int vecs = s.hidden / 8;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *token = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    check_order(p, 1, call, true);
+    if (token != nullptr) *token = 0;
+  }
   // Only the valid rows: first[e] = valid rows of the experts before e.
   __shared__ int first[2049];
   for (int e = threadIdx.x; e < le; e += blockDim.x) {
@@ -437,6 +459,7 @@ __global__ void __launch_bounds__(kThreads)
 // The only waiting part of a combine receive: one block waits for every rank's flag.
 __global__ void wait_flags_kernel(PeerTable p) {
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  if (threadIdx.x == 0) check_order(p, 1, call, false);
   if (threadIdx.x < p.num_ranks) {
     wait_call(p, combine_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true,
               threadIdx.x, 4);

@@ -97,7 +97,7 @@ struct Layout {
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
 
 // Send: quantize (FP8) and push every (token, expert) message, publish counts;
-// one kernel, which also zeroes the int32 `token` (the call's XLA result).
+// one kernel, which also zeroes the int32 `token` (the call's XLA result) unless null.
 // With `per_slot` (BF16 only) x is [T, K, H] and each top-k slot sends its own
 // row instead of the token's.
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
@@ -115,7 +115,7 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
 
 // Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
 // owner (valid rows: those whose recv_src_rank is not -1), cast to FP8 per
-// 128 channels on the way with combine_fp8; zeroes `token`.
+// 128 channels on the way with combine_fp8; zeroes `token` unless null.
 cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const void* y,
                                 const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
                                 int* token, int num_blocks, cudaStream_t stream);

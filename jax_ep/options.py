@@ -135,7 +135,9 @@ class LowLatencyOptions:
         (``low_latency_dispatch_send``, ``low_latency_combine_send``) runs on
         a high-priority CUDA stream of its own, so compute placed between send
         and receive runs beside the transfer; the receive joins that stream.
-        Those calls then stay outside XLA command buffers (CUDA graphs).
+        Those calls then stay outside XLA command buffers (CUDA graphs), and
+        a send and its receive belong in one compiled program (the receive
+        keeps the send's inputs alive there).
         ``False`` runs the send on XLA's stream: capturable, no overlap.
         The one-call ``low_latency_dispatch``/``combine`` always use XLA's stream.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;

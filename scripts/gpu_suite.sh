@@ -109,6 +109,7 @@ step single_process_multi_gpu "$OUT/single_process_multi_gpu.log" \
   timeout --kill-after=30 300 python3 tests/gpu/single_process_multi_gpu.py
 
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2
+step misordered_calls "$OUT/misordered_calls.log" timeout --kill-after=10 200 python3 tests/gpu/check_misordered_calls.py 2
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
   step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"

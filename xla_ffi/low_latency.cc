@@ -130,12 +130,17 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
       err.failure()) {
     return err;
   }
+  // The asynchronous send's result is written on XLA's stream: XLA may hand
+  // it on as soon as that stream reaches it.
+  int* kernel_token = kAsync ? nullptr : token->typed_data();
   auto launch = [&](cudaStream_t on) {
     return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
-                                             token->typed_data(), static_cast<int>(num_sms) * kBlocksPerSm, on,
-                                             per_slot);
+                                             kernel_token, static_cast<int>(num_sms) * kBlocksPerSm, on, per_slot);
   };
-  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, launch);
+  if constexpr (kAsync) {
+    cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
+    return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, launch);
+  }
   return launch_status(kTarget, launch(stream));
 }
 
@@ -176,12 +181,16 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
       err.failure()) {
     return err;
   }
+  int* kernel_token = kAsync ? nullptr : token->typed_data();  // as in DispatchSend
   auto launch = [&](cudaStream_t on) {
     return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
-                                            src_token.typed_data(), src_slot.typed_data(), token->typed_data(),
+                                            src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
   };
-  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kCombine, stream, launch);
+  if constexpr (kAsync) {
+    cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
+    return launch_on_send_stream(kTarget, c.buf, kCombine, stream, launch);
+  }
   return launch_status(kTarget, launch(stream));
 }
 

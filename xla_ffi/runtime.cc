@@ -102,7 +102,18 @@ void IntranodeBuffer::start_watcher() {
 
 std::string timeout_message(const intranode::TimeoutRecord& rec) {
   if (rec.code == 0) return "";
-  char buf[512];
+  char buf[640];
+  if (rec.code == 2) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: rank %d made a %s %s (call %llu): on one buffer each low-latency send must be "
+                  "followed by its receive before the next send of that kind. XLA orders calls only by their "
+                  "data: tie independent rounds with low_latency_dispatch_send(..., after=...) / "
+                  "low_latency_combine_send(..., after=...). The CUDA context of this rank is lost",
+                  rec.rank, intranode::op_name(rec.op),
+                  rec.peer == 0 ? "send while its previous send was not yet received" : "receive without a send",
+                  rec.epoch);
+    return buf;
+  }
   std::snprintf(buf, sizeof(buf),
                 "jax_ep: rank %d timed out after %.1f s in the %s barrier waiting for rank %d "
                 "(this rank is at call %llu, rank %d at %llu): a peer did not make the same jax_ep "
