@@ -5,6 +5,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "sync.cuh"
 #include "utils.cuh"
@@ -467,62 +468,14 @@ __global__ void wait_flags_kernel(PeerTable p) {
 }
 
 // out[t] = sum_k w[t, k] * row(t, first slot naming k's expert), float32;
-// a thread per 16-byte vector of a token, all top-k loads in flight.
+// a thread per 8 channels of a token, all top-k loads in flight. The rows
+// are BF16 (16 bytes per thread), or with kFp8 FP8 (8 bytes) and the group's
+// scale, folded into the weight.
+template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
     combine_recv_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
                         __nv_bfloat16* out) {
-  const int R = p.num_ranks;
-  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
-  const Layout l = Layout::make(s, R);
-  const char* mine = half_of(p, p.rank, call);
-  const int vecs = s.hidden / 8;
-  const long long n = static_cast<long long>(s.num_tokens) * vecs;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
-    int4 raw[intranode::kMaxTopk];
-    float w[intranode::kMaxTopk];
-#pragma unroll
-    for (int k = 0; k < intranode::kMaxTopk; ++k) {
-      w[k] = 0.0f;
-      raw[k] = make_int4(0, 0, 0, 0);
-      if (k < s.num_topk) {
-        const int id = ids[k];
-        if (id >= 0 && id < s.num_experts) {
-          int k0 = 0;
-          while (ids[k0] != id) ++k0;
-          w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k];
-          raw[k] = ld_nc_v4(reinterpret_cast<const int4*>(
-              mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * s.hidden * 2) + v);
-        }
-      }
-    }
-    float acc[8] = {};
-#pragma unroll
-    for (int k = 0; k < intranode::kMaxTopk; ++k) {
-      const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = __bfloat1622float2(h[q]);
-        acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
-        acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
-      }
-    }
-    int4 packed;
-    auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-    reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
-  }
-  advance(p, 1);
-}
-
-// combine_recv_kernel for FP8 rows: a thread per 8 channels of a token reads
-// 8 FP8 bytes and the group's scale of every top-k row, all loads in flight.
-__global__ void __launch_bounds__(kThreads)
-    combine_recv_fp8_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
-                            __nv_bfloat16* out) {
+  using Raw = std::conditional_t<kFp8, uint2, int4>;
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
@@ -534,31 +487,40 @@ __global__ void __launch_bounds__(kThreads)
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
-    uint2 raw[intranode::kMaxTopk];
+    Raw raw[intranode::kMaxTopk];
     float w[intranode::kMaxTopk];
 #pragma unroll
     for (int k = 0; k < intranode::kMaxTopk; ++k) {
       w[k] = 0.0f;
-      raw[k] = make_uint2(0, 0);
+      raw[k] = Raw{};
       if (k < s.num_topk) {
         const int id = ids[k];
         if (id >= 0 && id < s.num_experts) {
           int k0 = 0;
           while (ids[k0] != id) ++k0;
           const char* row = mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * row_bytes;
-          w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k] *
-                 reinterpret_cast<const float*>(row + s.hidden)[v * 8 / 128];
-          raw[k] = *reinterpret_cast<const uint2*>(row + v * 8);
+          w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k];
+          if constexpr (kFp8) {
+            w[k] *= reinterpret_cast<const float*>(row + s.hidden)[v * 8 / 128];
+            raw[k] = *reinterpret_cast<const uint2*>(row + v * 8);
+          } else {
+            raw[k] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
+          }
         }
       }
     }
     float acc[8] = {};
 #pragma unroll
     for (int k = 0; k < intranode::kMaxTopk; ++k) {
-      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[k]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[q], __NV_E4M3)));
+        float2 f;
+        if constexpr (kFp8) {
+          const auto pair = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[k])[q];
+          f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+        } else {
+          f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&raw[k])[q]);
+        }
         acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
         acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
       }
@@ -648,7 +610,7 @@ cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const in
                                 const float* topk_weights, void* out, int num_blocks,
                                 cudaStream_t stream) {
   wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
-  auto* kernel = s.combine_fp8 ? combine_recv_fp8_kernel : combine_recv_kernel;
+  auto* kernel = s.combine_fp8 ? combine_recv_kernel<true> : combine_recv_kernel<false>;
   kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
   return cudaGetLastError();
