@@ -87,29 +87,26 @@ def loop(fn, iters=ITERS):
     return jax.jit(body)
 
 
-def time_per_call(fn, *args, reps):
-    f = loop(fn)
+def _median_us_per_call(f, args, reps, calls):
+    """Median over `reps` runs of compiled `f`'s wall time, per call, in us (after a warm-up run)."""
     f(*args).block_until_ready()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         f(*args).block_until_ready()
-        times.append((time.perf_counter() - t0) / ITERS)
+        times.append((time.perf_counter() - t0) / calls)
     return float(np.median(times)) * 1e6
+
+
+def time_per_call(fn, *args, reps):
+    """Per-call wall time of ITERS calls unrolled in one jit."""
+    return _median_us_per_call(loop(fn), args, reps, ITERS)
 
 
 def time_per_call_fori(fn, *args, reps, n=64):
-    """Per-call wall time of `n` calls in one ``lax.fori_loop`` (a decode loop).
-    With XLA command buffers covering WHILE, the loop is one CUDA graph and
-    the host launches nothing per call: the time is the GPU's."""
+    """Per-call wall time of `n` calls in one ``lax.fori_loop`` (a decode loop)."""
     f = jax.jit(lambda *a: jax.lax.fori_loop(0, n, lambda _, acc: acc + fn(*a), jnp.float32(0)))
-    f(*args).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(*args).block_until_ready()
-        times.append((time.perf_counter() - t0) / n)
-    return float(np.median(times)) * 1e6
+    return _median_us_per_call(f, args, reps, n)
 
 
 def first(r):

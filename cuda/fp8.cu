@@ -14,20 +14,9 @@ namespace {
 
 constexpr int kChannelsPerThread = 16;
 constexpr int kThreadsPerGroup = kFp8GroupSize / kChannelsPerThread;  // 8
-constexpr float kMinAmax = 1e-4f;
-// float32(1 / 448), 448 being the largest finite e4m3 value.
-constexpr float kInvFp8E4m3Max = 1.0f / 448.0f;
 
 static_assert(kThreadsPerGroup * kUe8m0ScalesPerWord == kWarpSize,
               "one warp must cover one packed UE8M0 word");
-
-// Smallest power of two >= scale, from the float bits (scale is a positive
-// normal number, so exponent + 1 with a cleared mantissa is exact).
-__device__ __forceinline__ float round_scale_to_power_of_two(float scale) {
-  uint32_t bits = __float_as_uint(scale);
-  if ((bits & 0x007fffffu) != 0) bits = (bits & 0x7f800000u) + 0x00800000u;
-  return __uint_as_float(bits);
-}
 
 // The float32 whose exponent field is the UE8M0 byte (0 for a zero byte).
 __device__ __forceinline__ float ue8m0_to_float(uint32_t biased_exponent) {
@@ -107,9 +96,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   for (int offset = kThreadsPerGroup / 2; offset > 0; offset /= 2) {
     amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, offset));
   }
-  amax = fmaxf(amax, kMinAmax);
-  float scale = __fmul_rn(amax, kInvFp8E4m3Max);
-  if (kUe8m0 || round_scale) scale = round_scale_to_power_of_two(scale);
+  const float scale = fp8_group_scale(amax, kUe8m0 || round_scale);
   const float inv_scale = __fdiv_rn(1.0f, scale);
 
   if (valid) {

@@ -15,6 +15,22 @@ inline constexpr int kFp8GroupSize = 128;
 // multiple of 4 * 128 = 512.
 inline constexpr int kUe8m0ScalesPerWord = 4;
 
+#ifdef __CUDACC__
+// The scale of one 128-channel group from its amax (the arithmetic below):
+// amax floored at 1e-4, times float32(1 / 448), and with `power_of_two` the
+// smallest power of two >= that (from the float bits: the scale is a positive
+// normal number, so exponent + 1 with a cleared mantissa is exact).
+__device__ __forceinline__ float fp8_group_scale(float amax, bool power_of_two) {
+  float scale = __fmul_rn(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
+  if (power_of_two) {
+    uint32_t bits = __float_as_uint(scale);
+    if ((bits & 0x007fffffu) != 0) bits = (bits & 0x7f800000u) + 0x00800000u;
+    scale = __uint_as_float(bits);
+  }
+  return scale;
+}
+#endif
+
 // Casts x [num_tokens, hidden] to e4m3 with one scale per token and group of
 // 128 channels, in correctly rounded float32 operations:
 //   amax  = max(max_i |x_i|, 1e-4)

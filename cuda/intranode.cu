@@ -550,39 +550,14 @@ __device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigne
   }
 }
 
-// Copier side of the full-staging combine: stage the valid rows of y chunk by
-// chunk and flag every chunk. Work item w is step w / regions of region
-// w % regions, where a region is one owner's rows (rank-major: rows grouped
-// by source rank in token order) or all rows (expert-major). A chunk on a
-// region boundary is staged by both regions (same bytes, same flag value).
-// combine_kernel runs it for the expert-major layout only (one region); the
-// rank-major layout goes through the rings (ring_stage).
+// Copier side of the full-staging combine, which combine_kernel runs for the
+// expert-major layout (the rank-major layout goes through the rings,
+// ring_stage): stage the valid rows of y chunk by chunk and flag every chunk.
 template <typename T>
 __device__ void combine_stage(const Group& g, const PeerTable& peers, const CombineArgs& a, int half,
                               unsigned long long epoch, int index, int count) {
-  __shared__ int start_of[kGroupsPerBlock][kMaxRanks + 1];
-  int* start = start_of[g.id];
   const int C = a.capacity, B = a.chunk_rows;
-  const int regions = a.layout == Layout::kRankMajor ? peers.num_ranks : 1;
-  for (int s = g.tid; s <= regions; s += kGroupThreads) {
-    int lo = 0, hi = C;
-    if (regions == 1) {
-      lo = s == 0 ? 0 : C;
-    } else {
-      // First row from a source >= s; padding rows (-1) come last.
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2, v = a.recv_src_rank[mid];
-        if (v >= 0 && v < s) lo = mid + 1;
-        else hi = mid;
-      }
-    }
-    start[s] = lo;
-  }
-  g.sync();
-  int steps = 0;
-  for (int s = 0; s < regions; ++s) {
-    if (start[s + 1] > start[s]) steps = max(steps, (start[s + 1] - 1) / B - start[s] / B + 1);
-  }
+  const int chunks = (C + B - 1) / B;
   const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
   const std::size_t row_stride = align_up(row_bytes, 16);
   const int vecs = static_cast<int>(row_bytes / 16);
@@ -590,11 +565,7 @@ __device__ void combine_stage(const Group& g, const PeerTable& peers, const Comb
   char* stage = staging_half(peers.base[peers.rank], half, peers.staging_half_bytes);
   unsigned long long* flags = chunk_flags(peers.base[peers.rank], half);
   const int warp = g.tid / 32, lane = g.tid % 32;
-  for (int w = index; w < steps * regions; w += count) {
-    const int i = w / regions, s = w % regions;
-    if (start[s + 1] <= start[s]) continue;
-    const int k = start[s] / B + i;
-    if (k > (start[s + 1] - 1) / B) continue;  // uniform across the block
+  for (int k = index; k < chunks; k += count) {
     const int r1 = min(k * B + B, C);
     for (int r = k * B + warp; r < r1; r += kCombineWarps) {
       if (a.recv_src_rank[r] < 0) continue;

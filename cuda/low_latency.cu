@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "fp8.cuh"
 #include "sync.cuh"
 #include "utils.cuh"
 
@@ -90,14 +91,6 @@ __device__ __forceinline__ void advance(const PeerTable& p, int which) {
   }
 }
 
-// Bits of float32 scale -> smallest power of two >= it (exact).
-__device__ __forceinline__ float pow2_ceil(float s) {
-  unsigned int bits = __float_as_uint(s);
-  unsigned int e = (bits >> 23) & 0xffu;
-  e += (bits & 0x7fffffu) != 0u;
-  return __uint_as_float(e << 23);
-}
-
 // The FP8 cast of one 128-channel group of a BF16 row (jax_ep.reference.fp8's
 // arithmetic), a warp per group and 4 channels per lane: returns this lane's
 // 4 FP8 bytes and, in every lane, the group's scale.
@@ -107,9 +100,7 @@ __device__ __forceinline__ unsigned int cast_group_fp8(uint2 raw, bool pow2_scal
   float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-  amax = fmaxf(amax, 1e-4f);
-  float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
-  if (pow2_scale) scale = pow2_ceil(scale);
+  const float scale = fp8_group_scale(amax, pow2_scale);
   const float inv = __fdiv_rn(1.0f, scale);
   unsigned char q[4];
   q[0] = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
@@ -418,8 +409,7 @@ __global__ void __launch_bounds__(kThreads)
           }
 #pragma unroll
           for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-          amax = fmaxf(amax, 1e-4f);
-          const float scale = amax * 0.002232142857142857f;  // float32(1/448), see reference/fp8.py
+          const float scale = fp8_group_scale(amax, false);
           const float inv = __fdiv_rn(1.0f, scale);
           __nv_fp8x2_storage_t q2[4];
 #pragma unroll

@@ -215,18 +215,19 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool
     """Push every (token, expert) message; returns the token that orders the receive.
 
     asynchronous: run the send on the buffer's send stream; its receive must
-    then be ``ll_dispatch_recv(..., keep_alive=(x, topk_idx))``."""
+    then be ``ll_dispatch_recv(..., sent_x=x)``."""
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
     call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_send", asynchronous), _TOKEN, **_COMM)
     return call(x, topk_idx, **attrs)
 
 
-def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, keep_alive: tuple | None = None):
+def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None):
     """Wait for every source and pack: (recv_x, recv_count, handle).
 
-    keep_alive: the inputs of an asynchronous send (this receive joins the
-    send stream, and XLA keeps these arrays alive until it runs)."""
+    sent_x: the x of an asynchronous send. This receive then joins the send
+    stream and takes the send's inputs again (unread), so XLA keeps them
+    alive until it runs."""
     from jax_ep.handle import LowLatencyHandle
 
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
@@ -240,10 +241,11 @@ def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, keep_alive: tu
                  else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
     ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
     call = jax.ffi.ffi_call(
-        _target("jax_ep_ll_dispatch_recv", keep_alive is not None),
+        _target("jax_ep_ll_dispatch_recv", sent_x is not None),
         (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
-    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *(keep_alive or ()), **_ll_attrs(spec))
+    kept = () if sent_x is None else (sent_x, topk_idx)
+    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *kept, **_ll_attrs(spec))
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
     return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
@@ -256,31 +258,25 @@ def _combine_send_operands(y: jax.Array, handle) -> tuple:
     return (y, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot)
 
 
-def ll_combine_send(y: jax.Array, recv_count: jax.Array | None, handle) -> jax.Array:
+def ll_combine_send(y: jax.Array, recv_count: jax.Array | None, handle, asynchronous: bool = False) -> jax.Array:
     """Push every valid expert-output row back to its token's owner.
 
     recv_count: the dispatch's ``int32 [E/R]``; unused here, since the kernel
-    reads each expert's count from the handle (its rows that are not -1)."""
-    call = jax.ffi.ffi_call("jax_ep_ll_combine_send", _TOKEN, **_COMM)
+    reads each expert's count from the handle (its rows that are not -1).
+    asynchronous: as in ``ll_dispatch_send``; the receive then takes ``sent_y=y``."""
+    call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
     return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec))
 
 
-def ll_combine_send_async(y: jax.Array, recv_count: jax.Array | None, handle) -> tuple:
-    """``ll_combine_send`` on the buffer's send stream: (token, keep_alive),
-    where keep_alive goes to ``ll_combine_recv``."""
-    operands = _combine_send_operands(y, handle)
-    call = jax.ffi.ffi_call("jax_ep_ll_combine_send_async", _TOKEN, **_COMM)
-    return call(*operands, **_ll_attrs(handle.spec)), operands
-
-
-def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle, keep_alive: tuple | None = None) -> jax.Array:
-    """Wait for every rank's rows; [T, H] bf16 weighted sum. keep_alive: as in ``ll_dispatch_recv``."""
+def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle, sent_y: jax.Array | None = None) -> jax.Array:
+    """Wait for every rank's rows; [T, H] bf16 weighted sum. sent_y: as ``sent_x`` in ``ll_dispatch_recv``."""
     spec = handle.spec
     call = jax.ffi.ffi_call(
-        _target("jax_ep_ll_combine_recv", keep_alive is not None),
+        _target("jax_ep_ll_combine_recv", sent_y is not None),
         jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
-    out = call(token, handle.topk_idx, topk_weights, *(keep_alive or ()), **_ll_attrs(spec))
+    kept = () if sent_y is None else _combine_send_operands(sent_y, handle)
+    out = call(token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec))
     return _varying(out, spec.axis_name)
 
 

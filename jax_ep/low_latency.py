@@ -109,11 +109,8 @@ def _ll_spec(x, topk_idx, num_experts, axis_name, options) -> LowLatencySpec:
         )
     if options.fp8 is not None:
         validation.check_fp8_hidden(h, use_ue8m0=options.fp8.use_ue8m0)
-    if options.combine_fp8 and h % 512:
-        raise ValueError(
-            f"x has hidden size {h}; combine_fp8=True needs a multiple of 512 (FP8 rows with a scale per "
-            f"128 channels, four groups per step), for example {h + (-h) % 512}; or set combine_fp8=False"
-        )
+    if options.combine_fp8:
+        validation.check_fp8_hidden(h, combine=True)
     if options.backend == "cuda" and x.dtype != jnp.bfloat16:
         raise TypeError(f"the CUDA low-latency kernels take bfloat16 x, got {x.dtype}; cast with x.astype(jnp.bfloat16)")
     r = validation.num_ranks_for(axis_name, options.backend, options.buffer_id)
@@ -277,9 +274,8 @@ def low_latency_dispatch_send(
     topk_idx = topk_idx.astype(jnp.int32)
     backend = get_backend(options.backend)
     if hasattr(backend, "ll_dispatch_send"):
-        asynchronous = options.async_send
-        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=asynchronous)
-        return LowLatencyPending(token, (topk_idx, (x, topk_idx) if asynchronous else None), spec)
+        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send)
+        return LowLatencyPending(token, (topk_idx, x if options.async_send else None), spec)
     out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
 
@@ -297,8 +293,8 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
-        topk_idx, keep_alive = pending.state
-        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, keep_alive=keep_alive))
+        topk_idx, sent_x = pending.state
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 
@@ -322,11 +318,9 @@ def low_latency_combine_send(
     if hasattr(backend, "ll_combine_send"):
         if y.dtype != jnp.bfloat16:
             raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
-        if handle.spec.options.async_send:
-            token, keep_alive = backend.ll_combine_send_async(y, recv_count, handle)
-        else:
-            token, keep_alive = backend.ll_combine_send(y, recv_count, handle), None
-        return LowLatencyPending(token, (handle, keep_alive), handle.spec, "combine")
+        asynchronous = handle.spec.options.async_send
+        token = backend.ll_combine_send(y, recv_count, handle, asynchronous=asynchronous)
+        return LowLatencyPending(token, (handle, y if asynchronous else None), handle.spec, "combine")
     return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec, "combine")
 
 
@@ -336,8 +330,8 @@ def low_latency_combine_recv(pending: LowLatencyPending, topk_weights: jax.Array
     spec = pending.spec
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_combine_recv"):
-        handle, keep_alive = pending.state
-        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, keep_alive=keep_alive)
+        handle, sent_y = pending.state
+        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, sent_y=sent_y)
     y, handle = _after(pending.state, after)
     return low_latency_combine(y, topk_weights, handle)
 

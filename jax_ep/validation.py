@@ -124,14 +124,19 @@ def check_fp8_pair(x, name: str = "x") -> None:
         )
 
 
-def check_fp8_hidden(hidden: int, *, use_ue8m0: bool = False, name: str = "x") -> None:
-    group = FP8_GROUP * (UE8M0_PACK if use_ue8m0 else 1)
+def check_fp8_hidden(hidden: int, *, use_ue8m0: bool = False, name: str = "x", combine: bool = False) -> None:
+    """The hidden size an FP8 cast takes: scales per 128 channels, packed four
+    per int32 with UE8M0; the FP8 low-latency combine (``combine``) casts four
+    groups per step."""
+    group = FP8_GROUP * (UE8M0_PACK if use_ue8m0 or combine else 1)
     if hidden % group:
-        what = "packed UE8M0 scales need" if use_ue8m0 else "FP8 needs"
+        what = ("combine_fp8=True needs" if combine else
+                "packed UE8M0 scales need" if use_ue8m0 else "FP8 needs")
+        why = (", four groups per step" if combine else ", four scales per int32" if use_ue8m0 else "")
         raise ValueError(
             f"{name} has hidden size {hidden}; {what} a multiple of {group} "
-            f"(one scale per 128 channels{', four scales per int32' if use_ue8m0 else ''}), "
-            f"for example {hidden + (-hidden) % group}"
+            f"(one scale per 128 channels{why}), for example {hidden + (-hidden) % group}"
+            + ("; or set combine_fp8=False" if combine else "")
         )
 
 

@@ -83,11 +83,13 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
 
 constexpr int kDispatch = 0, kCombine = 1;
 
-// Runs `launch(stream)` on the buffer's send stream after everything queued
-// on XLA's `stream`, and records the send's `kind` event there.
+// Zeroes the send's `token` on XLA's stream (XLA may hand it on as soon as
+// that stream reaches it), then runs `launch(stream, nullptr)` on the
+// buffer's send stream after everything queued on XLA's `stream`, and records
+// the send's `kind` event there.
 template <class Launch>
 ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream,
-                                 Launch launch) {
+                                 int* token, Launch launch) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(stream, &capture);
   if (capture != cudaStreamCaptureStatusNone) {
@@ -96,9 +98,10 @@ ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int k
   }
   IntranodeBuffer::SendStream* side = nullptr;
   cudaError_t err = buf->send_stream(&side);
+  if (err == cudaSuccess) err = cudaMemsetAsync(token, 0, sizeof(int), stream);
   if (err == cudaSuccess) err = cudaEventRecord(side->fork[kind], stream);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(side->stream, side->fork[kind], 0);
-  if (err == cudaSuccess) err = launch(side->stream);
+  if (err == cudaSuccess) err = launch(side->stream, nullptr);
   if (err == cudaSuccess) err = cudaEventRecord(side->done[kind], side->stream);
   return launch_status(target, err);
 }
@@ -130,18 +133,12 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
       err.failure()) {
     return err;
   }
-  // The asynchronous send's result is written on XLA's stream: XLA may hand
-  // it on as soon as that stream reaches it.
-  int* kernel_token = kAsync ? nullptr : token->typed_data();
-  auto launch = [&](cudaStream_t on) {
+  auto launch = [&](cudaStream_t on, int* kernel_token) {
     return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
                                              kernel_token, static_cast<int>(num_sms) * kBlocksPerSm, on, per_slot);
   };
-  if constexpr (kAsync) {
-    cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
-    return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, launch);
-  }
-  return launch_status(kTarget, launch(stream));
+  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, token->typed_data(), launch);
+  return launch_status(kTarget, launch(stream, token->typed_data()));
 }
 
 template <bool kAsync>
@@ -181,17 +178,13 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
       err.failure()) {
     return err;
   }
-  int* kernel_token = kAsync ? nullptr : token->typed_data();  // as in DispatchSend
-  auto launch = [&](cudaStream_t on) {
+  auto launch = [&](cudaStream_t on, int* kernel_token) {
     return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
   };
-  if constexpr (kAsync) {
-    cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream);
-    return launch_on_send_stream(kTarget, c.buf, kCombine, stream, launch);
-  }
-  return launch_status(kTarget, launch(stream));
+  if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kCombine, stream, token->typed_data(), launch);
+  return launch_status(kTarget, launch(stream, token->typed_data()));
 }
 
 template <bool kAsync>

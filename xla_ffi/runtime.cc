@@ -258,22 +258,21 @@ Runtime& Runtime::get() {
   return *runtime;
 }
 
-int Runtime::create(int device, int rank, int num_ranks, std::size_t num_bytes,
-                    double timeout_s) {
-  auto buffer = std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s);
+int Runtime::add(std::unique_ptr<IntranodeBuffer> buffer) {
   std::lock_guard<std::mutex> lock(mutex_);
   const int id = next_id_++;
   buffers_[id] = std::move(buffer);
   return id;
 }
 
+int Runtime::create(int device, int rank, int num_ranks, std::size_t num_bytes,
+                    double timeout_s) {
+  return add(std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s));
+}
+
 int Runtime::create_external(int device, int rank, int num_ranks, std::size_t num_bytes,
                              double timeout_s, char* local, const std::vector<char*>& peers) {
-  auto buffer = std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s, local, peers);
-  std::lock_guard<std::mutex> lock(mutex_);
-  const int id = next_id_++;
-  buffers_[id] = std::move(buffer);
-  return id;
+  return add(std::make_unique<IntranodeBuffer>(device, rank, num_ranks, num_bytes, timeout_s, local, peers));
 }
 
 int Runtime::create_group(const std::vector<int>& devices, std::size_t num_bytes, double timeout_s) {

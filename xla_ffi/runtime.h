@@ -109,6 +109,8 @@ class Runtime {
   IntranodeBuffer& at(int id);
 
  private:
+  int add(std::unique_ptr<IntranodeBuffer> buffer);  // registers it under a new id
+
   std::mutex mutex_;
   int next_id_ = 1;
   std::unordered_map<int, std::unique_ptr<IntranodeBuffer>> buffers_;

@@ -110,10 +110,9 @@ def scatter_out(v: jax.Array, handle: LowLatencyHandle) -> jax.Array:
 def combine(y: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle) -> jax.Array:
     """[E/R, R*M, H] -> [T, H] in y's dtype: sum over valid slots of weight * row
     (each row cast to FP8 and back first with ``options.combine_fp8``)."""
+    rows = y
     if handle.spec.options.combine_fp8:
         q, scales = fp8_ref.per_token_cast_to_fp8(y, round_scale=False, use_ue8m0=False)
-        y_wire = fp8_ref.per_token_cast_back(q, scales, use_ue8m0=False, out_dtype=jnp.float32)
-        vals = gather_back(y_wire, handle)
-    else:
-        vals = gather_back(y, handle)
+        rows = fp8_ref.per_token_cast_back(q, scales, use_ue8m0=False, out_dtype=jnp.float32)
+    vals = gather_back(rows, handle)
     return jnp.einsum("tk,tkh->th", topk_weights, vals, precision="highest").astype(y.dtype)

@@ -4,6 +4,7 @@
     python -m jax_ep.launch -n 8 tests/gpu/multirank_low_latency.py
 """
 
+import dataclasses
 import os
 import sys
 
@@ -39,12 +40,12 @@ def inputs(seed, t, k, e, h, mask_prob=0.05, distinct=True):
     return xs, idxs, ws
 
 
-def make_buffer(m, h, k, e, fp8=None, sms=None, transport="ipc"):
+def make_buffer(m, h, k, e, fp8=None, transport="ipc"):
     return jax_ep.Buffer(
         num_experts=e, axis_name=None, num_nvl_bytes=1 << 22, ll_transport=transport,
         num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e, fp8),
         low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=fp8, backend="cuda",
-                                             num_sms=sms or max(4, 96 // R)),
+                                             num_sms=max(4, 96 // R)),
         timeout_s=60.0)
 
 
@@ -184,7 +185,6 @@ def _():
     """combine_fp8: the rows travel as FP8; the sum equals numpy's over the
     FP8 round trip of each row (the one-call and the split combine, twice
     back to back)."""
-    import dataclasses
 
     t = m = 128
     k, h = 8, 7168
@@ -217,7 +217,6 @@ def _():
 def _():
     """Split calls, with the send on the send stream (async_send) and on XLA's
     stream, compute between send and receive, three rounds back to back."""
-    import dataclasses
 
     t, m, k, e, h = 64, 64, 4, 4 * R, 1024
     buf = make_buffer(m, h, k, e)
