@@ -11,6 +11,8 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   this machine), and GB/s by DeepEP's LL counting (dispatch: valid (token,
   expert) pairs x (H + H/128*4 scales + 16) bytes in FP8, x 2H in BF16;
   combine: pairs x 2H) of the unrolled time.
+* **push dispatch** (``dispatch_pull=False``): the one-call dispatch pushing
+  instead of pulling, timed the same ways.
 * **FP8 combine** (``combine_fp8``): the same combine with FP8 rows.
 * **send / receive split**: the kernel time of each half, from a profiler
   trace of rank 0 (``jax.profiler``): the send kernels, the receive's wait,
@@ -116,9 +118,9 @@ def first(r):
 # --- profile ---------------------------------------------------------------------
 
 KERNELS = {  # phase -> substrings of the kernel names (jax_ep::low_latency::*)
-    "dispatch_send": ("plan_kernel", "low_latency::(anonymous namespace)::send_kernel"),
-    "dispatch_wait": ("wait_counts_kernel",),
-    "dispatch_copy": ("dispatch_recv_kernel",),
+    "dispatch_send": ("low_latency::(anonymous namespace)::send_kernel", "stage_kernel"),
+    "dispatch_wait": ("wait_counts_kernel", "wait_staged_kernel"),
+    "dispatch_copy": ("dispatch_recv_kernel", "dispatch_pull_kernel"),
     "combine_send": ("combine_send_kernel",),
     "combine_wait": ("wait_flags_kernel",),
     "combine_copy": ("combine_recv_kernel",),
@@ -229,6 +231,11 @@ def bench_budget(sms, args):
         def disp(x, i):
             return first(buf.low_latency_dispatch(x, i).recv_x)
 
+        push = dataclasses.replace(buf.low_latency, dispatch_pull=False)
+
+        def disp_push(x, i):
+            return first(buf.low_latency_dispatch(x, i, options=push).recv_x)
+
         def comb(y, w, h):
             return buf.low_latency_combine(y, w, h)[0, 0].astype(jnp.float32)
 
@@ -257,6 +264,8 @@ def bench_budget(sms, args):
         row["trivial_op_fori_us"] = time_per_call_fori(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         disp_bytes = pairs * ((H + H / 128 * 4 + 16) if fp8 else 2 * H)
         row["dispatch_gbps"] = disp_bytes / row["dispatch_us"] / 1e3
+        row["dispatch_push_us"] = time_per_call(disp_push, x, idx, reps=reps)
+        row["dispatch_push_fori_us"] = time_per_call_fori(disp_push, x, idx, reps=reps)
         if fp8 is not None:  # BF16 combine once per budget
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
@@ -311,6 +320,7 @@ def summarize(rows):
             split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
         comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
         fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
+        fori += f" (push dispatch {r['dispatch_push_fori_us']:.0f} / {r['dispatch_push_us']:.0f} unrolled)"
         if "combine_fp8_fori_us" in r:
             fori += f" (FP8 combine {r['combine_fp8_fori_us']:.0f} / {r['combine_fp8_us']:.0f} unrolled)"
         print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "

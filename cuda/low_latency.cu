@@ -111,6 +111,29 @@ __device__ __forceinline__ unsigned int cast_group_fp8(uint2 raw, bool pow2_scal
   return *reinterpret_cast<const unsigned int*>(q);
 }
 
+// The payload of one message, built by the whole block from the BF16 token
+// `row`: a copy (BF16), or the per-128-channel FP8 cast of
+// jax_ep.reference.fp8 (values, then the scales) with a warp per group.
+__device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat16* row, char* values) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (!s.fp8()) {
+    for (int v = threadIdx.x; v < s.hidden / 8; v += blockDim.x)
+      reinterpret_cast<int4*>(values)[v] = reinterpret_cast<const int4*>(row)[v];
+    return;
+  }
+  char* scales = values + s.hidden;
+  for (int g = warp; g < s.hidden / 128; g += kWarps) {  // a warp per 128 channels, 4 per lane
+    const int c = g * 128 + lane * 4;
+    float scale;
+    *reinterpret_cast<unsigned int*>(values + c) =
+        cast_group_fp8(*reinterpret_cast<const uint2*>(row + c), s.payload != Payload::kFP8, &scale);
+    if (lane == 0) {
+      if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+      else reinterpret_cast<float*>(scales)[g] = scale;
+    }
+  }
+}
+
 // Whether top-k slot k of a token sends: a valid id its earlier slots do not repeat.
 __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_experts) {
   const int id = ids[k];
@@ -144,25 +167,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
     const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
     if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
-    char* values = msg + kHeaderBytes;
-    if (per_slot) {
-      // each slot sends its own row, straight from x below
-    } else if (!s.fp8()) {
-      for (int v = threadIdx.x; v < s.hidden / 8; v += blockDim.x)
-        reinterpret_cast<int4*>(values)[v] = reinterpret_cast<const int4*>(row)[v];
-    } else {
-      char* scales = values + s.hidden;
-      for (int g = warp; g < s.hidden / 128; g += kWarps) {  // a warp per 128 channels, 4 per lane
-        const int c = g * 128 + lane * 4;
-        float scale;
-        *reinterpret_cast<unsigned int*>(values + c) =
-            cast_group_fp8(*reinterpret_cast<const uint2*>(row + c), s.payload != Payload::kFP8, &scale);
-        if (lane == 0) {
-          if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-          else reinterpret_cast<float*>(scales)[g] = scale;
-        }
-      }
-    }
+    if (!per_slot) build_message(s, row, msg + kHeaderBytes);  // per-slot rows go straight from x below
     __syncthreads();
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
     if (warp < s.num_topk && first_slot(ids, warp, s.num_experts)) {
@@ -328,6 +333,165 @@ __global__ void __launch_bounds__(kThreads)
     for (int w = lane; w < words; w += 32) {
       reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] =
           reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
+    }
+  }
+  advance(p, 0);
+}
+
+// ---- Pulled dispatch --------------------------------------------------------
+
+// Rank r's staged call in every peer's workspace: (call << 32) | its token count.
+__device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 34 * 1024) +
+         half * intranode::kMaxRanks;
+}
+
+// Stage: one block per token writes its message into this rank's own half,
+// with its top-k ids; the last block to finish flags every peer.
+__global__ void __launch_bounds__(kThreads)
+    stage_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx, int* token) {
+  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  const Layout l = Layout::make(s, p.num_ranks);
+  const std::size_t stride = s.message_stride();
+  char* stage = half_of(p, p.rank, call) + l.dispatch_rows;
+  int* stage_ids = reinterpret_cast<int*>(stage + s.stage_ids_offset());
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    check_order(p, 0, call, true);
+    if (token != nullptr) *token = 0;
+  }
+  for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
+    char* msg = stage + t * stride;
+    if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
+    if (threadIdx.x < s.num_topk) {
+      stage_ids[t * s.num_topk + threadIdx.x] = topk_idx[static_cast<long long>(t) * s.num_topk + threadIdx.x];
+    }
+    build_message(s, x + static_cast<long long>(t) * s.hidden, msg + kHeaderBytes);
+  }
+  if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks) {
+    *reinterpret_cast<volatile unsigned long long*>(
+        &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
+        (call << 32) | static_cast<unsigned long long>(s.num_tokens);
+  }
+}
+
+// The only waiting part of a pulled receive: one block waits for every
+// source's flag and keeps its token count locally.
+__global__ void wait_staged_kernel(PeerTable p) {
+  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  if (threadIdx.x == 0) check_order(p, 0, call, false);
+  if (threadIdx.x < p.num_ranks) {
+    const auto* slot = pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x;
+    received_counts(p)[threadIdx.x] =
+        static_cast<int>(wait_call(p, slot, call, false, threadIdx.x, 3) & 0xffffffffull);
+  }
+}
+
+// Pull: every block reads all sources' top-k ids into shared memory and
+// counts, per (local expert, source), the tokens naming the expert (their
+// first slot naming it), which lays out the packed rows. Then a warp per
+// source token finds the rows it fills here (its index among the source's
+// tokens naming each expert) and copies the staged message once per 16-byte
+// vector into all of them. Never waits.
+__global__ void __launch_bounds__(kThreads)
+    dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
+                         int* src_rank, int* src_token, int* src_slot) {
+  extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count
+  __shared__ int start[4160];        // start[e * (R + 1) + r]: first row of (expert e, source r)
+  const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
+  const int le = s.local_experts(R), first_expert = p.rank * le;
+  const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const std::size_t stride = s.message_stride();
+  const int rows_out = R * M;
+  const int* tokens = received_counts(p);
+  for (int i = threadIdx.x; i < R * M * K; i += blockDim.x) {
+    const int r = i / (M * K), t = (i / K) % M;
+    const int* staged = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
+    ids[i] = t < tokens[r] ? staged[i % (M * K)] : -1;
+  }
+  for (int i = threadIdx.x; i < le * (R + 1); i += blockDim.x) start[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < R * M * K; i += blockDim.x) {
+    const int* tok = ids + (i / K) * K;
+    const int k = i % K, e = tok[k] - first_expert;
+    if (e >= 0 && e < le && first_slot(tok, k, s.num_experts)) atomicAdd(&start[e * (R + 1) + i / (M * K) + 1], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < le; e += blockDim.x) {
+    int* st = start + e * (R + 1);
+    for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
+    if (blockIdx.x == 0) recv_count[e] = st[R];
+  }
+  __syncthreads();
+  // Routing of the padding rows (past each expert's count): -1.
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+       i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
+    if (j < start[e * (R + 1) + R]) continue;
+    src_rank[i] = -1;
+    src_token[i] = -1;
+    src_slot[i] = -1;
+  }
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  const int value_vecs = s.value_bytes() / 16;
+  const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
+  for (int item = warp; item < R * M; item += num_warps) {
+    const int r = item / M, t = item % M;
+    if (t >= tokens[r]) continue;
+    const int* tok = ids + item * K;
+    int rows[intranode::kMaxTopk];  // rows[k]: the packed row slot k fills here, where bit k of `fills` is set
+    unsigned fills = 0;
+#pragma unroll
+    for (int k = 0; k < intranode::kMaxTopk; ++k) {
+      rows[k] = 0;
+      if (k >= K) continue;
+      const int e = tok[k] - first_expert;
+      if (e < 0 || e >= le || !first_slot(tok, k, s.num_experts)) continue;
+      int idx = 0;  // earlier tokens of source r naming the expert
+      for (int base = 0; base < t; base += 32) {
+        bool names = false;
+        if (base + lane < t) {
+          const int* other = ids + (r * M + base + lane) * K;
+          for (int j = 0; j < K; ++j) names |= other[j] == tok[k];
+        }
+        idx += __popc(__ballot_sync(kFullWarpMask, names));
+      }
+      rows[k] = e * rows_out + start[e * (R + 1) + r] + idx;
+      fills |= 1u << k;
+      if (lane == 0) {
+        src_rank[rows[k]] = r;
+        src_token[rows[k]] = t;
+        src_slot[rows[k]] = k;
+      }
+    }
+    if (fills == 0) continue;
+    const char* msg = half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes;
+    const int4* from = reinterpret_cast<const int4*>(msg);
+    constexpr int kUnroll = 4;
+    for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
+      int4 value[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < value_vecs) value[u] = ld_nc_v4(from + v0 + 32 * u);
+      }
+#pragma unroll
+      for (int k = 0; k < intranode::kMaxTopk; ++k) {
+        if (!(fills >> k & 1u)) continue;
+        int4* to = reinterpret_cast<int4*>(recv_x + static_cast<long long>(rows[k]) * s.value_bytes());
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
+        }
+      }
+    }
+    for (int w = lane; w < words; w += 32) {
+      const int word = reinterpret_cast<const int*>(msg + s.value_bytes())[w];
+#pragma unroll
+      for (int k = 0; k < intranode::kMaxTopk; ++k) {
+        if (fills >> k & 1u) reinterpret_cast<int*>(recv_scales + static_cast<long long>(rows[k]) * s.scale_bytes())[w] = word;
+      }
     }
   }
   advance(p, 0);
@@ -583,6 +747,31 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  cudaStream_t stream) {
   wait_counts_kernel<<<1, 1024, 0, stream>>>(peers, s);
   dispatch_recv_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
+      peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
+      recv_src_token, recv_src_slot);
+  return cudaGetLastError();
+}
+
+bool pull_supported(const Shape& s, int num_ranks) {
+  const std::size_t region = static_cast<std::size_t>(s.local_experts(num_ranks)) * num_ranks * s.max_tokens *
+                             s.message_stride();
+  return static_cast<long long>(num_ranks) * s.max_tokens * s.num_topk <= kMaxPullIds && s.stage_bytes() <= region;
+}
+
+cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const void* x, const int* topk_idx,
+                                  int* token, int num_blocks, cudaStream_t stream) {
+  stage_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, 0, stream>>>(
+      peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx, token);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
+                                 int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
+                                 int num_blocks, cudaStream_t stream) {
+  const int smem = peers.num_ranks * s.max_tokens * s.num_topk * static_cast<int>(sizeof(int));
+  cudaFuncSetAttribute(dispatch_pull_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  wait_staged_kernel<<<1, 64, 0, stream>>>(peers);
+  dispatch_pull_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, smem, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
       recv_src_token, recv_src_slot);
   return cudaGetLastError();

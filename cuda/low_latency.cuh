@@ -60,6 +60,14 @@ struct Shape {
   __host__ __device__ std::size_t message_stride() const {
     return intranode::align_up(kHeaderBytes + value_bytes() + (fp8() ? scale_bytes() : 0), 16);
   }
+  // A pulled dispatch stages a rank's own messages [M] and top-k ids [M, K]
+  // at the start of the dispatch region of its own half.
+  __host__ __device__ std::size_t stage_ids_offset() const {
+    return intranode::align_up(static_cast<std::size_t>(max_tokens) * message_stride(), 16);
+  }
+  __host__ __device__ std::size_t stage_bytes() const {
+    return stage_ids_offset() + static_cast<std::size_t>(max_tokens) * num_topk * 4;
+  }
 };
 
 // Count slots and flags sit at fixed offsets of the buffer's workspace, not
@@ -103,6 +111,23 @@ std::size_t buffer_bytes(const Shape& s, int num_ranks);
 cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const void* x,
                                  const int* topk_idx, int* token, int num_blocks, cudaStream_t stream,
                                  bool per_slot = false);
+
+// Pull instead of push (the one-call dispatch): every rank stages its tokens
+// (cast to FP8 when asked) and top-k ids in its own buffer and flags every
+// peer; each receiver copies the rows its experts need straight from the
+// sources' staging into its packed output. One pass over the payload where a
+// push then a receive copy take two: the receive copies into XLA's output
+// anyway. Needs every peer mapped (no RDMA-only peers) and every source's ids
+// in shared memory: R*M*K <= kMaxPullIds.
+inline constexpr int kMaxPullIds = 16384;
+bool pull_supported(const Shape& s, int num_ranks);
+
+cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const void* x, const int* topk_idx,
+                                  int* token, int num_blocks, cudaStream_t stream);
+// Same outputs as launch_dispatch_recv.
+cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
+                                 int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
+                                 int num_blocks, cudaStream_t stream);
 
 // Receive: wait for every source's counts (one block), then pack rows and
 // write the routing (a wider grid that never waits).

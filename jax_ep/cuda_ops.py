@@ -211,23 +211,31 @@ def _target(name: str, asynchronous: bool) -> str:
     return name + ("_async" if asynchronous else "")
 
 
-def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False) -> jax.Array:
+def ll_dispatch_send(
+    x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False, pull: bool = False
+) -> jax.Array:
     """Push every (token, expert) message; returns the token that orders the receive.
 
     asynchronous: run the send on the buffer's send stream; its receive must
-    then be ``ll_dispatch_recv(..., sent_x=x)``."""
+    then be ``ll_dispatch_recv(..., sent_x=x)``.
+    pull: only stage this rank's messages for the receivers to copy (where
+    the shapes allow it); its receive must pass ``pull`` too."""
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
+    attrs["pull"] = np.int64(pull)
     call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_send", asynchronous), _TOKEN, **_COMM)
     return call(x, topk_idx, **attrs)
 
 
-def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None):
+def ll_dispatch_recv(
+    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False
+):
     """Wait for every source and pack: (recv_x, recv_count, handle).
 
     sent_x: the x of an asynchronous send. This receive then joins the send
     stream and takes the send's inputs again (unread), so XLA keeps them
-    alive until it runs."""
+    alive until it runs.
+    pull: the send staged (``ll_dispatch_send(..., pull=True)``); copy from there."""
     from jax_ep.handle import LowLatencyHandle
 
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
@@ -245,13 +253,14 @@ def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Ar
         (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
     kept = () if sent_x is None else (sent_x, topk_idx)
-    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *kept, **_ll_attrs(spec))
+    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *kept, **_ll_attrs(spec), pull=np.int64(pull))
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
     return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
 
 def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
-    return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec), topk_idx, spec)
+    pull = spec.options.dispatch_pull
+    return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec, pull=pull), topk_idx, spec, pull=pull)
 
 
 def _combine_send_operands(y: jax.Array, handle) -> tuple:

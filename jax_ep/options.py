@@ -140,6 +140,13 @@ class LowLatencyOptions:
         keeps the send's inputs alive there).
         ``False`` runs the send on XLA's stream: capturable, no overlap.
         The one-call ``low_latency_dispatch``/``combine`` always use XLA's stream.
+      dispatch_pull: with the CUDA backend, the one-call
+        ``low_latency_dispatch`` pulls: each rank stages its tokens (cast to
+        FP8 when asked) in its own buffer, and each receiver copies the rows
+        its experts need from there straight into its output, one pass over
+        the payload where a push and the receive's copy take two. The split
+        calls always push (the transfer is the part that overlaps compute).
+        Shapes with ``R*M*K > 16384`` push too. Results are identical.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -151,6 +158,7 @@ class LowLatencyOptions:
     num_sms: int = 16
     combine_fp8: bool = False
     async_send: bool = True
+    dispatch_pull: bool = True
     buffer_id: int | None = None
 
     def __post_init__(self):
@@ -163,6 +171,8 @@ class LowLatencyOptions:
             raise TypeError(f"async_send must be True or False, got {self.async_send!r}")
         if not isinstance(self.combine_fp8, bool):
             raise TypeError(f"combine_fp8 must be True or False, got {self.combine_fp8!r}")
+        if not isinstance(self.dispatch_pull, bool):
+            raise TypeError(f"dispatch_pull must be True or False, got {self.dispatch_pull!r}")
 
     @property
     def payload_code(self) -> int:

@@ -111,22 +111,26 @@ def dispatch_expert_major(xs, idxs, ws, num_experts, capacity, alignment):
 
 
 def ll_dispatch(xs, idxs, num_experts, max_tokens):
+    """Per rank: x [E/R, R*M, H], count [E/R], src [E/R, R*M, 3] (source rank,
+    token, first top-k slot naming the expert; -1 on padding rows). Ranks may
+    have different token counts."""
     r = len(xs)
-    t = idxs[0].shape[0]
     h = xs[0].shape[1]
     le = num_experts // r
     out = []
     for d in range(r):
         recv = np.zeros((le, r * max_tokens, h), xs[0].dtype)
+        src = np.full((le, r * max_tokens, 3), -1, np.int32)
         count = np.zeros(le, np.int32)
         for s in range(r):
-            for i in range(t):
+            for i in range(idxs[s].shape[0]):
                 for e in token_experts(idxs[s][i], num_experts):
                     o, loc = owner_and_local(e, num_experts, r)
                     if o == d:
                         recv[loc, count[loc]] = xs[s][i]
+                        src[loc, count[loc]] = (s, i, list(idxs[s][i]).index(e))
                         count[loc] += 1
-        out.append(dict(x=recv, count=count))
+        out.append(dict(x=recv, count=count, src=src))
     return out
 
 

@@ -144,6 +144,31 @@ def test_low_latency_split_lowers_for_cuda(monkeypatch, async_send):
     recv = next(line for line in text.splitlines() if f"@jax_ep_ll_dispatch_recv{suffix}(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
     assert len(operands) == (3 if async_send else 1)  # token, then x and topk_idx
+    for op in ("dispatch_send", "dispatch_recv"):  # the split always pushes
+        line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}{suffix}(" in line)
+        assert "pull = 0 : i64" in line, line
     recv = next(line for line in text.splitlines() if f"@jax_ep_ll_combine_recv{suffix}(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
     assert len(operands) == (3 + 4 if async_send else 3)  # token, topk_idx, weights, then y and the routing
+
+
+@needs_extension
+@pytest.mark.parametrize("pull", [True, False])
+def test_low_latency_dispatch_pull_attribute(monkeypatch, pull):
+    """The one-call dispatch's send and receive both carry dispatch_pull."""
+    import jax_ep
+    from jax_ep import runtime
+
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: None)
+    t, k, e, h, r, m = 8, 2, 8, 512, 2, 8
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", buffer_id=7,
+                                    dispatch_pull=pull)
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
+
+    def fused(x, idx):
+        return jax_ep.low_latency_dispatch(x, idx, num_experts=e, axis_name=None, options=opts).recv_x
+
+    text = _lower_for_cuda(fused, jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32))
+    for op in ("dispatch_send", "dispatch_recv"):
+        line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}(" in line)
+        assert f"pull = {int(pull)} : i64" in line, line

@@ -154,6 +154,12 @@ def test_async_send_option_is_checked():
         jax_ep.LowLatencyOptions(async_send=1)
 
 
+def test_dispatch_pull_option_is_checked():
+    assert jax_ep.LowLatencyOptions().dispatch_pull is True
+    with pytest.raises(TypeError, match="dispatch_pull must be True or False"):
+        jax_ep.LowLatencyOptions(dispatch_pull="yes")
+
+
 def test_combine_fp8_rows_round_trip_through_fp8(rng):
     """combine_fp8: each returned row is the FP8 cast and back of the expert's row."""
     r, t, k, e, h, m = 2, 6, 3, 4, 512, 6

@@ -13,7 +13,9 @@
 //   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
 //   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0),
 //   combine_payload (0 BF16 rows, 1 FP8 rows with a float scale per 128
-//   channels), num_sms
+//   channels), num_sms; the dispatch send and receive also take `pull`
+//   (1: the receivers copy from the senders' staging, where the shapes allow
+//   it; 0: the senders push).
 //
 // A receive must follow its send on the same buffer before the next send of
 // that kind (the tokens order them).
@@ -83,6 +85,12 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
 
 constexpr int kDispatch = 0, kCombine = 1;
 
+// Whether a dispatch asked to pull (attr `pull`) does: where the shapes allow
+// it (low_latency::pull_supported), else it pushes. Send and receive decide alike.
+bool pulls(const Call& c, int64_t pull) {
+  return pull != 0 && low_latency::pull_supported(c.shape, c.buf->num_ranks());
+}
+
 // Zeroes the send's `token` on XLA's stream (XLA may hand it on as soon as
 // that stream reaches it), then runs `launch(stream, nullptr)` on the
 // buffer's send stream after everything queued on XLA's `stream`, and records
@@ -117,7 +125,8 @@ ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, 
 template <bool kAsync>
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                        int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
+                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
+                        ffi::Result<I32_0> token) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_send_async" : "jax_ep_ll_dispatch_send";
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
   // x [T, H]: every slot sends its token's row; x [T, K, H] (BF16 only): every
@@ -133,9 +142,16 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
       err.failure()) {
     return err;
   }
+  if (per_slot && pull != 0) return invalid_argument(kTarget, "per-slot rows are pushed: pass pull=0");
+  const bool pulled = pulls(c, pull);
   auto launch = [&](cudaStream_t on, int* kernel_token) {
+    const int blocks = static_cast<int>(num_sms) * kBlocksPerSm;
+    if (pulled) {
+      return low_latency::launch_dispatch_stage(c.buf->peer_table(), c.shape, x.untyped_data(),
+                                                topk_idx.typed_data(), kernel_token, blocks, on);
+    }
     return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
-                                             kernel_token, static_cast<int>(num_sms) * kBlocksPerSm, on, per_slot);
+                                             kernel_token, blocks, on, per_slot);
   };
   if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, token->typed_data(), launch);
   return launch_status(kTarget, launch(stream, token->typed_data()));
@@ -145,7 +161,8 @@ template <bool kAsync>
 ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                        int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
+                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
+                        ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_recv_async" : "jax_ep_ll_dispatch_recv";
@@ -158,11 +175,11 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
-  return launch_status(kTarget, low_latency::launch_dispatch_recv(
-                                    c.buf->peer_table(), c.shape, recv_x->untyped_data(),
-                                    recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
-                                    src_token->typed_data(), src_slot->typed_data(),
-                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
+  auto* receive = pulls(c, pull) ? low_latency::launch_dispatch_pull : low_latency::launch_dispatch_recv;
+  return launch_status(kTarget, receive(c.buf->peer_table(), c.shape, recv_x->untyped_data(),
+                                        recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
+                                        src_token->typed_data(), src_slot->typed_data(),
+                                        static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
 template <bool kAsync>
@@ -233,7 +250,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
 #define JAX_EP_LL_SEND_ATTRS                                                                     \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("max_tokens")           \
       .Attr<int64_t>("hidden").Attr<int64_t>("num_topk").Attr<int64_t>("payload")                \
-      .Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms")
+      .Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms").Attr<int64_t>("pull")
 
 // The binding of each op; the synchronous targets are command-buffer compatible.
 #define JAX_EP_LL_DISPATCH_SEND_BINDING                                                          \
@@ -247,7 +264,8 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
       .Arg<I32_0>()                                                                              \
-      .RemainingArgs() JAX_EP_LL_ATTRS.Ret<ffi::AnyBuffer>()                                     \
+      .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull")                                     \
+      .Ret<ffi::AnyBuffer>()                                                                     \
       .Ret<ffi::AnyBuffer>()                                                                     \
       .Ret<I32_1>()                                                                              \
       .Ret<I32_2>()                                                                              \

@@ -108,6 +108,42 @@ def _():
              mask_prob=0.5)
 
 
+@check("ll_dispatch_pull_and_push")
+def _():
+    """The one-call dispatch pulls (dispatch_pull, the default) or pushes;
+    both give numpy's rows, scales, counts and sources, in calls that switch
+    between the two over both buffer halves, with a different token count on
+    each rank."""
+    m, k, e, h = 48, 6, 6 * R, 1024
+    fp8 = jax_ep.FP8Options()
+    buf = make_buffer(m, h, k, e, fp8=fp8)
+    step = {}
+    for pull in (True, False):
+        opts = dataclasses.replace(buf.low_latency, dispatch_pull=pull)
+
+        def dispatch(x, i, opts=opts):
+            o = buf.low_latency_dispatch(x, i, options=opts)
+            hd = o.handle
+            return o.recv_x, o.recv_count, jnp.stack([hd.recv_src_rank, hd.recv_src_token, hd.recv_src_slot], -1)
+
+        step[pull] = jax.jit(dispatch)
+    for it, pull in enumerate((True, True, False, True, False, False, True)):
+        xs, idxs, _ = inputs(60 + it, m, k, e, h, distinct=it % 2 == 0)
+        xs = [x[: m - 3 * r] for r, x in enumerate(xs)]
+        idxs = [i[: m - 3 * r] for r, i in enumerate(idxs)]
+        (q, sc), count, src = step[pull](xs[ME], idxs[ME])
+        ref = npr.ll_dispatch(xs, idxs, e, m)[ME]
+        name = f"call {it} ({'pull' if pull else 'push'})"
+        np.testing.assert_array_equal(np.asarray(count), ref["count"], err_msg=f"{name}: counts")
+        np.testing.assert_array_equal(np.asarray(src), ref["src"], err_msg=f"{name}: sources")
+        for loc in range(e // R):
+            n = int(ref["count"][loc])
+            want_q, want_s = npr.fp8_quantize(ref["x"][loc, :n].astype(np.float32))
+            np.testing.assert_array_equal(np.asarray(q)[loc, :n].view(np.uint8), want_q.view(np.uint8), err_msg=name)
+            np.testing.assert_array_equal(np.asarray(sc)[loc, :n], want_s, err_msg=f"{name}: scales")
+    buf.destroy()
+
+
 @check("ll_fp8_deepep_shape")
 def _():
     run_case("ll_fp8_deepep_shape", 3, 128, 128, 8, (288 // R) * R, 7168, fp8=jax_ep.FP8Options())
