@@ -122,14 +122,26 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
     return;
   }
   char* scales = values + s.hidden;
-  for (int g = warp; g < s.hidden / 128; g += kWarps) {  // a warp per 128 channels, 4 per lane
-    const int c = g * 128 + lane * 4;
-    float scale;
-    *reinterpret_cast<unsigned int*>(values + c) =
-        cast_group_fp8(*reinterpret_cast<const uint2*>(row + c), s.payload != Payload::kFP8, &scale);
-    if (lane == 0) {
-      if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-      else reinterpret_cast<float*>(scales)[g] = scale;
+  const int groups = s.hidden / 128;
+  constexpr int kInFlight = 4;  // groups per warp whose loads are issued together
+  for (int g0 = warp; g0 < groups; g0 += kWarps * kInFlight) {  // a warp per 128 channels, 4 per lane
+    uint2 raw[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int g = g0 + u * kWarps;
+      if (g < groups) raw[u] = *reinterpret_cast<const uint2*>(row + g * 128 + lane * 4);
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int g = g0 + u * kWarps;
+      if (g >= groups) break;  // uniform across the warp
+      float scale;
+      *reinterpret_cast<unsigned int*>(values + g * 128 + lane * 4) =
+          cast_group_fp8(raw[u], s.payload != Payload::kFP8, &scale);
+      if (lane == 0) {
+        if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+        else reinterpret_cast<float*>(scales)[g] = scale;
+      }
     }
   }
 }
@@ -318,7 +330,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int4* from = reinterpret_cast<const int4*>(msg + kHeaderBytes);
     int4* to = reinterpret_cast<int4*>(recv_x + o * s.value_bytes());
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;
     for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
       int4 value[kUnroll];
 #pragma unroll
@@ -389,10 +401,10 @@ __global__ void wait_staged_kernel(PeerTable p) {
 // Pull: every block reads all sources' top-k ids into shared memory and
 // counts, per (local expert, source), the tokens naming the expert (their
 // first slot naming it), which lays out the packed rows. Then a warp per
-// source token finds the rows it fills here (its index among the source's
-// tokens naming each expert) and copies the staged message once per 16-byte
-// vector into all of them. Never waits.
-__global__ void __launch_bounds__(kThreads)
+// (source, token, slot) naming an expert here finds its row (the token's
+// index among the source's tokens naming the expert) and copies the staged
+// message into it. Never waits.
+__global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
   extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count
@@ -403,13 +415,30 @@ __global__ void __launch_bounds__(kThreads)
   const Layout l = Layout::make(s, R);
   const std::size_t stride = s.message_stride();
   const int rows_out = R * M;
-  const int* tokens = received_counts(p);
-  for (int i = threadIdx.x; i < R * M * K; i += blockDim.x) {
-    const int r = i / (M * K), t = (i / K) % M;
-    const int* staged = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
-    ids[i] = t < tokens[r] ? staged[i % (M * K)] : -1;
-  }
+  __shared__ int tokens[intranode::kMaxRanks];  // each source's token count
+  if (threadIdx.x < R) tokens[threadIdx.x] = received_counts(p)[threadIdx.x];
   for (int i = threadIdx.x; i < le * (R + 1); i += blockDim.x) start[i] = 0;
+  __syncthreads();
+  // kLoads loads in flight per thread, then their stores (one round for 8 x 128 x 8 ids).
+  constexpr int kLoads = 16;
+  for (int i0 = 0; i0 < R * M * K; i0 += kLoads * kThreads) {
+    int v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = i0 + threadIdx.x + u * kThreads;
+      v[u] = -1;
+      if (i < R * M * K) {
+        const int r = i / (M * K), t = (i / K) % M;
+        const int* staged = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
+        if (t < tokens[r]) v[u] = staged[i % (M * K)];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = i0 + threadIdx.x + u * kThreads;
+      if (i < R * M * K) ids[i] = v[u];
+    }
+  }
   __syncthreads();
   for (int i = threadIdx.x; i < R * M * K; i += blockDim.x) {
     const int* tok = ids + (i / K) * K;
@@ -437,39 +466,32 @@ __global__ void __launch_bounds__(kThreads)
   const int num_warps = gridDim.x * kWarps;
   const int value_vecs = s.value_bytes() / 16;
   const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
-  for (int item = warp; item < R * M; item += num_warps) {
-    const int r = item / M, t = item % M;
-    if (t >= tokens[r]) continue;
-    const int* tok = ids + item * K;
-    int rows[intranode::kMaxTopk];  // rows[k]: the packed row slot k fills here, where bit k of `fills` is set
-    unsigned fills = 0;
-#pragma unroll
-    for (int k = 0; k < intranode::kMaxTopk; ++k) {
-      rows[k] = 0;
-      if (k >= K) continue;
-      const int e = tok[k] - first_expert;
-      if (e < 0 || e >= le || !first_slot(tok, k, s.num_experts)) continue;
-      int idx = 0;  // earlier tokens of source r naming the expert
-      for (int base = 0; base < t; base += 32) {
-        bool names = false;
-        if (base + lane < t) {
-          const int* other = ids + (r * M + base + lane) * K;
-          for (int j = 0; j < K; ++j) names |= other[j] == tok[k];
-        }
-        idx += __popc(__ballot_sync(kFullWarpMask, names));
+  // A warp per (source, token, slot): the rows of one token spread over as
+  // many warps as it fills here (a warp's copy is latency-bound).
+  for (int unit = warp; unit < R * M * K; unit += num_warps) {
+    const int r = unit / (M * K), t = (unit / K) % M, k = unit % K;
+    const int* tok = ids + (unit - k);
+    const int e = tok[k] - first_expert;
+    if (e < 0 || e >= le || !first_slot(tok, k, s.num_experts)) continue;  // also t >= its count: ids -1
+    int idx = 0;  // earlier tokens of source r naming the expert
+    for (int base = 0; base < t; base += 32) {
+      bool names = false;
+      if (base + lane < t) {
+        const int* other = ids + (r * M + base + lane) * K;
+        for (int j = 0; j < K; ++j) names |= other[j] == tok[k];
       }
-      rows[k] = e * rows_out + start[e * (R + 1) + r] + idx;
-      fills |= 1u << k;
-      if (lane == 0) {
-        src_rank[rows[k]] = r;
-        src_token[rows[k]] = t;
-        src_slot[rows[k]] = k;
-      }
+      idx += __popc(__ballot_sync(kFullWarpMask, names));
     }
-    if (fills == 0) continue;
+    const long long o = static_cast<long long>(e) * rows_out + start[e * (R + 1) + r] + idx;
+    if (lane == 0) {
+      src_rank[o] = r;
+      src_token[o] = t;
+      src_slot[o] = k;
+    }
     const char* msg = half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes;
     const int4* from = reinterpret_cast<const int4*>(msg);
-    constexpr int kUnroll = 4;
+    int4* to = reinterpret_cast<int4*>(recv_x + o * s.value_bytes());
+    constexpr int kUnroll = 8;
     for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
       int4 value[kUnroll];
 #pragma unroll
@@ -477,21 +499,13 @@ __global__ void __launch_bounds__(kThreads)
         if (v0 + 32 * u < value_vecs) value[u] = ld_nc_v4(from + v0 + 32 * u);
       }
 #pragma unroll
-      for (int k = 0; k < intranode::kMaxTopk; ++k) {
-        if (!(fills >> k & 1u)) continue;
-        int4* to = reinterpret_cast<int4*>(recv_x + static_cast<long long>(rows[k]) * s.value_bytes());
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
-        }
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
       }
     }
     for (int w = lane; w < words; w += 32) {
-      const int word = reinterpret_cast<const int*>(msg + s.value_bytes())[w];
-#pragma unroll
-      for (int k = 0; k < intranode::kMaxTopk; ++k) {
-        if (fills >> k & 1u) reinterpret_cast<int*>(recv_scales + static_cast<long long>(rows[k]) * s.scale_bytes())[w] = word;
-      }
+      reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] =
+          reinterpret_cast<const int*>(msg + s.value_bytes())[w];
     }
   }
   advance(p, 0);
@@ -591,7 +605,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int4* from = reinterpret_cast<const int4*>(y + row * s.hidden);
     int4* to = reinterpret_cast<int4*>(dst);
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;
     for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
       int4 value[kUnroll];
 #pragma unroll
