@@ -146,6 +146,49 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
   }
 }
 
+// A warp copies n 16-byte vectors of memory that does not change while the
+// kernel runs, kUnroll loads in flight per lane (a row copy is latency-bound).
+__device__ __forceinline__ void warp_copy(const int4* from, int4* to, int n, int lane) {
+  constexpr int kUnroll = 8;
+  for (int v0 = lane; v0 < n; v0 += 32 * kUnroll) {
+    int4 value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v0 + 32 * u < n) value[u] = ld_nc_v4(from + v0 + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v0 + 32 * u < n) to[v0 + 32 * u] = value[u];
+    }
+  }
+}
+
+// A warp copies a message's values (and, FP8, the scales after them) into
+// packed row o of recv_x (and recv_scales).
+__device__ __forceinline__ void copy_message(const Shape& s, const char* values, char* recv_x, char* recv_scales,
+                                             long long o, int lane) {
+  warp_copy(reinterpret_cast<const int4*>(values), reinterpret_cast<int4*>(recv_x + o * s.value_bytes()),
+            s.value_bytes() / 16, lane);
+  const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
+  for (int w = lane; w < words; w += 32) {
+    reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] = reinterpret_cast<const int*>(values + s.value_bytes())[w];
+  }
+}
+
+// The grid writes -1 as the routing of every padding row (past each
+// expert's count, start[e * (R + 1) + R]); the valid rows' warps write theirs.
+__device__ __forceinline__ void mark_padding_rows(const int* start, int le, int R, int rows_out, int* src_rank,
+                                                  int* src_token, int* src_slot) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+       i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
+    if (j < start[e * (R + 1) + R]) continue;
+    src_rank[i] = -1;
+    src_token[i] = -1;
+    src_slot[i] = -1;
+  }
+}
+
 // Whether top-k slot k of a token sends: a valid id its earlier slots do not repeat.
 __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_experts) {
   const int id = ids[k];
@@ -300,22 +343,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     r = lo;
   };
-  // Routing of the padding rows (past each expert's count): -1.
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-       i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
-    if (j < start[e * (R + 1) + R]) continue;  // a valid row: its warp writes it below
-    src_rank[i] = -1;
-    src_token[i] = -1;
-    src_slot[i] = -1;
-  }
+  mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
   // One warp per valid row: find it once, then copy values (16-byte vectors,
   // several in flight per lane) and scales (words).
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
-  const int value_vecs = s.value_bytes() / 16;
-  const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
   for (int flat = warp; flat < total; flat += num_warps) {
     int e, r, j;
     locate(flat, e, r, j);
@@ -328,24 +361,7 @@ __global__ void __launch_bounds__(kThreads)
       src_token[o] = hdr[0];
       src_slot[o] = hdr[1];
     }
-    const int4* from = reinterpret_cast<const int4*>(msg + kHeaderBytes);
-    int4* to = reinterpret_cast<int4*>(recv_x + o * s.value_bytes());
-    constexpr int kUnroll = 8;
-    for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
-      int4 value[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < value_vecs) value[u] = ld_nc_v4(from + v0 + 32 * u);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
-      }
-    }
-    for (int w = lane; w < words; w += 32) {
-      reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] =
-          reinterpret_cast<const int*>(msg + kHeaderBytes + s.value_bytes())[w];
-    }
+    copy_message(s, msg + kHeaderBytes, recv_x, recv_scales, o, lane);
   }
   advance(p, 0);
 }
@@ -452,20 +468,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (blockIdx.x == 0) recv_count[e] = st[R];
   }
   __syncthreads();
-  // Routing of the padding rows (past each expert's count): -1.
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-       i < static_cast<long long>(le) * rows_out; i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int e = static_cast<int>(i / rows_out), j = static_cast<int>(i % rows_out);
-    if (j < start[e * (R + 1) + R]) continue;
-    src_rank[i] = -1;
-    src_token[i] = -1;
-    src_slot[i] = -1;
-  }
+  mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
-  const int value_vecs = s.value_bytes() / 16;
-  const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
   // A warp per (source, token, slot): the rows of one token spread over as
   // many warps as it fills here (a warp's copy is latency-bound).
   for (int unit = warp; unit < R * M * K; unit += num_warps) {
@@ -488,25 +494,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       src_token[o] = t;
       src_slot[o] = k;
     }
-    const char* msg = half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes;
-    const int4* from = reinterpret_cast<const int4*>(msg);
-    int4* to = reinterpret_cast<int4*>(recv_x + o * s.value_bytes());
-    constexpr int kUnroll = 8;
-    for (int v0 = lane; v0 < value_vecs; v0 += 32 * kUnroll) {
-      int4 value[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < value_vecs) value[u] = ld_nc_v4(from + v0 + 32 * u);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < value_vecs) to[v0 + 32 * u] = value[u];
-      }
-    }
-    for (int w = lane; w < words; w += 32) {
-      reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] =
-          reinterpret_cast<const int*>(msg + s.value_bytes())[w];
-    }
+    copy_message(s, half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes, recv_x, recv_scales, o,
+                 lane);
   }
   advance(p, 0);
 }
@@ -603,20 +592,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;
     }
-    const int4* from = reinterpret_cast<const int4*>(y + row * s.hidden);
-    int4* to = reinterpret_cast<int4*>(dst);
-    constexpr int kUnroll = 8;
-    for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
-      int4 value[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < vecs) value[u] = from[v0 + 32 * u];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (v0 + 32 * u < vecs) to[v0 + 32 * u] = value[u];
-      }
-    }
+    warp_copy(reinterpret_cast<const int4*>(y + row * s.hidden), reinterpret_cast<int4*>(dst), vecs, lane);
   }
   if (last_block_done<true>(p, 1) && threadIdx.x < R) {
     __threadfence_system();
