@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
 
@@ -105,21 +106,9 @@ def copy_roofline_gbps(nbytes=1 << 30, reps=10):
 
 
 def time_loop(fn, args, iters, reps):
-    """Median seconds per call of fn(*args), run `iters` times in one compiled program.
-
-    The calls are unrolled (an XLA while loop costs a host round trip per
-    iteration); each call's inputs pass through an optimization barrier tied
-    to the previous result, so XLA neither merges nor reorders them.
-    """
-
-    def many(*args):
-        acc = jnp.float32(0)
-        for _ in range(iters):
-            args, acc = jax.lax.optimization_barrier((args, acc))
-            acc = acc + fn(*args)
-        return acc
-
-    loop = jax.jit(many)
+    """Median seconds per call of fn(*args), run `iters` times in one compiled
+    program (``unrolled_loop``)."""
+    loop = unrolled_loop(fn, iters)
     loop(*args).block_until_ready()  # compile + warm up
     times = []
     for _ in range(reps):

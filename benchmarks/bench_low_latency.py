@@ -49,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
 T = M = 128
@@ -77,16 +78,7 @@ def inputs(seed):
 
 
 def loop(fn, iters=ITERS):
-    """jit of `iters` calls of fn(*args) -> scalar, each ordered after the previous one."""
-
-    def body(*args):
-        acc = jnp.float32(0)
-        for _ in range(iters):
-            args, acc = jax.lax.optimization_barrier((args, acc))
-            acc = acc + fn(*args)
-        return acc
-
-    return jax.jit(body)
+    return unrolled_loop(fn, iters)
 
 
 def _median_us_per_call(f, args, reps, calls):

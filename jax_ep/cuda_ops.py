@@ -267,11 +267,10 @@ def _combine_send_operands(y: jax.Array, handle) -> tuple:
     return (y, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot)
 
 
-def ll_combine_send(y: jax.Array, recv_count: jax.Array | None, handle, asynchronous: bool = False) -> jax.Array:
-    """Push every valid expert-output row back to its token's owner.
+def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False) -> jax.Array:
+    """Push every valid expert-output row back to its token's owner (the
+    kernel finds each expert's count in the handle: its rows that are not -1).
 
-    recv_count: the dispatch's ``int32 [E/R]``; unused here, since the kernel
-    reads each expert's count from the handle (its rows that are not -1).
     asynchronous: as in ``ll_dispatch_send``; the receive then takes ``sent_y=y``."""
     call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
     return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec))
@@ -289,8 +288,8 @@ def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle, sent_y: j
     return _varying(out, spec.axis_name)
 
 
-def ll_combine(y: jax.Array, topk_weights: jax.Array, handle, recv_count: jax.Array | None = None) -> jax.Array:
-    return ll_combine_recv(ll_combine_send(y, recv_count, handle), topk_weights, handle)
+def ll_combine(y: jax.Array, topk_weights: jax.Array, handle) -> jax.Array:
+    return ll_combine_recv(ll_combine_send(y, handle), topk_weights, handle)
 
 
 # --- low-latency gradients -------------------------------------------------------
@@ -306,7 +305,7 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
     if spec.options.combine_fp8:  # the unsummed rows travel as BF16
         spec = dataclasses.replace(spec, options=dataclasses.replace(spec.options, combine_fp8=False))
         handle = dataclasses.replace(handle, spec=spec)
-    token = ll_combine_send(y.astype(jnp.bfloat16), None, handle)
+    token = ll_combine_send(y.astype(jnp.bfloat16), handle)
     call = jax.ffi.ffi_call(
         "jax_ep_ll_combine_gather_recv",
         jax.ShapeDtypeStruct((spec.num_tokens, spec.num_topk, spec.hidden), jnp.bfloat16), **_COMM

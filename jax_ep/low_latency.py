@@ -307,7 +307,8 @@ def low_latency_combine_send(
     Args:
       y: ``[E/R, R*M, H]`` expert outputs (bfloat16 with the CUDA backend).
       handle: the dispatch's handle.
-      recv_count: the dispatch's ``recv_count``; optional (the handle determines it).
+      recv_count: the dispatch's ``recv_count``; accepted and not needed (the
+        handle determines it).
       after: arrays the send must follow (the previous combine's result when
         one program issues several rounds).
     """
@@ -319,7 +320,7 @@ def low_latency_combine_send(
         if y.dtype != jnp.bfloat16:
             raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
         asynchronous = handle.spec.options.async_send
-        token = backend.ll_combine_send(y, recv_count, handle, asynchronous=asynchronous)
+        token = backend.ll_combine_send(y, handle, asynchronous=asynchronous)
         return LowLatencyPending(token, (handle, y if asynchronous else None), handle.spec, "combine")
     return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec, "combine")
 

@@ -159,7 +159,10 @@ cudaError_t IntranodeBuffer::send_stream(SendStream** out) {
       if (err == cudaSuccess) err = cudaEventCreateWithFlags(&send_stream_.done[kind], cudaEventDisableTiming);
     }
     cudaSetDevice(previous);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) {
+      if (stream != nullptr) cudaStreamDestroy(stream);  // the events, if any, go with the buffer
+      return err;
+    }
     send_stream_.stream = stream;
   }
   *out = &send_stream_;
