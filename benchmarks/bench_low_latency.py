@@ -13,7 +13,9 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   combine: pairs x 2H) of the unrolled time.
 * **push dispatch** (``dispatch_pull=False``): the one-call dispatch pushing
   instead of pulling, timed the same ways.
-* **FP8 combine** (``combine_fp8``): the same combine with FP8 rows.
+* **push combine** (``combine_zero_copy=False``): the one-call combine
+  pushing its rows instead of letting the owners read them in place.
+* **FP8 combine** (``combine_fp8``): the same combine with FP8 rows (pushed).
 * **send / receive split**: the kernel time of each half, from a profiler
   trace of rank 0 (``jax.profiler``): the send kernels, the receive's wait,
   and the receive's copy.
@@ -113,8 +115,8 @@ KERNELS = {  # phase -> substrings of the kernel names (jax_ep::low_latency::*)
     "dispatch_send": ("low_latency::(anonymous namespace)::send_kernel", "stage_kernel"),
     "dispatch_wait": ("wait_counts_kernel", "wait_staged_kernel"),
     "dispatch_copy": ("dispatch_recv_kernel", "dispatch_pull_kernel"),
-    "combine_send": ("combine_send_kernel",),
-    "combine_wait": ("wait_flags_kernel",),
+    "combine_send": ("combine_send_kernel", "combine_publish_kernel"),
+    "combine_wait": ("wait_flags_kernel", "wait_readers_kernel"),
     "combine_copy": ("combine_recv_kernel",),
 }
 
@@ -262,6 +264,11 @@ def bench_budget(sms, args):
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
             row["combine_fori_us"] = time_per_call_fori(comb, yb, w, handle, reps=reps)
+            row["combine_zero_copy"] = buf.low_latency_zero_copy
+            hp = dataclasses.replace(handle, spec=dataclasses.replace(
+                handle.spec, options=dataclasses.replace(handle.spec.options, combine_zero_copy=False)))
+            row["combine_push_us"] = time_per_call(comb, yb, w, hp, reps=reps)
+            row["combine_push_fori_us"] = time_per_call_fori(comb, yb, w, hp, reps=reps)
             h8 = dataclasses.replace(handle, spec=dataclasses.replace(
                 handle.spec, options=dataclasses.replace(handle.spec.options, combine_fp8=True)))
             row["combine_fp8_us"] = time_per_call(comb, yb, w, h8, reps=reps)
@@ -313,6 +320,9 @@ def summarize(rows):
         comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
         fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
         fori += f" (push dispatch {r['dispatch_push_fori_us']:.0f} / {r['dispatch_push_us']:.0f} unrolled)"
+        if "combine_push_fori_us" in r:
+            fori += (f" (push combine {r['combine_push_fori_us']:.0f} / {r['combine_push_us']:.0f} unrolled;"
+                     f" zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")
         if "combine_fp8_fori_us" in r:
             fori += f" (FP8 combine {r['combine_fp8_fori_us']:.0f} / {r['combine_fp8_us']:.0f} unrolled)"
         print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "

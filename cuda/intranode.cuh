@@ -93,6 +93,7 @@ inline const char* op_name(int op) {
     case 4: return "low-latency combine";
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
+    case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }

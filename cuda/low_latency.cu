@@ -500,24 +500,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   advance(p, 0);
 }
 
-// Push each valid row of y to its token's owner, into [token][slot], several
-// 16-byte loads in flight per thread; the last block publishes the flags.
-// Expert e's valid rows are [0, count): the rows before its first -1 source.
-__global__ void __launch_bounds__(kThreads)
-    combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* src_rank,
-                        const int* src_token, const int* src_slot, int* token) {
-  const int R = p.num_ranks;
-  const int le = s.local_experts(R);
-  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
-  const Layout l = Layout::make(s, R);
-  const int rows_out = R * s.max_tokens;
-  const int vecs = s.hidden / 8;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    check_order(p, 1, call, true);
-    if (token != nullptr) *token = 0;
-  }
-  // Only the valid rows: first[e] = valid rows of the experts before e.
-  __shared__ int first[2049];
+// first[e] = the valid rows of the local experts before e (first[le]: all
+// of them), in shared memory. Expert e's valid rows are [0, count): the rows
+// before its first -1 source.
+__device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, int rows_out, int* first) {
   for (int e = threadIdx.x; e < le; e += blockDim.x) {
     const int* ranks = src_rank + static_cast<long long>(e) * rows_out;
     int lo = 0, hi = rows_out;  // count = the first row whose source is -1
@@ -534,18 +520,52 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = 1; e <= le; ++e) first[e] += first[e - 1];
   }
   __syncthreads();
+}
+
+// The row of y [E/R, R*M, H] that is valid row `flat` (count_valid_rows' order).
+__device__ __forceinline__ long long valid_row(const int* first, int le, int rows_out, int flat) {
+  int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (first[mid] <= flat) lo = mid;
+    else hi = mid;
+  }
+  return static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+}
+
+// Flags every rank (its combine_flags[half][this rank]) once the whole grid
+// is done, `mode` in the low bits: 0 rows pushed, 1 rows published.
+__device__ __forceinline__ void flag_combine_peers(const PeerTable& p, unsigned long long call, unsigned long long mode) {
+  if (last_block_done<true>(p, 1) && threadIdx.x < p.num_ranks) {
+    __threadfence_system();
+    *reinterpret_cast<volatile unsigned long long*>(
+        &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = (call << 32) | mode;
+  }
+}
+
+// Push each valid row of y to its token's owner, into [token][slot], several
+// 16-byte loads in flight per thread; the last block publishes the flags.
+__global__ void __launch_bounds__(kThreads)
+    combine_send_kernel(PeerTable p, Shape s, const __nv_bfloat16* y, const int* src_rank,
+                        const int* src_token, const int* src_slot, int* token) {
+  const int R = p.num_ranks;
+  const int le = s.local_experts(R);
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const int rows_out = R * s.max_tokens;
+  const int vecs = s.hidden / 8;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    check_order(p, 1, call, true);
+    if (token != nullptr) *token = 0;
+  }
+  __shared__ int first[2049];
+  count_valid_rows(src_rank, le, rows_out, first);
   // One warp per valid row: find it once, then push its vectors.
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
   for (int flat = warp; flat < first[le]; flat += num_warps) {
-    int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (first[mid] <= flat) lo = mid;
-      else hi = mid;
-    }
-    const long long row = static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+    const long long row = valid_row(first, le, rows_out, flat);
     char* dst = half_of(p, src_rank[row], call) + l.combine_rows +
                 (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
     if (s.combine_fp8) {
@@ -594,20 +614,86 @@ __global__ void __launch_bounds__(kThreads)
     }
     warp_copy(reinterpret_cast<const int4*>(y + row * s.hidden), reinterpret_cast<int4*>(dst), vecs, lane);
   }
-  if (last_block_done<true>(p, 1) && threadIdx.x < R) {
-    __threadfence_system();
-    *reinterpret_cast<volatile unsigned long long*>(
-        &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;
+  flag_combine_peers(p, call, 0);
+}
+
+// The zero-copy send: no rows move. For each valid row of y, record its
+// offset in this rank's XLA memory at combine_index[source][token][slot] of
+// this rank's own buffer, where the token's owner will look it up; then flag
+// every rank. A thread per row.
+__global__ void __launch_bounds__(kThreads)
+    combine_publish_kernel(PeerTable p, Shape s, long long y_offset, const int* src_rank, const int* src_token,
+                           const int* src_slot, int* token) {
+  const int R = p.num_ranks;
+  const int le = s.local_experts(R);
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  const Layout l = Layout::make(s, R);
+  const int rows_out = R * s.max_tokens;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    check_order(p, 1, call, true);
+    if (token != nullptr) *token = 0;
+  }
+  __shared__ int first[2049];
+  count_valid_rows(src_rank, le, rows_out, first);
+  auto* index = reinterpret_cast<long long*>(half_of(p, p.rank, call) + l.combine_index);
+  const long long row_bytes = static_cast<long long>(s.hidden) * 2;
+  for (int flat = blockIdx.x * blockDim.x + threadIdx.x; flat < first[le]; flat += gridDim.x * blockDim.x) {
+    const long long row = valid_row(first, le, rows_out, flat);
+    index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
+        y_offset + row * row_bytes;
+  }
+  flag_combine_peers(p, call, 1);
+}
+
+// The only waiting part of a combine receive, one block: wait for every
+// rank's flag. Then, given topk_idx, resolve the row each (token, slot)
+// sums into combine_ptrs (null on a masked slot): in this rank's buffer
+// where the expert's rank pushed it, or in that rank's XLA memory where it
+// published it.
+__global__ void __launch_bounds__(1024) wait_flags_kernel(PeerTable p, Shape s, const int* topk_idx, XlaMemory xla) {
+  const int R = p.num_ranks;
+  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
+  const int half = static_cast<int>(call & 1);
+  __shared__ bool published[intranode::kMaxRanks];
+  if (threadIdx.x == 0) check_order(p, 1, call, false);
+  if (threadIdx.x < R) {
+    const unsigned long long v =
+        wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, false, threadIdx.x, 4);
+    published[threadIdx.x] = (v & 1ull) != 0;
+  }
+  __syncthreads();
+  if (topk_idx == nullptr) return;
+  const Layout l = Layout::make(s, R);
+  char* mine = half_of(p, p.rank, call);
+  auto** rows = reinterpret_cast<const char**>(mine + l.combine_ptrs);
+  const int le = s.local_experts(R);
+  for (int i = threadIdx.x; i < s.num_tokens * s.num_topk; i += blockDim.x) {
+    const int t = i / s.num_topk, k = i % s.num_topk;
+    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
+    const int id = ids[k];
+    const char* row = nullptr;
+    if (id >= 0 && id < s.num_experts) {
+      int k0 = 0;
+      while (ids[k0] != id) ++k0;
+      const int owner = id / le;
+      const long long slot = static_cast<long long>(t) * s.num_topk + k0;
+      if (published[owner]) {
+        const auto* index = reinterpret_cast<const unsigned long long*>(half_of(p, owner, call) + l.combine_index);
+        row = xla.base[owner] + ld_volatile(index + static_cast<long long>(p.rank) * s.max_tokens * s.num_topk + slot);
+      } else {
+        row = mine + l.combine_rows + slot * s.combine_row_bytes();
+      }
+    }
+    rows[i] = row;
   }
 }
 
-// The only waiting part of a combine receive: one block waits for every rank's flag.
-__global__ void wait_flags_kernel(PeerTable p) {
-  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
-  if (threadIdx.x == 0) check_order(p, 1, call, false);
+// Ends a zero-copy combine on the rank that published: wait until every rank
+// finished reading this call's rows (XLA may reuse y's memory after the call).
+__global__ void wait_readers_kernel(PeerTable p) {
+  const unsigned long long call = ld_volatile(combine_counter(p));  // the receive has advanced it
   if (threadIdx.x < p.num_ranks) {
-    wait_call(p, combine_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true,
-              threadIdx.x, 4);
+    wait_call(p, combine_done(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true, threadIdx.x, 8);
   }
 }
 
@@ -617,20 +703,17 @@ __global__ void wait_flags_kernel(PeerTable p) {
 // scale, folded into the weight.
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
-    combine_recv_kernel(PeerTable p, Shape s, const int* topk_idx, const float* topk_weights,
-                        __nv_bfloat16* out) {
+    combine_recv_kernel(PeerTable p, Shape s, const float* topk_weights, __nv_bfloat16* out) {
   using Raw = std::conditional_t<kFp8, uint2, int4>;
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);
-  const char* mine = half_of(p, p.rank, call);
-  const std::size_t row_bytes = s.combine_row_bytes();
+  const auto* const* rows = reinterpret_cast<const char* const*>(half_of(p, p.rank, call) + l.combine_ptrs);
   const int vecs = s.hidden / 8;
   const long long n = static_cast<long long>(s.num_tokens) * vecs;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int t = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-    const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
     Raw raw[intranode::kMaxTopk];
     float w[intranode::kMaxTopk];
 #pragma unroll
@@ -638,11 +721,8 @@ __global__ void __launch_bounds__(kThreads)
       w[k] = 0.0f;
       raw[k] = Raw{};
       if (k < s.num_topk) {
-        const int id = ids[k];
-        if (id >= 0 && id < s.num_experts) {
-          int k0 = 0;
-          while (ids[k0] != id) ++k0;
-          const char* row = mine + l.combine_rows + (static_cast<std::size_t>(t) * s.num_topk + k0) * row_bytes;
+        const char* row = rows[static_cast<long long>(t) * s.num_topk + k];
+        if (row != nullptr) {
           w[k] = topk_weights[static_cast<long long>(t) * s.num_topk + k];
           if constexpr (kFp8) {
             w[k] *= reinterpret_cast<const float*>(row + s.hidden)[v * 8 / 128];
@@ -675,7 +755,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
     reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
   }
-  advance(p, 1);
+  // The last block tells every rank this one is done reading its rows, then
+  // ends the call.
+  if (last_block_done<false>(p, 3)) {
+    if (threadIdx.x < R) {
+      __threadfence_system();
+      *reinterpret_cast<volatile unsigned long long*>(
+          &combine_done(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;
+    }
+    if (threadIdx.x == 0) {
+      unsigned long long* c = combine_counter(p);
+      *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
+    }
+  }
 }
 
 // out[t, k] = row(t, first slot naming k's expert), or zeros on a masked
@@ -775,19 +867,28 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
   return cudaGetLastError();
 }
 
-cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
-                                const float* topk_weights, void* out, int num_blocks,
-                                cudaStream_t stream) {
-  wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
+cudaError_t launch_combine_publish(const PeerTable& peers, const Shape& s, long long y_offset,
+                                   const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
+                                   int* token, int num_blocks, cudaStream_t stream) {
+  combine_publish_kernel<<<std::max(1, num_blocks), kThreads, 0, stream>>>(peers, s, y_offset, recv_src_rank,
+                                                                          recv_src_token, recv_src_slot, token);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
+                                const int* topk_idx, const float* topk_weights, void* out, bool wait_readers,
+                                int num_blocks, cudaStream_t stream) {
+  wait_flags_kernel<<<1, 1024, 0, stream>>>(peers, s, topk_idx, xla);
   auto* kernel = s.combine_fp8 ? combine_recv_kernel<true> : combine_recv_kernel<false>;
-  kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
-      peers, s, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out));
+  kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(peers, s, topk_weights,
+                                                                           static_cast<__nv_bfloat16*>(out));
+  if (wait_readers) wait_readers_kernel<<<1, 64, 0, stream>>>(peers);
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine_gather(const PeerTable& peers, const Shape& s, const int* topk_idx, void* out,
                                   int num_blocks, cudaStream_t stream) {
-  wait_flags_kernel<<<1, 64, 0, stream>>>(peers);
+  wait_flags_kernel<<<1, 64, 0, stream>>>(peers, s, nullptr, XlaMemory{});
   combine_gather_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, static_cast<__nv_bfloat16*>(out));
   return cudaGetLastError();

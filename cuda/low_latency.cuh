@@ -77,8 +77,17 @@ inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R
 __host__ __device__ inline unsigned long long* dispatch_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + half * kCountSlots;
 }
+// combine_flags(owner, half)[s] = (call << 32) | mode: rank s's rows of that
+// call are ready for the owner, pushed into its buffer (mode 0) or published
+// in s's own XLA memory (mode 1, the zero-copy combine).
 __host__ __device__ inline unsigned long long* combine_flags(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + 2 * kCountSlots +
+         half * intranode::kMaxRanks;
+}
+// combine_done(expert rank, half)[r] = call: rank r finished reading that
+// call's rows, so the expert rank's XLA memory holding them may be reused.
+__host__ __device__ inline unsigned long long* combine_done(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 36 * 1024) +
          half * intranode::kMaxRanks;
 }
 
@@ -86,6 +95,8 @@ __host__ __device__ inline unsigned long long* combine_flags(char* base, int hal
 struct Layout {
   std::size_t dispatch_rows;    // [E/R][R][M] messages
   std::size_t combine_rows;     // [M][K] rows of H bf16
+  std::size_t combine_index;    // [R][M][K] int64: where a zero-copy combine's rows lie (read by peers)
+  std::size_t combine_ptrs;     // [M][K] pointers: the row each (token, slot) sums (this rank only)
   std::size_t half_bytes;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
@@ -96,6 +107,8 @@ struct Layout {
     const std::size_t le = s.local_experts(R);
     l.dispatch_rows = o;   o = align_up(o + le * R * s.max_tokens * s.message_stride(), kAlign);
     l.combine_rows = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * s.hidden * 2, kAlign);
+    l.combine_index = o;   o = align_up(o + static_cast<std::size_t>(R) * s.max_tokens * s.num_topk * 8, kAlign);
+    l.combine_ptrs = o;    o = align_up(o + static_cast<std::size_t>(s.max_tokens) * s.num_topk * 8, kAlign);
     l.half_bytes = o;
     return l;
   }
@@ -138,6 +151,20 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  int* recv_src_token, int* recv_src_slot, int num_blocks,
                                  cudaStream_t stream);
 
+// Every rank's XLA device memory as this process maps it (xla_ffi/xla_memory.h).
+struct XlaMemory {
+  char* base[intranode::kMaxRanks];
+};
+
+// Zero-copy combine send: instead of pushing the rows, record in this rank's
+// buffer where each valid row of y lies (its offset in this rank's XLA
+// memory, y_offset being y's) and flag every peer; each owner then reads its
+// rows from there (launch_combine_recv). y must stay untouched until that
+// receive's readers are done (its `wait_readers`). Zeroes `token` unless null.
+cudaError_t launch_combine_publish(const PeerTable& peers, const Shape& s, long long y_offset,
+                                   const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
+                                   int* token, int num_blocks, cudaStream_t stream);
+
 // Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
 // owner (valid rows: those whose recv_src_rank is not -1), cast to FP8 per
 // 128 channels on the way with combine_fp8; zeroes `token` unless null.
@@ -146,10 +173,13 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
                                 int* token, int num_blocks, cudaStream_t stream);
 
 // Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert)
-// (rows dequantized first with combine_fp8).
-cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const int* topk_idx,
-                                const float* topk_weights, void* out, int num_blocks,
-                                cudaStream_t stream);
+// (rows dequantized first with combine_fp8), each row read where its rank
+// left it: pushed into this buffer, or published in that rank's XLA memory
+// (`xla`). Then every peer learns this rank is done reading; with
+// `wait_readers` (this rank published) the call ends only once every peer is.
+cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
+                                const int* topk_idx, const float* topk_weights, void* out, bool wait_readers,
+                                int num_blocks, cudaStream_t stream);
 
 // Combine receive without the sum: out [T, K, H] bf16 = row(t, first slot of
 // k's expert), zeros on masked slots.

@@ -79,12 +79,28 @@ class Buffer:
                 raise ValueError(f"ll_transport must be 'ipc' or 'nvshmem', got {self.ll_transport!r}")
             create = IntranodeRuntime.create_nvshmem if self.ll_transport == "nvshmem" else IntranodeRuntime.create
             self._ll_runtime = create(self.num_ll_bytes, timeout_s=self.timeout_s)
+            self._ll_runtime.share_xla_memory()
             self.low_latency = dataclasses.replace(self.low_latency, buffer_id=self._ll_runtime.buffer_id)
 
     @property
     def low_latency_transports(self) -> tuple:
         """How the low-latency buffer reaches each rank ("local", "ipc" or "p2p")."""
         return self._ll_runtime.transports if self._ll_runtime is not None else ()
+
+    @property
+    def low_latency_zero_copy(self) -> bool:
+        """Whether the one-call ``low_latency_combine`` can read expert
+        outputs straight from the ranks that computed them
+        (``LowLatencyOptions.combine_zero_copy``): every rank's XLA memory is
+        mapped by every rank. When False the combine pushes its rows."""
+        return self._ll_runtime is not None and self._ll_runtime.xla_memory_shared
+
+    @property
+    def low_latency_zero_copy_note(self) -> str:
+        """Why ``low_latency_zero_copy`` is False ("" when it is True)."""
+        if self._ll_runtime is None:
+            return "no CUDA low-latency buffer"
+        return self._ll_runtime.xla_memory_note
 
     @property
     def rank(self) -> int:

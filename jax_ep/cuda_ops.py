@@ -267,29 +267,40 @@ def _combine_send_operands(y: jax.Array, handle) -> tuple:
     return (y, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot)
 
 
-def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False) -> jax.Array:
+def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy: bool = False) -> jax.Array:
     """Push every valid expert-output row back to its token's owner (the
     kernel finds each expert's count in the handle: its rows that are not -1).
 
-    asynchronous: as in ``ll_dispatch_send``; the receive then takes ``sent_y=y``."""
+    asynchronous: as in ``ll_dispatch_send``; the receive then takes ``sent_y=y``.
+    zero_copy: only record where the rows lie in this rank's XLA memory (where
+    it can; else push); the receive must then take ``sent_y=y`` and ``zero_copy``."""
     call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
-    return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec))
+    return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec), zero_copy=np.int64(zero_copy))
 
 
-def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle, sent_y: jax.Array | None = None) -> jax.Array:
-    """Wait for every rank's rows; [T, H] bf16 weighted sum. sent_y: as ``sent_x`` in ``ll_dispatch_recv``."""
+def ll_combine_recv(
+    token: jax.Array, topk_weights: jax.Array, handle, sent_y: jax.Array | None = None,
+    asynchronous: bool = False, zero_copy: bool = False,
+) -> jax.Array:
+    """Wait for every rank's rows; [T, H] bf16 weighted sum.
+
+    sent_y: the send's y, taken again (unread) so XLA keeps it alive: after an
+    asynchronous send (as ``sent_x`` in ``ll_dispatch_recv``) or a zero-copy
+    one, whose rows the peers read from y during this receive."""
     spec = handle.spec
     call = jax.ffi.ffi_call(
-        _target("jax_ep_ll_combine_recv", sent_y is not None),
+        _target("jax_ep_ll_combine_recv", asynchronous),
         jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
     kept = () if sent_y is None else _combine_send_operands(sent_y, handle)
-    out = call(token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec))
+    out = call(token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec), zero_copy=np.int64(zero_copy))
     return _varying(out, spec.axis_name)
 
 
 def ll_combine(y: jax.Array, topk_weights: jax.Array, handle) -> jax.Array:
-    return ll_combine_recv(ll_combine_send(y, handle), topk_weights, handle)
+    zero_copy = handle.spec.options.combine_zero_copy and not handle.spec.options.combine_fp8
+    token = ll_combine_send(y, handle, zero_copy=zero_copy)
+    return ll_combine_recv(token, topk_weights, handle, sent_y=y if zero_copy else None, zero_copy=zero_copy)
 
 
 # --- low-latency gradients -------------------------------------------------------

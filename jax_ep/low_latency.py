@@ -332,7 +332,8 @@ def low_latency_combine_recv(pending: LowLatencyPending, topk_weights: jax.Array
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_combine_recv"):
         handle, sent_y = pending.state
-        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, sent_y=sent_y)
+        return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, sent_y=sent_y,
+                                       asynchronous=sent_y is not None)
     y, handle = _after(pending.state, after)
     return low_latency_combine(y, topk_weights, handle)
 

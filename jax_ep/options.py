@@ -82,6 +82,16 @@ class NormalOptions:
         rank streams through to each owner (``R * ring`` rows of staging per
         rank). Small rings stay in L2; a multiple of ``combine_chunk_rows``, at
         most 32 times it.
+      combine_zero_copy: with the CUDA backend, the one-call
+        ``low_latency_combine`` moves no rows: each rank only records where
+        its expert outputs lie in its own XLA memory, and each token's owner
+        reads its rows from there (every rank's XLA memory is mapped into
+        every rank process when the ``Buffer`` is created, see
+        ``Buffer.low_latency_zero_copy``). One read of the payload instead of
+        a copy and a read. The call then also waits until every rank has read
+        this rank's rows. A rank pushes instead where that mapping is off, its
+        ``y`` lies outside XLA's pool, or ``combine_fp8`` is set; the split
+        calls always push. Results are identical.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -147,6 +157,16 @@ class LowLatencyOptions:
         the payload where a push and the receive's copy take two. The split
         calls always push (the transfer is the part that overlaps compute).
         Shapes with ``R*M*K > 16384`` push too. Results are identical.
+      combine_zero_copy: with the CUDA backend, the one-call
+        ``low_latency_combine`` moves no rows: each rank only records where
+        its expert outputs lie in its own XLA memory, and each token's owner
+        reads its rows from there (every rank's XLA memory is mapped into
+        every rank process when the ``Buffer`` is created, see
+        ``Buffer.low_latency_zero_copy``). One read of the payload instead of
+        a copy and a read. The call then also waits until every rank has read
+        this rank's rows. A rank pushes instead where that mapping is off, its
+        ``y`` lies outside XLA's pool, or ``combine_fp8`` is set; the split
+        calls always push. Results are identical.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
@@ -159,6 +179,7 @@ class LowLatencyOptions:
     combine_fp8: bool = False
     async_send: bool = True
     dispatch_pull: bool = True
+    combine_zero_copy: bool = True
     buffer_id: int | None = None
 
     def __post_init__(self):
@@ -173,6 +194,8 @@ class LowLatencyOptions:
             raise TypeError(f"combine_fp8 must be True or False, got {self.combine_fp8!r}")
         if not isinstance(self.dispatch_pull, bool):
             raise TypeError(f"dispatch_pull must be True or False, got {self.dispatch_pull!r}")
+        if not isinstance(self.combine_zero_copy, bool):
+            raise TypeError(f"combine_zero_copy must be True or False, got {self.combine_zero_copy!r}")
 
     @property
     def payload_code(self) -> int:

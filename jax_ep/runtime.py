@@ -17,16 +17,26 @@ supported.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
+import json
+import os
+import socket
+import struct
 import threading
+import time
+import uuid
 
 import jax
+import numpy as np
 
 from jax_ep import _extension
 
 _lock = threading.Lock()
 _counter = itertools.count()  # buffers are created in the same order on every rank
+_xla_counter = itertools.count()  # so are the XLA-memory exchanges
+_xla_memory_notes: dict[int, str] = {}  # buffer id -> why XLA memory is not shared ("" when it is)
 _live: dict[int, "IntranodeRuntime"] = {}
 _symmetric: dict = {}  # buffer id -> the NVSHMEM allocation it lives in
 
@@ -120,6 +130,52 @@ class IntranodeRuntime:
             _symmetric[buffer_id] = sym
         return runtime
 
+    def share_xla_memory(self, *, timeout_s: float = 120.0) -> bool:
+        """Map every rank's XLA device memory into this process, for the
+        zero-copy low-latency combine (``LowLatencyOptions.combine_zero_copy``).
+        Collective. Returns whether it is on: every rank could export its
+        memory and map every peer's; otherwise combines push their rows and
+        ``xla_memory_note`` says why.
+
+        XLA's GPU pool is one CUDA virtual-memory allocation that can be
+        exported as a POSIX file descriptor; the descriptors travel between
+        the rank processes (one host) over Unix sockets whose names go through
+        the ``jax.distributed`` key-value store."""
+        C = _extension._C
+        if "peer" in self.transports:
+            _xla_memory_notes[self.buffer_id] = "one process drives several GPUs (a buffer group): not mapped"
+            return False
+        device = jax.local_devices()[0]
+        probe = jax.device_put(np.zeros(256, np.uint8), device)  # any buffer in XLA's pool
+        probe.block_until_ready()
+        fd, size, note = -1, 0, ""
+        try:
+            fd, size = C.export_xla_memory(self.buffer_id, probe.unsafe_buffer_pointer())
+        except RuntimeError as e:
+            note = f"rank {self.rank}'s XLA memory cannot be exported: {e}"
+        try:
+            ok = fd >= 0
+            if self.num_ranks > 1:
+                ok, note = _exchange_xla_memory(C, self.buffer_id, next(_xla_counter), self.rank, self.num_ranks,
+                                                fd, size, note, timeout_s)
+            C.enable_xla_memory(self.buffer_id, ok)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        on = bool(C.xla_memory_enabled(self.buffer_id))
+        _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
+        return on
+
+    @property
+    def xla_memory_shared(self) -> bool:
+        """Whether zero-copy combines can read every peer's XLA memory."""
+        return bool(_extension._C.xla_memory_enabled(self.buffer_id))
+
+    @property
+    def xla_memory_note(self) -> str:
+        """Why peers' XLA memory is not mapped ("" when it is)."""
+        return _xla_memory_notes.get(self.buffer_id, "share_xla_memory was not called")
+
     def destroy(self) -> None:
         with _lock:
             if _live.pop(self.buffer_id, None) is None:
@@ -164,6 +220,88 @@ def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, ti
         raise TimeoutError(
             f"jax_ep: rank {rank} waited {timeout_s:.0f} s for all ranks to map buffer {seq}"
         ) from e
+
+
+def _exchange_xla_memory(C, buffer_id: int, seq: int, rank: int, num_ranks: int, fd: int, size: int, note: str,
+                         timeout_s: float) -> tuple[bool, str]:
+    """Send this rank's XLA-memory descriptor to every peer on this host and
+    map theirs. Returns whether every rank mapped every peer (agreed by all)
+    and, when not, why (this rank's reason, else the first failing rank's)."""
+    client = _kv_client()
+    prefix = f"jax_ep/xla_memory/{seq}"
+    timeout_ms = int(timeout_s * 1000)
+    host = socket.gethostname()
+
+    def get(key):
+        return json.loads(client.blocking_key_value_get_bytes(f"{prefix}/{key}", timeout_ms))
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"jax_ep-{uuid.uuid4().hex}"
+    sock.bind("\0" + name)  # abstract namespace: nothing to clean up
+    received: dict[int, tuple[int, int]] = {}  # peer -> (fd, size)
+    stop = threading.Event()
+
+    def receive():  # in a thread: peers' sends must never wait on this rank's
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                msg, fds, _, _ = socket.recv_fds(sock, 64, 1)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            peer, peer_size = struct.unpack("<iQ", msg)
+            if fds:
+                received[peer] = (fds[0], peer_size)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    try:
+        client.key_value_set_bytes(f"{prefix}/addr/{rank}", json.dumps(
+            {"name": name, "host": host, "ok": fd >= 0}).encode())
+        sent = []
+        for peer in range(num_ranks):
+            if peer == rank:
+                continue
+            info = get(f"addr/{peer}")
+            if fd < 0:
+                continue
+            if info["host"] != host:
+                note = note or f"rank {peer} runs on another host ({info['host']})"
+                continue
+            try:
+                # (socket.send_fds ignores its address argument)
+                sock.sendmsg([struct.pack("<iQ", rank, size)],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, "\0" + info["name"])
+                sent.append(peer)
+            except OSError as e:
+                note = note or f"sending rank {rank}'s XLA memory to rank {peer} failed: {e}"
+        client.key_value_set_bytes(f"{prefix}/sent/{rank}", json.dumps(sent).encode())
+        expected = [peer for peer in range(num_ranks) if peer != rank and rank in get(f"sent/{peer}")]
+        deadline = time.monotonic() + timeout_s
+        while any(peer not in received for peer in expected) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        receiver.join()
+        sock.close()
+    mapped = 0
+    for peer, (peer_fd, peer_size) in sorted(received.items()):
+        try:
+            if fd >= 0:
+                C.open_peer_xla_memory(buffer_id, peer, peer_fd, peer_size)
+                mapped += 1
+        except RuntimeError as e:
+            note = note or f"rank {rank} cannot map rank {peer}'s XLA memory: {e}"
+        finally:
+            os.close(peer_fd)
+    ok = fd >= 0 and mapped == num_ranks - 1
+    if not ok and not note:
+        note = f"rank {rank} received the XLA memory of {mapped} of its {num_ranks - 1} peers"
+    client.key_value_set_bytes(f"{prefix}/ok/{rank}", json.dumps([ok, note]).encode())
+    results = [get(f"ok/{peer}") for peer in range(num_ranks)]
+    failed = [peer_note for peer_ok, peer_note in results if not peer_ok]
+    return not failed, note or (failed[0] if failed else "")
 
 
 def lookup(buffer_id: int | None) -> IntranodeRuntime:

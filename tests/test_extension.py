@@ -172,3 +172,46 @@ def test_low_latency_dispatch_pull_attribute(monkeypatch, pull):
     for op in ("dispatch_send", "dispatch_recv"):
         line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}(" in line)
         assert f"pull = {int(pull)} : i64" in line, line
+
+
+@needs_extension
+@pytest.mark.parametrize("zero_copy,combine_fp8", [(True, False), (False, False), (True, True)])
+def test_low_latency_combine_zero_copy_attribute(monkeypatch, zero_copy, combine_fp8):
+    """The one-call combine's send and receive carry combine_zero_copy (never
+    with FP8 rows, which are pushed), and a zero-copy receive takes y again
+    so XLA keeps it alive while peers read it; the split calls push."""
+    import jax_ep
+    from jax_ep import runtime
+
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: None)
+    t, k, e, h, r, m = 8, 2, 8, 512, 2, 8
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", buffer_id=7,
+                                    combine_zero_copy=zero_copy, combine_fp8=combine_fp8)
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
+
+    def rounds(x, idx, w):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=e, axis_name=None, options=opts)
+        fused = jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+        split = jax_ep.low_latency_combine_recv(jax_ep.low_latency_combine_send(o.recv_x, o.handle, after=fused), w)
+        return fused, split
+
+    text = _lower_for_cuda(rounds, jax.ShapeDtypeStruct((t, h), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((t, k), jnp.int32), jax.ShapeDtypeStruct((t, k), jnp.float32))
+    on = int(zero_copy and not combine_fp8)
+    lines = text.splitlines()
+    for op in ("combine_send", "combine_recv"):
+        line = next(line for line in lines if f"@jax_ep_ll_{op}(" in line)
+        assert f"zero_copy = {on} : i64" in line, line
+        split_line = next(line for line in lines if f"@jax_ep_ll_{op}_async(" in line)
+        assert "zero_copy = 0 : i64" in split_line, split_line
+    recv = next(line for line in lines if "@jax_ep_ll_combine_recv(" in line)
+    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
+    assert len(operands) == (3 + 4 if on else 3)
+
+
+def test_combine_zero_copy_option_is_checked():
+    import jax_ep
+
+    assert jax_ep.LowLatencyOptions().combine_zero_copy is True
+    with pytest.raises(TypeError, match="combine_zero_copy must be True or False"):
+        jax_ep.LowLatencyOptions(combine_zero_copy=1)

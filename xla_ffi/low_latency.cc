@@ -182,20 +182,46 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
                                         static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
+// Where y lies in this rank's XLA memory when a combine asked for zero copy
+// (attr `zero_copy`) can have it: BF16 rows, every rank's XLA memory mapped
+// by every rank, y inside this rank's. Else -1: the rows are pushed. The send
+// and the receive decide alike (the receive takes y again).
+long long zero_copy_offset(const Call& c, int64_t zero_copy, const void* y) {
+  if (zero_copy == 0 || c.shape.combine_fp8) return -1;
+  const std::size_t bytes = static_cast<std::size_t>(c.shape.local_experts(c.buf->num_ranks())) *
+                            c.buf->num_ranks() * c.shape.max_tokens * c.shape.hidden * 2;
+  return c.buf->xla_memory_offset(y, bytes);
+}
+
+low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
+  low_latency::XlaMemory m{};
+  const auto& bases = buf.xla_bases();
+  for (std::size_t r = 0; r < bases.size(); ++r) m.base[r] = bases[r];
+  return m;
+}
+
 template <bool kAsync>
 ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
-                       int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
+                       int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t zero_copy,
+                       ffi::Result<I32_0> token) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_send_async" : "jax_ep_ll_combine_send";
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
+  if (kAsync && zero_copy != 0) return invalid_argument(kTarget, "an asynchronous send pushes: pass zero_copy=0");
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
   }
+  const long long y_offset = zero_copy_offset(c, zero_copy, y.untyped_data());
   auto launch = [&](cudaStream_t on, int* kernel_token) {
+    if (y_offset >= 0) {
+      return low_latency::launch_combine_publish(c.buf->peer_table(), c.shape, y_offset, src_rank.typed_data(),
+                                                 src_token.typed_data(), src_slot.typed_data(), kernel_token,
+                                                 static_cast<int>(num_sms) * kBlocksPerSm, on);
+    }
     return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
@@ -206,9 +232,10 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
 
 template <bool kAsync>
 ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
-                       F32_2 topk_weights, ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id,
-                       int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
-                       int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
+                       F32_2 topk_weights, ffi::RemainingArgs sent /*the send's inputs, kept alive*/,
+                       int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
+                       int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms,
+                       int64_t zero_copy, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_recv_async" : "jax_ep_ll_combine_recv";
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
@@ -219,9 +246,20 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kCombine, stream); err.failure()) return err;
   }
+  // A zero-copy send published y: this receive holds y (its first trailing
+  // operand) until every rank has read its rows.
+  bool wait_readers = false;
+  if (zero_copy != 0) {
+    constexpr const char* kNeedsY = "a zero-copy receive takes the send's y as its first trailing operand";
+    if (kAsync || sent.size() == 0) return invalid_argument(kTarget, kNeedsY);
+    auto y = sent.get<ffi::AnyBuffer>(0);
+    if (!y.has_value()) return invalid_argument(kTarget, kNeedsY);
+    wait_readers = zero_copy_offset(c, zero_copy, y->untyped_data()) >= 0;
+  }
   return launch_status(kTarget, low_latency::launch_combine_recv(
-                                    c.buf->peer_table(), c.shape, topk_idx.typed_data(), topk_weights.typed_data(),
-                                    out->untyped_data(), static_cast<int>(num_sms) * kBlocksPerSm, stream));
+                                    c.buf->peer_table(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
+                                    topk_weights.typed_data(), out->untyped_data(), wait_readers,
+                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
 ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
@@ -278,7 +316,8 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>()                                                                              \
       .Arg<I32_2>()                                                                              \
-      .Arg<I32_2>() JAX_EP_LL_ATTRS.Ret<I32_0>()
+      .Arg<I32_2>() JAX_EP_LL_ATTRS.Attr<int64_t>("zero_copy")                                  \
+      .Ret<I32_0>()
 #define JAX_EP_LL_COMBINE_RECV_BINDING                                                           \
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
@@ -286,7 +325,8 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       .Arg<I32_0>()                                                                              \
       .Arg<I32_2>()                                                                              \
       .Arg<F32_2>()                                                                              \
-      .RemainingArgs() JAX_EP_LL_ATTRS.Ret<ffi::AnyBuffer>()
+      .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("zero_copy")                                \
+      .Ret<ffi::AnyBuffer>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler, DispatchSend<false>, JAX_EP_LL_DISPATCH_SEND_BINDING,
                               {ffi::Traits::kCmdBufferCompatible});

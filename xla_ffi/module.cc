@@ -4,6 +4,7 @@
 //   cuda_arch_list()  CUDA architectures the kernels were compiled for
 //   __version__       package version the module was built from
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -127,6 +128,23 @@ NB_MODULE(_C, m) {
         nb::arg("handle"), "Map peer rank `peer`'s buffer from its IPC handle.");
   m.def("open_intranode_peer_local", &open_peer_local, nb::arg("id"), nb::arg("peer"),
         nb::arg("peer_id"), "Use buffer `peer_id` of this process as peer `peer` (peer access).");
+  m.def("export_xla_memory",
+        [](int id, uint64_t any_xla_ptr) {
+          size_t size = 0;
+          const int fd = jax_ep::Runtime::get().at(id).export_xla_memory(any_xla_ptr, &size);
+          return std::make_pair(fd, size);
+        },
+        nb::arg("id"), nb::arg("any_xla_ptr"),
+        "Export the XLA allocation holding a device pointer: (POSIX fd the caller closes, bytes).");
+  m.def("open_peer_xla_memory",
+        [](int id, int peer, int fd, size_t size) {
+          jax_ep::Runtime::get().at(id).open_peer_xla_memory(peer, fd, size);
+        },
+        nb::arg("id"), nb::arg("peer"), nb::arg("fd"), nb::arg("size"),
+        "Map peer rank `peer`'s XLA memory from its exported descriptor (the caller closes fd).");
+  m.def("enable_xla_memory", [](int id, bool on) { jax_ep::Runtime::get().at(id).enable_xla_memory(on); },
+        nb::arg("id"), nb::arg("on"), "Let zero-copy combines read peers' XLA memory (every peer mapped).");
+  m.def("xla_memory_enabled", [](int id) { return jax_ep::Runtime::get().at(id).xla_memory_enabled(); });
   m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
   m.def("intranode_staging_half_bytes",
         [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });

@@ -1,5 +1,7 @@
 #include "runtime.h"
 
+#include "xla_memory.h"
+
 #include <cuda_runtime_api.h>
 
 #include <chrono>
@@ -139,6 +141,9 @@ IntranodeBuffer::~IntranodeBuffer() {
   for (int r = 0; r < num_ranks_; ++r) {
     if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
   }
+  for (int r = 0; r < static_cast<int>(xla_base_.size()); ++r) {
+    if (r != rank_ && xla_base_[r] != nullptr) xla_memory::unmap(xla_base_[r], xla_size_[r]);
+  }
   if (local_ != nullptr && owns_memory_) cudaFree(local_);
   cudaSetDevice(previous);
 }
@@ -227,6 +232,42 @@ void IntranodeBuffer::open_peer_local(int peer, const IntranodeBuffer& other) {
   }
   peers_[peer] = other.local();
   peer_same_gpu_[peer] = other.device() == device_;
+}
+
+int IntranodeBuffer::export_xla_memory(std::uintptr_t any_xla_ptr, std::size_t* size) {
+  const xla_memory::Allocation a = xla_memory::find(device_, reinterpret_cast<const void*>(any_xla_ptr));
+  const int fd = xla_memory::export_fd(device_, a);
+  xla_base_.assign(num_ranks_, nullptr);
+  xla_size_.assign(num_ranks_, 0);
+  xla_base_[rank_] = a.base;
+  xla_size_[rank_] = a.size;
+  *size = a.size;
+  return fd;
+}
+
+void IntranodeBuffer::open_peer_xla_memory(int peer, int fd, std::size_t size) {
+  if (peer < 0 || peer >= num_ranks_ || peer == rank_ || xla_base_.empty()) {
+    throw std::invalid_argument("jax_ep runtime: cannot map XLA memory of peer " + std::to_string(peer) +
+                                " (bad rank, or this rank's memory was not exported first)");
+  }
+  if (xla_base_[peer] != nullptr) return;
+  xla_base_[peer] = xla_memory::import_fd(device_, fd, size);
+  xla_size_[peer] = size;
+}
+
+bool IntranodeBuffer::all_xla_mapped() const {
+  for (char* p : xla_base_) {
+    if (p == nullptr) return false;
+  }
+  return true;
+}
+
+long long IntranodeBuffer::xla_memory_offset(const void* p, std::size_t bytes) const {
+  if (!xla_enabled_) return -1;
+  const char* c = static_cast<const char*>(p);
+  const char* base = xla_base_[rank_];
+  if (c < base || c + bytes > base + xla_size_[rank_]) return -1;
+  return c - base;
 }
 
 bool IntranodeBuffer::ready() const {

@@ -46,6 +46,20 @@ class IntranodeBuffer {
   bool ready() const;                               // every peer mapped
   intranode::PeerTable peer_table() const;
 
+  // Every rank's XLA device memory mapped into this process, for the
+  // zero-copy low-latency combine (xla_memory.h): export this rank's
+  // allocation (the one holding `any_xla_ptr`; a descriptor the caller
+  // closes, and its size), map each peer's, then enable once every rank has
+  // mapped every peer. Throws when this rank's memory cannot be shared.
+  int export_xla_memory(std::uintptr_t any_xla_ptr, std::size_t* size);
+  void open_peer_xla_memory(int peer, int fd, std::size_t size);
+  void enable_xla_memory(bool on) { xla_enabled_ = on && !xla_base_.empty() && all_xla_mapped(); }
+  bool xla_memory_enabled() const { return xla_enabled_; }
+  // Offset of [p, p + bytes) from this rank's XLA allocation, or -1 when
+  // zero copy is off or the range lies elsewhere.
+  long long xla_memory_offset(const void* p, std::size_t bytes) const;
+  const std::vector<char*>& xla_bases() const { return xla_base_; }
+
   int device() const { return device_; }
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
@@ -75,6 +89,10 @@ class IntranodeBuffer {
   std::vector<char*> peers_;
   std::vector<bool> peer_is_ipc_;
   std::vector<bool> peer_same_gpu_;  // the peer's memory is on this rank's GPU
+  bool all_xla_mapped() const;
+  std::vector<char*> xla_base_;         // per rank: its XLA allocation here (empty until exported)
+  std::vector<std::size_t> xla_size_;   // its bytes
+  bool xla_enabled_ = false;
   intranode::TimeoutRecord* timeout_host_ = nullptr;    // mapped, pinned
   intranode::TimeoutRecord* timeout_device_ = nullptr;  // its device address
   std::atomic<bool> stop_watch_{false};

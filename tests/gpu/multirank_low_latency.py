@@ -144,6 +144,36 @@ def _():
     buf.destroy()
 
 
+@check("ll_combine_zero_copy_and_push")
+def _():
+    """The one-call combine reads rows straight from the expert ranks' XLA
+    memory (combine_zero_copy, the default) or has them pushed; each rank
+    picks per call, so one receive mixes both kinds of source, over both
+    buffer halves, with duplicated ids and masked slots."""
+    t, m, k, e, h = 40, 48, 5, 3 * R, 1024
+    buf = make_buffer(m, h, k, e)
+    assert buf.low_latency_zero_copy, f"XLA memory is not shared: {buf.low_latency_zero_copy_note}"
+    step = {}
+    for zero_copy in (True, False):
+        opts = dataclasses.replace(buf.low_latency, combine_zero_copy=zero_copy)
+
+        def roundtrip(x, i, w, opts=opts):
+            o = buf.low_latency_dispatch(x, i, options=opts)
+            y = (o.recv_x.astype(jnp.float32) * 3).astype(jnp.bfloat16)  # a fresh XLA buffer
+            return buf.low_latency_combine(y, w, o.handle)  # the handle carries the dispatch's options
+
+        step[zero_copy] = jax.jit(roundtrip)
+    for it in range(6):
+        xs, idxs, ws = inputs(80 + it, t, k, e, h, distinct=it % 2 == 0, mask_prob=0.1)
+        zero_copy = (it < 2) or (it >= 4 and (ME + it) % 2 == 0)  # all, then none, then mixed
+        out = np.asarray(step[zero_copy](xs[ME], idxs[ME], ws[ME]), np.float32)
+        x3 = (xs[ME].astype(np.float32) * 3).astype(ml_dtypes.bfloat16).astype(np.float64)
+        want = x3 * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+        diff = calc_diff(out, want)
+        assert diff < 1e-5, f"call {it} (zero_copy={zero_copy}): combine calc_diff {diff}"
+    buf.destroy()
+
+
 @check("ll_fp8_deepep_shape")
 def _():
     run_case("ll_fp8_deepep_shape", 3, 128, 128, 8, (288 // R) * R, 7168, fp8=jax_ep.FP8Options())
