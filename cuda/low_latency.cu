@@ -414,6 +414,42 @@ __global__ void wait_staged_kernel(PeerTable p) {
   }
 }
 
+// Writes, in order, the units i < n (top-k slot i % K of token i / K) whose
+// id names one of the `le` experts from first_expert and whose token names
+// it first, to units[]; returns their count (in every thread). A thread per
+// contiguous chunk, then a scan of the chunk counts.
+__device__ __forceinline__ int compact_units(const int* ids, int n, int K, int first_expert, int le, int num_experts,
+                                             int* units) {
+  __shared__ int warp_total[kWarps];
+  const int chunk = (n + blockDim.x - 1) / blockDim.x, lo = min(n, threadIdx.x * chunk), hi = min(n, lo + chunk);
+  auto sends = [&](int i) {
+    const int* tok = ids + (i / K) * K;
+    const int e = tok[i % K] - first_expert;
+    return e >= 0 && e < le && first_slot(tok, i % K, num_experts);  // also past a source's tokens: ids -1
+  };
+  int mine = 0;
+  for (int i = lo; i < hi; ++i) mine += sends(i);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int before = mine;  // inclusive scan within the warp
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int v = __shfl_up_sync(kFullWarpMask, before, off);
+    if (lane >= off) before += v;
+  }
+  if (lane == 31) warp_total[warp] = before;
+  __syncthreads();
+  int offset = before - mine, total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) offset += warp_total[w];
+    total += warp_total[w];
+  }
+  for (int i = lo; i < hi; ++i) {
+    if (sends(i)) units[offset++] = i;
+  }
+  __syncthreads();
+  return total;
+}
+
 // Pull: every block reads all sources' top-k ids into shared memory and
 // counts, per (local expert, source), the tokens naming the expert (their
 // first slot naming it), which lays out the packed rows. Then a warp per
@@ -423,7 +459,7 @@ __global__ void wait_staged_kernel(PeerTable p) {
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
-  extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count
+  extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count; then units
   __shared__ int start[4160];        // start[e * (R + 1) + r]: first row of (expert e, source r)
   const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
   const int le = s.local_experts(R), first_expert = p.rank * le;
@@ -469,16 +505,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
   mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
+  // The (source, token, slot) units that send here, compacted in order, so
+  // the grid's warps take equal shares (a strided walk over all units left
+  // some warps several rows and others none).
+  int* units = ids + R * M * K;
+  const int n = compact_units(ids, R * M * K, K, first_expert, le, s.num_experts, units);
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
-  // A warp per (source, token, slot): the rows of one token spread over as
-  // many warps as it fills here (a warp's copy is latency-bound).
-  for (int unit = warp; unit < R * M * K; unit += num_warps) {
+  // A warp per unit: the rows of one token spread over as many warps as it
+  // fills here (a warp's copy is latency-bound).
+  for (int j = warp; j < n; j += num_warps) {
+    const int unit = units[j];
     const int r = unit / (M * K), t = (unit / K) % M, k = unit % K;
     const int* tok = ids + (unit - k);
     const int e = tok[k] - first_expert;
-    if (e < 0 || e >= le || !first_slot(tok, k, s.num_experts)) continue;  // also t >= its count: ids -1
     int idx = 0;  // earlier tokens of source r naming the expert
     for (int base = 0; base < t; base += 32) {
       bool names = false;
@@ -617,44 +658,41 @@ __global__ void __launch_bounds__(kThreads)
   flag_combine_peers(p, call, 0);
 }
 
-// The zero-copy send: no rows move. For each valid row of y, record its
-// offset in this rank's XLA memory at combine_index[source][token][slot] of
-// this rank's own buffer, where the token's owner will look it up; then flag
-// every rank. A thread per row.
-__global__ void __launch_bounds__(kThreads)
-    combine_publish_kernel(PeerTable p, Shape s, long long y_offset, const int* src_rank, const int* src_token,
-                           const int* src_slot, int* token) {
-  const int R = p.num_ranks;
-  const int le = s.local_experts(R);
-  const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
-  const Layout l = Layout::make(s, R);
-  const int rows_out = R * s.max_tokens;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    check_order(p, 1, call, true);
-    if (token != nullptr) *token = 0;
-  }
-  __shared__ int first[2049];
-  count_valid_rows(src_rank, le, rows_out, first);
-  auto* index = reinterpret_cast<long long*>(half_of(p, p.rank, call) + l.combine_index);
-  const long long row_bytes = static_cast<long long>(s.hidden) * 2;
-  for (int flat = blockIdx.x * blockDim.x + threadIdx.x; flat < first[le]; flat += gridDim.x * blockDim.x) {
-    const long long row = valid_row(first, le, rows_out, flat);
-    index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
-        y_offset + row * row_bytes;
-  }
-  flag_combine_peers(p, call, 1);
-}
-
-// The only waiting part of a combine receive, one block: wait for every
-// rank's flag. Then, given topk_idx, resolve the row each (token, slot)
-// sums into combine_ptrs (null on a masked slot): in this rank's buffer
-// where the expert's rank pushed it, or in that rank's XLA memory where it
-// published it.
-__global__ void __launch_bounds__(1024) wait_flags_kernel(PeerTable p, Shape s, const int* topk_idx, XlaMemory xla) {
+// The only waiting part of a combine receive, one block. With y_offset >= 0
+// (the zero-copy combine) it first publishes this rank's rows: for each valid
+// row of y, its offset in this rank's XLA memory goes to
+// combine_index[source][token][slot] of this rank's buffer, where the token's
+// owner looks it up, and every rank is flagged. Then it waits for every
+// rank's flag, and, given topk_idx, resolves the row each (token, slot) sums
+// into combine_ptrs (null on a masked slot): in this rank's buffer where the
+// expert's rank pushed it, or in that rank's XLA memory where it published it.
+__global__ void __launch_bounds__(1024)
+    wait_flags_kernel(PeerTable p, Shape s, const int* topk_idx, XlaMemory xla, long long y_offset,
+                      const int* src_rank, const int* src_token, const int* src_slot) {
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const int half = static_cast<int>(call & 1);
+  const Layout l = Layout::make(s, R);
   __shared__ bool published[intranode::kMaxRanks];
+  if (y_offset >= 0) {
+    if (threadIdx.x == 0) check_order(p, 1, call, true);
+    const int le = s.local_experts(R), rows_out = R * s.max_tokens;
+    __shared__ int first[2049];
+    count_valid_rows(src_rank, le, rows_out, first);
+    auto* index = reinterpret_cast<long long*>(half_of(p, p.rank, call) + l.combine_index);
+    const long long row_bytes = static_cast<long long>(s.hidden) * 2;
+    for (int flat = threadIdx.x; flat < first[le]; flat += blockDim.x) {
+      const long long row = valid_row(first, le, rows_out, flat);
+      index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
+          y_offset + row * row_bytes;
+    }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x < R) {
+      *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
+          (call << 32) | 1ull;
+    }
+  }
   if (threadIdx.x == 0) check_order(p, 1, call, false);
   if (threadIdx.x < R) {
     const unsigned long long v =
@@ -663,7 +701,6 @@ __global__ void __launch_bounds__(1024) wait_flags_kernel(PeerTable p, Shape s, 
   }
   __syncthreads();
   if (topk_idx == nullptr) return;
-  const Layout l = Layout::make(s, R);
   char* mine = half_of(p, p.rank, call);
   auto** rows = reinterpret_cast<const char**>(mine + l.combine_ptrs);
   const int le = s.local_experts(R);
@@ -688,22 +725,13 @@ __global__ void __launch_bounds__(1024) wait_flags_kernel(PeerTable p, Shape s, 
   }
 }
 
-// Ends a zero-copy combine on the rank that published: wait until every rank
-// finished reading this call's rows (XLA may reuse y's memory after the call).
-__global__ void wait_readers_kernel(PeerTable p) {
-  const unsigned long long call = ld_volatile(combine_counter(p));  // the receive has advanced it
-  if (threadIdx.x < p.num_ranks) {
-    wait_call(p, combine_done(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, true, threadIdx.x, 8);
-  }
-}
-
 // out[t] = sum_k w[t, k] * row(t, first slot naming k's expert), float32;
 // a thread per 8 channels of a token, all top-k loads in flight. The rows
 // are BF16 (16 bytes per thread), or with kFp8 FP8 (8 bytes) and the group's
 // scale, folded into the weight.
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
-    combine_recv_kernel(PeerTable p, Shape s, const float* topk_weights, __nv_bfloat16* out) {
+    combine_recv_kernel(PeerTable p, Shape s, const float* topk_weights, __nv_bfloat16* out, bool wait_readers) {
   using Raw = std::conditional_t<kFp8, uint2, int4>;
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
@@ -755,17 +783,22 @@ __global__ void __launch_bounds__(kThreads)
     for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
     reinterpret_cast<int4*>(out + static_cast<long long>(t) * s.hidden)[v] = packed;
   }
-  // The last block tells every rank this one is done reading its rows, then
-  // ends the call.
+  // The last block tells every rank this one is done reading its rows and
+  // ends the call; with `wait_readers` (this rank published its rows in y)
+  // it then waits until every rank is done reading them, since XLA may reuse
+  // y's memory once the call ends.
   if (last_block_done<false>(p, 3)) {
+    const int half = static_cast<int>(call & 1);
     if (threadIdx.x < R) {
       __threadfence_system();
-      *reinterpret_cast<volatile unsigned long long*>(
-          &combine_done(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = call;
+      *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) = call;
     }
     if (threadIdx.x == 0) {
       unsigned long long* c = combine_counter(p);
       *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
+    }
+    if (wait_readers && threadIdx.x < R) {
+      wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 8);
     }
   }
 }
@@ -850,7 +883,8 @@ cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const 
 cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
                                  int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
                                  int num_blocks, cudaStream_t stream) {
-  const int smem = peers.num_ranks * s.max_tokens * s.num_topk * static_cast<int>(sizeof(int));
+  // Every source's ids, then the compacted units.
+  const int smem = 2 * peers.num_ranks * s.max_tokens * s.num_topk * static_cast<int>(sizeof(int));
   cudaFuncSetAttribute(dispatch_pull_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   wait_staged_kernel<<<1, 64, 0, stream>>>(peers);
   dispatch_pull_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, smem, stream>>>(
@@ -867,28 +901,20 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
   return cudaGetLastError();
 }
 
-cudaError_t launch_combine_publish(const PeerTable& peers, const Shape& s, long long y_offset,
-                                   const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
-                                   int* token, int num_blocks, cudaStream_t stream) {
-  combine_publish_kernel<<<std::max(1, num_blocks), kThreads, 0, stream>>>(peers, s, y_offset, recv_src_rank,
-                                                                          recv_src_token, recv_src_slot, token);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
-                                const int* topk_idx, const float* topk_weights, void* out, bool wait_readers,
-                                int num_blocks, cudaStream_t stream) {
-  wait_flags_kernel<<<1, 1024, 0, stream>>>(peers, s, topk_idx, xla);
+                                const int* topk_idx, const float* topk_weights, void* out,
+                                const ZeroCopy& zero_copy, int num_blocks, cudaStream_t stream) {
+  wait_flags_kernel<<<1, 1024, 0, stream>>>(peers, s, topk_idx, xla, zero_copy.y_offset, zero_copy.src_rank,
+                                            zero_copy.src_token, zero_copy.src_slot);
   auto* kernel = s.combine_fp8 ? combine_recv_kernel<true> : combine_recv_kernel<false>;
-  kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(peers, s, topk_weights,
-                                                                           static_cast<__nv_bfloat16*>(out));
-  if (wait_readers) wait_readers_kernel<<<1, 64, 0, stream>>>(peers);
+  kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
+      peers, s, topk_weights, static_cast<__nv_bfloat16*>(out), zero_copy.y_offset >= 0);
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine_gather(const PeerTable& peers, const Shape& s, const int* topk_idx, void* out,
                                   int num_blocks, cudaStream_t stream) {
-  wait_flags_kernel<<<1, 64, 0, stream>>>(peers, s, nullptr, XlaMemory{});
+  wait_flags_kernel<<<1, 64, 0, stream>>>(peers, s, nullptr, XlaMemory{}, -1, nullptr, nullptr, nullptr);
   combine_gather_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, topk_idx, static_cast<__nv_bfloat16*>(out));
   return cudaGetLastError();

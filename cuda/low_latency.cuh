@@ -156,15 +156,6 @@ struct XlaMemory {
   char* base[intranode::kMaxRanks];
 };
 
-// Zero-copy combine send: instead of pushing the rows, record in this rank's
-// buffer where each valid row of y lies (its offset in this rank's XLA
-// memory, y_offset being y's) and flag every peer; each owner then reads its
-// rows from there (launch_combine_recv). y must stay untouched until that
-// receive's readers are done (its `wait_readers`). Zeroes `token` unless null.
-cudaError_t launch_combine_publish(const PeerTable& peers, const Shape& s, long long y_offset,
-                                   const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
-                                   int* token, int num_blocks, cudaStream_t stream);
-
 // Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
 // owner (valid rows: those whose recv_src_rank is not -1), cast to FP8 per
 // 128 channels on the way with combine_fp8; zeroes `token` unless null.
@@ -172,14 +163,25 @@ cudaError_t launch_combine_send(const PeerTable& peers, const Shape& s, const vo
                                 const int* recv_src_rank, const int* recv_src_token, const int* recv_src_slot,
                                 int* token, int num_blocks, cudaStream_t stream);
 
+// The zero-copy combine: no rows move. The send pushes nothing (its custom
+// call only zeroes its token); the receive first publishes where each valid
+// row of y [E/R, R*M, H] lies: y_offset is y's offset in this rank's XLA
+// memory, the routing that of the dispatch's handle. y must then stay
+// untouched until every rank has read its rows, which the receive waits for.
+struct ZeroCopy {
+  long long y_offset = -1;  // < 0: this rank's rows were pushed
+  const int* src_rank = nullptr;
+  const int* src_token = nullptr;
+  const int* src_slot = nullptr;
+};
+
 // Combine receive: out [T, H] bf16 = sum_k w[t, k] * row(t, first slot of k's expert)
 // (rows dequantized first with combine_fp8), each row read where its rank
 // left it: pushed into this buffer, or published in that rank's XLA memory
-// (`xla`). Then every peer learns this rank is done reading; with
-// `wait_readers` (this rank published) the call ends only once every peer is.
+// (`xla`). Then every rank learns this one is done reading.
 cudaError_t launch_combine_recv(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
-                                const int* topk_idx, const float* topk_weights, void* out, bool wait_readers,
-                                int num_blocks, cudaStream_t stream);
+                                const int* topk_idx, const float* topk_weights, void* out,
+                                const ZeroCopy& zero_copy, int num_blocks, cudaStream_t stream);
 
 // Combine receive without the sum: out [T, K, H] bf16 = row(t, first slot of
 // k's expert), zeros on masked slots.

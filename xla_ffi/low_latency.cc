@@ -215,13 +215,11 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
       err.failure()) {
     return err;
   }
-  const long long y_offset = zero_copy_offset(c, zero_copy, y.untyped_data());
+  // Zero copy: the receive publishes y's rows; nothing moves here.
+  if (zero_copy_offset(c, zero_copy, y.untyped_data()) >= 0) {
+    return launch_status(kTarget, cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream));
+  }
   auto launch = [&](cudaStream_t on, int* kernel_token) {
-    if (y_offset >= 0) {
-      return low_latency::launch_combine_publish(c.buf->peer_table(), c.shape, y_offset, src_rank.typed_data(),
-                                                 src_token.typed_data(), src_slot.typed_data(), kernel_token,
-                                                 static_cast<int>(num_sms) * kBlocksPerSm, on);
-    }
     return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
@@ -246,19 +244,25 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kCombine, stream); err.failure()) return err;
   }
-  // A zero-copy send published y: this receive holds y (its first trailing
-  // operand) until every rank has read its rows.
-  bool wait_readers = false;
+  // Zero copy: this receive publishes the send's y (its trailing operands:
+  // y and the routing) and holds y until every rank has read its rows.
+  low_latency::ZeroCopy published;
   if (zero_copy != 0) {
-    constexpr const char* kNeedsY = "a zero-copy receive takes the send's y as its first trailing operand";
-    if (kAsync || sent.size() == 0) return invalid_argument(kTarget, kNeedsY);
+    constexpr const char* kNeedsY = "a zero-copy receive takes the send's y and routing as trailing operands";
+    if (kAsync || sent.size() != 4) return invalid_argument(kTarget, kNeedsY);
     auto y = sent.get<ffi::AnyBuffer>(0);
-    if (!y.has_value()) return invalid_argument(kTarget, kNeedsY);
-    wait_readers = zero_copy_offset(c, zero_copy, y->untyped_data()) >= 0;
+    auto rank = sent.get<I32_2>(1), tok = sent.get<I32_2>(2), slot = sent.get<I32_2>(3);
+    if (!y.has_value() || !rank.has_value() || !tok.has_value() || !slot.has_value()) {
+      return invalid_argument(kTarget, kNeedsY);
+    }
+    published.y_offset = zero_copy_offset(c, zero_copy, y->untyped_data());
+    published.src_rank = rank->typed_data();
+    published.src_token = tok->typed_data();
+    published.src_slot = slot->typed_data();
   }
   return launch_status(kTarget, low_latency::launch_combine_recv(
                                     c.buf->peer_table(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
-                                    topk_weights.typed_data(), out->untyped_data(), wait_readers,
+                                    topk_weights.typed_data(), out->untyped_data(), published,
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
