@@ -88,12 +88,14 @@ def load_ll(folder):
 
 def ll_table(runs):
     lines = ["| R | SMs/rank | payload | dispatch us: fori_loop / unrolled | combine us: fori_loop / unrolled | "
-             "loop floor us: fori_loop / unrolled |", "| --- | --- | --- | --- | --- | --- |"]
+             "push combine us | loop floor us: fori_loop / unrolled |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, reverse=True):
         for row in runs[r]["results"]:
             comb = (f"{row['combine_fori_us']:.0f} / {row['combine_us']:.0f}" if "combine_us" in row else "")
+            push = (f"{row['combine_push_fori_us']:.0f} / {row['combine_push_us']:.0f}"
+                    if "combine_push_us" in row else "")
             lines.append(f"| {r} | {row['sms']} | {row['payload']} | {row['dispatch_fori_us']:.0f} / "
-                         f"{row['dispatch_us']:.0f} | {comb} | {row['trivial_op_fori_us']:.0f} / "
+                         f"{row['dispatch_us']:.0f} | {comb} | {push} | {row['trivial_op_fori_us']:.0f} / "
                          f"{row['trivial_op_loop_us']:.0f} |")
     return "\n".join(lines)
 
@@ -109,12 +111,15 @@ def ll_plot(runs, path):
         for r in sorted(runs):
             rows = [x for x in runs[r]["results"] if x["payload"] == "FP8" and f"{op}_fori_us" in x]
             rows.sort(key=lambda x: x["sms"])
-            ax.plot([x["sms"] for x in rows], [x[f"{op}_fori_us"] for x in rows], marker="o", label=f"R = {r}")
+            line, = ax.plot([x["sms"] for x in rows], [x[f"{op}_fori_us"] for x in rows], marker="o",
+                            label=f"R = {r}")
+            ax.plot([x["sms"] for x in rows], [x[f"{op}_us"] for x in rows], marker="x", linestyle=":",
+                    color=line.get_color())
         ax.axhline(DEEPEP_LL_US[op], color="tab:red", linestyle="--", label="DeepEP EP8 (8 GPUs)")
         ax.set_title(f"{'FP8 dispatch' if op == 'dispatch' else 'BF16 combine'}, R ranks on one H100")
         ax.set_xlabel("SMs per rank")
         ax.set_xscale("log", base=2)
-    axes[0].set_ylabel("us per call (fori_loop of 64 calls)")
+    axes[0].set_ylabel("us per call: fori_loop of 64 (o), 64 unrolled (x)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
