@@ -9,7 +9,10 @@
 // count, packs the messages into [E/R, R*M, H] ordered by (source, token),
 // and records where each row came from. Combine pushes each expert output
 // back to its token's owner, into [token][first top-k slot naming the expert];
-// the owner waits for every rank's flag and takes the weighted sum.
+// the owner waits for every rank's flag and takes the weighted sum. The
+// one-call combine can skip the push (zero copy, launch_combine_recv with a
+// ZeroCopy): each rank publishes where its rows lie in its own XLA memory,
+// which every rank has mapped, and the owners read them in place.
 //
 // Every call publishes a count (or flag) to every peer, even an empty one.
 // Calls alternate between two halves of the buffer; a sender writes half
