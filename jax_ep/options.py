@@ -82,16 +82,6 @@ class NormalOptions:
         rank streams through to each owner (``R * ring`` rows of staging per
         rank). Small rings stay in L2; a multiple of ``combine_chunk_rows``, at
         most 32 times it.
-      combine_zero_copy: with the CUDA backend, the one-call
-        ``low_latency_combine`` moves no rows: each rank only records where
-        its expert outputs lie in its own XLA memory, and each token's owner
-        reads its rows from there (every rank's XLA memory is mapped into
-        every rank process when the ``Buffer`` is created, see
-        ``Buffer.low_latency_zero_copy``). One read of the payload instead of
-        a copy and a read. The call then also waits until every rank has read
-        this rank's rows. A rank pushes instead where that mapping is off, its
-        ``y`` lies outside XLA's pool, or ``combine_fp8`` is set; the split
-        calls always push. Results are identical.
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """
