@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from roofline import copy_roofline_gbps  # noqa: E402  (benchmarks/roofline.py)
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
@@ -82,27 +83,6 @@ def received_rows(idxs, e):
         for r in range(R):
             counts[r] += np.any(owners == r, axis=1).sum()
     return counts
-
-
-def copy_roofline_gbps(nbytes=1 << 30, reps=10):
-    """Payload GB/s of a device-to-device copy (bytes copied / time), CUDA events."""
-    import cupy as cp
-
-    a = cp.empty(nbytes, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    a.fill(1)
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(reps + 2):
-        start.record()
-        cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, cp.cuda.runtime.memcpyDeviceToDevice, 0)
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) * 1e-3)
-    t = float(np.median(times[2:]))
-    del a, b
-    cp.get_default_memory_pool().free_all_blocks()
-    return nbytes / t / 1e9, t
 
 
 def time_loop(fn, args, iters, reps):

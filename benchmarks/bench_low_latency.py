@@ -27,7 +27,10 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   send runs on its own stream; the profile gives the fraction of send-kernel
   time that ran while a matmul kernel of the same rank was running.
 
-Rank 0 prints the table and writes OUT_DIR/low_latency_R{R}.json.
+Rank 0 first measures the device copy roofline (a 1 GiB device-to-device
+copy, alone on the GPU) and reports each unrolled time's aggregate GB/s (all
+R ranks) as a fraction of it. Rank 0 prints the table and writes
+OUT_DIR/low_latency_R{R}.json.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from roofline import copy_roofline_gbps  # noqa: E402  (benchmarks/roofline.py)
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
@@ -311,7 +315,7 @@ def bench_budget(sms, args):
 def summarize(rows):
     print(f"\nlow latency, R = {R}, T = {T}, H = {H}, top-{K} of {E} experts, device {jax.devices()[0].device_kind}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print("| SMs | payload | dispatch us (GB/s) | combine us (GB/s) | loop floor us | fori_loop: dispatch / combine / floor us | send / wait / copy us (profile) |")
+    print("| SMs | payload | dispatch us (GB/s per rank; R ranks over the copy roofline) | combine us (same) | loop floor us | fori_loop: dispatch / combine / floor us | send / wait / copy us (profile) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         prof = r.get("profile_rank0", {})
@@ -319,7 +323,8 @@ def summarize(rows):
         split = " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("dispatch_send_us", "dispatch_wait_us", "dispatch_copy_us"))
         if "combine_send_us" in f:
             split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
-        comb = f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f})" if "combine_us" in r else "-"
+        comb = (f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f}; {r.get('combine_roofline_fraction', float('nan')):.2f})"
+                if "combine_us" in r else "-")
         fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
         fori += f" (push dispatch {r['dispatch_push_fori_us']:.0f} / {r['dispatch_push_us']:.0f} unrolled)"
         if "combine_push_fori_us" in r:
@@ -327,7 +332,8 @@ def summarize(rows):
                      f" zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")
         if "combine_fp8_fori_us" in r:
             fori += f" (FP8 combine {r['combine_fp8_fori_us']:.0f} / {r['combine_fp8_us']:.0f} unrolled)"
-        print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}) | {comb} | "
+        print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}; "
+              f"{r.get('dispatch_roofline_fraction', float('nan')):.2f}) | {comb} | "
               f"{r['trivial_op_loop_us']:.0f} | {fori} | {split} |")
     if "matmul_us" not in rows[0]:
         return
@@ -347,18 +353,43 @@ def summarize(rows):
                   f"{'-' if frac is None else f'{frac:.2f}'} |")
 
 
+def barrier(name):
+    if R > 1:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(f"bench_ll/{name}", 600_000)
+
+
+def add_roofline_fractions(rows, roof_gbps):
+    """Aggregate GB/s of all R ranks (DeepEP's counting, unrolled time) over
+    the device copy roofline. A copy reads and writes each byte; the
+    zero-copy combine only reads its rows (and writes the sums)."""
+    for row in rows:
+        for op in ("dispatch", "combine"):
+            if f"{op}_gbps" in row:
+                row[f"{op}_aggregate_gbps"] = R * row[f"{op}_gbps"]
+                row[f"{op}_roofline_fraction"] = R * row[f"{op}_gbps"] / roof_gbps
+
+
 def main():
     args = parse_args()
+    roof_gbps = None
+    if ME == 0:  # alone on the GPU: before any rank's buffers or loops
+        roof_gbps, roof_t = copy_roofline_gbps()
+        print(f"device copy roofline: {roof_gbps:.0f} GB/s payload (1 GiB in {roof_t * 1e6:.0f} us)", flush=True)
+    barrier("roofline")
     rows = []
     for sms in [int(s) for s in args.sms.split(",")]:
         rows += bench_budget(sms, args)
     if ME == 0:
+        add_roofline_fractions(rows, roof_gbps)
         summarize(rows)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, f"low_latency_R{R}.json")
             with open(path, "w") as f:
                 json.dump(dict(device=str(jax.devices()[0].device_kind), ranks=R, tokens=T, hidden=H, topk=K,
+                               roofline_gbps=roof_gbps,
                                experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit, "
                                                "median of the repetitions; profile: rank 0's kernel time per call",
                                results=rows), f, indent=1)

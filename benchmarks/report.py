@@ -87,15 +87,19 @@ def load_ll(folder):
 
 
 def ll_table(runs):
-    lines = ["| R | SMs/rank | payload | dispatch us: fori_loop / unrolled | combine us: fori_loop / unrolled | "
+    lines = ["| R | SMs/rank | payload | dispatch us: fori_loop / unrolled (of copy roofline) | "
+             "combine us: fori_loop / unrolled (of copy roofline) | "
              "push combine us | loop floor us: fori_loop / unrolled |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(runs, reverse=True):
         for row in runs[r]["results"]:
-            comb = (f"{row['combine_fori_us']:.0f} / {row['combine_us']:.0f}" if "combine_us" in row else "")
+            frac = {op: (f" ({row[op + '_roofline_fraction']:.2f})" if op + "_roofline_fraction" in row else "")
+                    for op in ("dispatch", "combine")}
+            comb = (f"{row['combine_fori_us']:.0f} / {row['combine_us']:.0f}{frac['combine']}"
+                    if "combine_us" in row else "")
             push = (f"{row['combine_push_fori_us']:.0f} / {row['combine_push_us']:.0f}"
                     if "combine_push_us" in row else "")
             lines.append(f"| {r} | {row['sms']} | {row['payload']} | {row['dispatch_fori_us']:.0f} / "
-                         f"{row['dispatch_us']:.0f} | {comb} | {push} | {row['trivial_op_fori_us']:.0f} / "
+                         f"{row['dispatch_us']:.0f}{frac['dispatch']} | {comb} | {push} | {row['trivial_op_fori_us']:.0f} / "
                          f"{row['trivial_op_loop_us']:.0f} |")
     return "\n".join(lines)
 
