@@ -119,7 +119,7 @@ def ll_plot(runs, path):
                             label=f"R = {r}")
             ax.plot([x["sms"] for x in rows], [x[f"{op}_us"] for x in rows], marker="x", linestyle=":",
                     color=line.get_color())
-        ax.axhline(DEEPEP_LL_US[op], color="tab:red", linestyle="--", label="DeepEP EP8 (8 GPUs)")
+        ax.axhline(DEEPEP_LL_US[op], color="black", linestyle="--", label="DeepEP EP8 (8 GPUs)")
         ax.set_title(f"{'FP8 dispatch' if op == 'dispatch' else 'BF16 combine'}, R ranks on one H100")
         ax.set_xlabel("SMs per rank")
         ax.set_xscale("log", base=2)
