@@ -14,9 +14,7 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   expert) pairs x (H + H/128*4 scales + 16) bytes in FP8, x 2H in BF16;
   combine: pairs x 2H) of the unrolled time.
 * **push dispatch** (``dispatch_pull=False``): the one-call dispatch pushing
-  instead of pulling, timed the same ways; **staged dispatch**
-  (``dispatch_zero_copy=False``): pulling from the senders' staging instead
-  of reading their tokens in place.
+  instead of pulling, timed the same ways.
 * **push combine** (``combine_zero_copy=False``): the one-call combine
   pushing its rows instead of letting the owners read them in place.
 * **FP8 combine** (``combine_fp8``): the same combine with FP8 rows (pushed).
@@ -234,10 +232,6 @@ def bench_budget(sms, args):
             return first(buf.low_latency_dispatch(x, i).recv_x)
 
         push = dataclasses.replace(buf.low_latency, dispatch_pull=False)
-        staged = dataclasses.replace(buf.low_latency, dispatch_zero_copy=False)
-
-        def disp_staged(x, i):
-            return first(buf.low_latency_dispatch(x, i, options=staged).recv_x)
 
         def disp_push(x, i):
             return first(buf.low_latency_dispatch(x, i, options=push).recv_x)
@@ -272,9 +266,6 @@ def bench_budget(sms, args):
         row["dispatch_gbps"] = disp_bytes / row["dispatch_us"] / 1e3
         row["dispatch_push_us"] = time_per_call(disp_push, x, idx, reps=reps)
         row["dispatch_push_fori_us"] = time_per_call_fori(disp_push, x, idx, reps=reps)
-        row["dispatch_staged_us"] = time_per_call(disp_staged, x, idx, reps=reps)
-        row["dispatch_staged_fori_us"] = time_per_call_fori(disp_staged, x, idx, reps=reps)
-        row["zero_copy"] = buf.low_latency_zero_copy
         if fp8 is not None:  # BF16 combine once per budget
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
@@ -336,8 +327,6 @@ def summarize(rows):
                 if "combine_us" in r else "-")
         fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
         fori += f" (push dispatch {r['dispatch_push_fori_us']:.0f} / {r['dispatch_push_us']:.0f} unrolled)"
-        if "dispatch_staged_us" in r:
-            fori += f" (staged dispatch {r['dispatch_staged_fori_us']:.0f} / {r['dispatch_staged_us']:.0f} unrolled)"
         if "combine_push_fori_us" in r:
             fori += (f" (push combine {r['combine_push_fori_us']:.0f} / {r['combine_push_us']:.0f} unrolled;"
                      f" zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")

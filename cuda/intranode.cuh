@@ -94,7 +94,6 @@ inline const char* op_name(int op) {
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
     case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
-    case 9: return "low-latency dispatch (waiting for the peer to finish reading this rank's tokens)";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }

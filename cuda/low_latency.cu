@@ -368,33 +368,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Pulled dispatch --------------------------------------------------------
 
-// Rank r's staged call in every peer's workspace: (call << 32) | (published
-// << 31) | its token count. Published (the zero-copy dispatch): its tokens
-// and ids were not staged; they lie in r's XLA memory where r's
-// dispatch_published words say.
+// Rank r's staged call in every peer's workspace: (call << 32) | its token count.
 __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 34 * 1024) +
          half * intranode::kMaxRanks;
-}
-// dispatch_done(source, half)[r] = call: rank r finished reading that call's
-// tokens from the source's XLA memory.
-__device__ __forceinline__ unsigned long long* dispatch_done(char* base, int half) {
-  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 37 * 1024) +
-         half * intranode::kMaxRanks;
-}
-// A rank's published x and topk_idx: their offsets in its XLA memory, per half.
-__device__ __forceinline__ unsigned long long* dispatch_published(char* base, int half) {
-  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 50 * 1024) + 2 * half;
-}
-// Where this call reads each source (local, written by the wait kernel): its
-// BF16 tokens [T, H] and ids [T, K] in the source's XLA memory, or nulls
-// where the source staged them.
-struct Source {
-  const __nv_bfloat16* x;
-  const int* ids;
-};
-__device__ __forceinline__ Source* pull_sources(const PeerTable& p) {
-  return reinterpret_cast<Source*>(p.base[p.rank] + intranode::kSignalBytes + 48 * 1024);
 }
 
 // Stage: one block per token writes its message into this rank's own half,
@@ -425,87 +402,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The only waiting part of a pulled receive, one block. With a published
-// dispatch (zero copy) it first records this rank's x and topk_idx offsets
-// and flags every peer. Then it waits for every source's flag and keeps,
-// locally, its token count and where to read it (pull_sources).
-__global__ void wait_staged_kernel(PeerTable p, Shape s, XlaMemory xla, ZeroCopyDispatch zero_copy) {
+// The only waiting part of a pulled receive: one block waits for every
+// source's flag and keeps its token count locally.
+__global__ void wait_staged_kernel(PeerTable p) {
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
-  const int half = static_cast<int>(call & 1);
-  if (zero_copy.x_offset >= 0) {
-    if (threadIdx.x == 0) {
-      check_order(p, 0, call, true);
-      unsigned long long* mine = dispatch_published(p.base[p.rank], half);
-      mine[0] = static_cast<unsigned long long>(zero_copy.x_offset);
-      mine[1] = static_cast<unsigned long long>(zero_copy.ids_offset);
-      __threadfence_system();
-    }
-    __syncthreads();
-    if (threadIdx.x < p.num_ranks) {
-      *reinterpret_cast<volatile unsigned long long*>(&pull_flags(p.base[threadIdx.x], half)[p.rank]) =
-          (call << 32) | (1ull << 31) | static_cast<unsigned long long>(s.num_tokens);
-    }
-  }
   if (threadIdx.x == 0) check_order(p, 0, call, false);
   if (threadIdx.x < p.num_ranks) {
-    const int r = threadIdx.x;
-    const unsigned long long v = wait_call(p, pull_flags(p.base[p.rank], half) + r, call, false, r, 3);
-    received_counts(p)[r] = static_cast<int>(v & 0x7fffffffull);
-    Source src{nullptr, nullptr};
-    if ((v >> 31) & 1ull) {
-      const unsigned long long* published = dispatch_published(p.base[r], half);
-      src.x = reinterpret_cast<const __nv_bfloat16*>(xla.base[r] + ld_volatile(published));
-      src.ids = reinterpret_cast<const int*>(xla.base[r] + ld_volatile(published + 1));
-    }
-    pull_sources(p)[r] = src;
-  }
-}
-
-// A warp casts one BF16 row to FP8 (jax_ep.reference.fp8's arithmetic) into
-// its values [H] and scales (a float per 128-channel group, or one UE8M0
-// byte): a half-warp per group, 8 channels per lane (one 16-byte load), two
-// groups per step and kSteps steps' loads in flight.
-__device__ __forceinline__ void cast_row_fp8(const Shape& s, const __nv_bfloat16* row, char* values, char* scales,
-                                             int lane) {
-  const int groups = s.hidden / 128, half = lane / 16, sub = lane % 16;  // groups is even (H % 512 == 0)
-  const bool pow2_scale = s.payload != Payload::kFP8;
-  constexpr int kSteps = 2;  // more spills the copy loop's registers (64 at two blocks per SM)
-  for (int g0 = 0; g0 < groups; g0 += 2 * kSteps) {
-    int4 raw[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      const int g = g0 + 2 * u + half;
-      if (g < groups) raw[u] = ld_nc_v4(reinterpret_cast<const int4*>(row + g * 128 + sub * 8));
-    }
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      if (g0 + 2 * u >= groups) break;  // uniform across the warp
-      const int g = g0 + 2 * u + half;
-      const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-      float2 f[4];
-      float amax = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        f[q] = __bfloat1622float2(h[q]);
-        amax = fmaxf(amax, fmaxf(fabsf(f[q].x), fabsf(f[q].y)));
-      }
-#pragma unroll
-      for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-      const float scale = fp8_group_scale(amax, pow2_scale);
-      const float inv = __fdiv_rn(1.0f, scale);
-      __nv_fp8x2_storage_t q2[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        q2[q] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[q].x, inv), __fmul_rn(f[q].y, inv)), __NV_SATFINITE,
-                                         __NV_E4M3);
-      }
-      *reinterpret_cast<uint2*>(values + g * 128 + sub * 8) =
-          make_uint2(q2[0] | (static_cast<unsigned int>(q2[1]) << 16), q2[2] | (static_cast<unsigned int>(q2[3]) << 16));
-      if (sub == 0) {
-        if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-        else reinterpret_cast<float*>(scales)[g] = scale;
-      }
-    }
+    const auto* slot = pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x;
+    received_counts(p)[threadIdx.x] =
+        static_cast<int>(wait_call(p, slot, call, false, threadIdx.x, 3) & 0xffffffffull);
   }
 }
 
@@ -553,7 +458,7 @@ __device__ __forceinline__ int compact_units(const int* ids, int n, int K, int f
 // message into it. Never waits.
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
-                         int* src_rank, int* src_token, int* src_slot, bool wait_readers) {
+                         int* src_rank, int* src_token, int* src_slot) {
   extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count; then units
   __shared__ int start[4160];        // start[e * (R + 1) + r]: first row of (expert e, source r)
   const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
@@ -563,11 +468,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const std::size_t stride = s.message_stride();
   const int rows_out = R * M;
   __shared__ int tokens[intranode::kMaxRanks];  // each source's token count
-  __shared__ Source sources[intranode::kMaxRanks];
-  if (threadIdx.x < R) {
-    tokens[threadIdx.x] = received_counts(p)[threadIdx.x];
-    sources[threadIdx.x] = pull_sources(p)[threadIdx.x];
-  }
+  if (threadIdx.x < R) tokens[threadIdx.x] = received_counts(p)[threadIdx.x];
   for (int i = threadIdx.x; i < le * (R + 1); i += blockDim.x) start[i] = 0;
   __syncthreads();
   // kLoads loads in flight per thread, then their stores (one round for 8 x 128 x 8 ids).
@@ -580,9 +481,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       v[u] = -1;
       if (i < R * M * K) {
         const int r = i / (M * K), t = (i / K) % M;
-        const int* from = sources[r].ids != nullptr ? sources[r].ids
-                          : reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
-        if (t < tokens[r]) v[u] = from[i % (M * K)];
+        const int* staged = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
+        if (t < tokens[r]) v[u] = staged[i % (M * K)];
       }
     }
 #pragma unroll
@@ -635,34 +535,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       src_token[o] = t;
       src_slot[o] = k;
     }
-    const __nv_bfloat16* published = sources[r].x;
-    if (published != nullptr && s.fp8()) {  // cast the source's BF16 token here
-      cast_row_fp8(s, published + static_cast<long long>(t) * s.hidden, recv_x + o * s.value_bytes(),
-                   recv_scales + o * s.scale_bytes(), lane);
-    } else {  // the staged message, or the published BF16 token (no scales)
-      copy_message(s, published != nullptr ? reinterpret_cast<const char*>(published + static_cast<long long>(t) * s.hidden)
-                                           : half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes,
-                   recv_x, recv_scales, o, lane);
-    }
+    copy_message(s, half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes, recv_x, recv_scales, o,
+                 lane);
   }
-  // The last block tells every source this rank is done reading and ends the
-  // call; with `wait_readers` (this rank published its tokens) it then waits
-  // until every rank is done reading them, since XLA may reuse x's memory
-  // once the call ends.
-  if (last_block_done<false>(p, 2)) {
-    const int half = static_cast<int>(call & 1);
-    if (threadIdx.x < R) {
-      __threadfence_system();
-      *reinterpret_cast<volatile unsigned long long*>(&dispatch_done(p.base[threadIdx.x], half)[p.rank]) = call;
-    }
-    if (threadIdx.x == 0) {
-      unsigned long long* c = dispatch_counter(p);
-      *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
-    }
-    if (wait_readers && threadIdx.x < R) {
-      wait_call(p, dispatch_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 9);
-    }
-  }
+  advance(p, 0);
 }
 
 // first[e] = the valid rows of the local experts before e (first[le]: all
@@ -1004,17 +880,16 @@ cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const 
   return cudaGetLastError();
 }
 
-cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
-                                 const ZeroCopyDispatch& zero_copy, void* recv_x, void* recv_scales, int* recv_count,
-                                 int* recv_src_rank, int* recv_src_token, int* recv_src_slot, int num_blocks,
-                                 cudaStream_t stream) {
+cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
+                                 int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
+                                 int num_blocks, cudaStream_t stream) {
   // Every source's ids, then the compacted units.
   const int smem = 2 * peers.num_ranks * s.max_tokens * s.num_topk * static_cast<int>(sizeof(int));
   cudaFuncSetAttribute(dispatch_pull_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  wait_staged_kernel<<<1, 64, 0, stream>>>(peers, s, xla, zero_copy);
+  wait_staged_kernel<<<1, 64, 0, stream>>>(peers);
   dispatch_pull_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, smem, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
-      recv_src_token, recv_src_slot, zero_copy.x_offset >= 0);
+      recv_src_token, recv_src_slot);
   return cudaGetLastError();
 }
 

@@ -34,12 +34,6 @@ namespace low_latency {
 
 using intranode::PeerTable;
 
-// Every rank's XLA device memory as this process maps it (xla_ffi/xla_memory.h).
-struct XlaMemory {
-  char* base[intranode::kMaxRanks];
-};
-
-
 inline constexpr std::size_t kHeaderBytes = 16;  // token, slot, pad
 
 enum class Payload : int { kBF16 = 0, kFP8 = 1, kFP8RoundScale = 2, kFP8UE8M0 = 3 };
@@ -146,23 +140,10 @@ bool pull_supported(const Shape& s, int num_ranks);
 
 cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const void* x, const int* topk_idx,
                                   int* token, int num_blocks, cudaStream_t stream);
-
-// The zero-copy pulled dispatch: nothing is staged (the send's custom call
-// only zeroes its token). The receive publishes where this rank's x [T, H]
-// bf16 and topk_idx [T, K] lie in its XLA memory, and the receivers read the
-// tokens from there, casting to FP8 themselves. x must then stay untouched
-// until every rank has read it, which the receive waits for.
-struct ZeroCopyDispatch {
-  long long x_offset = -1;    // < 0: this rank staged its tokens
-  long long ids_offset = -1;
-};
-
-// Same outputs as launch_dispatch_recv. Each source is read where it left
-// its tokens: staged in its buffer, or published in its XLA memory (`xla`).
-cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, const XlaMemory& xla,
-                                 const ZeroCopyDispatch& zero_copy, void* recv_x, void* recv_scales, int* recv_count,
-                                 int* recv_src_rank, int* recv_src_token, int* recv_src_slot, int num_blocks,
-                                 cudaStream_t stream);
+// Same outputs as launch_dispatch_recv.
+cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
+                                 int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
+                                 int num_blocks, cudaStream_t stream);
 
 // Receive: wait for every source's counts (one block), then pack rows and
 // write the routing (a wider grid that never waits).
@@ -172,6 +153,11 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
                                  void* recv_scales, int* recv_count, int* recv_src_rank,
                                  int* recv_src_token, int* recv_src_slot, int num_blocks,
                                  cudaStream_t stream);
+
+// Every rank's XLA device memory as this process maps it (xla_ffi/xla_memory.h).
+struct XlaMemory {
+  char* base[intranode::kMaxRanks];
+};
 
 // Combine send: push each valid row of y [E/R, R*M, H] (bf16) to its token's
 // owner (valid rows: those whose recv_src_rank is not -1), cast to FP8 per

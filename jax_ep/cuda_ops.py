@@ -212,37 +212,30 @@ def _target(name: str, asynchronous: bool) -> str:
 
 
 def ll_dispatch_send(
-    x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False, pull: bool = False,
-    zero_copy: bool = False,
+    x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False, pull: bool = False
 ) -> jax.Array:
     """Push every (token, expert) message; returns the token that orders the receive.
 
     asynchronous: run the send on the buffer's send stream; its receive must
-    then be ``ll_dispatch_recv(..., sent_x=x, asynchronous=True)``.
+    then be ``ll_dispatch_recv(..., sent_x=x)``.
     pull: only stage this rank's messages for the receivers to copy (where
-    the shapes allow it); its receive must pass ``pull`` too.
-    zero_copy (with pull): not even stage them where x and topk_idx lie in
-    XLA's memory and every rank's is mapped: the receivers read them in
-    place; the receive must pass ``sent_x=x`` and ``zero_copy`` too."""
+    the shapes allow it); its receive must pass ``pull`` too."""
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
     attrs["pull"] = np.int64(pull)
-    attrs["zero_copy"] = np.int64(zero_copy)
     call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_send", asynchronous), _TOKEN, **_COMM)
     return call(x, topk_idx, **attrs)
 
 
 def ll_dispatch_recv(
-    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False,
-    asynchronous: bool = False, zero_copy: bool = False,
+    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False
 ):
     """Wait for every source and pack: (recv_x, recv_count, handle).
 
-    sent_x: the send's x, taken again (unread) with topk_idx so XLA keeps
-    them alive until this receive ends: after an asynchronous send (which
-    this receive then joins) or a zero-copy one (whose tokens the peers read
-    during this receive).
-    pull / zero_copy: as the send was issued."""
+    sent_x: the x of an asynchronous send. This receive then joins the send
+    stream and takes the send's inputs again (unread), so XLA keeps them
+    alive until it runs.
+    pull: the send staged (``ll_dispatch_send(..., pull=True)``); copy from there."""
     from jax_ep.handle import LowLatencyHandle
 
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
@@ -256,21 +249,18 @@ def ll_dispatch_recv(
                  else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
     ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
     call = jax.ffi.ffi_call(
-        _target("jax_ep_ll_dispatch_recv", asynchronous),
+        _target("jax_ep_ll_dispatch_recv", sent_x is not None),
         (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
     kept = () if sent_x is None else (sent_x, topk_idx)
-    recv_x, scales, count, src_rank, src_token, src_slot = call(
-        token, *kept, **_ll_attrs(spec), pull=np.int64(pull), zero_copy=np.int64(zero_copy))
+    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *kept, **_ll_attrs(spec), pull=np.int64(pull))
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
     return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
 
 def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
     pull = spec.options.dispatch_pull
-    zero_copy = pull and spec.options.dispatch_zero_copy
-    token = ll_dispatch_send(x, topk_idx, spec, pull=pull, zero_copy=zero_copy)
-    return ll_dispatch_recv(token, topk_idx, spec, sent_x=x if zero_copy else None, pull=pull, zero_copy=zero_copy)
+    return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec, pull=pull), topk_idx, spec, pull=pull)
 
 
 def _combine_send_operands(y: jax.Array, handle) -> tuple:

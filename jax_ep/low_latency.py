@@ -294,8 +294,7 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
         topk_idx, sent_x = pending.state
-        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x,
-                                                                  asynchronous=sent_x is not None))
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 

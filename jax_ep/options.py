@@ -147,15 +147,6 @@ class LowLatencyOptions:
         the payload where a push and the receive's copy take two. The split
         calls always push (the transfer is the part that overlaps compute).
         Shapes with ``R*M*K > 16384`` push too. Results are identical.
-      dispatch_zero_copy: with ``dispatch_pull``, the one-call dispatch stages
-        nothing either: each rank only records where its ``x`` and
-        ``topk_idx`` lie in its own XLA memory, and the receivers read the
-        BF16 tokens from there, casting them to FP8 themselves (the same
-        arithmetic, so the same bytes). Every rank's XLA memory is mapped into
-        every rank process when the ``Buffer`` is created (see
-        ``Buffer.low_latency_zero_copy``). The call then also waits until
-        every rank has read this rank's tokens. A rank stages instead where
-        that mapping is off or its inputs lie outside XLA's pool.
       combine_zero_copy: with the CUDA backend, the one-call
         ``low_latency_combine`` moves no rows: each rank only records where
         its expert outputs lie in its own XLA memory, and each token's owner
@@ -178,7 +169,6 @@ class LowLatencyOptions:
     combine_fp8: bool = False
     async_send: bool = True
     dispatch_pull: bool = True
-    dispatch_zero_copy: bool = True
     combine_zero_copy: bool = True
     buffer_id: int | None = None
 
@@ -194,8 +184,6 @@ class LowLatencyOptions:
             raise TypeError(f"combine_fp8 must be True or False, got {self.combine_fp8!r}")
         if not isinstance(self.dispatch_pull, bool):
             raise TypeError(f"dispatch_pull must be True or False, got {self.dispatch_pull!r}")
-        if not isinstance(self.dispatch_zero_copy, bool):
-            raise TypeError(f"dispatch_zero_copy must be True or False, got {self.dispatch_zero_copy!r}")
         if not isinstance(self.combine_zero_copy, bool):
             raise TypeError(f"combine_zero_copy must be True or False, got {self.combine_zero_copy!r}")
 

@@ -146,39 +146,32 @@ def test_low_latency_split_lowers_for_cuda(monkeypatch, async_send):
     assert len(operands) == (3 if async_send else 1)  # token, then x and topk_idx
     for op in ("dispatch_send", "dispatch_recv"):  # the split always pushes
         line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}{suffix}(" in line)
-        assert "pull = 0 : i64" in line and "zero_copy = 0 : i64" in line, line
+        assert "pull = 0 : i64" in line, line
     recv = next(line for line in text.splitlines() if f"@jax_ep_ll_combine_recv{suffix}(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
     assert len(operands) == (3 + 4 if async_send else 3)  # token, topk_idx, weights, then y and the routing
 
 
 @needs_extension
-@pytest.mark.parametrize("pull,zero_copy", [(True, True), (True, False), (False, True)])
-def test_low_latency_dispatch_pull_attribute(monkeypatch, pull, zero_copy):
-    """The one-call dispatch's send and receive both carry dispatch_pull and
-    dispatch_zero_copy (only with the pull), and a zero-copy receive takes x
-    and topk_idx again, so XLA keeps them alive while peers read them."""
+@pytest.mark.parametrize("pull", [True, False])
+def test_low_latency_dispatch_pull_attribute(monkeypatch, pull):
+    """The one-call dispatch's send and receive both carry dispatch_pull."""
     import jax_ep
     from jax_ep import runtime
 
     monkeypatch.setattr(runtime, "lookup", lambda buffer_id: None)
     t, k, e, h, r, m = 8, 2, 8, 512, 2, 8
     opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", buffer_id=7,
-                                    dispatch_pull=pull, dispatch_zero_copy=zero_copy)
+                                    dispatch_pull=pull)
     monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
 
     def fused(x, idx):
         return jax_ep.low_latency_dispatch(x, idx, num_experts=e, axis_name=None, options=opts).recv_x
 
     text = _lower_for_cuda(fused, jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32))
-    on = int(pull and zero_copy)
     for op in ("dispatch_send", "dispatch_recv"):
         line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}(" in line)
         assert f"pull = {int(pull)} : i64" in line, line
-        assert f"zero_copy = {on} : i64" in line, line
-    recv = next(line for line in text.splitlines() if "@jax_ep_ll_dispatch_recv(" in line)
-    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (3 if on else 1)  # token, then x and topk_idx
 
 
 @needs_extension
@@ -216,10 +209,9 @@ def test_low_latency_combine_zero_copy_attribute(monkeypatch, zero_copy, combine
     assert len(operands) == (3 + 4 if on else 3)
 
 
-@pytest.mark.parametrize("name", ["dispatch_zero_copy", "combine_zero_copy"])
-def test_zero_copy_options_are_checked(name):
+def test_combine_zero_copy_option_is_checked():
     import jax_ep
 
-    assert getattr(jax_ep.LowLatencyOptions(), name) is True
-    with pytest.raises(TypeError, match=f"{name} must be True or False"):
-        jax_ep.LowLatencyOptions(**{name: 1})
+    assert jax_ep.LowLatencyOptions().combine_zero_copy is True
+    with pytest.raises(TypeError, match="combine_zero_copy must be True or False"):
+        jax_ep.LowLatencyOptions(combine_zero_copy=1)

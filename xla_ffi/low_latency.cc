@@ -91,43 +91,6 @@ bool pulls(const Call& c, int64_t pull) {
   return pull != 0 && low_latency::pull_supported(c.shape, c.buf->num_ranks());
 }
 
-// Where y lies in this rank's XLA memory when a combine asked for zero copy
-// (attr `zero_copy`) can have it: BF16 rows, every rank's XLA memory mapped
-// by every rank, y inside this rank's. Else -1: the rows are pushed. The send
-// and the receive decide alike (the receive takes y again).
-long long zero_copy_offset(const Call& c, int64_t zero_copy, const void* y) {
-  if (zero_copy == 0 || c.shape.combine_fp8) return -1;
-  const std::size_t bytes = static_cast<std::size_t>(c.shape.local_experts(c.buf->num_ranks())) *
-                            c.buf->num_ranks() * c.shape.max_tokens * c.shape.hidden * 2;
-  return c.buf->xla_memory_offset(y, bytes);
-}
-
-low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
-  low_latency::XlaMemory m{};
-  const auto& bases = buf.xla_bases();
-  for (std::size_t r = 0; r < bases.size(); ++r) m.base[r] = bases[r];
-  return m;
-}
-
-// Where x and topk_idx lie in this rank's XLA memory when a pulled dispatch
-// asked for zero copy (attr `zero_copy`) can have it (both inside this rank's
-// memory, every rank's mapped); else -1s: the tokens are staged. The send and
-// the receive decide alike (the receive takes x and topk_idx again).
-low_latency::ZeroCopyDispatch zero_copy_dispatch(const Call& c, int64_t zero_copy, const void* x,
-                                                 const void* topk_idx) {
-  low_latency::ZeroCopyDispatch z;
-  if (zero_copy == 0) return z;
-  const long long x_offset = c.buf->xla_memory_offset(
-      x, static_cast<std::size_t>(c.shape.num_tokens) * c.shape.hidden * 2);
-  const long long ids_offset = c.buf->xla_memory_offset(
-      topk_idx, static_cast<std::size_t>(c.shape.num_tokens) * c.shape.num_topk * 4);
-  if (x_offset >= 0 && ids_offset >= 0) {
-    z.x_offset = x_offset;
-    z.ids_offset = ids_offset;
-  }
-  return z;
-}
-
 // Zeroes the send's `token` on XLA's stream (XLA may hand it on as soon as
 // that stream reaches it), then runs `launch(stream, nullptr)` on the
 // buffer's send stream after everything queued on XLA's `stream`, and records
@@ -163,11 +126,8 @@ template <bool kAsync>
 ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
-                        int64_t zero_copy, ffi::Result<I32_0> token) {
+                        ffi::Result<I32_0> token) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_send_async" : "jax_ep_ll_dispatch_send";
-  if ((kAsync || pull == 0) && zero_copy != 0) {
-    return invalid_argument(kTarget, "only the synchronous pulled dispatch reads in place: pass zero_copy=0");
-  }
   if (x.element_type() != ffi::BF16) return invalid_argument(kTarget, "x must be bfloat16");
   // x [T, H]: every slot sends its token's row; x [T, K, H] (BF16 only): every
   // slot sends its own row (the backward of combine).
@@ -184,11 +144,6 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
   }
   if (per_slot && pull != 0) return invalid_argument(kTarget, "per-slot rows are pushed: pass pull=0");
   const bool pulled = pulls(c, pull);
-  // Zero copy: the receive publishes x; nothing is staged here.
-  if (pulled && !per_slot &&
-      zero_copy_dispatch(c, zero_copy, x.untyped_data(), topk_idx.typed_data()).x_offset >= 0) {
-    return launch_status(kTarget, cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream));
-  }
   auto launch = [&](cudaStream_t on, int* kernel_token) {
     const int blocks = static_cast<int>(num_sms) * kBlocksPerSm;
     if (pulled) {
@@ -204,10 +159,9 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
 
 template <bool kAsync>
 ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
-                        ffi::RemainingArgs sent /*the send's inputs, kept alive*/, int64_t buffer_id,
-                        int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
-                        int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
-                        int64_t zero_copy,
+                        ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
+                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
+                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
                         ffi::Result<ffi::AnyBuffer> recv_x,
                         ffi::Result<ffi::AnyBuffer> recv_scales, ffi::Result<I32_1> recv_count,
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
@@ -221,30 +175,29 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
-  if (!pulls(c, pull)) {
-    if (zero_copy != 0) return invalid_argument(kTarget, "only a pulled dispatch reads in place: pass zero_copy=0");
-    return launch_status(kTarget, low_latency::launch_dispatch_recv(
-                                      c.buf->peer_table(), c.shape, recv_x->untyped_data(),
-                                      recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
-                                      src_token->typed_data(), src_slot->typed_data(),
-                                      static_cast<int>(num_sms) * kBlocksPerSm, stream));
-  }
-  // Zero copy: this receive publishes the send's x and topk_idx (its
-  // trailing operands) and holds them until every rank has read them.
-  low_latency::ZeroCopyDispatch published;
-  if (zero_copy != 0) {
-    constexpr const char* kNeedsX = "a zero-copy receive takes the send's x and topk_idx as trailing operands";
-    if (kAsync || sent.size() != 2) return invalid_argument(kTarget, kNeedsX);
-    auto x = sent.get<ffi::AnyBuffer>(0);
-    auto ids = sent.get<I32_2>(1);
-    if (!x.has_value() || !ids.has_value()) return invalid_argument(kTarget, kNeedsX);
-    published = zero_copy_dispatch(c, zero_copy, x->untyped_data(), ids->typed_data());
-  }
-  return launch_status(kTarget, low_latency::launch_dispatch_pull(
-                                    c.buf->peer_table(), c.shape, xla_memory(*c.buf), published,
-                                    recv_x->untyped_data(), recv_scales->untyped_data(), recv_count->typed_data(),
-                                    src_rank->typed_data(), src_token->typed_data(), src_slot->typed_data(),
-                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
+  auto* receive = pulls(c, pull) ? low_latency::launch_dispatch_pull : low_latency::launch_dispatch_recv;
+  return launch_status(kTarget, receive(c.buf->peer_table(), c.shape, recv_x->untyped_data(),
+                                        recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
+                                        src_token->typed_data(), src_slot->typed_data(),
+                                        static_cast<int>(num_sms) * kBlocksPerSm, stream));
+}
+
+// Where y lies in this rank's XLA memory when a combine asked for zero copy
+// (attr `zero_copy`) can have it: BF16 rows, every rank's XLA memory mapped
+// by every rank, y inside this rank's. Else -1: the rows are pushed. The send
+// and the receive decide alike (the receive takes y again).
+long long zero_copy_offset(const Call& c, int64_t zero_copy, const void* y) {
+  if (zero_copy == 0 || c.shape.combine_fp8) return -1;
+  const std::size_t bytes = static_cast<std::size_t>(c.shape.local_experts(c.buf->num_ranks())) *
+                            c.buf->num_ranks() * c.shape.max_tokens * c.shape.hidden * 2;
+  return c.buf->xla_memory_offset(y, bytes);
+}
+
+low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
+  low_latency::XlaMemory m{};
+  const auto& bases = buf.xla_bases();
+  for (std::size_t r = 0; r < bases.size(); ++r) m.base[r] = bases[r];
+  return m;
 }
 
 template <bool kAsync>
@@ -339,8 +292,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
 #define JAX_EP_LL_SEND_ATTRS                                                                     \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("max_tokens")           \
       .Attr<int64_t>("hidden").Attr<int64_t>("num_topk").Attr<int64_t>("payload")                \
-      .Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms").Attr<int64_t>("pull")            \
-      .Attr<int64_t>("zero_copy")
+      .Attr<int64_t>("combine_payload").Attr<int64_t>("num_sms").Attr<int64_t>("pull")
 
 // The binding of each op; the synchronous targets are command-buffer compatible.
 #define JAX_EP_LL_DISPATCH_SEND_BINDING                                                          \
@@ -354,7 +306,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
       .Arg<I32_0>()                                                                              \
-      .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull").Attr<int64_t>("zero_copy")         \
+      .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull")                                     \
       .Ret<ffi::AnyBuffer>()                                                                     \
       .Ret<ffi::AnyBuffer>()                                                                     \
       .Ret<I32_1>()                                                                              \

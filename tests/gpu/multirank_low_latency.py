@@ -110,37 +110,30 @@ def _():
 
 @check("ll_dispatch_pull_and_push")
 def _():
-    """The one-call dispatch pulls with zero copy (the receivers read and
-    cast the senders' tokens in place: dispatch_pull and dispatch_zero_copy,
-    the defaults), pulls from the senders' staging, or pushes. All give
-    numpy's rows, scales, counts and sources, in calls that switch between
-    them over both buffer halves, with a different token count on each rank;
-    in the mixed calls each rank picks zero copy or staging by its parity, so
-    one receive reads both kinds of source."""
+    """The one-call dispatch pulls (dispatch_pull, the default) or pushes;
+    both give numpy's rows, scales, counts and sources, in calls that switch
+    between the two over both buffer halves, with a different token count on
+    each rank."""
     m, k, e, h = 48, 6, 6 * R, 1024
     fp8 = jax_ep.FP8Options()
     buf = make_buffer(m, h, k, e, fp8=fp8)
-    assert buf.low_latency_zero_copy, f"XLA memory is not shared: {buf.low_latency_zero_copy_note}"
     step = {}
-    for pull, zero_copy in ((True, True), (True, False), (False, False)):
-        opts = dataclasses.replace(buf.low_latency, dispatch_pull=pull, dispatch_zero_copy=zero_copy)
+    for pull in (True, False):
+        opts = dataclasses.replace(buf.low_latency, dispatch_pull=pull)
 
         def dispatch(x, i, opts=opts):
             o = buf.low_latency_dispatch(x, i, options=opts)
             hd = o.handle
             return o.recv_x, o.recv_count, jnp.stack([hd.recv_src_rank, hd.recv_src_token, hd.recv_src_slot], -1)
 
-        step[pull, zero_copy] = jax.jit(dispatch)
-    modes = ("zero copy", "zero copy", "staged", "push", "mixed", "zero copy", "push", "mixed", "staged")
-    for it, mode in enumerate(modes):
+        step[pull] = jax.jit(dispatch)
+    for it, pull in enumerate((True, True, False, True, False, False, True)):
         xs, idxs, _ = inputs(60 + it, m, k, e, h, distinct=it % 2 == 0)
         xs = [x[: m - 3 * r] for r, x in enumerate(xs)]
         idxs = [i[: m - 3 * r] for r, i in enumerate(idxs)]
-        key = {"zero copy": (True, True), "staged": (True, False), "push": (False, False),
-               "mixed": (True, (ME + it) % 2 == 0)}[mode]
-        (q, sc), count, src = step[key](xs[ME], idxs[ME])
+        (q, sc), count, src = step[pull](xs[ME], idxs[ME])
         ref = npr.ll_dispatch(xs, idxs, e, m)[ME]
-        name = f"call {it} ({mode})"
+        name = f"call {it} ({'pull' if pull else 'push'})"
         np.testing.assert_array_equal(np.asarray(count), ref["count"], err_msg=f"{name}: counts")
         np.testing.assert_array_equal(np.asarray(src), ref["src"], err_msg=f"{name}: sources")
         for loc in range(e // R):
