@@ -15,7 +15,10 @@
 //   combine_payload (0 BF16 rows, 1 FP8 rows with a float scale per 128
 //   channels), num_sms; the dispatch send and receive also take `pull`
 //   (1: the receivers copy from the senders' staging, where the shapes allow
-//   it; 0: the senders push).
+//   it; 0: the senders push); the combine send and receive take `zero_copy`
+//   (1: the one-call combine's owners read the rows in place from each
+//   rank's XLA memory where it can; its receive then takes y and the routing
+//   again as trailing operands).
 //
 // A receive must follow its send on the same buffer before the next send of
 // that kind (the tokens order them).
