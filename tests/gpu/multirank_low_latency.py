@@ -171,6 +171,23 @@ def _():
         want = x3 * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
         diff = calc_diff(out, want)
         assert diff < 1e-5, f"call {it} (zero_copy={zero_copy}): combine calc_diff {diff}"
+
+    # One compiled combine given y at different addresses: each call must
+    # read the y it was given, also compiled with XLA's minimum CUDA-graph
+    # size at 1, so that where command buffers are on XLA captures the call
+    # and replays it.
+    xs, idxs, ws = inputs(90, t, k, e, h)
+    recv, handle = jax.jit(lambda x, i: (lambda o: (o.recv_x, o.handle))(buf.low_latency_dispatch(x, i)))(
+        xs[ME], idxs[ME])
+    ys = [(recv.astype(jnp.float32) * (j + 1)).astype(jnp.bfloat16) for j in range(4)]  # alive together
+    combine = jax.jit(buf.low_latency_combine)
+    captured = combine.lower(ys[0], ws[ME], handle).compile({"xla_gpu_graph_min_graph_size": 1})
+    for fn_name, fn in (("jit", combine), ("captured", captured)):
+        for j in (0, 1, 2, 3, 1, 0):
+            out = np.asarray(fn(ys[j], ws[ME], handle), np.float32)
+            xj = (xs[ME].astype(np.float32) * (j + 1)).astype(ml_dtypes.bfloat16).astype(np.float64)
+            diff = calc_diff(out, xj * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None])
+            assert diff < 1e-5, f"{fn_name}: y number {j}: combine calc_diff {diff}"
     buf.destroy()
 
 
