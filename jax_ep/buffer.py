@@ -92,7 +92,10 @@ class Buffer:
         """Whether the one-call ``low_latency_combine`` can read expert
         outputs straight from the ranks that computed them
         (``LowLatencyOptions.combine_zero_copy``): every rank's XLA memory is
-        mapped by every rank. When False the combine pushes its rows."""
+        mapped by every rank. When False the combine pushes its rows. A rank
+        also pushes a call whose ``y`` lies outside the allocation it mapped
+        (XLA's pool is one allocation with its default preallocation; with
+        ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` it grows in several)."""
         return self._ll_runtime is not None and self._ll_runtime.xla_memory_shared
 
     @property

@@ -1,0 +1,96 @@
+"""The exchange that maps every rank's XLA memory into every rank process
+(jax_ep.runtime._exchange_xla_memory), run on CPU: R ranks as threads of one
+process, a dict as the key-value store, real Unix sockets and real file
+descriptors (temporary files standing in for the exported allocations)."""
+
+import os
+import tempfile
+import threading
+
+import pytest
+
+from jax_ep import runtime
+
+
+class FakeKeyValueStore:
+    """The two calls of the jax.distributed client that the exchange uses."""
+
+    def __init__(self):
+        self.values = {}
+        self.changed = threading.Condition()
+
+    def key_value_set_bytes(self, key, value):
+        with self.changed:
+            self.values[key] = value
+            self.changed.notify_all()
+
+    def blocking_key_value_get_bytes(self, key, timeout_ms):
+        with self.changed:
+            if not self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000):
+                raise TimeoutError(key)
+            return self.values[key]
+
+
+class FakeExtension:
+    """Records which peer allocation each rank mapped (reading the file behind the fd)."""
+
+    def __init__(self, fail_peer=None):
+        self.mapped = {}
+        self.fail_peer = fail_peer
+
+    def open_peer_xla_memory(self, buffer_id, peer, fd, size):
+        if peer == self.fail_peer:
+            raise RuntimeError("cuMemImportFromShareableHandle failed: CUDA_ERROR_INVALID_VALUE")
+        self.mapped[peer] = (os.pread(fd, 64, 0).decode(), size)
+
+
+def run_ranks(monkeypatch, num_ranks, exported, extensions, seq):
+    """Runs the exchange on every rank; exported[r] is False where rank r could not export."""
+    store = FakeKeyValueStore()
+    monkeypatch.setattr(runtime, "_kv_client", lambda: store)
+    results, files = {}, []
+    for r in range(num_ranks):
+        f = tempfile.TemporaryFile()
+        f.write(f"pool of rank {r}".encode())
+        f.flush()
+        files.append(f)
+
+    def rank(r):
+        fd = files[r].fileno() if exported[r] else -1
+        note = "" if exported[r] else f"rank {r}'s XLA memory cannot be exported: no handle"
+        results[r] = runtime._exchange_xla_memory(extensions[r], 5, seq, r, num_ranks, fd, 1000 + r, note, 20.0)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(num_ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for f in files:
+        f.close()
+    return results
+
+
+def test_every_rank_maps_every_peer(monkeypatch):
+    num_ranks = 4
+    extensions = [FakeExtension() for _ in range(num_ranks)]
+    results = run_ranks(monkeypatch, num_ranks, [True] * num_ranks, extensions, seq=1000)
+    assert results == {r: (True, "") for r in range(num_ranks)}
+    for r, ext in enumerate(extensions):
+        assert ext.mapped == {p: (f"pool of rank {p}", 1000 + p) for p in range(num_ranks) if p != r}
+
+
+@pytest.mark.parametrize("case", ["a rank cannot export", "a rank cannot map a peer"])
+def test_one_failure_turns_zero_copy_off_everywhere(monkeypatch, case):
+    num_ranks = 3
+    exported = [True, case != "a rank cannot export", True]
+    extensions = [FakeExtension(fail_peer=0 if (r == 2 and case == "a rank cannot map a peer") else None)
+                  for r in range(num_ranks)]
+    results = run_ranks(monkeypatch, num_ranks, exported, extensions, seq=2000 + len(case))
+    assert all(ok is False for ok, _ in results.values()), results
+    if case == "a rank cannot export":
+        assert results[1][1] == "rank 1's XLA memory cannot be exported: no handle"
+        assert "received the XLA memory of 1 of its 2 peers" in results[0][1]
+        assert 1 not in extensions[0].mapped and extensions[0].mapped[2][0] == "pool of rank 2"
+    else:
+        assert results[2][1].startswith("rank 2 cannot map rank 0's XLA memory")
+        assert results[0][1] == results[2][1]  # the others report the first failing rank's reason
