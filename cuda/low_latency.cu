@@ -148,6 +148,8 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
 
 // A warp copies n 16-byte vectors of memory that does not change while the
 // kernel runs, kUnroll loads in flight per lane (a row copy is latency-bound).
+// kStream: streaming stores, for output rows (kept out of L2's way).
+template <bool kStream = false>
 __device__ __forceinline__ void warp_copy(const int4* from, int4* to, int n, int lane) {
   constexpr int kUnroll = 8;
   for (int v0 = lane; v0 < n; v0 += 32 * kUnroll) {
@@ -158,7 +160,9 @@ __device__ __forceinline__ void warp_copy(const int4* from, int4* to, int n, int
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (v0 + 32 * u < n) to[v0 + 32 * u] = value[u];
+      if (v0 + 32 * u >= n) continue;
+      if constexpr (kStream) st_cs_v4(to + v0 + 32 * u, value[u]);
+      else to[v0 + 32 * u] = value[u];
     }
   }
 }
@@ -167,8 +171,8 @@ __device__ __forceinline__ void warp_copy(const int4* from, int4* to, int n, int
 // packed row o of recv_x (and recv_scales).
 __device__ __forceinline__ void copy_message(const Shape& s, const char* values, char* recv_x, char* recv_scales,
                                              long long o, int lane) {
-  warp_copy(reinterpret_cast<const int4*>(values), reinterpret_cast<int4*>(recv_x + o * s.value_bytes()),
-            s.value_bytes() / 16, lane);
+  warp_copy<true>(reinterpret_cast<const int4*>(values), reinterpret_cast<int4*>(recv_x + o * s.value_bytes()),
+                  s.value_bytes() / 16, lane);
   const int words = s.fp8() ? s.scale_bytes() / 4 : 0;
   for (int w = lane; w < words; w += 32) {
     reinterpret_cast<int*>(recv_scales + o * s.scale_bytes())[w] = reinterpret_cast<const int*>(values + s.value_bytes())[w];

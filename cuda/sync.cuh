@@ -48,6 +48,13 @@ __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
   return v;
 }
 
+// 16-byte store of output that this kernel does not read again: streamed
+// (evict first), so it does not push rows still to be read out of L2.
+__device__ __forceinline__ void st_cs_v4(int4* p, int4 v) {
+  asm volatile("st.global.cs.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 // 16-byte read that bypasses L1 (served by L2, the coherence point of one
 // GPU): for memory another block or rank writes while this kernel runs,
 // read after an acquire of the flag that published it.
