@@ -74,6 +74,8 @@ def parse_args():
     p.add_argument("--no-profile", action="store_true", help="skip the profiler trace")
     p.add_argument("--no-overlap", action="store_true", help="skip the matmul overlap loops")
     p.add_argument("--out", default=None, help="folder for low_latency_R{R}.json")
+    p.add_argument("--transport", default="ipc", choices=("ipc", "nvshmem"),
+                   help="how the low-latency buffer reaches peers (Buffer.ll_transport)")
     return p.parse_args()
 
 
@@ -222,7 +224,7 @@ def bench_budget(sms, args):
             num_ll_bytes=jax_ep.low_latency_buffer_bytes(M, H, R, K, E, fp8),
             low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, fp8=fp8, backend="cuda",
                                                  num_sms=sms),
-            timeout_s=60.0)
+            timeout_s=60.0, ll_transport=args.transport)
         sync = dataclasses.replace(buf.low_latency, async_send=False)
         out = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i))(x, idx)
         yb = out.recv_x if fp8 is None else jax_ep.per_token_cast_back(*out.recv_x, fp8, out_dtype=jnp.bfloat16)
@@ -257,7 +259,8 @@ def bench_budget(sms, args):
             return f
 
         reps = args.reps
-        row = dict(ranks=R, sms=sms, payload="FP8" if fp8 else "BF16", matmul_n=n, pairs=pairs)
+        row = dict(ranks=R, sms=sms, payload="FP8" if fp8 else "BF16", matmul_n=n, pairs=pairs,
+                   transport=args.transport)
         row["trivial_op_loop_us"] = time_per_call(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         row["dispatch_us"] = time_per_call(disp, x, idx, reps=reps)
         row["dispatch_fori_us"] = time_per_call_fori(disp, x, idx, reps=reps)
