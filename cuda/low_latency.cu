@@ -83,12 +83,13 @@ __device__ __forceinline__ bool last_block_done(const PeerTable& p, int which) {
   return last;
 }
 
-// Ends a receive (its last block): the next send of this kind is the next call.
-__device__ __forceinline__ void advance(const PeerTable& p, int which) {
+// Ends a receive (its last block): the next send of this kind is the next
+// call. True in every thread of that last block.
+__device__ __forceinline__ bool advance(const PeerTable& p, int which) {
   unsigned long long* c = which == 0 ? dispatch_counter(p) : combine_counter(p);
-  if (last_block_done<false>(p, 2 + which) && threadIdx.x == 0) {
-    *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
-  }
+  const bool last = last_block_done<false>(p, 2 + which);
+  if (last && threadIdx.x == 0) *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
+  return last;
 }
 
 // The FP8 cast of one 128-channel group of a BF16 row (jax_ep.reference.fp8's
@@ -193,6 +194,22 @@ __device__ __forceinline__ void mark_padding_rows(const int* start, int le, int 
   }
 }
 
+// How many of a source's tokens before t name expert e (ids: that source's
+// [tokens][K] top-k ids), counted by a warp, 32 tokens per step: the index of
+// token t among the source's tokens for e.
+__device__ __forceinline__ int earlier_tokens_naming(const int* ids, int t, int K, int e, int lane) {
+  int idx = 0;
+  for (int base = 0; base < t; base += 32) {
+    bool names = false;
+    if (base + lane < t) {
+      const int* other = ids + static_cast<long long>(base + lane) * K;
+      for (int j = 0; j < K; ++j) names |= other[j] == e;
+    }
+    idx += __popc(__ballot_sync(kFullWarpMask, names));
+  }
+  return idx;
+}
+
 // Whether top-k slot k of a token sends: a valid id its earlier slots do not repeat.
 __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_experts) {
   const int id = ids[k];
@@ -231,15 +248,7 @@ __global__ void __launch_bounds__(kThreads)
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
     if (warp < s.num_topk && first_slot(ids, warp, s.num_experts)) {
       const int k = warp, e = ids[k];
-      int idx = 0;  // earlier tokens naming e
-      for (int base = 0; base < t; base += 32) {
-        bool names = false;
-        if (base + lane < t) {
-          const int* other = topk_idx + static_cast<long long>(base + lane) * s.num_topk;
-          for (int j = 0; j < s.num_topk; ++j) names |= other[j] == e;
-        }
-        idx += __popc(__ballot_sync(kFullWarpMask, names));
-      }
+      const int idx = earlier_tokens_naming(topk_idx, t, s.num_topk, e, lane);
       const int dst = e / le, local = e % le;
       char* out = half_of(p, dst, call) + l.dispatch_rows +
                   ((static_cast<std::size_t>(local) * R + me) * s.max_tokens + idx) * stride;
@@ -524,15 +533,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int r = unit / (M * K), t = (unit / K) % M, k = unit % K;
     const int* tok = ids + (unit - k);
     const int e = tok[k] - first_expert;
-    int idx = 0;  // earlier tokens of source r naming the expert
-    for (int base = 0; base < t; base += 32) {
-      bool names = false;
-      if (base + lane < t) {
-        const int* other = ids + (r * M + base + lane) * K;
-        for (int j = 0; j < K; ++j) names |= other[j] == tok[k];
-      }
-      idx += __popc(__ballot_sync(kFullWarpMask, names));
-    }
+    const int idx = earlier_tokens_naming(ids + r * M * K, t, K, tok[k], lane);
     const long long o = static_cast<long long>(e) * rows_out + start[e * (R + 1) + r] + idx;
     if (lane == 0) {
       src_rank[o] = r;
@@ -673,14 +674,14 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(1024)
     wait_flags_kernel(PeerTable p, Shape s, const int* topk_idx, XlaMemory xla, long long y_offset,
                       const int* src_rank, const int* src_token, const int* src_slot) {
-  const int R = p.num_ranks;
+  const int R = p.num_ranks, le = s.local_experts(R);
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const int half = static_cast<int>(call & 1);
   const Layout l = Layout::make(s, R);
   __shared__ bool published[intranode::kMaxRanks];
   if (y_offset >= 0) {
     if (threadIdx.x == 0) check_order(p, 1, call, true);
-    const int le = s.local_experts(R), rows_out = R * s.max_tokens;
+    const int rows_out = R * s.max_tokens;
     __shared__ int first[2049];
     count_valid_rows(src_rank, le, rows_out, first);
     auto* index = reinterpret_cast<long long*>(half_of(p, p.rank, call) + l.combine_index);
@@ -707,7 +708,6 @@ __global__ void __launch_bounds__(1024)
   if (topk_idx == nullptr) return;
   char* mine = half_of(p, p.rank, call);
   auto** rows = reinterpret_cast<const char**>(mine + l.combine_ptrs);
-  const int le = s.local_experts(R);
   for (int i = threadIdx.x; i < s.num_tokens * s.num_topk; i += blockDim.x) {
     const int t = i / s.num_topk, k = i % s.num_topk;
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
@@ -791,17 +791,11 @@ __global__ void __launch_bounds__(kThreads)
   // ends the call; with `wait_readers` (this rank published its rows in y)
   // it then waits until every rank is done reading them, since XLA may reuse
   // y's memory once the call ends.
-  if (last_block_done<false>(p, 3)) {
+  if (advance(p, 1) && threadIdx.x < R) {
     const int half = static_cast<int>(call & 1);
-    if (threadIdx.x < R) {
-      __threadfence_system();
-      *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) = call;
-    }
-    if (threadIdx.x == 0) {
-      unsigned long long* c = combine_counter(p);
-      *reinterpret_cast<volatile unsigned long long*>(c) = *c + 1;
-    }
-    if (wait_readers && threadIdx.x < R) {
+    __threadfence_system();
+    *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) = call;
+    if (wait_readers) {
       wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 8);
     }
   }
