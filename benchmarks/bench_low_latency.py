@@ -8,11 +8,15 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
 * **latency**: per-call wall time (median of ``--reps``) of 64 calls in a
   ``lax.fori_loop`` (a decode loop: XLA's while loop waits on the host
   between iterations) and of 64 calls unrolled in one jit (no host between
-  calls: the device time per call, with the ranks' start skew spread over
-  64 calls), each beside the same loop around a trivial op (what the loop
-  itself costs on this machine), and GB/s by DeepEP's LL counting (dispatch: valid (token,
-  expert) pairs x (H + H/128*4 scales + 16) bytes in FP8, x 2H in BF16;
-  combine: pairs x 2H) of the unrolled time.
+  calls), each beside the same loop around a trivial op (what the loop itself
+  costs on this machine); and the **steady** time per call: (128 unrolled
+  calls - 64 unrolled calls) / 64, which leaves out what a run costs once
+  (the program's launch, the ranks' start skew). GB/s by DeepEP's LL counting
+  (dispatch: valid (token, expert) pairs x (H + H/128*4 scales + 16) bytes in
+  FP8, x 2H in BF16; combine: pairs x 2H) of the steady time.
+* **kernel span**: from rank 0's profile, the median over calls of the time
+  from a call's first kernel's start to its last kernel's end, waits included
+  (how DeepEP times its kernels); the launch gaps between calls are not in it.
 * **push dispatch** (``dispatch_pull=False``): the one-call dispatch pushing
   instead of pulling, timed the same ways.
 * **push combine** (``combine_zero_copy=False``): the one-call combine
@@ -28,7 +32,7 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   time that ran while a matmul kernel of the same rank was running.
 
 Rank 0 first measures the device copy roofline (a 1 GiB device-to-device
-copy, alone on the GPU) and reports each unrolled time's aggregate GB/s (all
+copy, alone on the GPU) and reports each steady time's aggregate GB/s (all
 R ranks) as a fraction of it. Rank 0 prints the table and writes
 OUT_DIR/low_latency_R{R}.json.
 """
@@ -107,6 +111,23 @@ def time_per_call(fn, *args, reps):
     return _median_us_per_call(loop(fn), args, reps, ITERS)
 
 
+def time_per_call_steady(fn, *args, reps):
+    """Device time per call in steady state: (time of 2 x ITERS unrolled calls
+    - time of ITERS) / ITERS, each the median of `reps` runs. The difference
+    cancels what a run costs once: the host's launch of the program and the
+    ranks' start skew, which the first call's wait absorbs."""
+    f1, f2 = loop(fn, ITERS), loop(fn, 2 * ITERS)
+    f1(*args).block_until_ready()
+    f2(*args).block_until_ready()
+    t1, t2 = [], []
+    for _ in range(reps):  # alternated, so both see the same machine
+        for f, times in ((f1, t1), (f2, t2)):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            times.append(time.perf_counter() - t0)
+    return max(0.0, float(np.median(t2) - np.median(t1))) / ITERS * 1e6
+
+
 def time_per_call_fori(fn, *args, reps, n=64):
     """Per-call wall time of `n` calls in one ``lax.fori_loop`` (a decode loop)."""
     f = jax.jit(lambda *a: jax.lax.fori_loop(0, n, lambda _, acc: acc + fn(*a), jnp.float32(0)))
@@ -174,6 +195,28 @@ def overlap_ns(intervals, cover):
     return total
 
 
+def median_call_span(by_phase, kind):
+    """Median over the calls of `kind` of the time from a call's first kernel's
+    start to its last kernel's end (DeepEP reports its kernels' time alike):
+    a call starts at each kernel of its first phase present (the send, or the
+    wait where the send launches none)."""
+    phases = [f"{kind}_{p}" for p in ("send", "wait", "copy")]
+    present = [p for p in phases if by_phase.get(p)]
+    if not present:
+        return None
+    spans, cur = [], None
+    for s, e, p in sorted((s, e, p) for p in present for s, e in by_phase[p]):
+        if p == present[0]:
+            if cur is not None:
+                spans.append(cur[1] - cur[0])
+            cur = [s, e]
+        elif cur is not None:
+            cur[1] = max(cur[1], e)
+    if cur is not None:
+        spans.append(cur[1] - cur[0])
+    return float(np.median(spans)) / 1e3
+
+
 def profile(fn, *args, calls):
     """Kernel time per call of each phase over one traced run of loop(fn), and
     the fraction of send-kernel time that ran beside compute kernels."""
@@ -196,6 +239,10 @@ def profile(fn, *args, calls):
         if busy and cover:
             result[f"{kind}_send_beside_compute"] = overlap_ns(sends, cover) / busy
     result["compute_us"] = sum(e - s for s, e in by_phase.get("compute", [])) / 1e3 / calls
+    for kind in ("dispatch", "combine"):
+        span = median_call_span(by_phase, kind)
+        if span is not None:
+            result[f"{kind}_span_us"] = span
     # The GPU timeline of one call: from its first kernel's start to its last
     # kernel's end, and the time some kernel ran (the rest: gaps, e.g. launches).
     everything = [(s, e) for _, s, e in kernels]
@@ -263,15 +310,17 @@ def bench_budget(sms, args):
                    transport=args.transport)
         row["trivial_op_loop_us"] = time_per_call(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         row["dispatch_us"] = time_per_call(disp, x, idx, reps=reps)
+        row["dispatch_steady_us"] = time_per_call_steady(disp, x, idx, reps=reps)
         row["dispatch_fori_us"] = time_per_call_fori(disp, x, idx, reps=reps)
         row["trivial_op_fori_us"] = time_per_call_fori(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         disp_bytes = pairs * ((H + H / 128 * 4 + 16) if fp8 else 2 * H)
-        row["dispatch_gbps"] = disp_bytes / row["dispatch_us"] / 1e3
+        row["dispatch_gbps"] = disp_bytes / row["dispatch_steady_us"] / 1e3
         row["dispatch_push_us"] = time_per_call(disp_push, x, idx, reps=reps)
         row["dispatch_push_fori_us"] = time_per_call_fori(disp_push, x, idx, reps=reps)
         if fp8 is not None:  # BF16 combine once per budget
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
-            row["combine_gbps"] = pairs * 2 * H / row["combine_us"] / 1e3
+            row["combine_steady_us"] = time_per_call_steady(comb, yb, w, handle, reps=reps)
+            row["combine_gbps"] = pairs * 2 * H / row["combine_steady_us"] / 1e3
             row["combine_fori_us"] = time_per_call_fori(comb, yb, w, handle, reps=reps)
             row["combine_zero_copy"] = buf.low_latency_zero_copy
             hp = dataclasses.replace(handle, spec=dataclasses.replace(
@@ -318,26 +367,32 @@ def bench_budget(sms, args):
 def summarize(rows):
     print(f"\nlow latency, R = {R}, T = {T}, H = {H}, top-{K} of {E} experts, device {jax.devices()[0].device_kind}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print("| SMs | payload | dispatch us (GB/s per rank; R ranks over the copy roofline) | combine us (same) | loop floor us | fori_loop: dispatch / combine / floor us | send / wait / copy us (profile) |")
+    print("| SMs | payload | dispatch us: steady / 64 unrolled / fori_loop / kernel span (GB/s per rank; "
+          "R ranks over the copy roofline) | combine us (same) | loop floor us: unrolled / fori_loop | "
+          "push dispatch, push combine, FP8 combine us: unrolled / fori_loop | send / wait / copy us (profile) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    nan = float("nan")
     for r in rows:
         prof = r.get("profile_rank0", {})
         f = prof.get("fused", {}) if isinstance(prof, dict) else {}
-        split = " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("dispatch_send_us", "dispatch_wait_us", "dispatch_copy_us"))
-        if "combine_send_us" in f:
-            split += "; combine " + " / ".join(f"{f.get(k, float('nan')):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
-        comb = (f"{r['combine_us']:.0f} ({r['combine_gbps']:.0f}; {r.get('combine_roofline_fraction', float('nan')):.2f})"
-                if "combine_us" in r else "-")
-        fori = f"{r['dispatch_fori_us']:.0f} / {r.get('combine_fori_us', float('nan')):.0f} / {r['trivial_op_fori_us']:.0f}"
-        fori += f" (push dispatch {r['dispatch_push_fori_us']:.0f} / {r['dispatch_push_us']:.0f} unrolled)"
-        if "combine_push_fori_us" in r:
-            fori += (f" (push combine {r['combine_push_fori_us']:.0f} / {r['combine_push_us']:.0f} unrolled;"
-                     f" zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")
-        if "combine_fp8_fori_us" in r:
-            fori += f" (FP8 combine {r['combine_fp8_fori_us']:.0f} / {r['combine_fp8_us']:.0f} unrolled)"
-        print(f"| {r['sms']} | {r['payload']} | {r['dispatch_us']:.0f} ({r['dispatch_gbps']:.0f}; "
-              f"{r.get('dispatch_roofline_fraction', float('nan')):.2f}) | {comb} | "
-              f"{r['trivial_op_loop_us']:.0f} | {fori} | {split} |")
+        split = " / ".join(f"{f.get(k, nan):.0f}" for k in ("dispatch_send_us", "dispatch_wait_us", "dispatch_copy_us"))
+        if "combine_wait_us" in f:
+            split += "; combine " + " / ".join(f"{f.get(k, nan):.0f}" for k in ("combine_send_us", "combine_wait_us", "combine_copy_us"))
+
+        def cell(op):
+            if f"{op}_us" not in r:
+                return "-"
+            return (f"{r[f'{op}_steady_us']:.0f} / {r[f'{op}_us']:.0f} / {r[f'{op}_fori_us']:.0f} / "
+                    f"{f.get(f'{op}_span_us', nan):.0f} ({r[f'{op}_gbps']:.0f}; {r.get(f'{op}_roofline_fraction', nan):.2f})")
+
+        others = f"{r['dispatch_push_us']:.0f} / {r['dispatch_push_fori_us']:.0f}"
+        if "combine_push_us" in r:
+            others += (f", {r['combine_push_us']:.0f} / {r['combine_push_fori_us']:.0f}"
+                       f" (zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")
+        if "combine_fp8_us" in r:
+            others += f", {r['combine_fp8_us']:.0f} / {r['combine_fp8_fori_us']:.0f}"
+        print(f"| {r['sms']} | {r['payload']} | {cell('dispatch')} | {cell('combine')} | "
+              f"{r['trivial_op_loop_us']:.0f} / {r['trivial_op_fori_us']:.0f} | {others} | {split} |")
     if "matmul_us" not in rows[0]:
         return
     print("\n| SMs | payload | matmul us | dispatch then matmul | between, XLA stream | between, send stream | send beside matmul |")
@@ -364,7 +419,7 @@ def barrier(name):
 
 
 def add_roofline_fractions(rows, roof_gbps):
-    """Aggregate GB/s of all R ranks (DeepEP's counting, unrolled time) over
+    """Aggregate GB/s of all R ranks (DeepEP's counting, steady time) over
     the device copy roofline. A copy reads and writes each byte; the
     zero-copy combine only reads its rows (and writes the sums)."""
     for row in rows:
@@ -393,8 +448,10 @@ def main():
             with open(path, "w") as f:
                 json.dump(dict(device=str(jax.devices()[0].device_kind), ranks=R, tokens=T, hidden=H, topk=K,
                                roofline_gbps=roof_gbps,
-                               experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit, "
-                                               "median of the repetitions; profile: rank 0's kernel time per call",
+                               experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit "
+                                               f"(*_us), in a fori_loop (*_fori_us), steady ((2 x {ITERS} calls - "
+                                               f"{ITERS} calls) / {ITERS}, *_steady_us), median of the repetitions; "
+                                               "profile: rank 0's kernel time per call and median call span",
                                results=rows), f, indent=1)
             print(f"wrote {path}")
     jax.distributed.shutdown()

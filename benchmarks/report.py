@@ -87,20 +87,27 @@ def load_ll(folder):
 
 
 def ll_table(runs):
-    lines = ["| R | SMs/rank | payload | dispatch us: fori_loop / unrolled (of copy roofline) | "
-             "combine us: fori_loop / unrolled (of copy roofline) | "
-             "push combine us | loop floor us: fori_loop / unrolled |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| R | SMs/rank | payload | dispatch us: steady / unrolled / fori_loop / kernel span (of copy roofline) | "
+             "combine us: steady / unrolled / fori_loop / kernel span (of copy roofline) | "
+             "push combine us: unrolled / fori_loop | loop floor us: unrolled / fori_loop |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
     for r in sorted(runs, reverse=True):
         for row in runs[r]["results"]:
-            frac = {op: (f" ({row[op + '_roofline_fraction']:.2f})" if op + "_roofline_fraction" in row else "")
-                    for op in ("dispatch", "combine")}
-            comb = (f"{row['combine_fori_us']:.0f} / {row['combine_us']:.0f}{frac['combine']}"
-                    if "combine_us" in row else "")
-            push = (f"{row['combine_push_fori_us']:.0f} / {row['combine_push_us']:.0f}"
+            prof = row.get("profile_rank0", {})
+            span = prof.get("fused", {}) if isinstance(prof, dict) else {}
+
+            def cell(op):
+                if f"{op}_us" not in row:
+                    return ""
+                frac = f" ({row[op + '_roofline_fraction']:.2f})" if op + "_roofline_fraction" in row else ""
+                return (f"{row.get(op + '_steady_us', nan):.0f} / {row[op + '_us']:.0f} / {row[op + '_fori_us']:.0f} / "
+                        f"{span.get(op + '_span_us', nan):.0f}{frac}")
+
+            push = (f"{row['combine_push_us']:.0f} / {row['combine_push_fori_us']:.0f}"
                     if "combine_push_us" in row else "")
-            lines.append(f"| {r} | {row['sms']} | {row['payload']} | {row['dispatch_fori_us']:.0f} / "
-                         f"{row['dispatch_us']:.0f}{frac['dispatch']} | {comb} | {push} | {row['trivial_op_fori_us']:.0f} / "
-                         f"{row['trivial_op_loop_us']:.0f} |")
+            lines.append(f"| {r} | {row['sms']} | {row['payload']} | {cell('dispatch')} | {cell('combine')} | {push} | "
+                         f"{row['trivial_op_loop_us']:.0f} / {row['trivial_op_fori_us']:.0f} |")
     return "\n".join(lines)
 
 
@@ -117,13 +124,14 @@ def ll_plot(runs, path):
             rows.sort(key=lambda x: x["sms"])
             line, = ax.plot([x["sms"] for x in rows], [x[f"{op}_fori_us"] for x in rows], marker="o",
                             label=f"R = {r}")
-            ax.plot([x["sms"] for x in rows], [x[f"{op}_us"] for x in rows], marker="x", linestyle=":",
+            steady = [x for x in rows if f"{op}_steady_us" in x]
+            ax.plot([x["sms"] for x in steady], [x[f"{op}_steady_us"] for x in steady], marker="x", linestyle=":",
                     color=line.get_color())
         ax.axhline(DEEPEP_LL_US[op], color="black", linestyle="--", label="DeepEP EP8 (8 GPUs)")
         ax.set_title(f"{'FP8 dispatch' if op == 'dispatch' else 'BF16 combine'}, R ranks on one H100")
         ax.set_xlabel("SMs per rank")
         ax.set_xscale("log", base=2)
-    axes[0].set_ylabel("us per call: fori_loop of 64 (o), 64 unrolled (x)")
+    axes[0].set_ylabel("us per call: fori_loop of 64 (o), steady unrolled (x)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -147,6 +147,89 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
   }
 }
 
+// The messages of this block's tokens blockIdx.x + i * gridDim.x (i <
+// my_tokens) into `stage` (message t at t * stride), with many loads in
+// flight: a block stages a few tokens, so per-token rounds of loads would
+// leave it waiting on memory once per token. FP8: a half-warp per
+// 128-channel group, 8 channels (16 bytes) per lane, kInFlight pairs of
+// groups per warp per round (jax_ep.reference.fp8's arithmetic, as
+// cast_group_fp8). BF16: a copy, kInFlight vectors per thread per round.
+__device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat16* x, char* stage,
+                                               std::size_t stride, int my_tokens) {
+  constexpr int kInFlight = 8;
+  auto token_of = [&](int i) { return static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x); };
+  if (!s.fp8()) {
+    const int vecs = s.hidden / 8, total = my_tokens * vecs;
+    for (int v0 = threadIdx.x; v0 < total; v0 += blockDim.x * kInFlight) {
+      int4 value[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int v = v0 + u * blockDim.x;
+        if (v < total) {
+          value[u] = ld_nc_v4(reinterpret_cast<const int4*>(x + static_cast<long long>(token_of(v / vecs)) * s.hidden) +
+                              v % vecs);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int v = v0 + u * blockDim.x;
+        if (v < total) reinterpret_cast<int4*>(stage + token_of(v / vecs) * stride + kHeaderBytes)[v % vecs] = value[u];
+      }
+    }
+    return;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, hl = lane % 16;
+  const int groups = s.hidden / 128, total = my_tokens * groups;
+  const bool pow2_scale = s.payload != Payload::kFP8;
+  for (int p0 = warp; 2 * p0 < total; p0 += kWarps * kInFlight) {
+    int4 raw[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int g = 2 * (p0 + u * kWarps) + lane / 16;  // this half-warp's group among the block's
+      if (g < total) {
+        raw[u] = ld_nc_v4(reinterpret_cast<const int4*>(x + static_cast<long long>(token_of(g / groups)) * s.hidden +
+                                                        (g % groups) * 128) + hl);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      if (2 * (p0 + u * kWarps) >= total) break;  // uniform across the warp
+      const int g = 2 * (p0 + u * kWarps) + lane / 16;
+      const bool valid = g < total;  // with an odd group count, the last pair's second half has none
+      const unsigned int words[4] = {static_cast<unsigned int>(raw[u].x), static_cast<unsigned int>(raw[u].y),
+                                     static_cast<unsigned int>(raw[u].z), static_cast<unsigned int>(raw[u].w)};
+      float2 f[4];
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // two BF16 channels per word, the first in the low half (exact)
+        f[i] = valid ? make_float2(__uint_as_float(words[i] << 16), __uint_as_float(words[i] & 0xffff0000u))
+                     : make_float2(0.0f, 0.0f);
+        amax = fmaxf(amax, fmaxf(fabsf(f[i].x), fabsf(f[i].y)));
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
+      if (!valid) continue;
+      const float scale = fp8_group_scale(amax, pow2_scale);
+      const float inv = __fdiv_rn(1.0f, scale);
+      unsigned int q[2] = {0, 0};  // 8 FP8 bytes, channel order
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const unsigned int lo = __nv_cvt_float_to_fp8(__fmul_rn(f[i].x, inv), __NV_SATFINITE, __NV_E4M3);
+        const unsigned int hi = __nv_cvt_float_to_fp8(__fmul_rn(f[i].y, inv), __NV_SATFINITE, __NV_E4M3);
+        q[i / 2] |= (lo | hi << 8) << (16 * (i % 2));
+      }
+      char* values = stage + token_of(g / groups) * stride + kHeaderBytes;
+      const int gg = g % groups;
+      *reinterpret_cast<uint2*>(values + gg * 128 + hl * 8) = make_uint2(q[0], q[1]);
+      if (hl == 0) {
+        char* scales = values + s.hidden;
+        if (s.payload == Payload::kFP8UE8M0) scales[gg] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+        else reinterpret_cast<float*>(scales)[gg] = scale;
+      }
+    }
+  }
+}
+
 // A warp copies n 16-byte vectors of memory that does not change while the
 // kernel runs, kUnroll loads in flight per lane (a row copy is latency-bound).
 // kStream: streaming stores, for output rows (kept out of L2's way).
@@ -216,6 +299,26 @@ __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_expert
   bool first = id >= 0 && id < num_experts;
   for (int j = 0; j < k; ++j) first &= ids[j] != id;
   return first;
+}
+
+// earlier_tokens_naming over ids in shared memory: with K % 4 == 0 each lane
+// reads its token's ids as 16-byte vectors, a quarter of the bank conflicts
+// of reading them one by one.
+__device__ __forceinline__ int earlier_tokens_naming_shared(const int* ids, int t, int K, int e, int lane) {
+  if (K % 4 != 0) return earlier_tokens_naming(ids, t, K, e, lane);
+  int idx = 0;
+  for (int base = 0; base < t; base += 32) {
+    bool names = false;
+    if (base + lane < t) {
+      const int4* other = reinterpret_cast<const int4*>(ids + (base + lane) * K);
+      for (int j = 0; j < K / 4; ++j) {
+        const int4 v = other[j];
+        names |= (v.x == e) | (v.y == e) | (v.z == e) | (v.w == e);
+      }
+    }
+    idx += __popc(__ballot_sync(kFullWarpMask, names));
+  }
+  return idx;
 }
 
 // One block per token: build its message once in shared memory (BF16 copy,
@@ -387,27 +490,58 @@ __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) 
          half * intranode::kMaxRanks;
 }
 
-// Stage: one block per token writes its message into this rank's own half,
-// with its top-k ids; the last block to finish flags every peer.
+// Rank r's routing of the staged call, read by the receivers:
+// pull_counts(r, half)[e] = (call << 32) | how many of r's tokens name expert
+// e (their first slot naming it). Only r writes them, raising them with
+// atomicMax, so a stale value is always of an earlier call.
+__device__ __forceinline__ unsigned long long* pull_counts(char* base, int half) {
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 64 * 1024) + half * kCountSlots;
+}
+
+// Stage: every block reads this rank's top-k ids into shared memory and
+// routes its own tokens (blockIdx.x, + gridDim.x, ...), a warp per (token,
+// slot) naming an expert first: the token's index among this rank's tokens
+// naming that expert places token * K + slot in the routing table
+// (stage_rows, [E][M]) and raises the expert's count. Then the block writes
+// its tokens' messages (the FP8 cast when asked) into this rank's own half;
+// the last block to finish flags every peer. Routing once here, at the
+// source, leaves each receiver only its experts' counts to read: were every
+// receiver block to route all R*M*K ids itself, that alone would take tens
+// of microseconds at R = 8.
 __global__ void __launch_bounds__(kThreads)
     stage_kernel(PeerTable p, Shape s, const __nv_bfloat16* x, const int* topk_idx, int* token) {
+  extern __shared__ __align__(16) int ids[];  // [T][K]: this rank's top-k ids
+  const int K = s.num_topk, M = s.max_tokens;
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   const Layout l = Layout::make(s, p.num_ranks);
   const std::size_t stride = s.message_stride();
   char* stage = half_of(p, p.rank, call) + l.dispatch_rows;
-  int* stage_ids = reinterpret_cast<int*>(stage + s.stage_ids_offset());
+  int* rows = reinterpret_cast<int*>(stage + s.stage_rows_offset());
+  unsigned long long* counts = pull_counts(p.base[p.rank], static_cast<int>(call & 1));
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     check_order(p, 0, call, true);
     if (token != nullptr) *token = 0;
   }
-  for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
-    char* msg = stage + t * stride;
-    if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
-    if (threadIdx.x < s.num_topk) {
-      stage_ids[t * s.num_topk + threadIdx.x] = topk_idx[static_cast<long long>(t) * s.num_topk + threadIdx.x];
+  for (int i = threadIdx.x; i < s.num_tokens * K; i += blockDim.x) ids[i] = topk_idx[i];
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int my_tokens = (s.num_tokens - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+  for (int u = warp; u < my_tokens * K; u += kWarps) {
+    const int t = blockIdx.x + (u / K) * gridDim.x, k = u % K;
+    const int* tok = ids + t * K;
+    if (!first_slot(tok, k, s.num_experts)) continue;  // uniform across the warp
+    const int e = tok[k];
+    const int idx = earlier_tokens_naming_shared(ids, t, K, e, lane);
+    if (lane == 0) {
+      rows[static_cast<long long>(e) * M + idx] = t * K + k;
+      atomicMax(&counts[e], (call << 32) | static_cast<unsigned long long>(idx + 1));
     }
-    build_message(s, x + static_cast<long long>(t) * s.hidden, msg + kHeaderBytes);
   }
+  if (threadIdx.x < my_tokens) {
+    const int t = blockIdx.x + threadIdx.x * gridDim.x;
+    *reinterpret_cast<int4*>(stage + t * stride) = make_int4(t, 0, 0, 0);
+  }
+  stage_messages(s, x, stage, stride, my_tokens);
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks) {
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
@@ -416,100 +550,38 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The only waiting part of a pulled receive: one block waits for every
-// source's flag and keeps its token count locally.
+// source's flag.
 __global__ void wait_staged_kernel(PeerTable p) {
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   if (threadIdx.x == 0) check_order(p, 0, call, false);
   if (threadIdx.x < p.num_ranks) {
-    const auto* slot = pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x;
-    received_counts(p)[threadIdx.x] =
-        static_cast<int>(wait_call(p, slot, call, false, threadIdx.x, 3) & 0xffffffffull);
+    wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, false, threadIdx.x, 3);
   }
 }
 
-// Writes, in order, the units i < n (top-k slot i % K of token i / K) whose
-// id names one of the `le` experts from first_expert and whose token names
-// it first, to units[]; returns their count (in every thread). A thread per
-// contiguous chunk, then a scan of the chunk counts.
-__device__ __forceinline__ int compact_units(const int* ids, int n, int K, int first_expert, int le, int num_experts,
-                                             int* units) {
-  __shared__ int warp_total[kWarps];
-  const int chunk = (n + blockDim.x - 1) / blockDim.x, lo = min(n, threadIdx.x * chunk), hi = min(n, lo + chunk);
-  auto sends = [&](int i) {
-    const int* tok = ids + (i / K) * K;
-    const int e = tok[i % K] - first_expert;
-    return e >= 0 && e < le && first_slot(tok, i % K, num_experts);  // also past a source's tokens: ids -1
-  };
-  int mine = 0;
-  for (int i = lo; i < hi; ++i) mine += sends(i);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int before = mine;  // inclusive scan within the warp
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const int v = __shfl_up_sync(kFullWarpMask, before, off);
-    if (lane >= off) before += v;
-  }
-  if (lane == 31) warp_total[warp] = before;
-  __syncthreads();
-  int offset = before - mine, total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) offset += warp_total[w];
-    total += warp_total[w];
-  }
-  for (int i = lo; i < hi; ++i) {
-    if (sends(i)) units[offset++] = i;
-  }
-  __syncthreads();
-  return total;
-}
-
-// Pull: every block reads all sources' top-k ids into shared memory and
-// counts, per (local expert, source), the tokens naming the expert (their
-// first slot naming it), which lays out the packed rows. Then a warp per
-// (source, token, slot) naming an expert here finds its row (the token's
-// index among the source's tokens naming the expert) and copies the staged
-// message into it. Never waits.
+// Pull: every block reads, from every source, the counts of this rank's
+// experts, which lay out the packed rows: expert e's rows hold source 0's
+// tokens naming e, then source 1's, and so on. Then a warp per valid row
+// finds its (expert, source, index), reads the source's token and slot from
+// the source's routing table and copies the staged message. Never waits.
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
-  extern __shared__ int ids[];       // [R][M][K]: every source's ids, -1 past its token count; then units
-  __shared__ int start[4160];        // start[e * (R + 1) + r]: first row of (expert e, source r)
+  __shared__ int start[2 * kCountSlots + 64];  // start[e * (R + 1) + r]: first row of (expert e, source r) in e's rows
+  __shared__ int first[kCountSlots + 1];       // first[e]: the valid rows of the local experts before e
   const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
   const int le = s.local_experts(R), first_expert = p.rank * le;
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
+  const int half = static_cast<int>(call & 1);
   const Layout l = Layout::make(s, R);
   const std::size_t stride = s.message_stride();
   const int rows_out = R * M;
-  __shared__ int tokens[intranode::kMaxRanks];  // each source's token count
-  if (threadIdx.x < R) tokens[threadIdx.x] = received_counts(p)[threadIdx.x];
-  for (int i = threadIdx.x; i < le * (R + 1); i += blockDim.x) start[i] = 0;
-  __syncthreads();
-  // kLoads loads in flight per thread, then their stores (one round for 8 x 128 x 8 ids).
-  constexpr int kLoads = 16;
-  for (int i0 = 0; i0 < R * M * K; i0 += kLoads * kThreads) {
-    int v[kLoads];
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int i = i0 + threadIdx.x + u * kThreads;
-      v[u] = -1;
-      if (i < R * M * K) {
-        const int r = i / (M * K), t = (i / K) % M;
-        const int* staged = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_ids_offset());
-        if (t < tokens[r]) v[u] = staged[i % (M * K)];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int i = i0 + threadIdx.x + u * kThreads;
-      if (i < R * M * K) ids[i] = v[u];
-    }
+  for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
+    const int e = i / R, r = i % R;
+    const unsigned long long c = ld_volatile(pull_counts(p.base[r], half) + first_expert + e);
+    start[e * (R + 1) + r + 1] = (c >> 32) == call ? static_cast<int>(c & 0xffffffffull) : 0;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < R * M * K; i += blockDim.x) {
-    const int* tok = ids + (i / K) * K;
-    const int k = i % K, e = tok[k] - first_expert;
-    if (e >= 0 && e < le && first_slot(tok, k, s.num_experts)) atomicAdd(&start[e * (R + 1) + i / (M * K) + 1], 1);
-  }
+  for (int e = threadIdx.x; e < le; e += blockDim.x) start[e * (R + 1)] = 0;
   __syncthreads();
   for (int e = threadIdx.x; e < le; e += blockDim.x) {
     int* st = start + e * (R + 1);
@@ -517,31 +589,66 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (blockIdx.x == 0) recv_count[e] = st[R];
   }
   __syncthreads();
+  if (threadIdx.x < 32) {  // first[]: warp 0 scans the experts' counts, a chunk per lane
+    const int lane = threadIdx.x, chunk = (le + 31) / 32, lo = min(le, lane * chunk), hi = min(le, lo + chunk);
+    int mine = 0;
+    for (int e = lo; e < hi; ++e) mine += start[e * (R + 1) + R];
+    int before = mine;  // inclusive scan across the lanes
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int v = __shfl_up_sync(kFullWarpMask, before, off);
+      if (lane >= off) before += v;
+    }
+    before -= mine;
+    for (int e = lo; e < hi; ++e) {
+      first[e] = before;
+      before += start[e * (R + 1) + R];
+    }
+    if (lane == 31) first[le] = before;
+  }
+  __syncthreads();
   mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
-  // The (source, token, slot) units that send here, compacted in order, so
-  // the grid's warps take equal shares (a strided walk over all units left
-  // some warps several rows and others none).
-  int* units = ids + R * M * K;
-  const int n = compact_units(ids, R * M * K, K, first_expert, le, s.num_experts, units);
+  const int n = first[le];
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int num_warps = gridDim.x * kWarps;
-  // A warp per unit: the rows of one token spread over as many warps as it
-  // fills here (a warp's copy is latency-bound).
-  for (int j = warp; j < n; j += num_warps) {
-    const int unit = units[j];
-    const int r = unit / (M * K), t = (unit / K) % M, k = unit % K;
-    const int* tok = ids + (unit - k);
-    const int e = tok[k] - first_expert;
-    const int idx = earlier_tokens_naming(ids + r * M * K, t, K, tok[k], lane);
-    const long long o = static_cast<long long>(e) * rows_out + start[e * (R + 1) + r] + idx;
-    if (lane == 0) {
+  // Rows warp, warp + num_warps, ...: each lane locates one of the warp's
+  // next 32 rows (so their routing-table reads are in flight together) and
+  // leaves it in shared memory (not registers, which the copy needs), then
+  // the warp copies them one by one.
+  __shared__ const char* row_msg[kWarps][32];  // the staged message of a row
+  __shared__ long long row_out[kWarps][32];    // the row of the output
+  const int w = threadIdx.x / 32;
+  for (int j0 = warp; j0 < n; j0 += 32 * num_warps) {
+    const int j = j0 + lane * num_warps;
+    if (j < n) {
+      int e = 0, hi = le;  // the expert e with first[e] <= j < first[e + 1]
+      while (hi - e > 1) {
+        const int mid = (e + hi) / 2;
+        if (first[mid] <= j) e = mid;
+        else hi = mid;
+      }
+      const int q = j - first[e];  // row q of expert e
+      const int* st = start + e * (R + 1);
+      int r = 0, top = R;  // the last source whose rows start at or before q (skips sources with none)
+      while (top - r > 1) {
+        const int mid = (r + top) / 2;
+        if (st[mid] <= q) r = mid;
+        else top = mid;
+      }
+      const int* rows = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_rows_offset());
+      const int unit = rows[static_cast<long long>(first_expert + e) * M + (q - st[r])];
+      const long long o = static_cast<long long>(e) * rows_out + q;
+      row_msg[w][lane] = half_of(p, r, call) + l.dispatch_rows + (unit / K) * stride + kHeaderBytes;
+      row_out[w][lane] = o;
       src_rank[o] = r;
-      src_token[o] = t;
-      src_slot[o] = k;
+      src_token[o] = unit / K;
+      src_slot[o] = unit % K;
     }
-    copy_message(s, half_of(p, r, call) + l.dispatch_rows + t * stride + kHeaderBytes, recv_x, recv_scales, o,
-                 lane);
+    __syncwarp();
+    const int count = min(32, (n - j0 + num_warps - 1) / num_warps);
+    for (int i = 0; i < count; ++i) copy_message(s, row_msg[w][i], recv_x, recv_scales, row_out[w][i], lane);
+    __syncwarp();
   }
   advance(p, 0);
 }
@@ -868,12 +975,14 @@ cudaError_t launch_dispatch_recv(const PeerTable& peers, const Shape& s, void* r
 bool pull_supported(const Shape& s, int num_ranks) {
   const std::size_t region = static_cast<std::size_t>(s.local_experts(num_ranks)) * num_ranks * s.max_tokens *
                              s.message_stride();
-  return static_cast<long long>(num_ranks) * s.max_tokens * s.num_topk <= kMaxPullIds && s.stage_bytes() <= region;
+  return static_cast<long long>(s.max_tokens) * s.num_topk <= kMaxPullIds && s.stage_bytes() <= region;
 }
 
 cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const void* x, const int* topk_idx,
                                   int* token, int num_blocks, cudaStream_t stream) {
-  stage_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, 0, stream>>>(
+  const int smem = s.num_tokens * s.num_topk * static_cast<int>(sizeof(int));  // the ids
+  cudaFuncSetAttribute(stage_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  stage_kernel<<<copy_blocks_for(num_blocks, s.num_tokens), kThreads, smem, stream>>>(
       peers, s, static_cast<const __nv_bfloat16*>(x), topk_idx, token);
   return cudaGetLastError();
 }
@@ -881,11 +990,8 @@ cudaError_t launch_dispatch_stage(const PeerTable& peers, const Shape& s, const 
 cudaError_t launch_dispatch_pull(const PeerTable& peers, const Shape& s, void* recv_x, void* recv_scales,
                                  int* recv_count, int* recv_src_rank, int* recv_src_token, int* recv_src_slot,
                                  int num_blocks, cudaStream_t stream) {
-  // Every source's ids, then the compacted units.
-  const int smem = 2 * peers.num_ranks * s.max_tokens * s.num_topk * static_cast<int>(sizeof(int));
-  cudaFuncSetAttribute(dispatch_pull_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   wait_staged_kernel<<<1, 64, 0, stream>>>(peers);
-  dispatch_pull_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, smem, stream>>>(
+  dispatch_pull_kernel<<<copy_blocks_for(num_blocks, 1ll << 30), kThreads, 0, stream>>>(
       peers, s, static_cast<char*>(recv_x), static_cast<char*>(recv_scales), recv_count, recv_src_rank,
       recv_src_token, recv_src_slot);
   return cudaGetLastError();

@@ -63,13 +63,14 @@ struct Shape {
   __host__ __device__ std::size_t message_stride() const {
     return intranode::align_up(kHeaderBytes + value_bytes() + (fp8() ? scale_bytes() : 0), 16);
   }
-  // A pulled dispatch stages a rank's own messages [M] and top-k ids [M, K]
-  // at the start of the dispatch region of its own half.
-  __host__ __device__ std::size_t stage_ids_offset() const {
+  // A pulled dispatch stages a rank's own messages [M] at the start of the
+  // dispatch region of its own half, then its routing table [E][M] int32:
+  // entry (e, i) is token * K + slot of the i-th of its tokens naming e.
+  __host__ __device__ std::size_t stage_rows_offset() const {
     return intranode::align_up(static_cast<std::size_t>(max_tokens) * message_stride(), 16);
   }
   __host__ __device__ std::size_t stage_bytes() const {
-    return stage_ids_offset() + static_cast<std::size_t>(max_tokens) * num_topk * 4;
+    return stage_rows_offset() + static_cast<std::size_t>(num_experts) * max_tokens * 4;
   }
 };
 
@@ -129,12 +130,13 @@ cudaError_t launch_dispatch_send(const PeerTable& peers, const Shape& s, const v
                                  bool per_slot = false);
 
 // Pull instead of push (the one-call dispatch): every rank stages its tokens
-// (cast to FP8 when asked) and top-k ids in its own buffer and flags every
-// peer; each receiver copies the rows its experts need straight from the
-// sources' staging into its packed output. One pass over the payload where a
-// push then a receive copy take two: the receive copies into XLA's output
-// anyway. Needs every peer mapped (no RDMA-only peers) and every source's ids
-// in shared memory: R*M*K <= kMaxPullIds.
+// (cast to FP8 when asked) in its own buffer with its routing (per expert,
+// the count and the list of its tokens naming it) and flags every peer; each
+// receiver reads its experts' counts from every source and copies the rows
+// straight from the sources' staging into its packed output. One pass over
+// the payload where a push then a receive copy take two: the receive copies
+// into XLA's output anyway. Needs every peer mapped (no RDMA-only peers) and
+// the rank's ids in shared memory: M*K <= kMaxPullIds.
 inline constexpr int kMaxPullIds = 16384;
 bool pull_supported(const Shape& s, int num_ranks);
 

@@ -146,7 +146,7 @@ class LowLatencyOptions:
         its experts need from there straight into its output, one pass over
         the payload where a push and the receive's copy take two. The split
         calls always push (the transfer is the part that overlaps compute).
-        Shapes with ``R*M*K > 16384`` push too. Results are identical.
+        Shapes with ``M*K > 16384`` push too. Results are identical.
       combine_zero_copy: with the CUDA backend, the one-call
         ``low_latency_combine`` moves no rows: each rank only records where
         its expert outputs lie in its own XLA memory, and each token's owner
