@@ -9,8 +9,8 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   ``lax.fori_loop`` (a decode loop: XLA's while loop waits on the host
   between iterations) and of 64 calls unrolled in one jit (no host between
   calls), each beside the same loop around a trivial op (what the loop itself
-  costs on this machine); and the **steady** time per call: (128 unrolled
-  calls - 64 unrolled calls) / 64, which leaves out what a run costs once
+  costs on this machine); and the **steady** time per call: (192 unrolled
+  calls - 64 unrolled calls) / 128, which leaves out what a run costs once
   (the program's launch, the ranks' start skew). GB/s by DeepEP's LL counting
   (dispatch: valid (token, expert) pairs x (H + H/128*4 scales + 16) bytes in
   FP8, x 2H in BF16; combine: pairs x 2H) of the steady time.
@@ -112,11 +112,11 @@ def time_per_call(fn, *args, reps):
 
 
 def time_per_call_steady(fn, *args, reps):
-    """Device time per call in steady state: (time of 2 x ITERS unrolled calls
-    - time of ITERS) / ITERS, each the median of `reps` runs. The difference
-    cancels what a run costs once: the host's launch of the program and the
-    ranks' start skew, which the first call's wait absorbs."""
-    f1, f2 = loop(fn, ITERS), loop(fn, 2 * ITERS)
+    """Device time per call in steady state: (time of 3 x ITERS unrolled calls
+    - time of ITERS) / (2 x ITERS), each the median of `reps` runs. The
+    difference cancels what a run costs once: the host's launch of the
+    program and the ranks' start skew, which the first call's wait absorbs."""
+    f1, f2 = loop(fn, ITERS), loop(fn, 3 * ITERS)
     f1(*args).block_until_ready()
     f2(*args).block_until_ready()
     t1, t2 = [], []
@@ -125,7 +125,7 @@ def time_per_call_steady(fn, *args, reps):
             t0 = time.perf_counter()
             f(*args).block_until_ready()
             times.append(time.perf_counter() - t0)
-    return max(0.0, float(np.median(t2) - np.median(t1))) / ITERS * 1e6
+    return max(0.0, float(np.median(t2) - np.median(t1))) / (2 * ITERS) * 1e6
 
 
 def time_per_call_fori(fn, *args, reps, n=64):
@@ -449,8 +449,8 @@ def main():
                 json.dump(dict(device=str(jax.devices()[0].device_kind), ranks=R, tokens=T, hidden=H, topk=K,
                                roofline_gbps=roof_gbps,
                                experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit "
-                                               f"(*_us), in a fori_loop (*_fori_us), steady ((2 x {ITERS} calls - "
-                                               f"{ITERS} calls) / {ITERS}, *_steady_us), median of the repetitions; "
+                                               f"(*_us), in a fori_loop (*_fori_us), steady ((3 x {ITERS} calls - "
+                                               f"{ITERS} calls) / {2 * ITERS}, *_steady_us), median of the repetitions; "
                                                "profile: rank 0's kernel time per call and median call span",
                                results=rows), f, indent=1)
             print(f"wrote {path}")
