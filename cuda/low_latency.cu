@@ -537,11 +537,7 @@ __global__ void __launch_bounds__(kThreads)
       atomicMax(&counts[e], (call << 32) | static_cast<unsigned long long>(idx + 1));
     }
   }
-  if (threadIdx.x < my_tokens) {
-    const int t = blockIdx.x + threadIdx.x * gridDim.x;
-    *reinterpret_cast<int4*>(stage + t * stride) = make_int4(t, 0, 0, 0);
-  }
-  stage_messages(s, x, stage, stride, my_tokens);
+  stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks) {
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
