@@ -51,6 +51,7 @@ class IntranodeRuntime:
     num_bytes: int
     staging_half_bytes: int
     transports: tuple = ()  # per peer: "ipc", "p2p" (NVSHMEM) or "peer" (a group in one process)
+    group_devices: tuple = ()  # a group: each rank's CUDA device
 
     @staticmethod
     def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0) -> "IntranodeRuntime":
@@ -95,7 +96,7 @@ class IntranodeRuntime:
         buffer_id = C.create_intranode_group([int(d) for d in devices], int(num_bytes), float(timeout_s))
         first = C.intranode_group_members(buffer_id)[0]
         runtime = IntranodeRuntime(buffer_id, 0, len(devices), int(num_bytes), C.intranode_staging_half_bytes(first),
-                                   transports=("peer",) * len(devices))
+                                   transports=("peer",) * len(devices), group_devices=tuple(int(d) for d in devices))
         with _lock:
             _live[buffer_id] = runtime
         return runtime
@@ -140,11 +141,12 @@ class IntranodeRuntime:
         XLA's GPU pool is one CUDA virtual-memory allocation that can be
         exported as a POSIX file descriptor; the descriptors travel between
         the rank processes (one host) over Unix sockets whose names go through
-        the ``jax.distributed`` key-value store."""
+        the ``jax.distributed`` key-value store. Where one process drives
+        several GPUs (a buffer group), every device's pool is already in the
+        process: the other devices are only granted access to it."""
         C = _extension._C
         if "peer" in self.transports:
-            _xla_memory_notes[self.buffer_id] = "one process drives several GPUs (a buffer group): not mapped"
-            return False
+            return self._share_group_xla_memory()
         device = jax.local_devices()[0]
         probe = jax.device_put(np.zeros(256, np.uint8), device)  # any buffer in XLA's pool
         probe.block_until_ready()
@@ -162,6 +164,25 @@ class IntranodeRuntime:
         finally:
             if fd >= 0:
                 os.close(fd)
+        on = bool(C.xla_memory_enabled(self.buffer_id))
+        _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
+        return on
+
+    def _share_group_xla_memory(self) -> bool:
+        C = _extension._C
+        by_id = {d.local_hardware_id: d for d in jax.local_devices()}
+        missing = [d for d in self.group_devices if d not in by_id]
+        if missing:
+            _xla_memory_notes[self.buffer_id] = f"CUDA devices {missing} of the group are not JAX devices here"
+            return False
+        probes = [jax.device_put(np.zeros(256, np.uint8), by_id[d]) for d in self.group_devices]
+        for p in probes:
+            p.block_until_ready()
+        try:
+            C.share_group_xla_memory(self.buffer_id, [p.unsafe_buffer_pointer() for p in probes])
+            note = ""
+        except (RuntimeError, ValueError) as e:
+            note = f"the group's XLA memory cannot be shared between its devices: {e}"
         on = bool(C.xla_memory_enabled(self.buffer_id))
         _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
         return on

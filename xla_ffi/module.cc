@@ -144,7 +144,16 @@ NB_MODULE(_C, m) {
         "Map peer rank `peer`'s XLA memory from its exported descriptor (the caller closes fd).");
   m.def("enable_xla_memory", [](int id, bool on) { jax_ep::Runtime::get().at(id).enable_xla_memory(on); },
         nb::arg("id"), nb::arg("on"), "Let zero-copy combines read peers' XLA memory (every peer mapped).");
-  m.def("xla_memory_enabled", [](int id) { return jax_ep::Runtime::get().at(id).xla_memory_enabled(); });
+  m.def("xla_memory_enabled", [](int id) { return jax_ep::Runtime::get().xla_memory_enabled(id); },
+        nb::arg("id"), "Whether zero-copy combines of a buffer (or of every member of a group) read peers' XLA memory.");
+  m.def("share_group_xla_memory",
+        [](int group_id, const std::vector<uint64_t>& probes) {
+          std::vector<std::uintptr_t> p(probes.begin(), probes.end());
+          jax_ep::Runtime::get().share_group_xla_memory(group_id, p);
+        },
+        nb::arg("group_id"), nb::arg("probes"),
+        "One process, several GPUs: let every member's device read every member's XLA memory (probes[r]: any "
+        "XLA buffer on member r's device) and enable zero-copy combines.");
   m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
   m.def("intranode_staging_half_bytes",
         [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });

@@ -141,7 +141,7 @@ IntranodeBuffer::~IntranodeBuffer() {
   for (int r = 0; r < num_ranks_; ++r) {
     if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
   }
-  for (int r = 0; r < static_cast<int>(xla_base_.size()); ++r) {
+  for (int r = 0; xla_imported_ && r < static_cast<int>(xla_base_.size()); ++r) {
     if (r != rank_ && xla_base_[r] != nullptr) xla_memory::unmap(xla_base_[r], xla_size_[r]);
   }
   if (local_ != nullptr && owns_memory_) cudaFree(local_);
@@ -255,6 +255,16 @@ void IntranodeBuffer::open_peer_xla_memory(int peer, int fd, std::size_t size) {
   xla_size_[peer] = size;
 }
 
+void IntranodeBuffer::adopt_xla_memory(const std::vector<char*>& bases, const std::vector<std::size_t>& sizes) {
+  if (static_cast<int>(bases.size()) != num_ranks_ || sizes.size() != bases.size()) {
+    throw std::invalid_argument("jax_ep runtime: XLA memory of " + std::to_string(bases.size()) + " ranks for a buffer of " +
+                                std::to_string(num_ranks_));
+  }
+  xla_imported_ = false;
+  xla_base_ = bases;
+  xla_size_ = sizes;
+}
+
 bool IntranodeBuffer::all_xla_mapped() const {
   for (char* p : xla_base_) {
     if (p == nullptr) return false;
@@ -346,6 +356,43 @@ std::vector<int> Runtime::members(int id) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = groups_.find(id);
   return it == groups_.end() ? std::vector<int>{} : it->second;
+}
+
+void Runtime::share_group_xla_memory(int group_id, const std::vector<std::uintptr_t>& probes) {
+  const std::vector<int> ids = members(group_id);
+  if (ids.empty()) throw std::invalid_argument("jax_ep runtime: " + std::to_string(group_id) + " is not a buffer group");
+  if (probes.size() != ids.size()) {
+    throw std::invalid_argument("jax_ep runtime: " + std::to_string(probes.size()) + " XLA buffers for a group of " +
+                                std::to_string(ids.size()));
+  }
+  const int n = static_cast<int>(ids.size());
+  std::vector<xla_memory::Allocation> all(n);
+  for (int r = 0; r < n; ++r) all[r] = xla_memory::find(at(ids[r]).device(), reinterpret_cast<const void*>(probes[r]));
+  for (int r = 0; r < n; ++r) {
+    for (int p = 0; p < n; ++p) {
+      const int owner = at(ids[r]).device(), reader = at(ids[p]).device();
+      if (owner != reader) xla_memory::grant_access(owner, all[r], reader);
+    }
+  }
+  std::vector<char*> bases(n);
+  std::vector<std::size_t> sizes(n);
+  for (int r = 0; r < n; ++r) {
+    bases[r] = all[r].base;
+    sizes[r] = all[r].size;
+  }
+  for (int id : ids) {
+    at(id).adopt_xla_memory(bases, sizes);
+    at(id).enable_xla_memory(true);
+  }
+}
+
+bool Runtime::xla_memory_enabled(int id) {
+  const std::vector<int> ids = members(id);
+  if (ids.empty()) return at(id).xla_memory_enabled();
+  for (int member : ids) {
+    if (!at(member).xla_memory_enabled()) return false;
+  }
+  return true;
 }
 
 void Runtime::destroy(int id) {

@@ -59,6 +59,10 @@ class IntranodeBuffer {
   // zero copy is off or the range lies elsewhere.
   long long xla_memory_offset(const void* p, std::size_t bytes) const;
   const std::vector<char*>& xla_bases() const { return xla_base_; }
+  // A group member (one process driving several GPUs): every rank's XLA
+  // allocation as this process has it (Runtime::share_group_xla_memory),
+  // owned by XLA, so never unmapped here.
+  void adopt_xla_memory(const std::vector<char*>& bases, const std::vector<std::size_t>& sizes);
 
   int device() const { return device_; }
   int rank() const { return rank_; }
@@ -92,6 +96,7 @@ class IntranodeBuffer {
   bool all_xla_mapped() const;
   std::vector<char*> xla_base_;         // per rank: its XLA allocation here (empty until exported)
   std::vector<std::size_t> xla_size_;   // its bytes
+  bool xla_imported_ = true;            // peers' entries are this buffer's own mappings (unmapped at the end)
   bool xla_enabled_ = false;
   intranode::TimeoutRecord* timeout_host_ = nullptr;    // mapped, pinned
   intranode::TimeoutRecord* timeout_device_ = nullptr;  // its device address
@@ -120,6 +125,13 @@ class Runtime {
   int create_group(const std::vector<int>& devices, std::size_t num_bytes, double timeout_s);
   // Member buffer ids in rank order (empty when `id` is not a group).
   std::vector<int> members(int id);
+  // The zero-copy combine for a group: `probes[r]` is any XLA buffer on
+  // member r's device; each device's XLA allocation is made readable by the
+  // other members' devices and every member learns all of them. Throws
+  // (nothing enabled) when an allocation cannot be found or shared.
+  void share_group_xla_memory(int group_id, const std::vector<std::uintptr_t>& probes);
+  // A buffer's xla_memory_enabled, or for a group whether every member's is.
+  bool xla_memory_enabled(int id);
   void destroy(int id);  // a buffer, or every member of a group
   // The buffer (a group's member on `device`), or nullptr with *error set
   // when the id is unknown, not ready, or the group has no member there.

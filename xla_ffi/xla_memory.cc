@@ -142,5 +142,20 @@ void unmap(char* base, std::size_t size) {
   d.address_free(address(base), size);
 }
 
+void grant_access(int owner, const Allocation& allocation, int device) {
+  use_device(owner);
+  const Driver& d = driver();
+  CUmemGenericAllocationHandle handle = 0;
+  if (d.retain_allocation_handle(&handle, allocation.base) != CUDA_SUCCESS) return;  // cudaMalloc memory
+  d.release(handle);
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  check(d.set_access(address(allocation.base), allocation.size, &access, 1),
+        ("cuMemSetAccess for device " + std::to_string(device) + " on device " + std::to_string(owner) +
+         "'s XLA memory").c_str());
+}
+
 }  // namespace xla_memory
 }  // namespace jax_ep

@@ -40,5 +40,11 @@ char* import_fd(int device, int fd, std::size_t size);
 // Undoes import_fd.
 void unmap(char* base, std::size_t size);
 
+// One process driving several GPUs: lets `device` read and write
+// `allocation` (from find on `owner`), which XLA mapped for `owner` only.
+// Memory that is not a virtual-memory allocation (cudaMalloc) needs nothing
+// here: peer access between the two devices already reaches it.
+void grant_access(int owner, const Allocation& allocation, int device);
+
 }  // namespace xla_memory
 }  // namespace jax_ep

@@ -11,6 +11,7 @@ GPUs and checks them against the ``xla`` reference backend on the same inputs.
 Exits 0 after printing "skip" with fewer than two GPUs; exit 1 on a mismatch.
 """
 
+import dataclasses
 import sys
 
 import jax
@@ -42,6 +43,12 @@ def shard(a):
 
 X, I, W = shard(x_np.astype(jnp.bfloat16)), shard(idx), shard(w_np)
 failures = []
+
+
+def check_true(name, ok, why=""):
+    print(f"{'PASS' if ok else 'FAIL'} {name}{'' if ok else ': ' + why}", flush=True)
+    if not ok:
+        failures.append(name)
 
 
 def check(name, got, want, exact):
@@ -95,7 +102,23 @@ def ll_ref(x, i, w):
     return out.recv_x, out.recv_count, jax_ep.low_latency_combine(out.recv_x, w, out.handle)
 
 
-got, want = ep_map(ll_cuda)(X, I, W), ep_map(ll_ref)(X, I, W)
+def ll_cuda_push(x, i, w):
+    out = buf.low_latency_dispatch(x, i)
+    spec = out.handle.spec
+    pushed = dataclasses.replace(out.handle, spec=dataclasses.replace(
+        spec, options=dataclasses.replace(spec.options, combine_zero_copy=False)))
+    return buf.low_latency_combine(out.recv_x, w, pushed)
+
+
+# The one-call combine reads the rows in place on the GPU that computed them:
+# each device's XLA memory is made readable by the others.
+check_true("low-latency zero copy across the GPUs", buf.low_latency_zero_copy, buf.low_latency_zero_copy_note)
+want = ep_map(ll_ref)(X, I, W)
+step = ep_map(ll_cuda)
+for _ in range(3):  # back to back: alternating halves, each call waiting for its readers
+    got = step(X, I, W)
+    check("low-latency combine (zero copy), repeated", got[2], want[2], exact=False)
+check("low-latency combine (pushed)", ep_map(ll_cuda_push)(X, I, W), want[2], exact=False)
 check("low-latency counts", got[1], want[1], exact=True)
 # Rows past each expert's count are padding (unspecified on the CUDA backend).
 counts = np.asarray(got[1]).reshape(-1)
