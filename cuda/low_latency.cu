@@ -112,6 +112,12 @@ __device__ __forceinline__ unsigned int cast_group_fp8(uint2 raw, bool pow2_scal
   return *reinterpret_cast<const unsigned int*>(q);
 }
 
+// Writes the scale of 128-channel group g: a float, or its UE8M0 exponent byte.
+__device__ __forceinline__ void write_group_scale(const Shape& s, char* scales, int g, float scale) {
+  if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+  else reinterpret_cast<float*>(scales)[g] = scale;
+}
+
 // The payload of one message, built by the whole block from the BF16 token
 // `row`: a copy (BF16), or the per-128-channel FP8 cast of
 // jax_ep.reference.fp8 (values, then the scales) with a warp per group.
@@ -139,10 +145,7 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
       float scale;
       *reinterpret_cast<unsigned int*>(values + g * 128 + lane * 4) =
           cast_group_fp8(raw[u], s.payload != Payload::kFP8, &scale);
-      if (lane == 0) {
-        if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-        else reinterpret_cast<float*>(scales)[g] = scale;
-      }
+      if (lane == 0) write_group_scale(s, scales, g, scale);
     }
   }
 }
@@ -221,11 +224,7 @@ __device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat
       char* values = stage + token_of(g / groups) * stride + kHeaderBytes;
       const int gg = g % groups;
       *reinterpret_cast<uint2*>(values + gg * 128 + hl * 8) = make_uint2(q[0], q[1]);
-      if (hl == 0) {
-        char* scales = values + s.hidden;
-        if (s.payload == Payload::kFP8UE8M0) scales[gg] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-        else reinterpret_cast<float*>(scales)[gg] = scale;
-      }
+      if (hl == 0) write_group_scale(s, values + s.hidden, gg, scale);
     }
   }
 }
@@ -277,16 +276,91 @@ __device__ __forceinline__ void mark_padding_rows(const int* start, int le, int 
   }
 }
 
+// The largest i < n with a[i] <= x (a ascending, a[0] <= x).
+__device__ __forceinline__ int last_at_or_below(const int* a, int n, int x) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] <= x) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// On entry first[e + 1] holds local expert e's row count; afterwards first[e]
+// is the rows of the experts before e (first[le]: all of them). Warp 0
+// scans, a chunk of experts per lane. Ends at a barrier.
+__device__ __forceinline__ void scan_expert_counts(int* first, int le) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, chunk = (le + 31) / 32, lo = min(le, lane * chunk), hi = min(le, lo + chunk);
+    int mine = 0;
+    for (int e = lo; e < hi; ++e) mine += first[e + 1];
+    int before = mine;  // inclusive scan across the lanes
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int v = __shfl_up_sync(kFullWarpMask, before, off);
+      if (lane >= off) before += v;
+    }
+    before -= mine;
+    for (int e = lo; e < hi; ++e) {
+      before += first[e + 1];
+      first[e + 1] = before;
+    }
+    if (lane == 0) first[0] = 0;
+  }
+  __syncthreads();
+}
+
+// The packed layout of a dispatch receive, in shared memory. On entry
+// start[e * (R + 1) + r + 1] holds how many rows source r has for local
+// expert e. Afterwards start[e * (R + 1) + r] is the first of them among e's
+// rows (start[e * (R + 1) + R]: e's count, which block 0 writes to
+// recv_count), and first[e] the rows of the experts before e (first[le]: all
+// valid rows). Ends at a barrier.
+__device__ __forceinline__ void lay_out_rows(int* start, int* first, int le, int R, int* recv_count) {
+  for (int e = threadIdx.x; e < le; e += blockDim.x) {
+    int* st = start + e * (R + 1);
+    st[0] = 0;
+    for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
+    first[e + 1] = st[R];
+    if (blockIdx.x == 0) recv_count[e] = st[R];
+  }
+  __syncthreads();
+  scan_expert_counts(first, le);
+}
+
+// Packed row `flat` of lay_out_rows' layout: its local expert e, source r
+// (the last whose rows start at or before it: sources with none are skipped)
+// and row q among e's rows.
+__device__ __forceinline__ void locate_row(const int* start, const int* first, int le, int R, int flat, int* e,
+                                           int* r, int* q) {
+  *e = last_at_or_below(first, le, flat);
+  *q = flat - first[*e];
+  *r = last_at_or_below(start + *e * (R + 1), R, *q);
+}
+
 // How many of a source's tokens before t name expert e (ids: that source's
-// [tokens][K] top-k ids), counted by a warp, 32 tokens per step: the index of
-// token t among the source's tokens for e.
+// [tokens][K] top-k ids, global or shared memory), counted by a warp, 32
+// tokens per step: the index of token t among the source's tokens for e.
+// kVectors (for ids in shared memory): with K % 4 == 0 and aligned ids, each
+// lane reads its token's ids as 16-byte vectors, a quarter of the bank
+// conflicts of reading them one by one.
+template <bool kVectors = false>
 __device__ __forceinline__ int earlier_tokens_naming(const int* ids, int t, int K, int e, int lane) {
+  const bool vectors = kVectors && K % 4 == 0 && reinterpret_cast<std::uintptr_t>(ids) % 16 == 0;
   int idx = 0;
   for (int base = 0; base < t; base += 32) {
     bool names = false;
     if (base + lane < t) {
       const int* other = ids + static_cast<long long>(base + lane) * K;
-      for (int j = 0; j < K; ++j) names |= other[j] == e;
+      if (vectors) {
+        for (int j = 0; j < K / 4; ++j) {
+          const int4 v = reinterpret_cast<const int4*>(other)[j];
+          names |= (v.x == e) | (v.y == e) | (v.z == e) | (v.w == e);
+        }
+      } else {
+        for (int j = 0; j < K; ++j) names |= other[j] == e;
+      }
     }
     idx += __popc(__ballot_sync(kFullWarpMask, names));
   }
@@ -299,26 +373,6 @@ __device__ __forceinline__ bool first_slot(const int* ids, int k, int num_expert
   bool first = id >= 0 && id < num_experts;
   for (int j = 0; j < k; ++j) first &= ids[j] != id;
   return first;
-}
-
-// earlier_tokens_naming over ids in shared memory: with K % 4 == 0 each lane
-// reads its token's ids as 16-byte vectors, a quarter of the bank conflicts
-// of reading them one by one.
-__device__ __forceinline__ int earlier_tokens_naming_shared(const int* ids, int t, int K, int e, int lane) {
-  if (K % 4 != 0) return earlier_tokens_naming(ids, t, K, e, lane);
-  int idx = 0;
-  for (int base = 0; base < t; base += 32) {
-    bool names = false;
-    if (base + lane < t) {
-      const int4* other = reinterpret_cast<const int4*>(ids + (base + lane) * K);
-      for (int j = 0; j < K / 4; ++j) {
-        const int4 v = other[j];
-        names |= (v.x == e) | (v.y == e) | (v.z == e) | (v.w == e);
-      }
-    }
-    idx += __popc(__ballot_sync(kFullWarpMask, names));
-  }
-  return idx;
 }
 
 // One block per token: build its message once in shared memory (BF16 copy,
@@ -417,48 +471,13 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t stride = s.message_stride();
   const int rows_out = R * s.max_tokens;
   const char* mine = half_of(p, p.rank, call);
-  // start[e * (R + 1) + r]: first packed row of (expert e, source r); [.. + R] = total.
-  __shared__ int start[4160];          // (E/R) * (R + 1) <= 2 * E
-  __shared__ int expert_first[2049];  // first flat row of expert e (flattened over experts)
+  __shared__ int start[2 * kCountSlots + 64];  // (E/R) * (R + 1) <= 2 * E: lay_out_rows
+  __shared__ int expert_first[kCountSlots + 1];
   const int* counts = received_counts(p);
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) start[(i / R) * (R + 1) + i % R + 1] = counts[i];
   __syncthreads();
-  for (int e = threadIdx.x; e < le; e += blockDim.x) {
-    int* st = start + e * (R + 1);
-    st[0] = 0;
-    for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
-    if (blockIdx.x == 0) recv_count[e] = st[R];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int e = 0; e < le; ++e) {
-      expert_first[e] = acc;
-      acc += start[e * (R + 1) + R];
-    }
-    expert_first[le] = acc;
-  }
-  __syncthreads();
+  lay_out_rows(start, expert_first, le, R, recv_count);
   const int total = expert_first[le];
-  // Row `flat` of the packed output -> (expert e, source r, index j in e's rows).
-  auto locate = [&](int flat, int& e, int& r, int& j) {
-    int lo = 0, hi = le;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (expert_first[mid] <= flat) lo = mid;
-      else hi = mid;
-    }
-    e = lo;
-    j = flat - expert_first[e];
-    const int* st = start + e * (R + 1);
-    lo = 0, hi = R;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (st[mid] <= j) lo = mid;
-      else hi = mid;
-    }
-    r = lo;
-  };
   mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
   // One warp per valid row: find it once, then copy values (16-byte vectors,
   // several in flight per lane) and scales (words).
@@ -467,7 +486,7 @@ __global__ void __launch_bounds__(kThreads)
   const int num_warps = gridDim.x * kWarps;
   for (int flat = warp; flat < total; flat += num_warps) {
     int e, r, j;
-    locate(flat, e, r, j);
+    locate_row(start, expert_first, le, R, flat, &e, &r, &j);
     const char* msg = mine + l.dispatch_rows +
                       ((static_cast<std::size_t>(e) * R + r) * s.max_tokens + (j - start[e * (R + 1) + r])) * stride;
     const long long o = static_cast<long long>(e) * rows_out + j;
@@ -531,7 +550,7 @@ __global__ void __launch_bounds__(kThreads)
     const int* tok = ids + t * K;
     if (!first_slot(tok, k, s.num_experts)) continue;  // uniform across the warp
     const int e = tok[k];
-    const int idx = earlier_tokens_naming_shared(ids, t, K, e, lane);
+    const int idx = earlier_tokens_naming<true>(ids, t, K, e, lane);
     if (lane == 0) {
       rows[static_cast<long long>(e) * M + idx] = t * K + k;
       atomicMax(&counts[e], (call << 32) | static_cast<unsigned long long>(idx + 1));
@@ -563,8 +582,8 @@ __global__ void wait_staged_kernel(PeerTable p) {
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
-  __shared__ int start[2 * kCountSlots + 64];  // start[e * (R + 1) + r]: first row of (expert e, source r) in e's rows
-  __shared__ int first[kCountSlots + 1];       // first[e]: the valid rows of the local experts before e
+  __shared__ int start[2 * kCountSlots + 64];  // lay_out_rows
+  __shared__ int first[kCountSlots + 1];
   const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
   const int le = s.local_experts(R), first_expert = p.rank * le;
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
@@ -577,32 +596,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const unsigned long long c = ld_volatile(pull_counts(p.base[r], half) + first_expert + e);
     start[e * (R + 1) + r + 1] = (c >> 32) == call ? static_cast<int>(c & 0xffffffffull) : 0;
   }
-  for (int e = threadIdx.x; e < le; e += blockDim.x) start[e * (R + 1)] = 0;
   __syncthreads();
-  for (int e = threadIdx.x; e < le; e += blockDim.x) {
-    int* st = start + e * (R + 1);
-    for (int r = 1; r <= R; ++r) st[r] += st[r - 1];
-    if (blockIdx.x == 0) recv_count[e] = st[R];
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {  // first[]: warp 0 scans the experts' counts, a chunk per lane
-    const int lane = threadIdx.x, chunk = (le + 31) / 32, lo = min(le, lane * chunk), hi = min(le, lo + chunk);
-    int mine = 0;
-    for (int e = lo; e < hi; ++e) mine += start[e * (R + 1) + R];
-    int before = mine;  // inclusive scan across the lanes
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const int v = __shfl_up_sync(kFullWarpMask, before, off);
-      if (lane >= off) before += v;
-    }
-    before -= mine;
-    for (int e = lo; e < hi; ++e) {
-      first[e] = before;
-      before += start[e * (R + 1) + R];
-    }
-    if (lane == 31) first[le] = before;
-  }
-  __syncthreads();
+  lay_out_rows(start, first, le, R, recv_count);
   mark_padding_rows(start, le, R, rows_out, src_rank, src_token, src_slot);
   const int n = first[le];
   const int lane = threadIdx.x % 32;
@@ -618,22 +613,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int j0 = warp; j0 < n; j0 += 32 * num_warps) {
     const int j = j0 + lane * num_warps;
     if (j < n) {
-      int e = 0, hi = le;  // the expert e with first[e] <= j < first[e + 1]
-      while (hi - e > 1) {
-        const int mid = (e + hi) / 2;
-        if (first[mid] <= j) e = mid;
-        else hi = mid;
-      }
-      const int q = j - first[e];  // row q of expert e
-      const int* st = start + e * (R + 1);
-      int r = 0, top = R;  // the last source whose rows start at or before q (skips sources with none)
-      while (top - r > 1) {
-        const int mid = (r + top) / 2;
-        if (st[mid] <= q) r = mid;
-        else top = mid;
-      }
+      int e, r, q;
+      locate_row(start, first, le, R, j, &e, &r, &q);
       const int* rows = reinterpret_cast<const int*>(half_of(p, r, call) + l.dispatch_rows + s.stage_rows_offset());
-      const int unit = rows[static_cast<long long>(first_expert + e) * M + (q - st[r])];
+      const int unit = rows[static_cast<long long>(first_expert + e) * M + (q - start[e * (R + 1) + r])];
       const long long o = static_cast<long long>(e) * rows_out + q;
       row_msg[w][lane] = half_of(p, r, call) + l.dispatch_rows + (unit / K) * stride + kHeaderBytes;
       row_out[w][lane] = o;
@@ -664,22 +647,13 @@ __device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, in
     first[e + 1] = lo;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    first[0] = 0;
-    for (int e = 1; e <= le; ++e) first[e] += first[e - 1];
-  }
-  __syncthreads();
+  scan_expert_counts(first, le);
 }
 
 // The row of y [E/R, R*M, H] that is valid row `flat` (count_valid_rows' order).
 __device__ __forceinline__ long long valid_row(const int* first, int le, int rows_out, int flat) {
-  int lo = 0, hi = le;  // the expert e with first[e] <= flat < first[e + 1]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (first[mid] <= flat) lo = mid;
-    else hi = mid;
-  }
-  return static_cast<long long>(lo) * rows_out + (flat - first[lo]);
+  const int e = last_at_or_below(first, le, flat);
+  return static_cast<long long>(e) * rows_out + (flat - first[e]);
 }
 
 // Flags every rank (its combine_flags[half][this rank]) once the whole grid
@@ -707,7 +681,7 @@ __global__ void __launch_bounds__(kThreads)
     check_order(p, 1, call, true);
     if (token != nullptr) *token = 0;
   }
-  __shared__ int first[2049];
+  __shared__ int first[kCountSlots + 1];
   count_valid_rows(src_rank, le, rows_out, first);
   // One warp per valid row: find it once, then push its vectors.
   const int lane = threadIdx.x % 32;
@@ -785,7 +759,7 @@ __global__ void __launch_bounds__(1024)
   if (y_offset >= 0) {
     if (threadIdx.x == 0) check_order(p, 1, call, true);
     const int rows_out = R * s.max_tokens;
-    __shared__ int first[2049];
+    __shared__ int first[kCountSlots + 1];
     count_valid_rows(src_rank, le, rows_out, first);
     auto* index = reinterpret_cast<long long*>(half_of(p, p.rank, call) + l.combine_index);
     const long long row_bytes = static_cast<long long>(s.hidden) * 2;
