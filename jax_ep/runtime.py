@@ -147,9 +147,7 @@ class IntranodeRuntime:
         C = _extension._C
         if "peer" in self.transports:
             return self._share_group_xla_memory()
-        device = jax.local_devices()[0]
-        probe = jax.device_put(np.zeros(256, np.uint8), device)  # any buffer in XLA's pool
-        probe.block_until_ready()
+        probe = _xla_probe(jax.local_devices()[0])
         fd, size, note = -1, 0, ""
         try:
             fd, size = C.export_xla_memory(self.buffer_id, probe.unsafe_buffer_pointer())
@@ -164,9 +162,7 @@ class IntranodeRuntime:
         finally:
             if fd >= 0:
                 os.close(fd)
-        on = bool(C.xla_memory_enabled(self.buffer_id))
-        _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
-        return on
+        return self._xla_memory_outcome(note)
 
     def _share_group_xla_memory(self) -> bool:
         C = _extension._C
@@ -175,15 +171,17 @@ class IntranodeRuntime:
         if missing:
             _xla_memory_notes[self.buffer_id] = f"CUDA devices {missing} of the group are not JAX devices here"
             return False
-        probes = [jax.device_put(np.zeros(256, np.uint8), by_id[d]) for d in self.group_devices]
-        for p in probes:
-            p.block_until_ready()
+        probes = [_xla_probe(by_id[d]) for d in self.group_devices]
         try:
             C.share_group_xla_memory(self.buffer_id, [p.unsafe_buffer_pointer() for p in probes])
             note = ""
         except (RuntimeError, ValueError) as e:
             note = f"the group's XLA memory cannot be shared between its devices: {e}"
-        on = bool(C.xla_memory_enabled(self.buffer_id))
+        return self._xla_memory_outcome(note)
+
+    def _xla_memory_outcome(self, note: str) -> bool:
+        """Whether zero copy ended up on, remembering why not (``note``)."""
+        on = bool(_extension._C.xla_memory_enabled(self.buffer_id))
         _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
         return on
 
@@ -241,6 +239,13 @@ def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, ti
         raise TimeoutError(
             f"jax_ep: rank {rank} waited {timeout_s:.0f} s for all ranks to map buffer {seq}"
         ) from e
+
+
+def _xla_probe(device):
+    """A small array in XLA's pool on `device` (its address finds the pool)."""
+    probe = jax.device_put(np.zeros(256, np.uint8), device)
+    probe.block_until_ready()
+    return probe
 
 
 def _exchange_xla_memory(C, buffer_id: int, seq: int, rank: int, num_ranks: int, fd: int, size: int, note: str,

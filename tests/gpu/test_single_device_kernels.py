@@ -89,8 +89,9 @@ def test_kernels_in_fori_loop(rng):
 def test_group_runtime_two_ranks_on_one_gpu():
     """One process driving several ranks (a buffer group, peers through peer
     access): both members map each other and a barrier across them completes,
-    twice. Here both ranks sit on the one GPU; on a multi-GPU host the same
-    path enables peer access between devices."""
+    twice, and they share XLA's memory for the zero-copy combine. Here both
+    ranks sit on the one GPU; on a multi-GPU host the same path enables peer
+    access between devices and grants each device the others' XLA pools."""
     from jax_ep.runtime import IntranodeRuntime
 
     dev = jax.devices()[0].local_hardware_id or 0
@@ -101,6 +102,10 @@ def test_group_runtime_two_ranks_on_one_gpu():
         assert len(members) == 2 and all(_extension._C.intranode_buffer_ready(m) for m in members)
         _extension._C.group_barrier_selftest(group.buffer_id)
         _extension._C.group_barrier_selftest(group.buffer_id)
+        # The zero-copy combine's memory sharing (no access to grant on one GPU).
+        assert group.share_xla_memory(), group.xla_memory_note
+        assert group.xla_memory_shared and group.xla_memory_note == ""
+        assert all(_extension._C.xla_memory_enabled(m) for m in members)
     finally:
         group.destroy()
     assert _extension._C.intranode_group_members(group.buffer_id) == []
