@@ -334,9 +334,14 @@ def lookup(buffer_id: int | None) -> IntranodeRuntime:
     """The live runtime of a buffer id, or a clear error."""
     if buffer_id is None:
         raise ValueError(
-            "backend='cuda' communicates through a jax_ep.Buffer: create "
-            "jax_ep.Buffer(num_experts, backend='cuda', ...) once, outside jit, and call its methods "
-            "(or pass options=buffer.normal)"
+            "backend='cuda' communicates through a jax_ep.Buffer: create one per rank process, outside jit, "
+            "with the CUDA backend in the options of the mode you use, e.g. "
+            "`buffer = jax_ep.Buffer(num_experts, normal=jax_ep.NormalOptions(backend='cuda'), "
+            "num_nvl_bytes=jax_ep.intranode_buffer_bytes(T, H, R, K, E))` or "
+            "`buffer = jax_ep.Buffer(num_experts, low_latency=jax_ep.LowLatencyOptions(M, backend='cuda'), "
+            "num_ll_bytes=jax_ep.low_latency_buffer_bytes(M, H, R, K, E))`; then call its methods "
+            "(buffer.dispatch, buffer.low_latency_dispatch, ...), pass options=buffer.normal / buffer.low_latency, "
+            "or set MoEConfig(buffer_id=buffer.normal.buffer_id, ll_buffer_id=buffer.low_latency.buffer_id)"
         )
     with _lock:
         runtime = _live.get(buffer_id)

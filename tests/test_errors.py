@@ -161,8 +161,30 @@ def test_cuda_backend_needs_a_buffer(inputs):
     if not _extension.available():
         pytest.skip("extension not built")
     opts = jax_ep.NormalOptions(backend="cuda")
-    with pytest.raises(ValueError, match=r"backend='cuda' communicates through a jax_ep.Buffer"):
+    with pytest.raises(ValueError, match=r"backend='cuda' communicates through a jax_ep.Buffer") as info:
         run_ranks(_dispatch(options=opts), R, *inputs)
+    _check_suggested_calls(str(info.value))
+
+
+def _check_suggested_calls(message):
+    """Every `code` span of an error message is Python whose jax_ep calls bind
+    to the real signatures (a hint must not name arguments that do not exist)."""
+    import ast
+    import inspect
+    import re
+
+    spans = re.findall(r"`([^`]+)`", message)
+    assert spans, message
+    calls = 0
+    for span in spans:
+        for node in ast.walk(ast.parse(span)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).startswith("jax_ep."):
+                fn = getattr(jax_ep, ast.unparse(node.func).removeprefix("jax_ep."))
+                args = [None] * len(node.args)
+                kwargs = {kw.arg: None for kw in node.keywords}
+                inspect.signature(fn).bind(*args, **kwargs)  # TypeError on an unknown argument
+                calls += 1
+    assert calls >= 4, message
 
 
 def test_cuda_backend_missing_op_is_clear():
