@@ -35,8 +35,8 @@ def per_token_cast_to_fp8(x: jax.Array, options: FP8Options = FP8Options(), *, b
 
 
 def per_token_cast_back(
-    x_fp8: jax.Array,
-    scales: jax.Array,
+    x_fp8,
+    scales=None,
     options: FP8Options = FP8Options(),
     *,
     out_dtype=jnp.bfloat16,
@@ -44,14 +44,42 @@ def per_token_cast_back(
 ) -> jax.Array:
     """Inverse of ``per_token_cast_to_fp8``: ``x_fp8 * scale`` in ``out_dtype``.
 
+    Takes the cast's output as it comes, ``per_token_cast_back(pair)`` or
+    ``per_token_cast_back(pair, options)``, or its two parts,
+    ``per_token_cast_back(x_fp8, scales, options)``.
+
     Args:
-      x_fp8: ``float8_e4m3fn [..., H]``.
+      x_fp8: ``float8_e4m3fn [..., H]``, or the pair ``(x_fp8, scales)``.
       scales: ``float32 [..., H/128]``, or ``int32 [..., H/512]`` with
-        ``options.use_ue8m0``.
+        ``options.use_ue8m0``; omitted when ``x_fp8`` is the pair.
       options: the ``FP8Options`` the cast used (static).
       out_dtype: bfloat16, float16 or float32.
       backend: ``"xla"`` or ``"cuda"`` (static).
+
+    Returns:
+      ``out_dtype [..., H]``.
     """
+    if isinstance(x_fp8, (tuple, list)):
+        if len(x_fp8) != 2:
+            raise ValueError(
+                f"x_fp8 as a sequence must be the pair (x_fp8, scales) that per_token_cast_to_fp8 returns, "
+                f"got {len(x_fp8)} items"
+            )
+        if isinstance(scales, FP8Options):  # per_token_cast_back(pair, options)
+            options, scales = scales, None
+        if scales is not None:
+            raise TypeError(
+                "x_fp8 is already the pair (x_fp8, scales): call per_token_cast_back(pair, options) "
+                "or per_token_cast_back(x_fp8, scales, options), not both"
+            )
+        x_fp8, scales = x_fp8
+    elif scales is None:
+        raise TypeError(
+            "per_token_cast_back needs the scales: pass per_token_cast_to_fp8's pair as it comes, "
+            "per_token_cast_back((x_fp8, scales), options), or per_token_cast_back(x_fp8, scales, options)"
+        )
+    if not isinstance(options, FP8Options):
+        raise TypeError(f"options must be a jax_ep.FP8Options, got {type(options).__name__}")
     if getattr(x_fp8, "dtype", None) != validation.FP8_DTYPE:
         raise TypeError(f"x_fp8 must be float8_e4m3fn, got {getattr(x_fp8, 'dtype', type(x_fp8))}")
     hidden = x_fp8.shape[-1]
@@ -60,10 +88,11 @@ def per_token_cast_back(
         want_shape, want_dtype = x_fp8.shape[:-1] + (hidden // 512,), jnp.int32
     else:
         want_shape, want_dtype = x_fp8.shape[:-1] + (hidden // 128,), jnp.float32
-    if scales.shape != want_shape or scales.dtype != want_dtype:
+    if getattr(scales, "shape", None) != want_shape or getattr(scales, "dtype", None) != want_dtype:
         raise ValueError(
             f"scales must be {jnp.dtype(want_dtype).name} {want_shape} for x_fp8 {x_fp8.shape} "
-            f"(use_ue8m0={options.use_ue8m0}), got {scales.dtype} {scales.shape}"
+            f"(use_ue8m0={options.use_ue8m0}), got {getattr(scales, 'dtype', type(scales))} "
+            f"{getattr(scales, 'shape', '')}"
         )
     if jnp.dtype(out_dtype) not in [jnp.dtype(d) for d in validation.PAYLOAD_DTYPES]:
         raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")

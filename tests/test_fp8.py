@@ -65,3 +65,31 @@ def test_empty_input(opts):
     q, s = jax_ep.per_token_cast_to_fp8(jnp.zeros((0, 1024)), opts)
     assert q.shape == (0, 1024) and s.shape == (0, 2 if opts.use_ue8m0 else 8)
     assert jax_ep.per_token_cast_back(q, s, opts).shape == (0, 1024)
+
+
+@pytest.mark.parametrize("opts", [jax_ep.FP8Options(), jax_ep.FP8Options(use_ue8m0=True)])
+def test_cast_back_takes_the_cast_as_it_comes(rng, opts):
+    """per_token_cast_back(per_token_cast_to_fp8(x)) composes; the two-part form stays."""
+    x = rng.standard_normal((3, 5, 512)).astype(np.float32)
+    pair = jax_ep.per_token_cast_to_fp8(x, opts)
+    want = np.asarray(jax_ep.per_token_cast_back(*pair, opts, out_dtype=jnp.float32))
+    np.testing.assert_array_equal(np.asarray(jax_ep.per_token_cast_back(pair, opts, out_dtype=jnp.float32)), want)
+    np.testing.assert_array_equal(np.asarray(jax_ep.per_token_cast_back(pair, options=opts, out_dtype=jnp.float32)), want)
+    np.testing.assert_array_equal(np.asarray(jax_ep.per_token_cast_back(list(pair), opts, out_dtype=jnp.float32)), want)
+    if not opts.use_ue8m0:
+        back = jax_ep.per_token_cast_back(jax_ep.per_token_cast_to_fp8(x))  # the default options both ways
+        assert back.dtype == jnp.bfloat16 and back.shape == x.shape
+        np.testing.assert_allclose(np.asarray(back, np.float32), x, rtol=0.07, atol=0.07)
+
+
+def test_cast_back_pair_errors():
+    q = jnp.zeros((2, 256), jnp.float8_e4m3fn)
+    s = jnp.ones((2, 2), jnp.float32)
+    with pytest.raises(TypeError, match=r"x_fp8 is already the pair"):
+        jax_ep.per_token_cast_back((q, s), s)
+    with pytest.raises(ValueError, match=r"must be the pair \(x_fp8, scales\).*got 3 items"):
+        jax_ep.per_token_cast_back((q, s, s))
+    with pytest.raises(TypeError, match=r"per_token_cast_back needs the scales"):
+        jax_ep.per_token_cast_back(q)
+    with pytest.raises(TypeError, match=r"options must be a jax_ep.FP8Options"):
+        jax_ep.per_token_cast_back(q, s, "ue8m0")
