@@ -1,4 +1,4 @@
-"""Equinox Mixture-of-Experts layer on jax_ep (``pip install jax_ep[equinox]``).
+"""Equinox Mixture-of-Experts layer on jax_ep (needs Equinox: ``pip install equinox``).
 
 ``MoE`` holds a replicated router ``[H, E]`` and an ``Experts`` submodule with
 the expert weights ``[E, ...]``, which are sharded on their leading axis over
@@ -28,7 +28,8 @@ try:
     import equinox as eqx
 except ImportError as e:  # pragma: no cover - exercised only without equinox
     raise ImportError(
-        "jax_ep.equinox needs Equinox: install it with `pip install jax_ep[equinox]`"
+        "jax_ep.equinox needs Equinox: install it with `pip install equinox` "
+        "(or, from a clone of jax_ep, `pip install -e '.[equinox]'`)"
     ) from e
 
 import jax
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_ep import moe
 from jax_ep.moe import MoEConfig, place
 
-__all__ = ["Experts", "MoE", "MoEConfig", "ep_shard_map", "partition_specs", "shard_model"]
+__all__ = ["Experts", "MoE", "MoEConfig", "check_mesh", "ep_shard_map", "partition_specs", "shard_model"]
 
 
 class Experts(eqx.Module):
@@ -102,6 +103,14 @@ class MoE(eqx.Module):
         return moe.moe_reference(self.params(), x, self.config)
 
 
+def check_mesh(model, mesh: jax.sharding.Mesh, axis_name: str = "ep") -> None:
+    """jax_ep's error, before JAX's own, when a ``MoE`` layer of ``model``
+    cannot split its experts over ``mesh``'s axis ``axis_name``."""
+    for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, MoE)):
+        if isinstance(node, MoE):
+            node.config.check_mesh(mesh, axis_name)
+
+
 def partition_specs(model, axis_name: str = "ep"):
     """``PartitionSpec`` tree matching ``eqx.filter(model, eqx.is_array)``.
 
@@ -119,6 +128,7 @@ def partition_specs(model, axis_name: str = "ep"):
 
 def shard_model(model, mesh: jax.sharding.Mesh, axis_name: str = "ep"):
     """Return ``model`` with its arrays placed on ``mesh`` by ``partition_specs``."""
+    check_mesh(model, mesh, axis_name)
     params, static = eqx.partition(model, eqx.is_array)
     specs = partition_specs(model, axis_name)
     params = jax.tree.map(lambda a, s: place(a, NamedSharding(mesh, s)), params, specs)
@@ -139,6 +149,7 @@ def ep_shard_map(fn, model, *args, mesh: jax.sharding.Mesh, in_specs, out_specs,
       in_specs: one spec per element of ``args``.
       out_specs: specs of ``fn``'s outputs.
     """
+    check_mesh(model, mesh, axis_name)
     params, static = eqx.partition(model, eqx.is_array)
 
     def body(params, *args):

@@ -1,4 +1,4 @@
-"""Flax NNX Mixture-of-Experts layer on jax_ep (``pip install jax_ep[flax]``).
+"""Flax NNX Mixture-of-Experts layer on jax_ep (needs Flax: ``pip install flax``).
 
 ``MoE`` holds a replicated router (``nnx.Param [H, E]``) and expert weights
 (``ExpertParam [E, ...]``, an ``nnx.Param`` subclass that marks "sharded on the
@@ -28,7 +28,8 @@ try:
     from flax import nnx
 except ImportError as e:  # pragma: no cover - exercised only without flax
     raise ImportError(
-        "jax_ep.flax needs Flax (NNX): install it with `pip install jax_ep[flax]`"
+        "jax_ep.flax needs Flax (NNX): install it with `pip install flax` "
+        "(or, from a clone of jax_ep, `pip install -e '.[flax]'`)"
     ) from e
 
 import jax
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_ep import moe
 from jax_ep.moe import MoEConfig, place
 
-__all__ = ["ExpertParam", "MoE", "MoEConfig", "ep_shard_map", "partition_specs", "shard_model"]
+__all__ = ["ExpertParam", "MoE", "MoEConfig", "check_mesh", "ep_shard_map", "partition_specs", "shard_model"]
 
 
 class ExpertParam(nnx.Param):
@@ -91,6 +92,14 @@ class MoE(nnx.Module):
         return moe.moe_reference(self.params(), x, self.config)
 
 
+def check_mesh(model: nnx.Module, mesh: jax.sharding.Mesh, axis_name: str = "ep") -> None:
+    """jax_ep's error, before JAX's own, when a ``MoE`` layer of ``model``
+    cannot split its experts over ``mesh``'s axis ``axis_name``."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, MoE):
+            node.config.check_mesh(mesh, axis_name)
+
+
 def _is_variable(v) -> bool:
     return isinstance(v, nnx.Variable)
 
@@ -115,6 +124,7 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, axis_name: str = "ep
 
     Returns the model for chaining.
     """
+    check_mesh(model, mesh, axis_name)
     state = nnx.state(model)
     specs = partition_specs(state, axis_name)
     placed = jax.tree.map(lambda v, s: jax.tree.map(lambda a: place(a, NamedSharding(mesh, s)), v),
@@ -140,6 +150,7 @@ def ep_shard_map(fn, model: nnx.Module, *args, mesh: jax.sharding.Mesh, in_specs
     Returns:
       ``fn``'s outputs assembled by ``out_specs``.
     """
+    check_mesh(model, mesh, axis_name)
     graphdef, state = nnx.split(model)
 
     def body(state, *args):

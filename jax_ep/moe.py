@@ -34,12 +34,12 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_ep.fp8 import per_token_cast_back
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
 from jax_ep.normal import combine, dispatch
-from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.options import BACKENDS, FP8Options, LowLatencyOptions, NormalOptions
 
 Mode = Literal["normal", "low_latency"]
 Activation = Literal["swiglu", "gelu"]
@@ -105,16 +105,35 @@ class MoEConfig:
     ll_buffer_id: int | None = None
 
     def __post_init__(self):
+        def fail(name, what, cls=ValueError):
+            raise cls(f"MoEConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("num_experts", "hidden", "ffn", "topk", "expert_alignment"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "a positive int")
+        for name in ("capacity", "max_tokens_per_rank", "n_group", "topk_group"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+            if v is not None and (not is_int(v) or v < 1):
+                fail(name, "a positive int or None")
+        for name in ("buffer_id", "ll_buffer_id"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 0):
+                fail(name, "None or the id of a jax_ep.Buffer (buffer.normal.buffer_id / buffer.low_latency.buffer_id)")
         if self.topk > self.num_experts:
-            raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
-        if self.activation not in ("swiglu", "gelu"):
-            raise ValueError(f"activation must be 'swiglu' or 'gelu', got {self.activation!r}")
-        if self.mode not in ("normal", "low_latency"):
-            raise ValueError(f"mode must be 'normal' or 'low_latency', got {self.mode!r}")
+            raise ValueError(f"MoEConfig.topk={self.topk} exceeds num_experts={self.num_experts}")
+        for name, choices in (("activation", ("swiglu", "gelu")), ("mode", ("normal", "low_latency")),
+                              ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"one of {choices}")
+        if not isinstance(self.axis_name, str) or not self.axis_name:
+            fail("axis_name", "the name (str) of the expert-parallel mesh axis, e.g. 'ep'", TypeError)
+        if not isinstance(self.normalize_weights, bool):
+            fail("normalize_weights", "True or False", TypeError)
+        if self.fp8 is not None and not isinstance(self.fp8, FP8Options):
+            fail("fp8", "None or a jax_ep.FP8Options", TypeError)
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError("set both n_group and topk_group for group-limited gating, or neither")
         if self.n_group is not None:
@@ -129,6 +148,21 @@ class MoEConfig:
                 )
         if self.fp8 is not None and self.mode != "low_latency":
             raise ValueError("fp8 dispatch is available in mode='low_latency' only")
+
+    def check_mesh(self, mesh: jax.sharding.Mesh, axis_name: str | None = None) -> None:
+        """Raise jax_ep's error, before JAX's own, when the experts cannot be
+        split over the EP axis of ``mesh`` (default ``self.axis_name``)."""
+        axis = axis_name or self.axis_name
+        if axis not in mesh.shape:
+            raise ValueError(f"the mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)}); "
+                             f"set MoEConfig.axis_name or axis_name= to the expert-parallel axis")
+        r = mesh.shape[axis]
+        if self.num_experts % r:
+            lo = self.num_experts - self.num_experts % r
+            raise ValueError(
+                f"MoEConfig.num_experts={self.num_experts} must be divisible by the size R={r} of the EP mesh "
+                f"axis {axis!r} (each rank owns E/R experts): for example num_experts={lo or r} or {lo + r}"
+            )
 
     @property
     def expert_param_names(self) -> tuple[str, ...]:
@@ -197,6 +231,16 @@ def param_specs(params_or_config, axis_name: str = "ep") -> dict[str, P]:
     """
     names = param_shapes(params_or_config) if isinstance(params_or_config, MoEConfig) else params_or_config
     return {name: (P() if name == "router" else P(axis_name)) for name in names}
+
+
+def shard_params(params: dict, mesh: jax.sharding.Mesh, config: MoEConfig) -> dict[str, jax.Array]:
+    """Place global ``params`` on ``mesh`` by ``param_specs``: expert weights
+    split over ``config.axis_name`` (rank ``r`` holds experts
+    ``[r*E/R, (r+1)*E/R)``), the router replicated. Checks first that the
+    experts split over that axis (``MoEConfig.check_mesh``)."""
+    config.check_mesh(mesh)
+    specs = param_specs(params, config.axis_name)
+    return {name: place(value, NamedSharding(mesh, specs[name])) for name, value in params.items()}
 
 
 # --- router -----------------------------------------------------------------------

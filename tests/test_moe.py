@@ -169,5 +169,81 @@ def test_config_validation():
 def test_layer_import_names_the_extra(monkeypatch, module, framework, extra):
     monkeypatch.setitem(sys.modules, framework, None)  # makes `import framework` fail
     monkeypatch.delitem(sys.modules, module, raising=False)
-    with pytest.raises(ImportError, match=rf"pip install jax_ep\[{extra}\]"):
+    with pytest.raises(ImportError, match=rf"`pip install {framework}`") as info:
         importlib.import_module(module)
+    # No index serves jax_ep: the hint names the framework's own package, or
+    # the extra of an install from a clone.
+    assert "pip install jax_ep" not in str(info.value)
+    assert f"pip install -e '.[{extra}]'" in str(info.value)
+
+
+@pytest.mark.parametrize("field,value,error,match", [
+    ("num_experts", 0, ValueError, r"MoEConfig.num_experts must be a positive int, got 0"),
+    ("hidden", -4, ValueError, r"MoEConfig.hidden must be a positive int, got -4"),
+    ("ffn", 2.0, ValueError, r"MoEConfig.ffn must be a positive int, got 2.0"),
+    ("topk", 0, ValueError, r"MoEConfig.topk must be a positive int, got 0"),
+    ("topk", 9, ValueError, r"MoEConfig.topk=9 exceeds num_experts=8"),
+    ("expert_alignment", True, ValueError, r"MoEConfig.expert_alignment must be a positive int, got True"),
+    ("capacity", -1, ValueError, r"MoEConfig.capacity must be a positive int or None, got -1"),
+    ("capacity", 0, ValueError, r"MoEConfig.capacity must be a positive int or None, got 0"),
+    ("max_tokens_per_rank", 0, ValueError, r"MoEConfig.max_tokens_per_rank must be a positive int or None"),
+    ("n_group", 0, ValueError, r"MoEConfig.n_group must be a positive int or None, got 0"),
+    ("topk_group", "2", ValueError, r"MoEConfig.topk_group must be a positive int or None"),
+    ("activation", "relu", ValueError, r"MoEConfig.activation must be one of \('swiglu', 'gelu'\), got 'relu'"),
+    ("mode", "decode", ValueError, r"MoEConfig.mode must be one of \('normal', 'low_latency'\), got 'decode'"),
+    ("backend", "gpu", ValueError, r"MoEConfig.backend must be one of \('xla', 'cuda'\), got 'gpu'"),
+    ("axis_name", None, TypeError, r"MoEConfig.axis_name must be the name \(str\) of the expert-parallel mesh axis"),
+    ("normalize_weights", 1, TypeError, r"MoEConfig.normalize_weights must be True or False, got 1"),
+    ("fp8", "e4m3", TypeError, r"MoEConfig.fp8 must be None or a jax_ep.FP8Options"),
+    ("buffer_id", -1, ValueError, r"MoEConfig.buffer_id must be None or the id of a jax_ep.Buffer"),
+    ("ll_buffer_id", "0", ValueError, r"MoEConfig.ll_buffer_id must be None or the id of a jax_ep.Buffer"),
+])
+def test_config_validates_every_field(field, value, error, match):
+    with pytest.raises(error, match=match):
+        moe.MoEConfig(**{"num_experts": 8, "hidden": 4, "ffn": 4, field: value})
+
+
+def test_experts_that_do_not_split_over_the_mesh_get_jax_eps_error():
+    cfg = moe.MoEConfig(num_experts=12, hidden=4, ffn=4)
+    mesh = make_mesh(8)
+    params = moe.init_params(jax.random.key(0), cfg)
+    match = r"MoEConfig.num_experts=12 must be divisible by the size R=8 of the EP mesh axis 'ep'.*num_experts=8 or 16"
+    with pytest.raises(ValueError, match=match):
+        moe.shard_params(params, mesh, cfg)
+    with pytest.raises(ValueError, match=r"the mesh has no axis 'tp'"):
+        moe.shard_params(params, mesh, dataclasses.replace(cfg, axis_name="tp"))
+    ok = dataclasses.replace(cfg, num_experts=16)
+    placed = moe.shard_params(moe.init_params(jax.random.key(0), ok), mesh, ok)
+    assert placed["w_up"].sharding.spec == P(AXIS) and placed["router"].sharding.spec == P()
+    assert placed["w_up"].addressable_shards[1].data.shape == (2, 4, 4)  # rank 1: experts 2 and 3
+
+
+@pytest.mark.parametrize("framework", ["flax", "equinox"])
+def test_layer_helpers_check_the_mesh_before_jax(framework):
+    """shard_model (eagerly) and ep_shard_map (at trace time) raise jax_ep's
+    error for experts that do not split over the EP axis, not JAX's."""
+    pytest.importorskip(framework)
+    cfg = moe.MoEConfig(num_experts=12, hidden=4, ffn=4)
+    mesh = make_mesh(8)
+    match = r"MoEConfig.num_experts=12 must be divisible by the size R=8 of the EP mesh axis 'ep'"
+    x = jnp.zeros((16, 4))
+    if framework == "flax":
+        from flax import nnx
+
+        import jax_ep.flax as epx
+
+        layer = epx.MoE(cfg, rngs=nnx.Rngs(0))
+        call = nnx.jit(lambda m, x: epx.ep_shard_map(lambda m, x: m(x)[0], m, x, mesh=mesh,
+                                                     in_specs=(P(AXIS),), out_specs=P(AXIS)))
+    else:
+        import equinox as eqx
+
+        import jax_ep.equinox as epx
+
+        layer = epx.MoE(cfg, key=jax.random.key(0))
+        call = eqx.filter_jit(lambda m, x: epx.ep_shard_map(lambda m, x: m(x)[0], m, x, mesh=mesh,
+                                                            in_specs=(P(AXIS),), out_specs=P(AXIS)))
+    with pytest.raises(ValueError, match=match):
+        epx.shard_model(layer, mesh)
+    with pytest.raises(ValueError, match=match):
+        call(layer, x)
