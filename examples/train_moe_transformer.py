@@ -134,7 +134,10 @@ def main(argv=None):
 
     model = Transformer(nnx.Rngs(args.seed))
     epx.shard_model(model, mesh)
-    optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
+    # Under the mesh, the optimizer's step counters start on it (replicated),
+    # where the first update leaves them: the step compiles once.
+    with jax.set_mesh(mesh):
+        optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, tokens):
