@@ -1,0 +1,206 @@
+"""Every Python code block of README.md and docs/**/*.md runs as written.
+
+Conventions (docs/architecture.md, "Code blocks in the docs", says the same):
+
+- A block fenced ```` ```python ```` runs on CPU with 8 virtual devices
+  (``JAX_PLATFORMS=cpu``, ``--xla_force_host_platform_device_count=8``). The
+  blocks of one file run in order in one namespace, so a later block may use
+  what an earlier one defined; each file runs in a process of its own, as
+  rank 0 of a one-rank ``python -m jax_ep.launch -n 1 --gpus 0`` (so
+  ``jax_ep.launch.initialize_distributed()`` works).
+- A block fenced ```` ```python gpu ```` needs a GPU (the CUDA backend). It
+  runs on the same CPU process with three stand-ins: ``jax.jit`` functions
+  called on arrays are traced and lowered for CUDA (every custom call must
+  lower with its attributes) and return ``jax.ShapeDtypeStruct`` results
+  instead of running; the CUDA runtime behind ``jax_ep.Buffer`` allocates
+  nothing; ``jax_ep.nvshmem``'s GPU calls only check their arguments against
+  the real signatures. So a GPU block keeps its GPU work inside ``jax.jit``.
+  These blocks need the extension ``jax_ep._C`` (skipped without it).
+- Anything else (```` ```bash ````, ```` ```text ````, unlabelled) is not run.
+
+``python tests/test_docs.py FILE.md`` runs one file's blocks the same way
+(errors point at the file's own line numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+FENCE = re.compile(r"^```python(?P<tags>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+TAGS = {"", "gpu"}
+
+
+def doc_files() -> list[str]:
+    """README.md and every .md under docs/ that holds a Python block (paths relative to ROOT)."""
+    files = ["README.md"]
+    for folder, _, names in sorted(os.walk(os.path.join(ROOT, "docs"))):
+        files += [os.path.relpath(os.path.join(folder, n), ROOT) for n in sorted(names) if n.endswith(".md")]
+    return [f for f in files if python_blocks(f)]
+
+
+def python_blocks(path: str) -> list[tuple[int, str, str]]:
+    """``(first line of the code, tag, code)`` of each Python block of ``path``."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    blocks = []
+    for m in FENCE.finditer(text):
+        tag = m.group("tags").strip()
+        if tag not in TAGS:
+            raise ValueError(f"{path}: unknown code block tag 'python {tag}' (known: python, python gpu)")
+        blocks.append((text.count("\n", 0, m.start("body")) + 1, tag, m.group("body")))
+    return blocks
+
+
+# --- the runner (a subprocess per file) -------------------------------------------
+
+
+class _GpuStandIns:
+    """What a ```python gpu block runs with on a CPU (see the module docstring)."""
+
+    def __init__(self):
+        import jax
+
+        from jax_ep import nvshmem, runtime
+
+        self.patches = []
+        real_jit = jax.jit
+
+        class LowerForCuda:
+            def __init__(self, fun, **kwargs):
+                self._jitted = real_jit(fun, **kwargs)
+
+            def __call__(self, *args, **kwargs):
+                leaves = jax.tree.leaves((args, kwargs))
+                if any(isinstance(a, jax.core.Tracer) for a in leaves):  # called inside another trace
+                    return self._jitted(*args, **kwargs)
+                self._jitted.trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+                return jax.eval_shape(self._jitted, *args, **kwargs)
+
+        def jit(fun=None, **kwargs):
+            return (lambda f: LowerForCuda(f, **kwargs)) if fun is None else LowerForCuda(fun, **kwargs)
+
+        ids = iter(range(1 << 20, 1 << 21))
+
+        class StandInRuntime(runtime.IntranodeRuntime):
+            @staticmethod
+            def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0):
+                rt = StandInRuntime(next(ids), jax.process_index(), jax.process_count(), int(num_bytes), 0,
+                                    transports=("local",) * jax.process_count())
+                runtime._live[rt.buffer_id] = rt
+                return rt
+
+            @staticmethod
+            def create_nvshmem(num_bytes: int, *, timeout_s: float = 100.0):
+                return StandInRuntime.create(num_bytes, timeout_s=timeout_s)
+
+            def share_xla_memory(self, *, timeout_s: float = 120.0) -> bool:
+                return False
+
+            xla_memory_shared = False
+            xla_memory_note = "a stand-in runtime (no GPU)"
+
+            def destroy(self) -> None:
+                runtime._live.pop(self.buffer_id, None)
+
+        self._set(jax, "jit", jit)
+        self._set(runtime.IntranodeRuntime, "create", staticmethod(StandInRuntime.create))
+        self._set(runtime.IntranodeRuntime, "create_nvshmem", staticmethod(StandInRuntime.create_nvshmem))
+        for name in ("initialize", "symmetric_buffer", "finalize", "barrier_all"):
+            self._set(nvshmem, name, self._checked(getattr(nvshmem, name), nvshmem))
+
+    def _set(self, owner, name, value):
+        self.patches.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, value)
+
+    @staticmethod
+    def _checked(fn, nvshmem):
+        """A stand-in for ``fn`` that binds its arguments to ``fn``'s signature."""
+        import dataclasses
+        import inspect
+        from unittest import mock
+
+        def standin(*args, **kwargs):
+            inspect.signature(fn).bind(*args, **kwargs)  # TypeError on arguments fn does not take
+            if fn.__name__ == "symmetric_buffer":
+                cls = nvshmem.SymmetricBuffer
+                names = [f.name for f in dataclasses.fields(cls)] + [n for n in vars(cls) if not n.startswith("_")]
+                return mock.NonCallableMock(spec_set=names)
+            return None
+
+        return standin
+
+    def undo(self):
+        for owner, name, value in reversed(self.patches):
+            setattr(owner, name, value)
+
+
+def run_file(path: str) -> None:
+    """Run the Python blocks of one doc file in order, in one namespace."""
+    namespace = {"__name__": "__main__"}
+    for line, tag, code in python_blocks(path):
+        where = f"{path}:{line}"
+        print(f"--- {where} ({'python ' + tag if tag else 'python'})", flush=True)
+        standins = None
+        if tag == "gpu":
+            from jax_ep import _extension
+
+            if not _extension.available():
+                print(f"skipped (needs jax_ep._C: {_extension.unavailable_reason()})", flush=True)
+                continue
+            standins = _GpuStandIns()
+        try:
+            # Leading newlines keep tracebacks on the doc file's own line numbers.
+            exec(compile("\n" * (line - 1) + code, os.path.join(ROOT, path), "exec"), namespace)
+        finally:
+            if standins is not None:
+                standins.undo()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict:
+    """8 virtual CPU devices, and the environment of rank 0 of a one-rank jax_ep.launch on CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_EP_")}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env.update(
+        JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]),
+        JAX_EP_RANK="0", JAX_EP_NUM_RANKS="1", JAX_EP_COORDINATOR=f"127.0.0.1:{_free_port()}", JAX_EP_LOCAL_GPU="",
+        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p]),
+    )
+    return env
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python tests/test_docs.py FILE.md   (a path relative to the repository root)")
+    if os.environ.get("JAX_EP_RANK") is None:  # started by hand: re-run in the documented environment
+        sys.exit(subprocess.call([sys.executable, __file__, sys.argv[1]], env=run_env(), cwd=ROOT))
+    run_file(os.path.relpath(os.path.abspath(sys.argv[1]), ROOT))
+    sys.exit(0)
+
+
+# --- the tests ----------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("path", doc_files())
+def test_doc_python_blocks_run(path):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), path], env=run_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{path}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_fences_are_found():
+    """The block finder sees what a Markdown renderer sees."""
+    blocks = python_blocks("README.md")
+    assert blocks and all(tag in TAGS for _, tag, _ in blocks)
+    assert "README.md" in doc_files() and "docs/layers.md" in doc_files()
