@@ -204,3 +204,41 @@ def test_fences_are_found():
     blocks = python_blocks("README.md")
     assert blocks and all(tag in TAGS for _, tag, _ in blocks)
     assert "README.md" in doc_files() and "docs/layers.md" in doc_files()
+
+
+def test_gpu_blocks_are_lowered_not_run(tmp_path):
+    """A ```python gpu block gets the CUDA backend's stand-ins: its jitted call
+    is lowered for CUDA and returns shapes; GPU-only calls check their arguments."""
+    from jax_ep import _extension
+
+    if not _extension.available():
+        pytest.skip("the stand-ins lower the CUDA targets of jax_ep._C")
+    doc = tmp_path / "gpu.md"
+    doc.write_text('''
+```python gpu
+import jax, jax.numpy as jnp
+import jax_ep
+buf = jax_ep.Buffer(num_experts=4, axis_name=None, normal=jax_ep.NormalOptions(backend="cuda"))
+f = jax.jit(lambda x, i, w: buf.combine(buf.dispatch(x, i, w).recv_x, buf.dispatch(x, i, w).handle))
+y = f(jnp.ones((8, 128), jnp.bfloat16), jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2), jnp.float32))
+print("lowered:", type(y).__name__, y.shape)
+```
+
+```python
+print("cpu block:", type(jax.jit(lambda a: a + 1)(jnp.ones(2))).__name__)
+```
+
+```python gpu
+from jax_ep import nvshmem
+try:
+    nvshmem.symmetric_buffer(1 << 20, zeroed=True)
+except TypeError as e:
+    print("checked:", e)
+```
+''')
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(doc)], env=run_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lowered: ShapeDtypeStruct (8, 128)" in proc.stdout, proc.stdout
+    assert "cpu block: ArrayImpl" in proc.stdout, proc.stdout  # the stand-ins end with their block
+    assert "checked: got an unexpected keyword argument 'zeroed'" in proc.stdout, proc.stdout
