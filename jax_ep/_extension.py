@@ -40,8 +40,8 @@ def unavailable_reason() -> str:
     if _C is not None:
         return ""
     return (
-        "the CUDA extension jax_ep._C is not built (build it with "
-        "`pip install --no-build-isolation -e .` where nvcc is on PATH): " + _IMPORT_ERROR
+        "the CUDA extension jax_ep._C is not built (build it from a clone of jax_ep, with nvcc on PATH: "
+        "`pip install -e .`, or `bash scripts/setup_env.sh` for a .venv with the tested versions): " + _IMPORT_ERROR
     )
 
 

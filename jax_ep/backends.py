@@ -22,8 +22,7 @@ def get_backend(name: str) -> types.ModuleType:
         if not _extension.available():
             raise RuntimeError(
                 "backend='cuda' needs the compiled jax_ep._C extension, which is not available: "
-                f"{_extension.unavailable_reason()}. Build it with a CUDA compiler present "
-                "(pip install --no-build-isolation -e .), or use backend='xla'"
+                f"{_extension.unavailable_reason()}. Or use backend='xla'"
             )
         return cuda_ops
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -175,6 +175,30 @@ def test_layer_import_names_the_extra(monkeypatch, module, framework, extra):
     # the extra of an install from a clone.
     assert "pip install jax_ep" not in str(info.value)
     assert f"pip install -e '.[{extra}]'" in str(info.value)
+    assert extra in _pyproject()["project"]["optional-dependencies"]
+
+
+def _pyproject():
+    import os
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_missing_extension_hint_names_a_command_that_works_here(monkeypatch):
+    """The build hint is a command for a clone of this repository: an editable
+    install of the project in pyproject.toml, or the setup script."""
+    import os
+
+    from jax_ep import _extension
+
+    monkeypatch.setattr(_extension, "_C", None)
+    reason = _extension.unavailable_reason()
+    assert "`pip install -e .`" in reason and "--no-build-isolation" not in reason, reason
+    assert _pyproject()["project"]["name"] == "jax_ep"
+    assert "`bash scripts/setup_env.sh`" in reason
+    assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "scripts", "setup_env.sh"))
 
 
 @pytest.mark.parametrize("field,value,error,match", [
