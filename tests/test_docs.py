@@ -242,3 +242,75 @@ except TypeError as e:
     assert "lowered: ShapeDtypeStruct (8, 128)" in proc.stdout, proc.stdout
     assert "cpu block: ArrayImpl" in proc.stdout, proc.stdout  # the stand-ins end with their block
     assert "checked: got an unexpected keyword argument 'zeroed'" in proc.stdout, proc.stdout
+
+
+def _doc_code_outside_python_blocks(path: str) -> list[str]:
+    """Inline code spans and non-Python blocks of a doc: code the runner does not execute."""
+    text = FENCE.sub("", open(os.path.join(ROOT, path), encoding="utf-8").read())
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.findall(r"`([^`\n]+)`", text) + blocks
+
+
+def _all_doc_files() -> list[str]:
+    files = ["README.md"]
+    for folder, _, names in sorted(os.walk(os.path.join(ROOT, "docs"))):
+        files += [os.path.relpath(os.path.join(folder, n), ROOT) for n in sorted(names) if n.endswith(".md")]
+    return files
+
+
+@pytest.mark.parametrize("path", _all_doc_files())
+def test_doc_names_exist(path):
+    """Code the docs mention but do not run still matches the code: every
+    ``jax_ep.a.b`` name resolves, ``Options.field`` names a field, and calls
+    of jax_ep's classes and functions use keywords they take."""
+    import ast
+    import dataclasses
+    import importlib
+    import inspect
+
+    import jax_ep
+    from jax_ep import moe
+
+    classes = {"NormalOptions": jax_ep.NormalOptions, "LowLatencyOptions": jax_ep.LowLatencyOptions,
+               "FP8Options": jax_ep.FP8Options, "MoEConfig": moe.MoEConfig, "Buffer": jax_ep.Buffer}
+    optional = {"flax", "equinox", "jax_ep._nvshmem"}  # may be absent here; the runner checks them where present
+
+    def resolve(name):
+        parts = name.split(".")
+        obj = jax_ep
+        for i in range(1, len(parts)):
+            if hasattr(obj, parts[i]):
+                obj = getattr(obj, parts[i])
+                continue
+            try:
+                obj = importlib.import_module(".".join(parts[: i + 1]))
+            except ImportError as e:
+                if e.name in optional or ".".join(parts[: i + 1]) in optional:
+                    return True
+                return False
+        return True
+
+    problems = []
+    for code in _doc_code_outside_python_blocks(path):
+        for name in re.findall(r"\bjax_ep(?:\.[A-Za-z_]\w*)+", code):
+            if not resolve(name):
+                problems.append(f"{name} does not exist")
+        for cls, attr in re.findall(r"\b(NormalOptions|LowLatencyOptions|FP8Options|MoEConfig|Buffer)\.(\w+)", code):
+            fields = {f.name for f in dataclasses.fields(classes[cls])}
+            if attr not in fields and not hasattr(classes[cls], attr):
+                problems.append(f"{cls}.{attr} does not exist")
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func).split(".")[-1]
+                fn = classes.get(name) or getattr(jax_ep, name, None)
+                if callable(fn):
+                    try:
+                        inspect.signature(fn).bind_partial(**{k.arg: None for k in node.keywords if k.arg})
+                    except TypeError as e:
+                        problems.append(f"`{code}`: {e}")
+    assert not problems, f"{path}: " + "; ".join(problems)
