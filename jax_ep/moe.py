@@ -30,6 +30,7 @@ local and no communication: the definition the tests compare against.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -93,7 +94,7 @@ class MoEConfig:
     activation: Activation = "swiglu"
     mode: Mode = "normal"
     backend: Literal["xla", "cuda"] = "xla"
-    axis_name: str = "ep"
+    axis_name: str | tuple[str, ...] = "ep"
     capacity: int | None = None
     expert_alignment: int = 8
     max_tokens_per_rank: int | None = None
@@ -128,8 +129,10 @@ class MoEConfig:
                               ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 fail(name, f"one of {choices}")
-        if not isinstance(self.axis_name, str) or not self.axis_name:
-            fail("axis_name", "the name (str) of the expert-parallel mesh axis, e.g. 'ep'", TypeError)
+        axes = self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
+        if not axes or not all(isinstance(a, str) and a for a in axes):
+            fail("axis_name", "the name (str) of the expert-parallel mesh axis, e.g. 'ep', or a tuple of names",
+                 TypeError)
         if not isinstance(self.normalize_weights, bool):
             fail("normalize_weights", "True or False", TypeError)
         if self.fp8 is not None and not isinstance(self.fp8, FP8Options):
@@ -153,10 +156,11 @@ class MoEConfig:
         """Raise jax_ep's error, before JAX's own, when the experts cannot be
         split over the EP axis of ``mesh`` (default ``self.axis_name``)."""
         axis = axis_name or self.axis_name
-        if axis not in mesh.shape:
-            raise ValueError(f"the mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)}); "
+        missing = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"the mesh has no axis {missing[0]!r} (its axes: {tuple(mesh.shape)}); "
                              f"set MoEConfig.axis_name or axis_name= to the expert-parallel axis")
-        r = mesh.shape[axis]
+        r = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
         if self.num_experts % r:
             lo = self.num_experts - self.num_experts % r
             raise ValueError(
