@@ -9,13 +9,14 @@ the EP axis. ``MoE.__call__`` runs ``jax_ep.moe.moe_layer`` and must run inside
     model = Model(..., key=jax.random.key(0))     # holds jax_ep.equinox.MoE layers
     model = jax_ep.equinox.shard_model(model, mesh)
 
-    @eqx.filter_jit
     def loss_fn(model, x, y):                     # x, y: [B, ...] sharded on "ep"
         def local(model, x, y):                   # one rank: model with E/R experts
             out, aux = model(x)
             return (jnp.mean((out - y) ** 2) + 0.01 * aux)[None]
         return jax_ep.equinox.ep_shard_map(local, model, x, y, mesh=mesh,
                                            in_specs=(P("ep"), P("ep")), out_specs=P("ep")).mean()
+
+    loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))(model, x, y)
 
 ``ep_shard_map`` is ``eqx.partition(model, eqx.is_array)`` ->
 ``jax.shard_map`` (specs from ``partition_specs``) -> ``eqx.combine`` inside;

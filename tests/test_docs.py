@@ -194,6 +194,9 @@ import pytest  # noqa: E402
 
 @pytest.mark.parametrize("path", doc_files())
 def test_doc_python_blocks_run(path):
+    code = "\n".join(block for _, _, block in python_blocks(path))
+    for framework in sorted(set(re.findall(r"^\s*(?:import|from) (flax|equinox|optax)\b", code, re.M))):
+        pytest.importorskip(framework)  # the optional frameworks of the layer docs
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), path], env=run_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{path}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
