@@ -115,7 +115,13 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
     cudaMemsetAsync(out.expert_group_sizes, 0, sizeof(int) * (num_experts / R), stream);
   }
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
-  return launch_status(target, intranode::launch_dispatch(buf->peer_table(), args, parts, out, cfg));
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(0, {{intranode::kSigTokens, T}, {intranode::kSigRows, capacity},
+                             {intranode::kSigRowBytes, parts.row_bytes()}, {intranode::kSigTopk, K},
+                             {intranode::kSigExperts, num_experts}, {intranode::kSigSms, num_sms},
+                             {intranode::kSigLayout, layout}, {intranode::kSigDtype, parts.num_parts},
+                             {intranode::kSigMode, expert_alignment}});
+  return launch_status(target, intranode::launch_dispatch(peers, args, parts, out, cfg));
 }
 
 RowParts one_part(const ffi::AnyBuffer& src, ffi::Result<ffi::AnyBuffer>& dst) {
@@ -187,8 +193,11 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
     return err;
   }
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(1, {{intranode::kSigTokens, T}, {intranode::kSigRows, C},
+                             {intranode::kSigRowBytes, parts.row_bytes()}, {intranode::kSigSms, num_sms}});
   return launch_status(kTarget, intranode::launch_cached_dispatch(
-                                    buf->peer_table(), static_cast<int>(T), static_cast<int>(C),
+                                    peers, static_cast<int>(T), static_cast<int>(C),
                                     recv_src_rank.typed_data(), recv_src_token.typed_data(), parts, cfg));
 }
 
@@ -244,7 +253,12 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.ring_rows = static_cast<int>(ring_rows);
   args.layout = layout == 0 ? intranode::Layout::kRankMajor : intranode::Layout::kExpertMajor;
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream, static_cast<int>(num_sms)};
-  return launch_status(kTarget, intranode::launch_combine(buf->peer_table(), args, cfg));
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(2, {{intranode::kSigTokens, T}, {intranode::kSigRows, C}, {intranode::kSigRowBytes, row_bytes},
+                             {intranode::kSigSms, num_sms}, {intranode::kSigChunkRows, args.chunk_rows},
+                             {intranode::kSigRingRows, layout == 0 ? ring_rows : 0}, {intranode::kSigLayout, layout},
+                             {intranode::kSigDtype, static_cast<int64_t>(args.dtype)}});
+  return launch_status(kTarget, intranode::launch_combine(peers, args, cfg));
 }
 
 }  // namespace

@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <atomic>
+#include <initializer_list>
+#include <utility>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -64,6 +66,11 @@ class IntranodeBuffer {
   // owned by XLA, so never unmapped here.
   void adopt_xla_memory(const std::vector<char*>& bases, const std::vector<std::size_t>& sizes);
 
+  // A kernel of this buffer recorded a failure (a timeout, a mismatch, an
+  // abort): the record, read from mapped host memory (code 0: none). The
+  // buffer is then unusable (its kernels return at once) until re-created.
+  intranode::TimeoutRecord failure() const;
+
   int device() const { return device_; }
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
@@ -111,6 +118,19 @@ void group_barrier_selftest(int group_id);
 
 // Message of a timeout record (empty when none).
 std::string timeout_message(const intranode::TimeoutRecord& rec);
+
+// Name of a signature field (intranode::SigField) of a call of `op`, e.g.
+// "T (tokens per rank)".
+const char* signature_field_name(int field, int op);
+
+// The signature of a call: `op` and the listed fields (the rest 0), hashed.
+inline intranode::CallSignature sign_call(int op, std::initializer_list<std::pair<int, int64_t>> fields) {
+  intranode::CallSignature s{};
+  s.field[intranode::kSigOp] = static_cast<unsigned int>(op);
+  for (const auto& f : fields) s.field[f.first] = static_cast<unsigned int>(f.second);
+  s.hash = intranode::signature_hash(s.field);
+  return s;
+}
 
 // Process-wide registry of buffers, keyed by id.
 class Runtime {
