@@ -857,6 +857,27 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   return cudaGetLastError();
 }
 
+namespace {
+__global__ void read_status_kernel(PeerTable peers, int* out) {
+  aborted(peers);  // records a peer's abort that no kernel of this rank has seen yet
+  const auto* rec = reinterpret_cast<volatile const TimeoutRecord*>(peers.timeout_record);
+  int code = rec->code;
+  const unsigned long long start = global_timer_ns();
+  while (code < 0 && global_timer_ns() - start < 100000000ull) code = rec->code;  // being written
+  if (code < 0) code = kFailAborted;
+  const bool ok = code == kFailNone;
+  out[0] = code;
+  out[1] = ok ? -1 : (code == kFailOrder ? rec->rank : rec->peer);
+  out[2] = peers.rank;
+  out[3] = ok ? -1 : rec->op;
+}
+}  // namespace
+
+cudaError_t launch_read_status(const PeerTable& peers, int* out, cudaStream_t stream) {
+  read_status_kernel<<<1, 1, 0, stream>>>(peers, out);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_barrier(const PeerTable& peers, int op, cudaStream_t stream) {
   barrier_kernel<<<1, kMaxRanks, 0, stream>>>(peers, op);
   return cudaGetLastError();
@@ -880,7 +901,7 @@ cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, cons
   arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
   // One block per SM of the budget, every one resident (reducers wait for
   // copiers); at least one copier per ring.
-  const int blocks = std::min(kMaxCombineBlocks / 2, std::max((peers.num_ranks + 1) / 2, cfg.num_sms));
+  const int blocks = combine_blocks(peers.num_ranks, cfg.num_sms);
   // Tokens per reducer batch: the tokens all reducers hold at once (reducer
   // groups x batch) bound how far ahead of the slowest one the copiers must
   // run, i.e. how much of each ring is live. About 32 keeps the rings small

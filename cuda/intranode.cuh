@@ -205,9 +205,16 @@ __device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer,
 }
 
 // Whether any rank failed (this buffer is then dead): kernels of a call
-// check it on entry and return without touching peers or outputs.
+// check it on entry and return without touching peers or outputs. The first
+// kernel of this rank to notice records who raised it (unless this rank
+// recorded a failure already), so the host learns it even where no wait ran.
 __device__ __forceinline__ bool aborted(const PeerTable& peers) {
-  return ld_volatile(&reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort) != 0;
+  const unsigned long long word = ld_volatile(&reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort);
+  if (word == 0) return false;
+  if (*reinterpret_cast<volatile int*>(&peers.timeout_record->code) == 0) {
+    fail(peers, kFailAborted, static_cast<int>(word & 0xffffffffull) - 1, -1, 0, word >> 32);
+  }
+  return true;
 }
 
 // `aborted` decided once for the whole block (thread 0 reads, all see its
@@ -424,11 +431,26 @@ struct CombineArgs {
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg);
 
+// Blocks of a combine (one per SM of the budget, at least one copier per
+// ring). They spin, so every block of every rank on a GPU must be resident
+// at once: blocks x ranks on the GPU <= its SMs (checked by the handler).
+inline int combine_blocks(int num_ranks, int num_sms) {
+  const int want = (num_ranks + 1) / 2 > num_sms ? (num_ranks + 1) / 2 : num_sms;
+  return want < kMaxCombineBlocks / 2 ? want : kMaxCombineBlocks / 2;
+}
+
 // Rows per chunk flag actually used for a combine of `capacity` rows.
 inline int combine_chunk_rows(int capacity, int requested) {
   const int minimum = (capacity + kMaxChunks - 1) / kMaxChunks;
   return requested > minimum ? requested : (minimum > 1 ? minimum : 1);
 }
+
+// Status of this rank's buffer into out s32[4], on `stream` after the calls
+// before it: {code (FailCode: 0 ok, 1 timeout, 2 calls out of order, 3
+// mismatch, 4 aborted), the rank at fault (the peer waited for or that
+// differed, the rank that raised the abort; -1 when ok), this rank, op (-1
+// when ok or unknown)}.
+cudaError_t launch_read_status(const PeerTable& peers, int* out, cudaStream_t stream);
 
 // One cross-rank barrier (the one every dispatch runs): each rank announces
 // its next epoch to every peer and waits for theirs.

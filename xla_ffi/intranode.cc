@@ -233,6 +233,14 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   if (S > R && S > intranode::kMaxTopk) {
     return invalid_argument(kTarget, "send_pos has " + std::to_string(S) + " columns; at most max(R, 16)");
   }
+  const int blocks = intranode::combine_blocks(R, static_cast<int>(num_sms));
+  if (static_cast<int64_t>(blocks) * buf->ranks_on_gpu() > buf->sm_count()) {
+    return invalid_argument(kTarget, "the combine's " + std::to_string(blocks) + " spinning blocks per rank x " +
+                                         std::to_string(buf->ranks_on_gpu()) + " ranks on this GPU exceed its " +
+                                         std::to_string(buf->sm_count()) +
+                                         " SMs (they must all be resident at once): lower NormalOptions.num_sms to "
+                                         "at most " + std::to_string(buf->sm_count() / buf->ranks_on_gpu()));
+  }
   const int64_t row_bytes = H * (args.dtype == intranode::DType::kF32 ? 4 : 2);
   if (auto err = check_row_bytes(kTarget, "y", row_bytes); err.failure()) return err;
   const std::size_t staging = layout == 0
@@ -261,7 +269,28 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   return launch_status(kTarget, intranode::launch_combine(peers, args, cfg));
 }
 
+// jax_ep_status  (any operands: order it after the calls whose status it
+// reads) -> s32[4] (intranode::launch_read_status). Unlike the ops it does
+// not refuse a buffer that failed: reporting that is its job.
+ffi::Error Status(cudaStream_t stream, int32_t device, ffi::RemainingArgs /*after*/, int64_t buffer_id,
+                  ffi::Result<I32_1> out) {
+  constexpr const char* kTarget = "jax_ep_status";
+  if (out->dimensions()[0] != 4) return invalid_argument(kTarget, "the status has 4 entries");
+  IntranodeBuffer* buf = Runtime::get().find_any(buffer_id, device);
+  if (buf == nullptr) return invalid_argument(kTarget, "no jax_ep buffer " + std::to_string(buffer_id) + " here");
+  return launch_status(kTarget, intranode::launch_read_status(buf->peer_table(), out->typed_data(), stream));
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StatusHandler, Status,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .RemainingArgs()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Ret<I32_1>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 #define JAX_EP_DISPATCH_ATTRS                                                     \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("capacity") \

@@ -78,7 +78,14 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   start_watcher();
 }
 
+int IntranodeBuffer::ranks_on_gpu() const {
+  int n = 1;
+  for (int r = 0; r < num_ranks_; ++r) n += r != rank_ && peer_same_gpu_[r];
+  return n;
+}
+
 void IntranodeBuffer::start_watcher() {
+  check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "cudaDeviceGetAttribute");
   check(cudaHostAlloc(reinterpret_cast<void**>(&timeout_host_), sizeof(intranode::TimeoutRecord),
                       cudaHostAllocMapped),
         "cudaHostAlloc of the timeout record");
@@ -556,6 +563,30 @@ void group_barrier_selftest(int group_id) {
       }
     }
   }
+}
+
+IntranodeBuffer* Runtime::find_any(int64_t id, int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto group = groups_.find(static_cast<int>(id));
+  if (group != groups_.end()) {
+    for (int member : group->second) {
+      IntranodeBuffer* b = buffers_.at(member).get();
+      if (b->device() == device) return b;
+    }
+    return nullptr;
+  }
+  auto it = buffers_.find(static_cast<int>(id));
+  return it == buffers_.end() ? nullptr : it->second.get();
+}
+
+intranode::TimeoutRecord Runtime::failure(int id) {
+  const std::vector<int> ids = members(id);
+  if (ids.empty()) return at(id).failure();
+  for (int member : ids) {
+    const intranode::TimeoutRecord rec = at(member).failure();
+    if (rec.code != 0) return rec;
+  }
+  return intranode::TimeoutRecord{};
 }
 
 IntranodeBuffer& Runtime::at(int id) {

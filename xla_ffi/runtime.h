@@ -71,6 +71,11 @@ class IntranodeBuffer {
   // buffer is then unusable (its kernels return at once) until re-created.
   intranode::TimeoutRecord failure() const;
 
+  // Ranks whose buffer is on this rank's GPU (this one included), and that
+  // GPU's SM count: kernels that spin need blocks x ranks <= SMs.
+  int ranks_on_gpu() const;
+  int sm_count() const { return sm_count_; }
+
   int device() const { return device_; }
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
@@ -91,6 +96,7 @@ class IntranodeBuffer {
 
  private:
   int device_, rank_, num_ranks_;
+  int sm_count_ = 0;
   std::mutex send_stream_mutex_;
   SendStream send_stream_{};
   std::size_t num_bytes_;
@@ -157,6 +163,10 @@ class Runtime {
   // when the id is unknown, not ready, or the group has no member there.
   IntranodeBuffer* find(int64_t id, int device, std::string* error);
   IntranodeBuffer& at(int id);
+  // Like find, but also a buffer that failed (nullptr when absent).
+  IntranodeBuffer* find_any(int64_t id, int device);
+  // The failure record of a buffer, or of the first failed member of a group.
+  intranode::TimeoutRecord failure(int id);
 
  private:
   int add(std::unique_ptr<IntranodeBuffer> buffer);  // registers it under a new id
