@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <atomic>
 #include <initializer_list>
 #include <utility>
@@ -129,12 +130,24 @@ std::string timeout_message(const intranode::TimeoutRecord& rec);
 // "T (tokens per rank)".
 const char* signature_field_name(int field, int op);
 
-// The signature of a call: `op` and the listed fields (the rest 0), hashed.
+// Whether calls publish and check signatures: on unless the environment
+// sets JAX_EP_CALL_SIGNATURES=0 (a benchmark knob, to measure their cost;
+// it must be the same on every rank).
+inline bool call_signatures_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_EP_CALL_SIGNATURES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// The signature of a call: `op` and the listed fields (the rest 0), hashed
+// (hash 0, unchecked, when signatures are off).
 inline intranode::CallSignature sign_call(int op, std::initializer_list<std::pair<int, int64_t>> fields) {
   intranode::CallSignature s{};
   s.field[intranode::kSigOp] = static_cast<unsigned int>(op);
   for (const auto& f : fields) s.field[f.first] = static_cast<unsigned int>(f.second);
-  s.hash = intranode::signature_hash(s.field);
+  s.hash = call_signatures_on() ? intranode::signature_hash(s.field) : 0;
   return s;
 }
 
