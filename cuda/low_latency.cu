@@ -789,9 +789,9 @@ __global__ void __launch_bounds__(1024)
   const int half = static_cast<int>(call & 1);
   const Layout l = Layout::make(s, R);
   __shared__ bool published[intranode::kMaxRanks];
-  __shared__ int failed;
-  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead
+  __shared__ int failed;  // a thread's check or wait failed (read after the block's barriers)
   if (threadIdx.x == 0) failed = 0;
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead (its barrier orders `failed`)
   if (y_offset >= 0) {
     if (threadIdx.x == 0 && !check_order(p, 1, call, true)) failed = 1;
     if (threadIdx.x < R) intranode::publish_signature(p, sig_kind(1), call, threadIdx.x, threadIdx.x == 0);

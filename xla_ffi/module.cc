@@ -12,6 +12,8 @@
 #include "../cuda/low_latency.cuh"
 #include "runtime.h"
 
+#include <cstddef>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 
@@ -169,6 +171,21 @@ NB_MODULE(_C, m) {
         },
         nb::arg("id"),
         "A buffer's failure record (code 0: none; else code, rank, peer, op, call and the message).");
+  m.def("inject_abort_for_test",
+        [](int id, int raiser, int code) {
+          jax_ep::IntranodeBuffer& b = jax_ep::Runtime::get().at(id);
+          const unsigned long long word =
+              static_cast<unsigned long long>(code) << 32 | static_cast<unsigned long long>(raiser + 1);
+          int previous = 0;
+          cudaGetDevice(&previous);
+          cudaSetDevice(b.device());
+          const cudaError_t err = cudaMemcpy(b.local() + offsetof(jax_ep::intranode::Signals, abort), &word,
+                                             sizeof(word), cudaMemcpyHostToDevice);
+          cudaSetDevice(previous);
+          if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorString(err));
+        },
+        nb::arg("id"), nb::arg("raiser"), nb::arg("code"),
+        "Test hook: raise the abort word in a buffer as if rank `raiser` had failed with `code`.");
   m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
   m.def("intranode_staging_half_bytes",
         [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });
