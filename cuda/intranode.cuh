@@ -13,8 +13,9 @@
 // one GPU cannot starve each other.
 //
 // Registered buffer of each rank:
-//   [0, kSignalBytes)               Signals: epoch counter and one arrival
-//                                   slot per peer
+//   [0, kSignalBytes)               Signals: epoch counter, one arrival
+//                                   slot per peer, the abort word and the
+//                                   call signatures (docs/faults.md)
 //   [kSignalBytes, +kWorkspaceBytes) workspace: routing prefix sums (local
 //                                   only) in the first 64 KiB, then the
 //                                   combine's chunk flags (read by peers)
@@ -76,7 +77,7 @@ enum SigField : int {
   kSigRingRows,      // combine ring rows
   kSigLayout,        // 0 rank-major, 1 expert-major
   kSigDtype,         // dtype or low-latency payload
-  kSigMode,          // low-latency: FP8 combine rows, zero copy
+  kSigMode,          // per op: expert_alignment (dispatch), pulled (LL dispatch), FP8 rows (LL combine)
 };
 struct CallSignature {
   unsigned int field[kSigFields];
@@ -160,7 +161,6 @@ inline const char* op_name(int op) {
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
     case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
-    case 9: return "status";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }
