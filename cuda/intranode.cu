@@ -788,6 +788,25 @@ int copy_blocks(const LaunchConfig& cfg, long long work_items) {
 
 }  // namespace
 
+CombineLaunch combine_launch(int num_ranks, int num_sms, int chunk_rows, int ring_rows) {
+  // One block per SM of the budget, every one resident (reducers wait for
+  // copiers); at least one copier per ring.
+  const int blocks = std::min(kMaxCombineBlocks / 2, std::max((num_ranks + 1) / 2, num_sms));
+  // Tokens per reducer batch: the tokens all reducers hold at once (reducer
+  // groups x batch) bound how far ahead of the slowest one the copiers must
+  // run, i.e. how much of each ring is live. About 32 keeps the rings small
+  // while few reducer groups still get enough loads in flight.
+  int batch = std::max(1, std::min(4, 32 / (2 * blocks)));
+  // A reducer publishes its progress only after its whole batch, so the rows
+  // of one batch (up to `batch` consecutive rows of a stream, the last one
+  // possibly the first of its chunk) must fit in the ring together with the
+  // rest of that last chunk: ring_rows >= chunk_rows + batch - 1, or the
+  // copier of that chunk waits for the reducer that waits for it
+  // (tests/protocol/test_ring_combine_protocol.py). Batch 1 always fits.
+  while (batch > 1 && ring_rows < chunk_rows + batch - 1) batch /= 2;
+  return {blocks, batch};
+}
+
 std::size_t dispatch_staging_bytes(int T, int K, int R, int E, std::size_t row_bytes) {
   return DispatchStaging::make(T, K, R, E, row_bytes).total;
 }
@@ -843,14 +862,8 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg) {
   arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
-  // One block per SM of the budget, every one resident (reducers wait for
-  // copiers); at least one copier per ring.
-  const int blocks = std::min(kMaxCombineBlocks / 2, std::max((peers.num_ranks + 1) / 2, cfg.num_sms));
-  // Tokens per reducer batch: the tokens all reducers hold at once (reducer
-  // groups x batch) bound how far ahead of the slowest one the copiers must
-  // run, i.e. how much of each ring is live. About 32 keeps the rings small
-  // while few reducer groups still get enough loads in flight.
-  const int batch = std::max(1, std::min(4, 32 / (2 * blocks)));
+  const CombineLaunch shape = combine_launch(peers.num_ranks, cfg.num_sms, args.chunk_rows, args.ring_rows);
+  const int blocks = shape.blocks, batch = shape.batch;
   auto launch = [&](auto kernel) {
     kernel<<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
   };

@@ -261,11 +261,17 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 // Expert-major layout: copiers stage every row in this rank's staging and
 // flag it per chunk; reducers read the rows there.
 //
-// Why it cannot deadlock (every block of every rank resident, R x blocks
-// within the GPU): let t be the smallest token any reducer is waiting on. Its
-// rows' chunks are each handled by a copier that processes its stream's
-// chunks in order, and a copier waits only for reducers to pass tokens that
-// precede its chunk's rows by a whole ring, i.e. tokens < t: all passed.
+// Why it does not deadlock (every block of every rank resident, R x blocks
+// within the GPU, and ring_rows >= chunk_rows + batch - 1, which
+// combine_launch ensures by shrinking the batch): a reducer publishes its
+// progress only after its whole batch, so let t0 be the first token of the
+// earliest unfinished batch; every token < t0 is summed. That batch's rows in
+// one stream are at most `batch` consecutive rows i0..i1, rows < i0 belong
+// to tokens < t0. The copier of i1's chunk j (and of its own earlier chunks)
+// waits only for rows < (j + 1) * chunk_rows - ring_rows <= i1 - batch + 1 <= i0
+// to be summed: done. So the batch's chunks all arrive and t0 moves on. With
+// a smaller ring the copier waits for a row of the very batch that waits for
+// it (the executable model: tests/protocol/ring_combine.py).
 struct CombineArgs {
   const void* y;           // [C, H]
   const int* recv_src_rank;   // [C]
@@ -280,6 +286,13 @@ struct CombineArgs {
 };
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg);
+
+// Launch shape of the combine kernel: blocks per rank (copiers and reducers
+// are 2 * blocks each) and tokens per reducer batch (1, 2 or 4).
+struct CombineLaunch {
+  int blocks, batch;
+};
+CombineLaunch combine_launch(int num_ranks, int num_sms, int chunk_rows, int ring_rows);
 
 // Rows per chunk flag actually used for a combine of `capacity` rows.
 inline int combine_chunk_rows(int capacity, int requested) {
