@@ -50,7 +50,13 @@ def parse():
     p.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
     p.add_argument("--chunk-rows", default=None, help="comma-separated combine_chunk_rows to sweep (combine only)")
     p.add_argument("--ring-rows", default=None, help="comma-separated combine_ring_rows to sweep (combine only)")
-    return p.parse_args()
+    p.add_argument("--no-signatures", action="store_true",
+                   help="run without the per-call signature check (JAX_EP_CALL_SIGNATURES=0 on every rank), "
+                        "to measure its cost against a run with it")
+    args = p.parse_args()
+    if args.no_signatures:
+        os.environ["JAX_EP_CALL_SIGNATURES"] = "0"  # read by the extension at its first call
+    return args
 
 
 def kv():

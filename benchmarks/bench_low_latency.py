@@ -80,7 +80,13 @@ def parse_args():
     p.add_argument("--out", default=None, help="folder for low_latency_R{R}.json")
     p.add_argument("--transport", default="ipc", choices=("ipc", "nvshmem"),
                    help="how the low-latency buffer reaches peers (Buffer.ll_transport)")
-    return p.parse_args()
+    p.add_argument("--no-signatures", action="store_true",
+                   help="run without the per-call signature check (JAX_EP_CALL_SIGNATURES=0 on every rank), "
+                        "to measure its cost against a run with it")
+    args = p.parse_args()
+    if args.no_signatures:
+        os.environ["JAX_EP_CALL_SIGNATURES"] = "0"  # read by the extension at its first call
+    return args
 
 
 def inputs(seed):

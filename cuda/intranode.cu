@@ -43,6 +43,7 @@ __device__ __forceinline__ bool valid_expert(int id, int num_experts) {
 __global__ void __launch_bounds__(kScanThreads)
     stage_routing_kernel(PeerTable peers, DispatchArgs args, DispatchStaging layout,
                          bool* is_token_in_rank) {
+  if (block_aborted(peers)) return;  // a rank failed: this buffer is dead
   using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
 
@@ -117,6 +118,7 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void __launch_bounds__(kCopyThreads, 4)
     stage_rows_kernel(PeerTable peers, RowParts parts, int num_rows, std::size_t rows_offset,
                       std::size_t row_stride, const int* mask) {
+  if (aborted(peers)) return;  // a rank failed: this buffer is dead
   char* rows = staging_half(peers.base[peers.rank], current_half(peers, false),
                             peers.staging_half_bytes) + rows_offset;
   const int vec0 = parts.part_bytes[0] / 16;
@@ -151,25 +153,25 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
 
 // Cross-rank barrier: announce this rank's new epoch to every peer, then wait
 // until every peer announced it here. Only this one-block kernel ever waits.
+// The call's signature goes with the announcement: each peer compares it
+// once it saw this rank arrive. After an abort it returns at once.
 __global__ void barrier_kernel(PeerTable peers, int op) {
   auto* me = reinterpret_cast<Signals*>(peers.base[peers.rank]);
   __shared__ unsigned long long epoch;
+  if (block_aborted(peers)) return;
   if (threadIdx.x == 0) {
     epoch = ld_volatile(&me->epoch) + 1;
     *reinterpret_cast<volatile unsigned long long*>(&me->epoch) = epoch;
+    publish_signature(peers, 0, epoch, 0, true);
   }
   __syncthreads();
   const int s = threadIdx.x;
   if (s < peers.num_ranks) {
+    if (s != 0) publish_signature(peers, 0, epoch, s, false);
     __threadfence_system();
     auto* peer = reinterpret_cast<Signals*>(peers.base[s]);
     st_release_sys(&peer->arrived[peers.rank], epoch);
-    const unsigned long long start = global_timer_ns();
-    while (ld_acquire_sys(&me->arrived[s]) < epoch) {
-      if (global_timer_ns() - start > peers.timeout_ns) {
-        fail_wait(peers, s, op, epoch, ld_acquire_sys(&me->arrived[s]));
-      }
-    }
+    if (wait_at_least(peers, &me->arrived[s], epoch, s, op)) signature_agrees(peers, 0, epoch, s, op);
   }
 }
 
@@ -197,6 +199,7 @@ __device__ __forceinline__ const int* peer_ints(const PeerTable& peers, int s, i
 __global__ void __launch_bounds__(kScanThreads)
     route_prefix_kernel(PeerTable peers, DispatchArgs args, DispatchStaging layout,
                         RouteWorkspace* ws, DispatchOutputs out) {
+  if (block_aborted(peers)) return;  // a rank failed: this buffer is dead
   const int R = peers.num_ranks, me = peers.rank, E = args.num_experts, C = args.capacity;
   const int local_experts = E / R;
   const int half = current_half(peers, true);
@@ -280,6 +283,7 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void __launch_bounds__(kRouteThreads)
     route_place_kernel(PeerTable peers, DispatchArgs args, DispatchStaging layout,
                        RouteWorkspace* ws, DispatchOutputs out) {
+  if (aborted(peers)) return;  // a rank failed: this buffer is dead
   const int R = peers.num_ranks, me = peers.rank, E = args.num_experts, C = args.capacity;
   const int T = args.num_tokens, K = args.num_topk;
   const int local_experts = E / R;
@@ -375,6 +379,7 @@ __global__ void __launch_bounds__(kRouteThreads)
 __global__ void __launch_bounds__(kCopyThreads, 4)
     pull_rows_kernel(PeerTable peers, RowParts parts, int capacity, std::size_t rows_offset,
                      std::size_t row_stride, const int* src_rank, const int* src_token) {
+  if (aborted(peers)) return;  // a rank failed: this buffer is dead
   const int half = current_half(peers, true);
   const int vec0 = parts.part_bytes[0] / 16;
   const int vecs = parts.row_bytes() / 16;
@@ -497,12 +502,15 @@ __device__ __forceinline__ int4 sum_rows(const char* const* rows, int n, int v) 
 __global__ void arrive_kernel(PeerTable peers) {
   auto* me = reinterpret_cast<Signals*>(peers.base[peers.rank]);
   __shared__ unsigned long long epoch;
+  if (block_aborted(peers)) return;
   if (threadIdx.x == 0) {
     epoch = ld_volatile(&me->epoch) + 1;
     *reinterpret_cast<volatile unsigned long long*>(&me->epoch) = epoch;
+    publish_signature(peers, 0, epoch, 0, true);
   }
   __syncthreads();
   if (threadIdx.x < peers.num_ranks) {
+    if (threadIdx.x != 0) publish_signature(peers, 0, epoch, threadIdx.x, false);
     __threadfence_system();
     st_release_sys(&reinterpret_cast<Signals*>(peers.base[threadIdx.x])->arrived[peers.rank], epoch);
   }
@@ -518,11 +526,17 @@ constexpr int kCombineThreads = kGroupThreads * kGroupsPerBlock;
 constexpr int kCombineWarps = kGroupThreads / 32;  // warps per group
 
 struct Group {
-  int id;   // 0..3 within the block
-  int tid;  // 0..255 within the group
+  int id;     // 0..3 within the block
+  int tid;    // 0..255 within the group
+  int* stop;  // shared, per group: a wait of the group failed
   __device__ void sync() const {
     asm volatile("bar.sync %0, %1;" ::"r"(id + 1), "r"(kGroupThreads) : "memory");
   }
+  // A thread whose wait failed halts the group; after the group's next
+  // barrier every thread sees it alike and the group leaves together (a
+  // named barrier must not lose threads).
+  __device__ void halt() const { *reinterpret_cast<volatile int*>(stop) = 1; }
+  __device__ bool stopped() const { return *reinterpret_cast<volatile int*>(stop) != 0; }
 };
 constexpr int kStageUnroll = 8;  // 16-byte loads in flight per lane while staging
 constexpr int kMaxSendCols = kMaxRanks > kMaxTopk ? kMaxRanks : kMaxTopk;
@@ -539,15 +553,11 @@ __device__ __forceinline__ void publish(const PeerTable& peers, unsigned long lo
   }
 }
 
-// Wait until *flag reaches `epoch`; on timeout leave a record naming `peer`.
-__device__ __forceinline__ void wait_epoch(const PeerTable& peers, const unsigned long long* flag,
+// Wait until *flag reaches `epoch`; false when the wait failed (a timeout
+// naming `peer`, or a peer's abort: recorded, abort raised).
+__device__ __forceinline__ bool wait_epoch(const PeerTable& peers, const unsigned long long* flag,
                                            unsigned long long epoch, int peer, int op) {
-  if (ld_acquire_sys(flag) >= epoch) return;
-  const unsigned long long start = global_timer_ns();
-  unsigned long long v;
-  while ((v = ld_acquire_sys(flag)) < epoch) {
-    if (global_timer_ns() - start > peers.timeout_ns) fail_wait(peers, peer, op, epoch, v);
-  }
+  return wait_at_least(peers, flag, epoch, peer, op);
 }
 
 // Copier side of the full-staging combine, which combine_kernel runs for the
@@ -598,22 +608,28 @@ __device__ void combine_reduce(const Group& g, const PeerTable& peers, const Com
   const char** rows = rows_of[g.id];
   const int R = peers.num_ranks, C = a.capacity, B = a.chunk_rows, S = a.num_send_cols;
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
-  if (g.tid < R) wait_epoch(peers, &me->arrived[g.tid], epoch, g.tid, 5);
+  bool ok = true;
+  if (g.tid < R) {
+    ok = wait_epoch(peers, &me->arrived[g.tid], epoch, g.tid, 5) && signature_agrees(peers, 0, epoch, g.tid, 2);
+    if (!ok) g.halt();
+  }
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const int vecs = a.hidden / V::kN;
   for (int t = index; t < a.num_tokens; t += count) {
-    if (g.tid < S) {
+    if (g.tid < S && ok) {
       const int p = a.send_pos[static_cast<long long>(t) * S + g.tid];
       const char* row = nullptr;
       if (p >= 0) {
         const int r = p / C, c = p % C;
-        wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r, 6);
+        ok = wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r, 6);
+        if (!ok) g.halt();
         row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
               static_cast<std::size_t>(c) * row_stride;
       }
       rows[g.tid] = row;
     }
     g.sync();
+    if (g.stopped()) return;
     int4* out_row = reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t) * a.hidden);
     for (int v = g.tid; v < vecs; v += kGroupThreads) out_row[v] = sum_rows<V>(rows, S, v);
     g.sync();  // rows[] is rewritten for the next token
@@ -670,18 +686,25 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
     if (reuse > 0 && warp == 0) {
       const unsigned long long need =
           epoch << 32 | static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
-      const unsigned long long t0 = global_timer_ns();
-      while (passed < need) {
+      // Warp-collective poll: every lane loads a share of the progress words.
+      auto ready = [&] {
+        if (passed >= need) return true;
         unsigned long long low = ~0ull;
         for (int b = lane; b < reducers; b += 32) low = min(low, ld_acquire_sys(&progress[b]));
         for (int o = 16; o > 0; o /= 2) low = min(low, __shfl_xor_sync(kFullWarpMask, low, o));
         passed = low;
-        if (passed < need && lane == 0 && global_timer_ns() - t0 > peers.timeout_ns) {
-          fail_wait(peers, s, 7, need, passed);
-        }
+        return passed >= need;
+      };
+      const WaitOutcome w = wait_until(ready, &reinterpret_cast<const Signals*>(peers.base[me])->abort,
+                                       peers.timeout_ns,
+                                       [](bool b) { return __shfl_sync(kFullWarpMask, b ? 1 : 0, 0) != 0; });
+      if (w != kWaitReady && lane == 0) {
+        wait_failed(peers, w, s, 7, need, passed);
+        g.halt();
       }
     }
     g.sync();
+    if (g.stopped()) return;
     const int r1 = min((j + 1) * B, rows);
     // Small chunks share their rows among all the group's warps.
     const int per_row = max(1, kCombineWarps / B);
@@ -728,14 +751,17 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
     return epoch << 32 | (t < num_tokens ? static_cast<unsigned long long>(t) : 0xffffffffull);
   };
   if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(static_cast<long long>(index) * kBatchTokens));
+  bool ok = true;
   if (g.tid < R) {
     const int r = g.tid;
-    wait_epoch(peers, &signals->arrived[r], epoch, r, 5);
     const unsigned long long* slot = &region_starts(mine, half)[r];
-    wait_epoch(peers, slot, epoch << 32, r, 5);
-    start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
+    ok = wait_epoch(peers, &signals->arrived[r], epoch, r, 5) && signature_agrees(peers, 0, epoch, r, 2) &&
+         wait_epoch(peers, slot, epoch << 32, r, 5);
+    if (ok) start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
+    else g.halt();
   }
   g.sync();
+  if (g.stopped()) return;
   const int vecs = a.hidden / V::kN;
   for (int t0 = index * kBatchTokens; t0 < num_tokens; t0 += count * kBatchTokens) {
     const int n = min(kBatchTokens, num_tokens - t0);
@@ -746,12 +772,16 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
       if (p >= 0) {
         const int i = p - r * C - start[r];  // index in r's stream for this rank
         const int j = i / B;
-        wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j), r, 6);
+        if (!wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)],
+                        epoch << 32 | static_cast<unsigned>(j), r, 6)) {
+          g.halt();
+        }
         row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;
       }
       rows[g.tid] = row;
     }
     g.sync();
+    if (g.stopped()) return;
     for (int e = g.tid; e < n * vecs; e += kGroupThreads) {
       const int k = e / vecs, v = e - k * vecs;
       reinterpret_cast<int4*>(static_cast<T*>(a.out) + static_cast<long long>(t0 + k) * a.hidden)[v] =
@@ -769,7 +799,12 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerTable p
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
   const unsigned long long epoch = ld_volatile(&me->epoch);  // arrive_kernel counted this call
   const int half = static_cast<int>((epoch - 1) & 1ull);
-  const Group g{static_cast<int>(threadIdx.x) / kGroupThreads, static_cast<int>(threadIdx.x) % kGroupThreads};
+  __shared__ int stop[kGroupsPerBlock];
+  if (block_aborted(peers)) return;
+  const int id = static_cast<int>(threadIdx.x) / kGroupThreads;
+  const Group g{id, static_cast<int>(threadIdx.x) % kGroupThreads, &stop[id]};
+  if (g.tid == 0) stop[id] = 0;
+  g.sync();
   const bool copier = g.id < 2;
   const int index = blockIdx.x * 2 + (g.id & 1), count = gridDim.x * 2;
   if (a.layout == Layout::kRankMajor) {
@@ -789,9 +824,7 @@ int copy_blocks(const LaunchConfig& cfg, long long work_items) {
 }  // namespace
 
 CombineLaunch combine_launch(int num_ranks, int num_sms, int chunk_rows, int ring_rows) {
-  // One block per SM of the budget, every one resident (reducers wait for
-  // copiers); at least one copier per ring.
-  const int blocks = std::min(kMaxCombineBlocks / 2, std::max((num_ranks + 1) / 2, num_sms));
+  const int blocks = combine_blocks(num_ranks, num_sms);
   // Tokens per reducer batch: the tokens all reducers hold at once (reducer
   // groups x batch) bound how far ahead of the slowest one the copiers must
   // run, i.e. how much of each ring is live. About 32 keeps the rings small
@@ -838,6 +871,27 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   const long long pull_vecs = static_cast<long long>(C) * (parts.row_bytes() / 16);
   pull_rows_kernel<<<copy_blocks(cfg, pull_vecs), kCopyThreads, 0, cfg.stream>>>(
       peers, parts, C, layout.rows, layout.row_stride, out.recv_src_rank, out.recv_src_token);
+  return cudaGetLastError();
+}
+
+namespace {
+__global__ void read_status_kernel(PeerTable peers, int* out) {
+  aborted(peers);  // records a peer's abort that no kernel of this rank has seen yet
+  const auto* rec = reinterpret_cast<volatile const TimeoutRecord*>(peers.timeout_record);
+  int code = rec->code;
+  const unsigned long long start = global_timer_ns();
+  while (code < 0 && global_timer_ns() - start < 100000000ull) code = rec->code;  // being written
+  if (code < 0) code = kFailAborted;
+  const bool ok = code == kFailNone;
+  out[0] = code;
+  out[1] = ok ? -1 : (code == kFailOrder ? rec->rank : rec->peer);
+  out[2] = peers.rank;
+  out[3] = ok ? -1 : rec->op;
+}
+}  // namespace
+
+cudaError_t launch_read_status(const PeerTable& peers, int* out, cudaStream_t stream) {
+  read_status_kernel<<<1, 1, 0, stream>>>(peers, out);
   return cudaGetLastError();
 }
 

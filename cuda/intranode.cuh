@@ -29,6 +29,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifdef __CUDACC__
+#include "sync.cuh"
+#endif
+
 namespace jax_ep {
 namespace intranode {
 
@@ -52,21 +56,82 @@ __host__ __device__ inline std::size_t align_up(std::size_t v, std::size_t a) {
   return (v + a - 1) / a * a;
 }
 
+// What a communicating call is, as every rank must agree on it: the host
+// fills the fields from the call's static shapes and attributes (a field
+// that does not apply is 0) and hashes them. A rank publishes the hash to
+// every peer beside its arrival flag and its fields in its own header; a
+// peer that acquired the flag compares the hash (one store and one compare
+// per peer per call) and, on a difference, reads the fields to name the
+// first one that differs.
+inline constexpr int kSigFields = 12;
+enum SigField : int {
+  kSigOp = 0,        // which call (op codes of timeout records)
+  kSigTokens,        // T (intranode ops; 0 in low-latency ones, where it may differ)
+  kSigRows,          // C (intranode) or M (low-latency)
+  kSigRowBytes,      // bytes of one payload row
+  kSigTopk,          // K
+  kSigExperts,       // E
+  kSigSms,           // SM budget (num_sms)
+  kSigChunkRows,     // combine chunk rows
+  kSigRingRows,      // combine ring rows
+  kSigLayout,        // 0 rank-major, 1 expert-major
+  kSigDtype,         // dtype or low-latency payload
+  kSigMode,          // low-latency: FP8 combine rows, zero copy
+};
+struct CallSignature {
+  unsigned int field[kSigFields];
+  unsigned long long hash;  // FNV-1a of the fields; 0: no signature (not checked)
+};
+
+__host__ __device__ inline unsigned long long signature_hash(const unsigned int* field) {
+  unsigned long long h = 1469598103934665603ull;
+  for (int i = 0; i < kSigFields; ++i) {
+    for (int b = 0; b < 4; ++b) {
+      h ^= (field[i] >> (8 * b)) & 0xffu;
+      h *= 1099511628211ull;
+    }
+  }
+  return h | 1ull;  // never 0
+}
+
+// Signature slots: kind 0 the intranode epoch, 1 low-latency dispatch, 2
+// low-latency combine; each kind alternates two slots by call parity (a peer
+// reaches call n + 2, which would reuse a slot, only after this rank
+// arrived at call n + 1, i.e. after it finished reading call n's).
+inline constexpr int kSigKinds = 3;
+
 // Header of every registered buffer.
 struct Signals {
   unsigned long long epoch;       // barriers this rank has entered
   unsigned long long pad[7];
   unsigned long long arrived[kMaxRanks];  // arrived[s]: latest epoch rank s reached
+  // Nonzero once any rank failed: (what << 32) | (failing rank + 1), written
+  // by the failing rank into every rank's header and polled by every wait.
+  // Never cleared: the buffer is unusable until re-created.
+  unsigned long long abort;
+  unsigned long long pad2[7];
+  unsigned long long sig_hash[kSigKinds][2][kMaxRanks];  // written by rank s into [.][.][s]
+  CallSignature sig_fields[kSigKinds][2];                // this rank's own, read by peers
+};
+static_assert(sizeof(Signals) <= kSignalBytes, "Signals must fit the signal block");
+
+// What went wrong (TimeoutRecord::code; the abort word's `what`).
+enum FailCode : int {
+  kFailNone = 0,
+  kFailTimeout = 1,   // a wait gave up on `peer`
+  kFailOrder = 2,     // low-latency calls out of order (peer: 0 send twice, 1 receive without send)
+  kFailMismatch = 3,  // `peer` made a different call (mine / theirs: the signatures)
+  kFailAborted = 4,   // another rank failed first (`peer`: that rank, peer_epoch: its code)
 };
 
-// Written by a kernel (into mapped host memory) just before it traps on a
-// timeout, so the host can print a message naming the peer even though the
-// CUDA context is lost.
+// Written by a kernel (into mapped host memory) when a wait fails, before
+// it returns; the host turns it into the message of a jax_ep error.
 struct TimeoutRecord {
-  int code;  // 0 none, 1 barrier timeout, 2 low-latency calls out of order (peer: 0 send twice, 1 receive without send)
+  int code;  // FailCode
   int rank, peer, op;
   unsigned long long epoch, peer_epoch;
   double seconds;
+  unsigned int mine[kSigFields], theirs[kSigFields];  // kFailMismatch
 };
 
 // What a kernel needs to reach every rank's registered buffer.
@@ -78,6 +143,7 @@ struct PeerTable {
   unsigned long long timeout_ns;   // barrier wait limit
   TimeoutRecord* timeout_record;   // mapped host memory
   int gpu_scope;                   // 1: every peer's memory is on this GPU (GPU-scope fences suffice)
+  CallSignature call;              // the call's signature (set by its handler; hash 0: unchecked)
 };
 
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2
@@ -94,36 +160,120 @@ inline const char* op_name(int op) {
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
     case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
+    case 9: return "status";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }
 
 #ifdef __CUDACC__
-// A wait gave up: leave a record for the host's watcher (the first one
-// wins), give it time to print, then trap (the CUDA context is lost anyway).
+// Tell every rank (this one too) that `peers.rank` failed: a plain store of
+// the abort word in each header (the first failure is what each keeps).
+__device__ __forceinline__ void raise_abort(const PeerTable& peers, int code) {
+  const unsigned long long word = static_cast<unsigned long long>(code) << 32 |
+                                  static_cast<unsigned long long>(peers.rank + 1);
+  __threadfence_system();
+  for (int r = 0; r < peers.num_ranks; ++r) {
+    auto* w = &reinterpret_cast<Signals*>(peers.base[r])->abort;
+    if (ld_volatile(w) == 0) *reinterpret_cast<volatile unsigned long long*>(w) = word;
+  }
+  __threadfence_system();
+}
+
+// A call failed here: leave a record for the host (the first one wins) and,
+// unless a peer's abort is what stopped it, raise the abort in every rank.
+// The caller then returns; so do the call's later kernels (`aborted`).
 __device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer, int op,
-                                     unsigned long long epoch, unsigned long long peer_epoch) {
+                                     unsigned long long epoch, unsigned long long peer_epoch,
+                                     const CallSignature* theirs = nullptr) {
   TimeoutRecord* rec = peers.timeout_record;
-  if (atomicCAS(&rec->code, 0, code) == 0) {
+  if (atomicCAS(&rec->code, 0, -1) == 0) {
     rec->rank = peers.rank;
     rec->peer = peer;
     rec->op = op;
     rec->epoch = epoch;
     rec->peer_epoch = peer_epoch;
     rec->seconds = peers.timeout_ns * 1e-9;
+    for (int i = 0; i < kSigFields; ++i) {
+      rec->mine[i] = peers.call.field[i];
+      rec->theirs[i] = theirs != nullptr ? theirs->field[i] : 0u;
+    }
+    __threadfence_system();
+    *reinterpret_cast<volatile int*>(&rec->code) = code;  // last: the host reads a whole record
     __threadfence_system();
   }
-  long long noticed;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(noticed));
-  for (long long now = noticed; now - noticed < 500000000ll;) {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  }
-  __trap();
+  if (code != kFailAborted) raise_abort(peers, code);
 }
 
-__device__ __forceinline__ void fail_wait(const PeerTable& peers, int peer, int op,
-                                          unsigned long long epoch, unsigned long long peer_epoch) {
-  fail(peers, 1, peer, op, epoch, peer_epoch);
+// Whether any rank failed (this buffer is then dead): kernels of a call
+// check it on entry and return without touching peers or outputs. The first
+// kernel of this rank to notice records who raised it (unless this rank
+// recorded a failure already), so the host learns it even where no wait ran.
+__device__ __forceinline__ bool aborted(const PeerTable& peers) {
+  const unsigned long long word = ld_volatile(&reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort);
+  if (word == 0) return false;
+  if (*reinterpret_cast<volatile int*>(&peers.timeout_record->code) == 0) {
+    fail(peers, kFailAborted, static_cast<int>(word & 0xffffffffull) - 1, -1, 0, word >> 32);
+  }
+  return true;
+}
+
+// `aborted` decided once for the whole block (thread 0 reads, all see its
+// answer): for kernels whose threads meet at block barriers later.
+__device__ __forceinline__ bool block_aborted(const PeerTable& peers) {
+  __shared__ int seen;
+  if (threadIdx.x == 0) seen = aborted(peers) ? 1 : 0;
+  __syncthreads();
+  return seen != 0;
+}
+
+// A wait ended without its flag: record why (a timeout on `peer`, or the
+// abort a peer raised) and raise the abort. False; true when ready.
+__device__ __forceinline__ bool wait_failed(const PeerTable& peers, WaitOutcome outcome, int peer, int op,
+                                            unsigned long long expected, unsigned long long seen) {
+  if (outcome == kWaitReady) return false;
+  if (outcome == kWaitAborted) {
+    const unsigned long long word = ld_volatile(&reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort);
+    fail(peers, kFailAborted, static_cast<int>(word & 0xffffffffull) - 1, op, expected, word >> 32);
+  } else {
+    fail(peers, kFailTimeout, peer, op, expected, seen);
+  }
+  return true;
+}
+
+// Wait until *flag >= `expected` (acquire); false when the wait failed
+// (recorded, abort raised): the caller stops.
+__device__ __forceinline__ bool wait_at_least(const PeerTable& peers, const unsigned long long* flag,
+                                              unsigned long long expected, int peer, int op) {
+  unsigned long long v = 0;
+  const WaitOutcome w = wait_until([&] { return (v = ld_acquire_sys(flag)) >= expected; },
+                                   &reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort,
+                                   peers.timeout_ns);
+  return !wait_failed(peers, w, peer, op, expected, v);
+}
+
+// Signature check after acquiring peer `s`'s flag of call `n` of `kind`:
+// false (recorded, abort raised) when s made a different call.
+__device__ __forceinline__ bool signature_agrees(const PeerTable& peers, int kind, unsigned long long n, int s,
+                                                 int op) {
+  if (peers.call.hash == 0) return true;
+  const int slot = static_cast<int>(n & 1ull);
+  const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
+  const unsigned long long theirs = ld_volatile(&me->sig_hash[kind][slot][s]);
+  if (theirs == peers.call.hash) return true;
+  CallSignature fields = reinterpret_cast<const Signals*>(peers.base[s])->sig_fields[kind][slot];
+  fail(peers, kFailMismatch, s, op, n, theirs, &fields);
+  return false;
+}
+
+// Publish this rank's signature of call `n` of `kind`: its fields in its own
+// header (thread of `publish_fields`), its hash in peer `s`'s header. Before
+// the release of the arrival flag that publishes the call.
+__device__ __forceinline__ void publish_signature(const PeerTable& peers, int kind, unsigned long long n, int s,
+                                                  bool publish_fields) {
+  if (peers.call.hash == 0) return;
+  const int slot = static_cast<int>(n & 1ull);
+  if (publish_fields) reinterpret_cast<Signals*>(peers.base[peers.rank])->sig_fields[kind][slot] = peers.call;
+  reinterpret_cast<Signals*>(peers.base[s])->sig_hash[kind][slot][peers.rank] = peers.call.hash;
 }
 #endif
 
@@ -287,6 +437,14 @@ struct CombineArgs {
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg);
 
+// Blocks of a combine (one per SM of the budget, at least one copier per
+// ring). They spin, so every block of every rank on a GPU must be resident
+// at once: blocks x ranks on the GPU <= its SMs (checked by the handler).
+inline int combine_blocks(int num_ranks, int num_sms) {
+  const int want = (num_ranks + 1) / 2 > num_sms ? (num_ranks + 1) / 2 : num_sms;
+  return want < kMaxCombineBlocks / 2 ? want : kMaxCombineBlocks / 2;
+}
+
 // Launch shape of the combine kernel: blocks per rank (copiers and reducers
 // are 2 * blocks each) and tokens per reducer batch (1, 2 or 4).
 struct CombineLaunch {
@@ -299,6 +457,13 @@ inline int combine_chunk_rows(int capacity, int requested) {
   const int minimum = (capacity + kMaxChunks - 1) / kMaxChunks;
   return requested > minimum ? requested : (minimum > 1 ? minimum : 1);
 }
+
+// Status of this rank's buffer into out s32[4], on `stream` after the calls
+// before it: {code (FailCode: 0 ok, 1 timeout, 2 calls out of order, 3
+// mismatch, 4 aborted), the rank at fault (the peer waited for or that
+// differed, the rank that raised the abort; -1 when ok), this rank, op (-1
+// when ok or unknown)}.
+cudaError_t launch_read_status(const PeerTable& peers, int* out, cudaStream_t stream);
 
 // One cross-rank barrier (the one every dispatch runs): each rank announces
 // its next epoch to every peer and waits for theirs.

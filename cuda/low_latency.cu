@@ -41,30 +41,63 @@ __device__ __forceinline__ unsigned long long* sent_mark(const PeerTable& p, int
   return reinterpret_cast<unsigned long long*>(p.base[p.rank] + intranode::kSignalBytes + 60 * 1024) + which;
 }
 
-// Called by one thread at the start of a send (`is_send`) or a receive.
-__device__ __forceinline__ void check_order(const PeerTable& p, int which, unsigned long long call, bool is_send) {
+// Called by one thread at the start of a send (`is_send`) or a receive;
+// false (recorded, abort raised) when the calls are out of order.
+__device__ __forceinline__ bool check_order(const PeerTable& p, int which, unsigned long long call, bool is_send) {
   unsigned long long* mark = sent_mark(p, which);
   const unsigned long long last = ld_volatile(mark);
-  if (is_send ? last == call : last != call) intranode::fail(p, 2, is_send ? 0 : 1, 3 + which, call, last);
+  if (is_send ? last == call : last != call) {
+    intranode::fail(p, intranode::kFailOrder, is_send ? 0 : 1, 3 + which, call, last);
+    return false;
+  }
   if (is_send) *mark = call;
+  return true;
+}
+
+// Signature kind of low-latency dispatch (0) or combine (1) calls.
+__device__ __forceinline__ int sig_kind(int which) { return 1 + which; }
+
+// Block 0 of a send, at its start: this rank's signature of the call to
+// every peer (its fields in its own header), ordered before the flags the
+// last block raises by the same fences as the messages.
+__device__ __forceinline__ void publish_call(const PeerTable& p, int which, unsigned long long call) {
+  if (blockIdx.x == 0 && threadIdx.x < p.num_ranks) {
+    intranode::publish_signature(p, sig_kind(which), call, threadIdx.x, threadIdx.x == 0);
+  }
 }
 
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
   return intranode::staging_half(p.base[rank], static_cast<int>(call & 1ull), p.staging_half_bytes);
 }
 
-// Spin until *slot's call number (high 32 bits, or the whole word when
-// `whole`) reaches `call`; on timeout leave a record and trap.
-__device__ unsigned long long wait_call(const PeerTable& p, const unsigned long long* slot,
-                                        unsigned long long call, bool whole, int peer, int op) {
-  auto ready = [&](unsigned long long v) { return (whole ? v : (v >> 32)) >= call; };
-  unsigned long long v = ld_acquire_sys(slot);
-  if (ready(v)) return v;
-  const unsigned long long start = global_timer_ns();
-  while (!ready(v = ld_acquire_sys(slot))) {
-    if (global_timer_ns() - start > p.timeout_ns) intranode::fail_wait(p, peer, op, call, whole ? v : (v >> 32));
+// Entry of a send kernel (every thread): false when the buffer is dead or
+// (block 0) this send is out of order; the block then returns as a whole.
+// Other blocks of an out-of-order send may already be writing.
+__device__ __forceinline__ bool start_send(const PeerTable& p, int which, unsigned long long call, int* token) {
+  __shared__ int stop;
+  if (threadIdx.x == 0) {
+    stop = intranode::aborted(p) || (blockIdx.x == 0 && !check_order(p, which, call, true));
+    if (!stop && blockIdx.x == 0 && token != nullptr) *token = 0;
   }
-  return v;
+  __syncthreads();
+  if (stop) return false;
+  publish_call(p, which, call);
+  return true;
+}
+
+// Spin until *slot's call number (high 32 bits, or the whole word when
+// `whole`) reaches `call`, leaving the word in *value; false when the wait
+// failed (a timeout or a peer's abort: recorded, abort raised).
+__device__ bool wait_call(const PeerTable& p, const unsigned long long* slot, unsigned long long call, bool whole,
+                          int peer, int op, unsigned long long* value) {
+  unsigned long long v = 0;
+  auto ready = [&] {
+    v = ld_acquire_sys(slot);
+    return (whole ? v : (v >> 32)) >= call;
+  };
+  const WaitOutcome w = wait_until(ready, &reinterpret_cast<const Signals*>(p.base[p.rank])->abort, p.timeout_ns);
+  *value = v;
+  return !intranode::wait_failed(p, w, peer, op, call, whole ? v : (v >> 32));
 }
 
 // True in every thread of the block that finished last; that block resets
@@ -393,10 +426,7 @@ __global__ void __launch_bounds__(kThreads)
   const std::size_t stride = s.message_stride();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int vecs = static_cast<int>(stride / 16);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    check_order(p, 0, call, true);
-    if (token != nullptr) *token = 0;
-  }
+  if (!start_send(p, 0, call, token)) return;
   for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
     const __nv_bfloat16* row = x + static_cast<long long>(t) * s.hidden;
     if (threadIdx.x == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
@@ -452,10 +482,14 @@ __global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s)
   const int le = s.local_experts(R);
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   int* counts = received_counts(p);
-  if (threadIdx.x == 0) check_order(p, 0, call, false);
+  if (intranode::aborted(p) || (threadIdx.x == 0 && !check_order(p, 0, call, false))) return;
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
-    counts[i] = static_cast<int>(wait_call(p, slot, call, false, i % R, 3) & 0xffffffffull);
+    unsigned long long v;
+    if (!wait_call(p, slot, call, false, i % R, 3, &v)) return;
+    // Slots [0, R) are local expert 0 of every source: one check per source.
+    if (i < R && !intranode::signature_agrees(p, sig_kind(0), call, i, 3)) return;
+    counts[i] = static_cast<int>(v & 0xffffffffull);
   }
 }
 
@@ -464,6 +498,7 @@ __global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s)
 __global__ void __launch_bounds__(kThreads)
     dispatch_recv_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead
   const int R = p.num_ranks;
   const int le = s.local_experts(R);
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
@@ -537,10 +572,7 @@ __global__ void __launch_bounds__(kThreads)
   char* stage = half_of(p, p.rank, call) + l.dispatch_rows;
   int* rows = reinterpret_cast<int*>(stage + s.stage_rows_offset());
   unsigned long long* counts = pull_counts(p.base[p.rank], static_cast<int>(call & 1));
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    check_order(p, 0, call, true);
-    if (token != nullptr) *token = 0;
-  }
+  if (!start_send(p, 0, call, token)) return;
   for (int i = threadIdx.x; i < s.num_tokens * K; i += blockDim.x) ids[i] = topk_idx[i];
   __syncthreads();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -568,9 +600,12 @@ __global__ void __launch_bounds__(kThreads)
 // source's flag.
 __global__ void wait_staged_kernel(PeerTable p) {
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
-  if (threadIdx.x == 0) check_order(p, 0, call, false);
-  if (threadIdx.x < p.num_ranks) {
-    wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, false, threadIdx.x, 3);
+  if (intranode::aborted(p) || (threadIdx.x == 0 && !check_order(p, 0, call, false))) return;
+  unsigned long long v;
+  if (threadIdx.x < p.num_ranks &&
+      wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, false, threadIdx.x, 3,
+                &v)) {
+    intranode::signature_agrees(p, sig_kind(0), call, threadIdx.x, 3);
   }
 }
 
@@ -582,6 +617,7 @@ __global__ void wait_staged_kernel(PeerTable p) {
 __global__ void __launch_bounds__(kThreads, 2)
     dispatch_pull_kernel(PeerTable p, Shape s, char* recv_x, char* recv_scales, int* recv_count,
                          int* src_rank, int* src_token, int* src_slot) {
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead
   __shared__ int start[2 * kCountSlots + 64];  // lay_out_rows
   __shared__ int first[kCountSlots + 1];
   const int R = p.num_ranks, M = s.max_tokens, K = s.num_topk;
@@ -677,10 +713,7 @@ __global__ void __launch_bounds__(kThreads)
   const Layout l = Layout::make(s, R);
   const int rows_out = R * s.max_tokens;
   const int vecs = s.hidden / 8;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    check_order(p, 1, call, true);
-    if (token != nullptr) *token = 0;
-  }
+  if (!start_send(p, 1, call, token)) return;
   __shared__ int first[kCountSlots + 1];
   count_valid_rows(src_rank, le, rows_out, first);
   // One warp per valid row: find it once, then push its vectors.
@@ -756,8 +789,12 @@ __global__ void __launch_bounds__(1024)
   const int half = static_cast<int>(call & 1);
   const Layout l = Layout::make(s, R);
   __shared__ bool published[intranode::kMaxRanks];
+  __shared__ int failed;  // a thread's check or wait failed (read after the block's barriers)
+  if (threadIdx.x == 0) failed = 0;
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead (its barrier orders `failed`)
   if (y_offset >= 0) {
-    if (threadIdx.x == 0) check_order(p, 1, call, true);
+    if (threadIdx.x == 0 && !check_order(p, 1, call, true)) failed = 1;
+    if (threadIdx.x < R) intranode::publish_signature(p, sig_kind(1), call, threadIdx.x, threadIdx.x == 0);
     const int rows_out = R * s.max_tokens;
     __shared__ int first[kCountSlots + 1];
     count_valid_rows(src_rank, le, rows_out, first);
@@ -770,19 +807,22 @@ __global__ void __launch_bounds__(1024)
     }
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x < R) {
+    if (threadIdx.x < R && !failed) {
       *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
           (call << 32) | 1ull;
     }
   }
-  if (threadIdx.x == 0) check_order(p, 1, call, false);
+  if (threadIdx.x == 0 && !check_order(p, 1, call, false)) failed = 1;
   if (threadIdx.x < R) {
-    const unsigned long long v =
-        wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, false, threadIdx.x, 4);
+    unsigned long long v = 0;
+    if (!wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, false, threadIdx.x, 4, &v) ||
+        !intranode::signature_agrees(p, sig_kind(1), call, threadIdx.x, 4)) {
+      failed = 1;
+    }
     published[threadIdx.x] = (v & 1ull) != 0;
   }
   __syncthreads();
-  if (topk_idx == nullptr) return;
+  if (topk_idx == nullptr || failed) return;
   char* mine = half_of(p, p.rank, call);
   auto** rows = reinterpret_cast<const char**>(mine + l.combine_ptrs);
   for (int i = threadIdx.x; i < s.num_tokens * s.num_topk; i += blockDim.x) {
@@ -813,6 +853,7 @@ __global__ void __launch_bounds__(1024)
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
     combine_recv_kernel(PeerTable p, Shape s, const float* topk_weights, __nv_bfloat16* out, bool wait_readers) {
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead
   using Raw = std::conditional_t<kFp8, uint2, int4>;
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
@@ -872,9 +913,8 @@ __global__ void __launch_bounds__(kThreads)
     const int half = static_cast<int>(call & 1);
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) = call;
-    if (wait_readers) {
-      wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 8);
-    }
+    unsigned long long v;
+    if (wait_readers) wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 8, &v);
   }
 }
 
@@ -883,6 +923,7 @@ __global__ void __launch_bounds__(kThreads)
 // of dispatch). A warp per (token, slot).
 __global__ void __launch_bounds__(kThreads)
     combine_gather_kernel(PeerTable p, Shape s, const int* topk_idx, __nv_bfloat16* out) {
+  if (intranode::block_aborted(p)) return;  // a rank failed: this buffer is dead
   const int R = p.num_ranks;
   const unsigned long long call = ld_volatile(combine_counter(p)) + 1;
   const Layout l = Layout::make(s, R);

@@ -38,6 +38,33 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
+// How a wait ended.
+enum WaitOutcome : int { kWaitReady = 0, kWaitTimeout = 1, kWaitAborted = 2 };
+
+// The one spin loop of jax_ep: every wait on a peer goes through it. Polls
+// `ready()` (which loads the flag, acquire) until it holds, the abort word
+// (raised by any rank that failed, in this rank's own memory) becomes
+// nonzero, or `timeout_ns` passes. `uniform(b)` makes a decision the same in
+// every thread that calls `ready` together (a warp-collective poll passes a
+// lane-0 broadcast; a single thread passes the identity).
+template <typename Ready, typename Uniform>
+__device__ __forceinline__ WaitOutcome wait_until(Ready ready, const unsigned long long* abort_word,
+                                                  unsigned long long timeout_ns, Uniform uniform) {
+  if (ready()) return kWaitReady;
+  const unsigned long long start = global_timer_ns();
+  for (;;) {
+    if (ready()) return kWaitReady;
+    if (uniform(ld_volatile(abort_word) != 0)) return kWaitAborted;
+    if (uniform(global_timer_ns() - start > timeout_ns)) return kWaitTimeout;
+  }
+}
+
+template <typename Ready>
+__device__ __forceinline__ WaitOutcome wait_until(Ready ready, const unsigned long long* abort_word,
+                                                  unsigned long long timeout_ns) {
+  return wait_until(ready, abort_word, timeout_ns, [](bool b) { return b; });
+}
+
 // 16-byte read of memory another rank wrote before a barrier; it does not
 // change while the reading kernel runs, so the non-coherent path is safe.
 __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {

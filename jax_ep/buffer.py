@@ -62,6 +62,10 @@ class Buffer:
             raise TypeError(f"low_latency must be a LowLatencyOptions, got {type(self.low_latency).__name__}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if "cuda" in (self.normal.backend, self.low_latency.backend):
+            from jax_ep.runtime import agree_on_buffer
+
+            agree_on_buffer(self._agreed_config())
         if self.normal.backend == "cuda":
             from jax_ep.runtime import IntranodeRuntime
 
@@ -81,6 +85,19 @@ class Buffer:
             self._ll_runtime = create(self.num_ll_bytes, timeout_s=self.timeout_s)
             self._ll_runtime.share_xla_memory()
             self.low_latency = dataclasses.replace(self.low_latency, buffer_id=self._ll_runtime.buffer_id)
+
+    def _agreed_config(self) -> dict:
+        """What every rank's Buffer must agree on (checked at creation): the
+        sizes and every option, as JSON-able values in a fixed order."""
+        config = {"num_ranks": jax.process_count(), "num_experts": self.num_experts,
+                  "axis_name": repr(self.axis_name), "num_nvl_bytes": self.num_nvl_bytes,
+                  "num_ll_bytes": self.num_ll_bytes, "ll_transport": self.ll_transport}
+        for prefix, options in (("normal", self.normal), ("low_latency", self.low_latency)):
+            for f in dataclasses.fields(options):
+                if f.name != "buffer_id":
+                    value = getattr(options, f.name)
+                    config[f"{prefix}.{f.name}"] = repr(value) if dataclasses.is_dataclass(value) else value
+        return config
 
     @property
     def low_latency_transports(self) -> tuple:
@@ -113,6 +130,23 @@ class Buffer:
     def _alive(self):
         if self._destroyed:
             raise RuntimeError("this jax_ep.Buffer was destroyed; create a new one")
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``jax_ep.CommunicationError`` when a call on this buffer
+        failed on this rank or was aborted by a peer (as seen by the calls
+        that have run: block on their results first). Every method checks it;
+        after a failure the buffer must be destroyed and created again."""
+        for rt in (self._runtime, self._ll_runtime):
+            error = rt.failure() if rt is not None else None
+            if error is not None:
+                raise error
+
+    def status(self, *after, mode: str = "normal") -> jax.Array:
+        """See ``jax_ep.status``."""
+        if self._destroyed:
+            raise RuntimeError("this jax_ep.Buffer was destroyed; create a new one")
+        return status(self, *after, mode=mode)
 
     def get_dispatch_layout(self, topk_idx: jax.Array) -> _layout.DispatchLayout:
         """See ``jax_ep.get_dispatch_layout``."""
@@ -179,3 +213,32 @@ class Buffer:
 
     def __exit__(self, *exc):
         self.destroy()
+
+
+def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
+    """The state of ``buffer``'s ``mode`` ("normal" or "low_latency") calls
+    on this rank, as data: int32 ``[code, rank at fault, this rank, op]``.
+
+    ``code`` is ``jax_ep.faults.STATUS_OK`` (0), ``STATUS_TIMEOUT`` (1),
+    ``STATUS_OUT_OF_ORDER`` (2), ``STATUS_MISMATCH`` (3) or ``STATUS_ABORTED``
+    (4, another rank failed first); the rank at fault is the peer waited for,
+    the one whose call differed, or the one that raised the abort (-1 when
+    ok). With the CUDA backend it runs on the GPU after the calls whose
+    results are passed as ``after`` (XLA orders it by that data only), so a
+    compiled loop (a CUDA graph included) can stop on it. After a nonzero code
+    the outputs of that call and of every later call are not valid. The
+    reference backend (``backend="xla"``) never fails: code 0. Call it where
+    the ops are called (inside ``shard_map`` over ``axis_name``, or outside
+    with ``axis_name=None``).
+    """
+    import jax.numpy as jnp
+
+    if mode not in ("normal", "low_latency"):
+        raise ValueError(f"mode must be 'normal' or 'low_latency', got {mode!r}")
+    rt = buffer._runtime if mode == "normal" else buffer._ll_runtime
+    if rt is None:
+        rank = jax.lax.axis_index(buffer.axis_name) if buffer.axis_name is not None else 0
+        return jnp.stack([jnp.int32(0), jnp.int32(-1), jnp.asarray(rank, jnp.int32), jnp.int32(-1)])
+    from jax_ep import cuda_ops
+
+    return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)

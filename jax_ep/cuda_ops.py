@@ -338,3 +338,13 @@ def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
     token = ll_dispatch_send(rows, idx, bf16)
     recv_x, _, _ = ll_dispatch_recv(token, idx, bf16)
     return jnp.where((handle.recv_src_rank >= 0)[..., None], recv_x.astype(jnp.float32), 0.0)
+
+
+# --- status ---------------------------------------------------------------------
+
+
+def status(buffer_id: int, after: tuple, axis_name=None) -> jax.Array:
+    """int32[4] status of a buffer on this rank, read on the GPU after the
+    calls that produced ``after`` (jax_ep.buffer.status)."""
+    call = jax.ffi.ffi_call("jax_ep_status", jax.ShapeDtypeStruct((4,), jnp.int32), **_COMM)
+    return _varying(call(*jax.tree_util.tree_leaves(after), buffer_id=np.int64(buffer_id)), axis_name)

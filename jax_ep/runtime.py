@@ -31,7 +31,7 @@ import uuid
 import jax
 import numpy as np
 
-from jax_ep import _extension
+from jax_ep import _extension, faults
 
 _lock = threading.Lock()
 _counter = itertools.count()  # buffers are created in the same order on every rank
@@ -73,7 +73,9 @@ class IntranodeRuntime:
         buffer_id = C.create_intranode_buffer(local[0].local_hardware_id or 0, rank, num_ranks, int(num_bytes), float(timeout_s))
         try:
             if num_ranks > 1:
-                _exchange_handles(C, buffer_id, seq, rank, num_ranks, bootstrap_timeout_s)
+                config = {"num_ranks": num_ranks, "num_bytes": int(num_bytes),
+                          "staging_half_bytes": int(C.intranode_staging_half_bytes(buffer_id))}
+                _exchange_handles(C, buffer_id, seq, rank, num_ranks, bootstrap_timeout_s, config)
             runtime = IntranodeRuntime(
                 buffer_id, rank, num_ranks, int(num_bytes), C.intranode_staging_half_bytes(buffer_id),
                 transports=tuple("local" if r == rank else "ipc" for r in range(num_ranks)),
@@ -185,6 +187,12 @@ class IntranodeRuntime:
         _xla_memory_notes[self.buffer_id] = "" if on else (note or "not mapped")
         return on
 
+    def failure(self) -> "faults.CommunicationError | None":
+        """What failed in a call on this buffer (read from the record its
+        kernels leave in mapped host memory), or None. Once set the buffer's
+        kernels return at once: it must be re-created."""
+        return faults.error_from_record(_extension._C.buffer_failure(self.buffer_id))
+
     @property
     def xla_memory_shared(self) -> bool:
         """Whether zero-copy combines can read every peer's XLA memory."""
@@ -217,9 +225,13 @@ def _kv_client():
     return client
 
 
-def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, timeout_s: float) -> None:
+def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, timeout_s: float,
+                      config: dict | None = None) -> None:
     client = _kv_client()
     prefix = f"jax_ep/intranode/{seq}"
+    # Sizes first: peers compute addresses in this rank's buffer from their own.
+    faults.exchange_and_check(client, f"{prefix}/config", f"registered buffers (#{seq})", rank, num_ranks,
+                              config or {}, timeout_s)
     client.key_value_set_bytes(f"{prefix}/handle/{rank}", C.intranode_ipc_handle(buffer_id))
     timeout_ms = int(timeout_s * 1000)
     for peer in range(num_ranks):
@@ -239,6 +251,22 @@ def _exchange_handles(C, buffer_id: int, seq: int, rank: int, num_ranks: int, ti
         raise TimeoutError(
             f"jax_ep: rank {rank} waited {timeout_s:.0f} s for all ranks to map buffer {seq}"
         ) from e
+
+
+_agree_counter = itertools.count()  # Buffers are created in the same order on every rank
+
+
+def agree_on_buffer(config: dict, *, timeout_s: float = 120.0) -> None:
+    """Every rank process publishes ``config`` (a Buffer's arguments) and
+    checks that every peer's is the same: ``faults.BufferMismatchError``
+    naming both ranks and the first differing field otherwise. Nothing to do
+    with one process."""
+    num_ranks = jax.process_count()
+    seq = next(_agree_counter)
+    if num_ranks == 1:
+        return
+    faults.exchange_and_check(_kv_client(), f"jax_ep/buffer/{seq}", f"jax_ep.Buffer objects (#{seq})",
+                              jax.process_index(), num_ranks, config, timeout_s)
 
 
 def _xla_probe(device):

@@ -110,6 +110,10 @@ step single_process_multi_gpu "$OUT/single_process_multi_gpu.log" \
 
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2
 step misordered_calls "$OUT/misordered_calls.log" timeout --kill-after=10 200 python3 tests/gpu/check_misordered_calls.py 2
+# Faults: a rank that stops (the others leave within 1 s of the first timeout)
+# and ranks that make different calls (all stop at once, naming the field).
+step stopped_rank "$OUT/stopped_rank.log" timeout --kill-after=10 200 python3 tests/gpu/check_stopped_rank.py 4
+step mismatch "$OUT/mismatch.log" timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 2
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
   step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"

@@ -17,7 +17,7 @@ TARGETS = {
     "jax_ep_intranode_combine", "jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv",
     "jax_ep_ll_combine_send", "jax_ep_ll_combine_recv", "jax_ep_ll_combine_gather_recv",
     "jax_ep_ll_dispatch_send_async", "jax_ep_ll_dispatch_recv_async", "jax_ep_ll_combine_send_async",
-    "jax_ep_ll_combine_recv_async",
+    "jax_ep_ll_combine_recv_async", "jax_ep_status",
 }
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")

@@ -21,6 +21,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeDispatchFp8Handler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(IntranodeCombineHandler);
 
+// "jax_ep_status": a buffer's failure record as s32[4]
+XLA_FFI_DECLARE_HANDLER_SYMBOL(StatusHandler);
+
 // "jax_ep_ll_dispatch_send", "jax_ep_ll_dispatch_recv", "jax_ep_ll_combine_send",
 // "jax_ep_ll_combine_recv", "jax_ep_ll_combine_gather_recv"
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyDispatchSendHandler);

@@ -115,7 +115,13 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
     cudaMemsetAsync(out.expert_group_sizes, 0, sizeof(int) * (num_experts / R), stream);
   }
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
-  return launch_status(target, intranode::launch_dispatch(buf->peer_table(), args, parts, out, cfg));
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(0, {{intranode::kSigTokens, T}, {intranode::kSigRows, capacity},
+                             {intranode::kSigRowBytes, parts.row_bytes()}, {intranode::kSigTopk, K},
+                             {intranode::kSigExperts, num_experts}, {intranode::kSigSms, num_sms},
+                             {intranode::kSigLayout, layout}, {intranode::kSigDtype, parts.num_parts},
+                             {intranode::kSigMode, expert_alignment}});
+  return launch_status(target, intranode::launch_dispatch(peers, args, parts, out, cfg));
 }
 
 RowParts one_part(const ffi::AnyBuffer& src, ffi::Result<ffi::AnyBuffer>& dst) {
@@ -187,8 +193,11 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
     return err;
   }
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream};
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(1, {{intranode::kSigTokens, T}, {intranode::kSigRows, C},
+                             {intranode::kSigRowBytes, parts.row_bytes()}, {intranode::kSigSms, num_sms}});
   return launch_status(kTarget, intranode::launch_cached_dispatch(
-                                    buf->peer_table(), static_cast<int>(T), static_cast<int>(C),
+                                    peers, static_cast<int>(T), static_cast<int>(C),
                                     recv_src_rank.typed_data(), recv_src_token.typed_data(), parts, cfg));
 }
 
@@ -224,6 +233,14 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   if (S > R && S > intranode::kMaxTopk) {
     return invalid_argument(kTarget, "send_pos has " + std::to_string(S) + " columns; at most max(R, 16)");
   }
+  const int blocks = intranode::combine_blocks(R, static_cast<int>(num_sms));
+  if (static_cast<int64_t>(blocks) * buf->ranks_on_gpu() > buf->sm_count()) {
+    return invalid_argument(kTarget, "the combine's " + std::to_string(blocks) + " spinning blocks per rank x " +
+                                         std::to_string(buf->ranks_on_gpu()) + " ranks on this GPU exceed its " +
+                                         std::to_string(buf->sm_count()) +
+                                         " SMs (they must all be resident at once): lower NormalOptions.num_sms to "
+                                         "at most " + std::to_string(buf->sm_count() / buf->ranks_on_gpu()));
+  }
   const int64_t row_bytes = H * (args.dtype == intranode::DType::kF32 ? 4 : 2);
   if (auto err = check_row_bytes(kTarget, "y", row_bytes); err.failure()) return err;
   const std::size_t staging = layout == 0
@@ -244,10 +261,36 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.ring_rows = static_cast<int>(ring_rows);
   args.layout = layout == 0 ? intranode::Layout::kRankMajor : intranode::Layout::kExpertMajor;
   const intranode::LaunchConfig cfg{static_cast<int>(num_sms) * kBlocksPerSm, stream, static_cast<int>(num_sms)};
-  return launch_status(kTarget, intranode::launch_combine(buf->peer_table(), args, cfg));
+  intranode::PeerTable peers = buf->peer_table();
+  peers.call = sign_call(2, {{intranode::kSigTokens, T}, {intranode::kSigRows, C}, {intranode::kSigRowBytes, row_bytes},
+                             {intranode::kSigSms, num_sms}, {intranode::kSigChunkRows, args.chunk_rows},
+                             {intranode::kSigRingRows, layout == 0 ? ring_rows : 0}, {intranode::kSigLayout, layout},
+                             {intranode::kSigDtype, static_cast<int64_t>(args.dtype)}});
+  return launch_status(kTarget, intranode::launch_combine(peers, args, cfg));
+}
+
+// jax_ep_status  (any operands: order it after the calls whose status it
+// reads) -> s32[4] (intranode::launch_read_status). Unlike the ops it does
+// not refuse a buffer that failed: reporting that is its job.
+ffi::Error Status(cudaStream_t stream, int32_t device, ffi::RemainingArgs /*after*/, int64_t buffer_id,
+                  ffi::Result<I32_1> out) {
+  constexpr const char* kTarget = "jax_ep_status";
+  if (out->dimensions()[0] != 4) return invalid_argument(kTarget, "the status has 4 entries");
+  IntranodeBuffer* buf = Runtime::get().find_any(buffer_id, device);
+  if (buf == nullptr) return invalid_argument(kTarget, "no jax_ep buffer " + std::to_string(buffer_id) + " here");
+  return launch_status(kTarget, intranode::launch_read_status(buf->peer_table(), out->typed_data(), stream));
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StatusHandler, Status,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .RemainingArgs()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Ret<I32_1>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 #define JAX_EP_DISPATCH_ATTRS                                                     \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("num_experts").Attr<int64_t>("capacity") \

@@ -52,6 +52,22 @@ constexpr int kBlocksPerSm = 1;  // 512-thread blocks
 struct Call {
   IntranodeBuffer* buf = nullptr;
   low_latency::Shape shape{};
+  intranode::CallSignature sig{};
+
+  // What every rank must agree on for this call: `op` (3 dispatch, 4
+  // combine, send and receive alike), the layout's shapes, the SM budget and
+  // `mode` (dispatch: pulled; combine: FP8 rows). T may differ per rank.
+  void sign(int op, int64_t num_sms, int64_t mode) {
+    using namespace intranode;
+    sig = sign_call(op, {{kSigRows, shape.max_tokens}, {kSigRowBytes, int64_t{shape.hidden} * 2},
+                         {kSigTopk, shape.num_topk}, {kSigExperts, shape.num_experts}, {kSigSms, num_sms},
+                         {kSigDtype, static_cast<int64_t>(shape.payload)}, {kSigMode, mode}});
+  }
+  intranode::PeerTable peers() const {
+    intranode::PeerTable t = buf->peer_table();
+    t.call = sig;
+    return t;
+  }
 };
 
 ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
@@ -147,13 +163,14 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
   }
   if (per_slot && pull != 0) return invalid_argument(kTarget, "per-slot rows are pushed: pass pull=0");
   const bool pulled = pulls(c, pull);
+  c.sign(3, num_sms, pulled ? 1 : 0);
   auto launch = [&](cudaStream_t on, int* kernel_token) {
     const int blocks = static_cast<int>(num_sms) * kBlocksPerSm;
     if (pulled) {
-      return low_latency::launch_dispatch_stage(c.buf->peer_table(), c.shape, x.untyped_data(),
+      return low_latency::launch_dispatch_stage(c.peers(), c.shape, x.untyped_data(),
                                                 topk_idx.typed_data(), kernel_token, blocks, on);
     }
-    return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
+    return low_latency::launch_dispatch_send(c.peers(), c.shape, x.untyped_data(), topk_idx.typed_data(),
                                              kernel_token, blocks, on, per_slot);
   };
   if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, token->typed_data(), launch);
@@ -178,8 +195,9 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
+  c.sign(3, num_sms, pulls(c, pull) ? 1 : 0);
   auto* receive = pulls(c, pull) ? low_latency::launch_dispatch_pull : low_latency::launch_dispatch_recv;
-  return launch_status(kTarget, receive(c.buf->peer_table(), c.shape, recv_x->untyped_data(),
+  return launch_status(kTarget, receive(c.peers(), c.shape, recv_x->untyped_data(),
                                         recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
                                         src_token->typed_data(), src_slot->typed_data(),
                                         static_cast<int>(num_sms) * kBlocksPerSm, stream));
@@ -218,12 +236,13 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
       err.failure()) {
     return err;
   }
+  c.sign(4, num_sms, combine_payload);
   // Zero copy: the receive publishes y's rows; nothing moves here.
   if (zero_copy_offset(c, zero_copy, y.untyped_data()) >= 0) {
     return launch_status(kTarget, cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream));
   }
   auto launch = [&](cudaStream_t on, int* kernel_token) {
-    return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
+    return low_latency::launch_combine_send(c.peers(), c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
   };
@@ -244,6 +263,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
       err.failure()) {
     return err;
   }
+  c.sign(4, num_sms, combine_payload);
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kCombine, stream); err.failure()) return err;
   }
@@ -264,7 +284,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
     published.src_slot = slot->typed_data();
   }
   return launch_status(kTarget, low_latency::launch_combine_recv(
-                                    c.buf->peer_table(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
+                                    c.peers(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
                                     topk_weights.typed_data(), out->untyped_data(), published,
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
@@ -281,7 +301,8 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       err.failure()) {
     return err;
   }
-  return launch_status(kTarget, low_latency::launch_combine_gather(c.buf->peer_table(), c.shape,
+  c.sign(4, num_sms, combine_payload);
+  return launch_status(kTarget, low_latency::launch_combine_gather(c.peers(), c.shape,
                                                                    topk_idx.typed_data(), out->untyped_data(),
                                                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }

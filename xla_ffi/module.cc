@@ -12,6 +12,8 @@
 #include "../cuda/low_latency.cuh"
 #include "runtime.h"
 
+#include <cstddef>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 
@@ -46,6 +48,7 @@ nb::dict registrations() {
   targets["jax_ep_intranode_cached_dispatch"] =
       handler_capsule(jax_ep::IntranodeCachedDispatchHandler);
   targets["jax_ep_intranode_combine"] = handler_capsule(jax_ep::IntranodeCombineHandler);
+  targets["jax_ep_status"] = handler_capsule(jax_ep::StatusHandler);
   targets["jax_ep_ll_dispatch_send"] = handler_capsule(jax_ep::LowLatencyDispatchSendHandler);
   targets["jax_ep_ll_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyDispatchRecvHandler);
   targets["jax_ep_ll_combine_send"] = handler_capsule(jax_ep::LowLatencyCombineSendHandler);
@@ -154,6 +157,35 @@ NB_MODULE(_C, m) {
         nb::arg("group_id"), nb::arg("probes"),
         "One process, several GPUs: let every member's device read every member's XLA memory (probes[r]: any "
         "XLA buffer on member r's device) and enable zero-copy combines.");
+  m.def("buffer_failure",
+        [](int id) {
+          const jax_ep::intranode::TimeoutRecord rec = jax_ep::Runtime::get().failure(id);
+          nb::dict d;
+          d["code"] = rec.code;
+          d["rank"] = rec.rank;
+          d["peer"] = rec.peer;
+          d["op"] = rec.op;
+          d["call"] = rec.epoch;
+          d["message"] = jax_ep::timeout_message(rec);
+          return d;
+        },
+        nb::arg("id"),
+        "A buffer's failure record (code 0: none; else code, rank, peer, op, call and the message).");
+  m.def("inject_abort_for_test",
+        [](int id, int raiser, int code) {
+          jax_ep::IntranodeBuffer& b = jax_ep::Runtime::get().at(id);
+          const unsigned long long word =
+              static_cast<unsigned long long>(code) << 32 | static_cast<unsigned long long>(raiser + 1);
+          int previous = 0;
+          cudaGetDevice(&previous);
+          cudaSetDevice(b.device());
+          const cudaError_t err = cudaMemcpy(b.local() + offsetof(jax_ep::intranode::Signals, abort), &word,
+                                             sizeof(word), cudaMemcpyHostToDevice);
+          cudaSetDevice(previous);
+          if (err != cudaSuccess) throw std::runtime_error(cudaGetErrorString(err));
+        },
+        nb::arg("id"), nb::arg("raiser"), nb::arg("code"),
+        "Test hook: raise the abort word in a buffer as if rank `raiser` had failed with `code`.");
   m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
   m.def("intranode_staging_half_bytes",
         [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });

@@ -78,22 +78,29 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   start_watcher();
 }
 
+int IntranodeBuffer::ranks_on_gpu() const {
+  int n = 1;
+  for (int r = 0; r < num_ranks_; ++r) n += r != rank_ && peer_same_gpu_[r];
+  return n;
+}
+
 void IntranodeBuffer::start_watcher() {
+  check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "cudaDeviceGetAttribute");
   check(cudaHostAlloc(reinterpret_cast<void**>(&timeout_host_), sizeof(intranode::TimeoutRecord),
                       cudaHostAllocMapped),
         "cudaHostAlloc of the timeout record");
   std::memset(timeout_host_, 0, sizeof(intranode::TimeoutRecord));
   check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&timeout_device_), timeout_host_, 0),
         "cudaHostGetDevicePointer");
-  // A kernel that times out traps, which loses the CUDA context and with it
-  // any device printf; this thread reports the record the kernel left.
+  // A kernel whose wait failed records why and returns (its call's outputs
+  // are then not valid); this thread prints the record as soon as it exists,
+  // so every rank's log says what happened even where nobody asks.
   watcher_ = std::thread([this] {
     while (!stop_watch_.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       const auto* rec = reinterpret_cast<volatile intranode::TimeoutRecord*>(timeout_host_);
-      if (rec->code != 0) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
-        const std::string msg = timeout_message(*timeout_host_);
+      if (rec->code > 0) {
+        const std::string msg = timeout_message(failure());
         std::fprintf(stderr, "%s\n", msg.c_str());
         std::fflush(stderr);
         return;
@@ -102,27 +109,108 @@ void IntranodeBuffer::start_watcher() {
   });
 }
 
+const char* signature_field_name(int field, int op) {
+  if (field == intranode::kSigMode) {
+    return op == 0 ? "expert_alignment" : "mode (pull, or FP8 combine rows)";
+  }
+  if (field == intranode::kSigDtype && op <= 2) return op == 2 ? "dtype" : "payload parts (FP8 or not)";
+  switch (field) {
+    case intranode::kSigOp: return "op (which call)";
+    case intranode::kSigTokens: return "T (tokens per rank)";
+    case intranode::kSigRows: return "rows (C, or max_tokens M in low-latency calls)";
+    case intranode::kSigRowBytes: return "row bytes (hidden size x item size)";
+    case intranode::kSigTopk: return "K (num_topk)";
+    case intranode::kSigExperts: return "E (num_experts)";
+    case intranode::kSigSms: return "num_sms";
+    case intranode::kSigChunkRows: return "combine_chunk_rows";
+    case intranode::kSigRingRows: return "combine_ring_rows";
+    case intranode::kSigLayout: return "layout";
+    case intranode::kSigDtype: return "dtype / payload";
+    case intranode::kSigMode: return "mode (pull, FP8 combine rows)";
+    default: return "unknown field";
+  }
+}
+
+namespace {
+const char* fail_kind(int code) {
+  switch (code) {
+    case intranode::kFailTimeout: return "timeout";
+    case intranode::kFailOrder: return "calls out of order";
+    case intranode::kFailMismatch: return "mismatch";
+    case intranode::kFailAborted: return "aborted";
+    default: return "failure";
+  }
+}
+}  // namespace
+
 std::string timeout_message(const intranode::TimeoutRecord& rec) {
   if (rec.code == 0) return "";
-  char buf[640];
-  if (rec.code == 2) {
+  constexpr const char* kDead = "; this buffer is unusable until re-created (destroy it and create a new one)";
+  char buf[1024];
+  if (rec.code < 0) return "jax_ep: a kernel is recording a failure";
+  if (rec.code == intranode::kFailOrder) {
     std::snprintf(buf, sizeof(buf),
                   "jax_ep: rank %d made a %s %s (call %llu): on one buffer each low-latency send must be "
                   "followed by its receive before the next send of that kind. XLA orders calls only by their "
                   "data: tie independent rounds with low_latency_dispatch_send(..., after=...) / "
-                  "low_latency_combine_send(..., after=...). The CUDA context of this rank is lost",
+                  "low_latency_combine_send(..., after=...)%s",
                   rec.rank, intranode::op_name(rec.op),
                   rec.peer == 0 ? "send while its previous send was not yet received" : "receive without a send",
-                  rec.epoch);
+                  rec.epoch, kDead);
+    return buf;
+  }
+  if (rec.code == intranode::kFailMismatch) {
+    int f = 0;
+    while (f < intranode::kSigFields && rec.mine[f] == rec.theirs[f]) ++f;
+    if (f == intranode::kSigFields) {
+      std::snprintf(buf, sizeof(buf),
+                    "jax_ep: rank %d and rank %d made different calls in the %s (call %llu): their signatures "
+                    "differ%s",
+                    rec.rank, rec.peer, intranode::op_name(rec.op), rec.epoch, kDead);
+    } else {
+      std::snprintf(buf, sizeof(buf),
+                    "jax_ep: rank %d and rank %d made different calls in the %s (call %llu): %s is %u on rank %d "
+                    "and %u on rank %d; every rank must make the same jax_ep calls with the same shapes and "
+                    "options%s",
+                    rec.rank, rec.peer, intranode::op_name(rec.op), rec.epoch,
+                    signature_field_name(f, static_cast<int>(rec.mine[intranode::kSigOp])), rec.mine[f],
+                    rec.rank, rec.theirs[f], rec.peer, kDead);
+    }
+    return buf;
+  }
+  if (rec.code == intranode::kFailAborted) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: rank %d stopped its %s: rank %d failed first (%s; see rank %d's error)%s", rec.rank,
+                  rec.op < 0 ? "next call" : intranode::op_name(rec.op), rec.peer,
+                  fail_kind(static_cast<int>(rec.peer_epoch)), rec.peer, kDead);
     return buf;
   }
   std::snprintf(buf, sizeof(buf),
                 "jax_ep: rank %d timed out after %.1f s in the %s barrier waiting for rank %d "
                 "(this rank is at call %llu, rank %d at %llu): a peer did not make the same jax_ep "
-                "call; the CUDA context of this rank is lost",
+                "call; every rank was told to stop%s",
                 rec.rank, rec.seconds, intranode::op_name(rec.op), rec.peer, rec.epoch, rec.peer,
-                rec.peer_epoch);
+                rec.peer_epoch, kDead);
   return buf;
+}
+
+intranode::TimeoutRecord IntranodeBuffer::failure() const {
+  intranode::TimeoutRecord rec{};
+  if (timeout_host_ == nullptr) return rec;
+  // The kernel writes the code last (after a system fence): a nonzero code
+  // means the rest is there, except -1 (being written): read again shortly.
+  for (int tries = 0; tries < 100; ++tries) {
+    const int code = reinterpret_cast<volatile intranode::TimeoutRecord*>(timeout_host_)->code;
+    if (code >= 0) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      std::memcpy(&rec, timeout_host_, sizeof(rec));
+      rec.code = code;
+      return rec;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  rec.code = -1;
+  return rec;
 }
 
 IntranodeBuffer::~IntranodeBuffer() {
@@ -425,6 +513,12 @@ IntranodeBuffer* Runtime::find(int64_t id, int device, std::string* error) {
     }
     if (found == nullptr) *error = "jax_ep buffer group " + std::to_string(id) + " has no rank on device " +
                                    std::to_string(device);
+    if (found != nullptr) {
+      if (const intranode::TimeoutRecord rec = found->failure(); rec.code != 0) {
+        *error = "jax_ep buffer group " + std::to_string(id) + " failed earlier: " + timeout_message(rec);
+        return nullptr;
+      }
+    }
     return found;
   }
   auto it = buffers_.find(static_cast<int>(id));
@@ -435,6 +529,10 @@ IntranodeBuffer* Runtime::find(int64_t id, int device, std::string* error) {
   }
   if (!it->second->ready()) {
     *error = "jax_ep buffer " + std::to_string(id) + " has not mapped every peer yet";
+    return nullptr;
+  }
+  if (const intranode::TimeoutRecord rec = it->second->failure(); rec.code != 0) {
+    *error = "jax_ep buffer " + std::to_string(id) + " failed earlier: " + timeout_message(rec);
     return nullptr;
   }
   return it->second.get();
@@ -465,6 +563,30 @@ void group_barrier_selftest(int group_id) {
       }
     }
   }
+}
+
+IntranodeBuffer* Runtime::find_any(int64_t id, int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto group = groups_.find(static_cast<int>(id));
+  if (group != groups_.end()) {
+    for (int member : group->second) {
+      IntranodeBuffer* b = buffers_.at(member).get();
+      if (b->device() == device) return b;
+    }
+    return nullptr;
+  }
+  auto it = buffers_.find(static_cast<int>(id));
+  return it == buffers_.end() ? nullptr : it->second.get();
+}
+
+intranode::TimeoutRecord Runtime::failure(int id) {
+  const std::vector<int> ids = members(id);
+  if (ids.empty()) return at(id).failure();
+  for (int member : ids) {
+    const intranode::TimeoutRecord rec = at(member).failure();
+    if (rec.code != 0) return rec;
+  }
+  return intranode::TimeoutRecord{};
 }
 
 IntranodeBuffer& Runtime::at(int id) {

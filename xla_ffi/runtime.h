@@ -10,7 +10,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <atomic>
+#include <initializer_list>
+#include <utility>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -64,6 +67,16 @@ class IntranodeBuffer {
   // owned by XLA, so never unmapped here.
   void adopt_xla_memory(const std::vector<char*>& bases, const std::vector<std::size_t>& sizes);
 
+  // A kernel of this buffer recorded a failure (a timeout, a mismatch, an
+  // abort): the record, read from mapped host memory (code 0: none). The
+  // buffer is then unusable (its kernels return at once) until re-created.
+  intranode::TimeoutRecord failure() const;
+
+  // Ranks whose buffer is on this rank's GPU (this one included), and that
+  // GPU's SM count: kernels that spin need blocks x ranks <= SMs.
+  int ranks_on_gpu() const;
+  int sm_count() const { return sm_count_; }
+
   int device() const { return device_; }
   int rank() const { return rank_; }
   int num_ranks() const { return num_ranks_; }
@@ -84,6 +97,7 @@ class IntranodeBuffer {
 
  private:
   int device_, rank_, num_ranks_;
+  int sm_count_ = 0;
   std::mutex send_stream_mutex_;
   SendStream send_stream_{};
   std::size_t num_bytes_;
@@ -112,6 +126,31 @@ void group_barrier_selftest(int group_id);
 // Message of a timeout record (empty when none).
 std::string timeout_message(const intranode::TimeoutRecord& rec);
 
+// Name of a signature field (intranode::SigField) of a call of `op`, e.g.
+// "T (tokens per rank)".
+const char* signature_field_name(int field, int op);
+
+// Whether calls publish and check signatures: on unless the environment
+// sets JAX_EP_CALL_SIGNATURES=0 (a benchmark knob, to measure their cost;
+// it must be the same on every rank).
+inline bool call_signatures_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_EP_CALL_SIGNATURES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// The signature of a call: `op` and the listed fields (the rest 0), hashed
+// (hash 0, unchecked, when signatures are off).
+inline intranode::CallSignature sign_call(int op, std::initializer_list<std::pair<int, int64_t>> fields) {
+  intranode::CallSignature s{};
+  s.field[intranode::kSigOp] = static_cast<unsigned int>(op);
+  for (const auto& f : fields) s.field[f.first] = static_cast<unsigned int>(f.second);
+  s.hash = call_signatures_on() ? intranode::signature_hash(s.field) : 0;
+  return s;
+}
+
 // Process-wide registry of buffers, keyed by id.
 class Runtime {
  public:
@@ -137,6 +176,10 @@ class Runtime {
   // when the id is unknown, not ready, or the group has no member there.
   IntranodeBuffer* find(int64_t id, int device, std::string* error);
   IntranodeBuffer& at(int id);
+  // Like find, but also a buffer that failed (nullptr when absent).
+  IntranodeBuffer* find_any(int64_t id, int device);
+  // The failure record of a buffer, or of the first failed member of a group.
+  intranode::TimeoutRecord failure(int id);
 
  private:
   int add(std::unique_ptr<IntranodeBuffer> buffer);  // registers it under a new id

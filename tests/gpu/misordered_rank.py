@@ -32,6 +32,7 @@ def twice(x, i):
     return jax_ep.low_latency_dispatch_recv(second).recv_count
 
 
-twice(x, idx).block_until_ready()
+twice(x, idx).block_until_ready()  # the kernels return (no trap) after the order check failed
+buf.check()  # raises jax_ep.CommunicationError naming the call
 print("UNEXPECTED: a second send ran without the first one's receive", flush=True)
 sys.exit(0)

@@ -1,6 +1,6 @@
 """A rank script for check_missing_peer.py: every rank creates the buffer, but
 the last rank never dispatches. The others must stop with a timeout error that
-names the missing rank instead of hanging."""
+names the missing rank (a jax_ep.CommunicationError) instead of hanging."""
 
 import os
 import sys
@@ -28,6 +28,7 @@ x = rng.standard_normal((t, h)).astype(np.float32)
 idx = rng.integers(0, e, (t, k)).astype(np.int32)
 w = rng.random((t, k)).astype(np.float32)
 out = jax.jit(lambda x, i, w: buf.dispatch(x, i, w).recv_x)(x, idx, w)
-out.block_until_ready()
+out.block_until_ready()  # the kernels return (no trap) once the wait failed
+buf.check()  # raises jax_ep.CommunicationError with the rank's record
 print("UNEXPECTED: dispatch returned without the missing rank", flush=True)
 sys.exit(0)

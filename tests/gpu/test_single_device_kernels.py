@@ -186,3 +186,47 @@ def test_low_latency_split_in_decode_loop(rng, async_send):
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
     finally:
         group.destroy()
+
+
+def test_abort_stops_calls_and_reaches_status_and_python(rng):
+    """The abort word (raised here through a test hook, as a failing peer
+    would): the next call's kernels return at once, the status op reports
+    "aborted" naming the raiser, the runtime's failure is a
+    CommunicationError, and later calls are refused with that message."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops, faults
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
+
+    t, k, e, h = 64, 4, 16, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e), timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        idx = random_routing(rng, 1, t, k, e)[0]
+        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
+        options = jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+
+        def body(x, i, w):
+            out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
+            return out.recv_x, cuda_ops.status(group.buffer_id, (out.recv_x,), "ep")
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        _, status = f(x, idx, w)
+        assert np.asarray(status).tolist() == [0, -1, 0, -1]
+        assert group.failure() is None
+
+        member = _extension._C.intranode_group_members(group.buffer_id)[0]
+        _extension._C.inject_abort_for_test(member, 5, faults.STATUS_TIMEOUT)
+        _, status = f(x, idx, w)  # captured/compiled already: the kernels see the abort and return
+        assert np.asarray(status).tolist()[:3] == [faults.STATUS_ABORTED, 5, 0]
+        err = group.failure()
+        assert isinstance(err, jax_ep.CommunicationError) and err.kind == "aborted" and err.peer == 5
+        assert "rank 5 failed first" in str(err) and "re-created" in str(err)
+        with pytest.raises(Exception, match="failed earlier"):  # a new program: its handler refuses the buffer
+            jax.jit(jax.shard_map(lambda x, i, w: body(x, i, w)[0], mesh=mesh, in_specs=P("ep"),
+                                  out_specs=P("ep")))(x, idx, w).block_until_ready()
+    finally:
+        group.destroy()

@@ -1,0 +1,32 @@
+"""Start R ranks of which the last makes a different call: another T, another
+H (normal dispatch), another SM budget (low-latency dispatch). Every rank
+must stop at once (not after its 60 s timeout) with jax_ep's message naming
+both ranks and the first field that differs, and a status array saying
+"mismatch" or "aborted".
+
+    python tests/gpu/check_mismatch.py [R]
+"""
+
+import re
+import sys
+
+from expect_failure import run
+
+R = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+cases = {
+    "T": ("dispatch", "T (tokens per rank) is"),
+    "H": ("dispatch", "row bytes (hidden size x item size) is"),
+    "ll_sms": ("low-latency dispatch", "num_sms is"),
+}
+failed = 0
+for differ, (op, field) in cases.items():
+    lines = []
+    code = run(f"mismatch_{differ}", "mismatch_rank.py", R, dict(JAX_EP_TEST_DIFFER=differ),
+               want=field, forbid=("UNEXPECTED", "timed out"), max_seconds=60.0, output=lines)
+    text = "\n".join(lines)
+    ranks = set(int(r) for r in re.findall(r"rank (\d+) raised CommunicationError kind=(?:mismatch|aborted)", text))
+    named = re.search(rf"rank (\d+) and rank (\d+) made different calls in the {re.escape(op)}", text)
+    ok = code == 0 and ranks == set(range(R)) and named is not None and str(R - 1) in named.groups()
+    print(f"{'PASS' if ok else 'FAIL'} mismatch_{differ}: ranks that raised {sorted(ranks)}")
+    failed += not ok
+sys.exit(1 if failed else 0)

@@ -1,0 +1,55 @@
+"""A rank script for check_mismatch.py: the last rank makes a different call
+than the others (JAX_EP_TEST_DIFFER: "T" more tokens in a normal dispatch,
+"H" a wider hidden size, "ll_sms" a low-latency dispatch with another SM
+budget). The call's signature differs, so every rank must stop at once (no
+timeout: 60 s) with a jax_ep.CommunicationError naming the ranks and the field."""
+
+import dataclasses
+import os
+import sys
+import time
+
+from jax_ep.launch import initialize_distributed
+
+info = initialize_distributed()
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_ep  # noqa: E402
+
+R, ME = info.num_ranks, info.rank
+DIFFER = os.environ.get("JAX_EP_TEST_DIFFER", "T")
+odd = ME == R - 1
+t, k, e, h, m = 32, 2, 2 * R, 512, 32
+t_here = t + 8 if odd and DIFFER == "T" else t
+h_here = 2 * h if odd and DIFFER == "H" else h
+ll = DIFFER == "ll_sms"
+buf = jax_ep.Buffer(num_experts=e, axis_name=None, timeout_s=60.0,
+                    num_nvl_bytes=jax_ep.intranode_buffer_bytes(t + 8, 2 * h, R, k, e, itemsize=4),
+                    num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e) if ll else None,
+                    normal=jax_ep.NormalOptions(backend="cuda", num_sms=4),
+                    low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m,
+                                                         backend="cuda" if ll else "xla", num_sms=4))
+rng = np.random.default_rng(ME)
+x = rng.standard_normal((t_here, h_here)).astype(np.float32)
+idx = rng.integers(0, e, (t_here, k)).astype(np.int32)
+w = rng.random((t_here, k)).astype(np.float32)
+t0 = time.time()
+if ll:
+    options = dataclasses.replace(buf.low_latency, num_sms=8) if odd else None  # a per-call override
+    out = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i, options=options).recv_count)(
+        x[:, :h].astype(jnp.bfloat16), idx)
+else:
+    out = jax.jit(lambda x, i, w: buf.dispatch(x, i, w).recv_x)(x, idx, w)
+out.block_until_ready()
+status = np.asarray(jax_ep.status(buf, out, mode="low_latency" if ll else "normal")).tolist()
+print(f"jax_ep test: rank {ME} left after {time.time() - t0:.2f} s status {status}", flush=True)
+try:
+    buf.check()
+except jax_ep.CommunicationError as err:
+    print(f"jax_ep test: rank {ME} raised CommunicationError kind={err.kind}: {err}", flush=True)
+    time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
+    sys.exit(1)
+print("UNEXPECTED: the different calls went through", flush=True)
+sys.exit(0)

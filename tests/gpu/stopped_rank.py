@@ -1,0 +1,51 @@
+"""A rank script for check_stopped_rank.py: the last rank never dispatches.
+Rank 0 waits `JAX_EP_TEST_TIMEOUT_S` (10 s) for it, the other ranks 60 s:
+rank 0's timeout raises the abort in every rank, so all of them must leave
+within a second of it (not after their own 60 s), each with a
+jax_ep.CommunicationError and a status array saying why."""
+
+import os
+import sys
+import time
+
+from jax_ep.launch import initialize_distributed
+
+info = initialize_distributed()
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_ep  # noqa: E402
+
+R, ME = info.num_ranks, info.rank
+t, k, e, h = 32, 2, 2 * R, 128
+timeout = float(os.environ.get("JAX_EP_TEST_TIMEOUT_S", "10")) if ME == 0 else 60.0
+buf = jax_ep.Buffer(num_experts=e, axis_name=None, timeout_s=timeout,
+                    num_nvl_bytes=jax_ep.intranode_buffer_bytes(t, h, R, k, e, itemsize=4),
+                    normal=jax_ep.NormalOptions(backend="cuda", num_sms=4))
+if ME == R - 1:
+    print("rank that never arrives: sleeping", flush=True)
+    time.sleep(float(os.environ.get("JAX_EP_TEST_SLEEP_S", "40")))
+    sys.exit(0)
+rng = np.random.default_rng(ME)
+x = rng.standard_normal((t, h)).astype(np.float32)
+idx = rng.integers(0, e, (t, k)).astype(np.int32)
+w = rng.random((t, k)).astype(np.float32)
+f = jax.jit(lambda x, i, w: buf.dispatch(x, i, w).recv_x)
+f.lower(x, idx, w).compile()  # compile before the call: rank 0's 10 s cover only the wait
+out = f(x, idx, w)
+out.block_until_ready()
+status = np.asarray(jax_ep.status(buf, out)).tolist()
+print(f"jax_ep test: rank {ME} left at {time.time():.3f} status {status}", flush=True)
+try:
+    buf.check()
+except jax_ep.CommunicationError as err:
+    print(f"jax_ep test: rank {ME} raised CommunicationError kind={err.kind} peer={err.peer}: {err}", flush=True)
+    # The buffer is dead: the next use says so.
+    try:
+        buf.dispatch(x, idx, w)
+    except jax_ep.CommunicationError:
+        print(f"jax_ep test: rank {ME} refuses the dead buffer", flush=True)
+    time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
+    sys.exit(1)
+print("UNEXPECTED: dispatch returned without the missing rank", flush=True)
+sys.exit(0)
