@@ -553,8 +553,9 @@ __device__ __forceinline__ void publish(const PeerTable& peers, unsigned long lo
   }
 }
 
-// Wait until *flag reaches `epoch`; false when the wait failed (a timeout
-// naming `peer`, or a peer's abort: recorded, abort raised).
+// Wait until the 64-bit epoch counter at *flag (a Signals::arrived slot)
+// reaches `epoch`; false when the wait failed (a timeout naming `peer`, or a
+// peer's abort: recorded, abort raised). Packed words wait with wait_word.
 __device__ __forceinline__ bool wait_epoch(const PeerTable& peers, const unsigned long long* flag,
                                            unsigned long long epoch, int peer, int op) {
   return wait_at_least(peers, flag, epoch, peer, op);
@@ -594,7 +595,7 @@ __device__ void combine_stage(const Group& g, const PeerTable& peers, const Comb
       }
     }
     g.sync();
-    if (g.tid == 0) publish(peers, &flags[k], epoch);
+    if (g.tid == 0) publish(peers, &flags[k], serial_word(epoch, 0));
   }
 }
 
@@ -621,7 +622,7 @@ __device__ void combine_reduce(const Group& g, const PeerTable& peers, const Com
       const char* row = nullptr;
       if (p >= 0) {
         const int r = p / C, c = p % C;
-        ok = wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r, 6);
+        ok = wait_word(peers, chunk_flags(peers.base[r], half) + c / B, epoch, 0, r, 6);
         if (!ok) g.halt();
         row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
               static_cast<std::size_t>(c) * row_stride;
@@ -669,7 +670,7 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
   const int first = start[s], rows = start[s + 1] - start[s];
   char* owner = peers.base[s];
   if (sub == 0 && g.tid == 0) {
-    st_release_sys(&region_starts(owner, half)[me], epoch << 32 | static_cast<unsigned>(first));
+    st_release_sys(&region_starts(owner, half)[me], serial_word(epoch, static_cast<unsigned>(first)));
   }
   const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
   const std::size_t row_stride = align_up(row_bytes, 16);
@@ -680,17 +681,16 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
   unsigned long long* flags = ring_flags(owner, half, me);
   const unsigned long long* progress = reduce_progress(owner);
   const int warp = g.tid / 32, lane = g.tid % 32;
-  unsigned long long passed = 0;  // warp 0: s's reducers' progress, as last read (same in every lane)
+  unsigned int passed = 0;  // warp 0: s's reducers' progress in this call, as last read (same in every lane)
   for (int j = sub; j * B < rows; j += per_stream) {
     const int reuse = (j + 1) * B - ring;  // rows [0, reuse) must have been summed
     if (reuse > 0 && warp == 0) {
-      const unsigned long long need =
-          epoch << 32 | static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
+      const unsigned int need = static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
       // Warp-collective poll: every lane loads a share of the progress words.
       auto ready = [&] {
         if (passed >= need) return true;
-        unsigned long long low = ~0ull;
-        for (int b = lane; b < reducers; b += 32) low = min(low, ld_acquire_sys(&progress[b]));
+        unsigned int low = ~0u;  // a reducer not yet in this call counts as 0
+        for (int b = lane; b < reducers; b += 32) low = min(low, value_in_call(ld_acquire_sys(&progress[b]), epoch));
         for (int o = 16; o > 0; o /= 2) low = min(low, __shfl_xor_sync(kFullWarpMask, low, o));
         passed = low;
         return passed >= need;
@@ -699,7 +699,9 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
                                        peers.timeout_ns,
                                        [](bool b) { return __shfl_sync(kFullWarpMask, b ? 1 : 0, 0) != 0; });
       if (w != kWaitReady && lane == 0) {
-        wait_failed(peers, w, s, 7, need, passed);
+        unsigned long long at = epoch;  // the call of s's slowest reducer
+        for (int b = 0; b < reducers; ++b) at = min(at, call_near(word_serial(ld_acquire_sys(&progress[b])), epoch));
+        wait_failed(peers, w, s, 7, epoch, at);
         g.halt();
       }
     }
@@ -725,7 +727,7 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
       }
     }
     g.sync();
-    if (g.tid == 0) publish(peers, &flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
+    if (g.tid == 0) publish(peers, &flags[j % (ring / B)], serial_word(epoch, static_cast<unsigned>(j)));
   }
 }
 
@@ -748,7 +750,7 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const char* rings = staging_half(mine, half, peers.staging_half_bytes);
   auto token_word = [&](long long t) {
-    return epoch << 32 | (t < num_tokens ? static_cast<unsigned long long>(t) : 0xffffffffull);
+    return serial_word(epoch, t < num_tokens ? static_cast<unsigned>(t) : 0xffffffffu);
   };
   if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(static_cast<long long>(index) * kBatchTokens));
   bool ok = true;
@@ -756,8 +758,8 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
     const int r = g.tid;
     const unsigned long long* slot = &region_starts(mine, half)[r];
     ok = wait_epoch(peers, &signals->arrived[r], epoch, r, 5) && signature_agrees(peers, 0, epoch, r, 2) &&
-         wait_epoch(peers, slot, epoch << 32, r, 5);
-    if (ok) start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
+         wait_word(peers, slot, epoch, 0, r, 5);
+    if (ok) start[r] = static_cast<int>(word_value(ld_acquire_sys(slot)));
     else g.halt();
   }
   g.sync();
@@ -772,8 +774,7 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
       if (p >= 0) {
         const int i = p - r * C - start[r];  // index in r's stream for this rank
         const int j = i / B;
-        if (!wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)],
-                        epoch << 32 | static_cast<unsigned>(j), r, 6)) {
+        if (!wait_word(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch, static_cast<unsigned>(j), r, 6)) {
           g.halt();
         }
         row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #ifdef __CUDACC__
+#include "serial.cuh"
 #include "sync.cuh"
 #endif
 
@@ -251,6 +252,17 @@ __device__ __forceinline__ bool wait_at_least(const PeerTable& peers, const unsi
   return !wait_failed(peers, w, peer, op, expected, v);
 }
 
+// Wait until *flag holds call `call`'s word with a value of at least `value`
+// (serial.cuh); false when the wait failed (recorded, abort raised).
+__device__ __forceinline__ bool wait_word(const PeerTable& peers, const unsigned long long* flag,
+                                          unsigned long long call, unsigned int value, int peer, int op) {
+  unsigned long long v = 0;
+  const WaitOutcome w = wait_until([&] { return word_reached(v = ld_acquire_sys(flag), call, value); },
+                                   &reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort,
+                                   peers.timeout_ns);
+  return !wait_failed(peers, w, peer, op, call, call_near(word_serial(v), call));
+}
+
 // Signature check after acquiring peer `s`'s flag of call `n` of `kind`:
 // false (recorded, abort raised) when s made a different call.
 __device__ __forceinline__ bool signature_agrees(const PeerTable& peers, int kind, unsigned long long n, int s,
@@ -308,21 +320,23 @@ struct DispatchStaging {
 __host__ __device__ inline unsigned long long* workspace_words(char* base, std::size_t offset) {
   return reinterpret_cast<unsigned long long*>(base + kSignalBytes + offset);
 }
-// Full-staging combine: flag of chunk k of a rank's staging (value: epoch).
+// Protocol words of the combine are serial words (serial.cuh): the epoch's
+// serial and a value.
+// Full-staging combine: flag of chunk k of a rank's staging (serial_word(epoch, 0)).
 __host__ __device__ inline unsigned long long* chunk_flags(char* base, int half) {
   return workspace_words(base, kChunkFlagOffset) + static_cast<std::size_t>(half) * kMaxChunks;
 }
 // Ring combine, all in the owner's buffer: flag of each ring chunk of the
-// ring from `source` (value: epoch << 32 | chunk index), ...
+// ring from `source` (serial_word(epoch, chunk index)), ...
 __host__ __device__ inline unsigned long long* ring_flags(char* base, int half, int source) {
   return workspace_words(base, kRingFlagOffset) +
          (static_cast<std::size_t>(half) * kMaxRanks + source) * kMaxRingChunks;
 }
-// ... the next token each of the owner's reducer blocks will sum (epoch << 32 | token), ...
+// ... the next token each of the owner's reducer blocks will sum (serial_word(epoch, token)), ...
 __host__ __device__ inline unsigned long long* reduce_progress(char* base) {
   return workspace_words(base, kProgressOffset);
 }
-// ... and where the owner's rows start in each source's y (epoch << 32 | row).
+// ... and where the owner's rows start in each source's y (serial_word(epoch, row)).
 __host__ __device__ inline unsigned long long* region_starts(char* base, int half) {
   return workspace_words(base, kRegionStartOffset) + static_cast<std::size_t>(half) * kMaxRanks;
 }

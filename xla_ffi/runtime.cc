@@ -1,13 +1,16 @@
 #include "runtime.h"
 
 #include "xla_memory.h"
+#include "../cuda/low_latency.cuh"
 
 #include <cuda_runtime_api.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace jax_ep {
 namespace {
@@ -16,6 +19,21 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("jax_ep runtime: ") + what + " failed: " +
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// Zeroes a fresh buffer: every epoch, call counter, count slot and flag
+// starts at 0. Test hook: JAX_EP_TEST_COUNTER_START=n (the same on every
+// rank) starts the call counters at n instead, with every protocol word
+// reading as call n (low_latency::fresh_header), so that a test reaches the
+// 2^32 wrap of the serials in protocol words (cuda/serial.cuh) in a few calls.
+void clear_buffer(char* local, std::size_t num_bytes) {
+  check(cudaMemset(local, 0, num_bytes), "cudaMemset");
+  const char* env = std::getenv("JAX_EP_TEST_COUNTER_START");
+  const unsigned long long start = env != nullptr ? std::strtoull(env, nullptr, 0) : 0;
+  if (start != 0) {
+    const std::vector<unsigned long long> header = low_latency::fresh_header(start);
+    check(cudaMemcpy(local, header.data(), header.size() * 8, cudaMemcpyHostToDevice), "cudaMemcpy of the counters");
   }
 }
 
@@ -50,8 +68,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   }
   DeviceGuard guard(device);
   check(cudaMalloc(&local_, num_bytes), "cudaMalloc of the communication buffer");
-  // Zeroed: every epoch, call counter, count slot and flag starts at 0.
-  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
+  clear_buffer(local_, num_bytes);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_[rank] = local_;
   start_watcher();
@@ -73,7 +90,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
     }
   }
   DeviceGuard guard(device);
-  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
+  clear_buffer(local_, num_bytes);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   start_watcher();
 }
