@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kRouteThreads)
 // staging, or zeros on padding. kUnroll loads in flight per thread.
 __global__ void __launch_bounds__(kCopyThreads, 4)
     pull_rows_kernel(PeerTable peers, RowParts parts, int capacity, std::size_t rows_offset,
-                     std::size_t row_stride, const int* src_rank, const int* src_token) {
+                     std::size_t row_stride, const int* src_rank, const int* src_token, int source_rows, int op) {
   if (aborted(peers)) return;  // a rank failed: this buffer is dead
   const int half = current_half(peers, true);
   const int vec0 = parts.part_bytes[0] / 16;
@@ -394,10 +394,13 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
       value[u] = make_int4(0, 0, 0, 0);
       if (i >= total) continue;
       const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-      const int s = src_rank[c];
-      if (s >= 0) {
+      const int s = src_rank[c], token = src_token[c];
+      if (s >= 0 && (s >= peers.num_ranks || token < 0 || token >= source_rows)) {
+        // A stale or foreign handle: the row stays zero, no peer memory is read.
+        if (v == 0) record_bad_handle(peers, op, c, s >= peers.num_ranks ? s : token);
+      } else if (s >= 0) {
         const char* row = staging_half(peers.base[s], half, peers.staging_half_bytes) + rows_offset +
-                          static_cast<long long>(src_token[c]) * row_stride;
+                          static_cast<long long>(token) * row_stride;
         value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
       }
     }
@@ -620,7 +623,9 @@ __device__ void combine_reduce(const Group& g, const PeerTable& peers, const Com
     if (g.tid < S && ok) {
       const int p = a.send_pos[static_cast<long long>(t) * S + g.tid];
       const char* row = nullptr;
-      if (p >= 0) {
+      if (p >= R * C) {
+        record_bad_handle(peers, 2, t, p);  // a stale or foreign handle: the slot is skipped
+      } else if (p >= 0) {
         const int r = p / C, c = p % C;
         ok = wait_word(peers, chunk_flags(peers.base[r], half) + c / B, epoch, 0, r, 6);
         if (!ok) g.halt();
@@ -771,7 +776,9 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
       const int t = t0 + g.tid / R, r = g.tid % R;
       const int p = a.send_pos[static_cast<long long>(t) * R + r];
       const char* row = nullptr;
-      if (p >= 0) {
+      if (p >= 0 && (p < r * C || p >= (r + 1) * C || p - r * C < start[r])) {
+        record_bad_handle(peers, 2, t, p);  // column r must name a row of rank r's stream: skipped
+      } else if (p >= 0) {
         const int i = p - r * C - start[r];  // index in r's stream for this rank
         const int j = i / B;
         if (!wait_word(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch, static_cast<unsigned>(j), r, 6)) {
@@ -871,7 +878,7 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   route_place_kernel<<<route_blocks, kRouteThreads, 0, cfg.stream>>>(peers, args, layout, ws, out);
   const long long pull_vecs = static_cast<long long>(C) * (parts.row_bytes() / 16);
   pull_rows_kernel<<<copy_blocks(cfg, pull_vecs), kCopyThreads, 0, cfg.stream>>>(
-      peers, parts, C, layout.rows, layout.row_stride, out.recv_src_rank, out.recv_src_token);
+      peers, parts, C, layout.rows, layout.row_stride, out.recv_src_rank, out.recv_src_token, T, 0);
   return cudaGetLastError();
 }
 
@@ -911,7 +918,7 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
   barrier_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers, 1);
   pull_rows_kernel<<<copy_blocks(cfg, static_cast<long long>(capacity) * vecs), kCopyThreads, 0,
                      cfg.stream>>>(peers, parts, capacity, 0, layout.row_stride, recv_src_rank,
-                                   recv_src_token);
+                                   recv_src_token, num_tokens, 1);
   return cudaGetLastError();
 }
 

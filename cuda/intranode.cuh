@@ -123,6 +123,7 @@ enum FailCode : int {
   kFailOrder = 2,     // low-latency calls out of order (peer: 0 send twice, 1 receive without send)
   kFailMismatch = 3,  // `peer` made a different call (mine / theirs: the signatures)
   kFailAborted = 4,   // another rank failed first (`peer`: that rank, peer_epoch: its code)
+  kFailBadHandle = 5, // a handle's index out of range (epoch: the row, peer_epoch: the index)
 };
 
 // Written by a kernel (into mapped host memory) when a wait fails, before
@@ -203,6 +204,13 @@ __device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer,
     __threadfence_system();
   }
   if (code != kFailAborted) raise_abort(peers, code);
+}
+
+// A handle (routing a kernel reads: source ranks, tokens, rows) names a rank
+// or row out of range (a stale or foreign handle): record it and raise the
+// abort; the caller skips the row, touching no peer memory for it.
+__device__ __forceinline__ void record_bad_handle(const PeerTable& peers, int op, long long row, long long index) {
+  fail(peers, kFailBadHandle, -1, op, static_cast<unsigned long long>(row), static_cast<unsigned long long>(index));
 }
 
 // Whether any rank failed (this buffer is then dead): kernels of a call

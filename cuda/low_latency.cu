@@ -702,6 +702,18 @@ __device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, in
   scan_expert_counts(first, le);
 }
 
+// Whether valid row `row` of a combine's routing names a (rank, token, slot)
+// a dispatch of these shapes can produce; records a bad handle otherwise (a
+// stale or foreign handle), whose row the caller skips: it would address
+// another rank's half past its end, or another half.
+__device__ __forceinline__ bool routing_in_range(const PeerTable& p, const Shape& s, const int* src_rank,
+                                                 const int* src_token, const int* src_slot, long long row) {
+  const int r = src_rank[row], t = src_token[row], k = src_slot[row];
+  if (r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
+  intranode::record_bad_handle(p, 4, row, r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
+  return false;
+}
+
 // The row of y [E/R, R*M, H] that is valid row `flat` (count_valid_rows' order).
 __device__ __forceinline__ long long valid_row(const int* first, int le, int rows_out, int flat) {
   const int e = last_at_or_below(first, le, flat);
@@ -738,6 +750,7 @@ __global__ void __launch_bounds__(kThreads)
   const int num_warps = gridDim.x * kWarps;
   for (int flat = warp; flat < first[le]; flat += num_warps) {
     const long long row = valid_row(first, le, rows_out, flat);
+    if (!routing_in_range(p, s, src_rank, src_token, src_slot, row)) continue;  // uniform across the warp
     char* dst = half_of(p, src_rank[row], call) + l.combine_rows +
                 (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
     if (s.combine_fp8) {
@@ -818,6 +831,7 @@ __global__ void __launch_bounds__(1024)
     const long long row_bytes = static_cast<long long>(s.hidden) * 2;
     for (int flat = threadIdx.x; flat < first[le]; flat += blockDim.x) {
       const long long row = valid_row(first, le, rows_out, flat);
+      if (!routing_in_range(p, s, src_rank, src_token, src_slot, row)) continue;
       index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
           y_offset + row * row_bytes;
     }

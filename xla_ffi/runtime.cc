@@ -155,6 +155,7 @@ const char* fail_kind(int code) {
     case intranode::kFailOrder: return "calls out of order";
     case intranode::kFailMismatch: return "mismatch";
     case intranode::kFailAborted: return "aborted";
+    case intranode::kFailBadHandle: return "bad handle";
     default: return "failure";
   }
 }
@@ -193,6 +194,14 @@ std::string timeout_message(const intranode::TimeoutRecord& rec) {
                     signature_field_name(f, static_cast<int>(rec.mine[intranode::kSigOp])), rec.mine[f],
                     rec.rank, rec.theirs[f], rec.peer, kDead);
     }
+    return buf;
+  }
+  if (rec.code == intranode::kFailBadHandle) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: rank %d's %s was given a handle whose row %llu names %lld, out of range (a rank, "
+                  "token or row no dispatch of these shapes on this buffer produces): pass the handle of the "
+                  "dispatch that this call answers, from the same buffer; the row was skipped%s",
+                  rec.rank, intranode::op_name(rec.op), rec.epoch, static_cast<long long>(rec.peer_epoch), kDead);
     return buf;
   }
   if (rec.code == intranode::kFailAborted) {
