@@ -230,3 +230,42 @@ def test_abort_stops_calls_and_reaches_status_and_python(rng):
                                   out_specs=P("ep")))(x, idx, w).block_until_ready()
     finally:
         group.destroy()
+
+
+def test_foreign_handle_is_recorded_not_followed(rng):
+    """A handle whose source rank is out of range (a stale or foreign handle):
+    the cached dispatch reads no peer memory for that row (it stays zero),
+    records a bad handle (status and CommunicationError) and does not trap."""
+    import dataclasses
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops, faults
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
+
+    t, k, e, h = 64, 4, 16, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e), timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        idx = random_routing(rng, 1, t, k, e)[0]
+        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
+        options = jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+
+        def body(x, i, w):
+            out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
+            foreign = dataclasses.replace(out.handle, recv_src_rank=out.handle.recv_src_rank.at[0].set(7))
+            again = jax_ep.cached_dispatch(x, foreign)
+            return again, cuda_ops.status(group.buffer_id, (again,), "ep")
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        again, status = f(x, idx, w)
+        assert np.asarray(status).tolist()[0] == faults.STATUS_BAD_HANDLE
+        assert not np.asarray(again[0], np.float32).any()  # row 0 skipped, not read from "rank 7"
+        err = group.failure()
+        assert isinstance(err, jax_ep.CommunicationError) and err.kind == "bad handle"
+        assert "out of range" in str(err)
+    finally:
+        group.destroy()
