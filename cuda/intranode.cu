@@ -523,6 +523,9 @@ __global__ void arrive_kernel(PeerTable peers) {
 // 256 with their own barriers, two copiers and two reducers. (Blocks that
 // spin must fill their SMs: spread thin, they would leave no SM with room
 // for another rank's 1024-thread block, which may be what they wait for.)
+// 1024 threads leave 64 registers a thread (65536 per SM), the cap ptxas
+// reports, not a __launch_bounds__ choice; it spills 84 bytes a thread (the
+// copiers' and reducers' loads in flight share one register budget).
 constexpr int kGroupThreads = 256;
 constexpr int kGroupsPerBlock = 4;
 constexpr int kCombineThreads = kGroupThreads * kGroupsPerBlock;
