@@ -269,3 +269,46 @@ def test_foreign_handle_is_recorded_not_followed(rng):
         assert "out of range" in str(err)
     finally:
         group.destroy()
+
+
+def test_handlers_refuse_what_the_kernels_cannot_do(rng):
+    """Handler checks that a bypassed Python check would otherwise leave to
+    the kernels: low-latency K = 17 (the kernels send and sum 16 slots),
+    expert_alignment 0, num_experts below the rank count."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops
+    from jax_ep.handle import LowLatencySpec
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes, low_latency_buffer_bytes
+
+    t, e, h = 8, 8, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    nbytes = max(intranode_buffer_bytes(t, h, 1, 16, e), low_latency_buffer_bytes(t, h, 1, 17, e))
+    group = IntranodeRuntime.create_group([dev], nbytes, timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep")))  # noqa: E731
+        x = put(rng.standard_normal((t, h)).astype(np.float32)).astype(jnp.bfloat16)
+
+        ll = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=t, backend="cuda", num_sms=4,
+                                      buffer_id=group.buffer_id)
+        spec = LowLatencySpec(num_ranks=1, num_experts=e, num_tokens=t, num_topk=17, hidden=h, axis_name="ep",
+                              options=ll)
+        ids17 = put(np.tile(np.arange(e, dtype=np.int32), (t, 3))[:, :17])
+        send = jax.jit(jax.shard_map(lambda x, i: cuda_ops.ll_dispatch_send(x, i, spec), mesh=mesh,
+                                     in_specs=P("ep"), out_specs=P()))
+        with pytest.raises(Exception, match=r"num_topk \(K\) must be in \[1, 16\]"):
+            send(x, ids17).block_until_ready()
+
+        ids = put(np.tile(np.arange(4, dtype=np.int32), (t, 1)))
+        w = put(np.ones((t, 4), np.float32))
+        for field, value, message in (("expert_alignment", 0, "expert_alignment must be a positive int"),):
+            opts = jax_ep.NormalOptions(layout="expert_major", backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+            object.__setattr__(opts, field, value)  # past NormalOptions' own check
+            f = jax.jit(jax.shard_map(
+                lambda x, i, w, opts=opts: jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=opts).recv_x,
+                mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+            with pytest.raises(Exception, match=message):
+                f(x, ids, w).block_until_ready()
+    finally:
+        group.destroy()
