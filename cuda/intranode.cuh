@@ -13,8 +13,9 @@
 // one GPU cannot starve each other.
 //
 // Registered buffer of each rank:
-//   [0, kSignalBytes)               Signals: epoch counter and one arrival
-//                                   slot per peer
+//   [0, kSignalBytes)               Signals: epoch counter, one arrival
+//                                   slot per peer, the abort word and the
+//                                   call signatures (docs/faults.md)
 //   [kSignalBytes, +kWorkspaceBytes) workspace: routing prefix sums (local
 //                                   only) in the first 64 KiB, then the
 //                                   combine's chunk flags (read by peers)
@@ -77,7 +78,7 @@ enum SigField : int {
   kSigRingRows,      // combine ring rows
   kSigLayout,        // 0 rank-major, 1 expert-major
   kSigDtype,         // dtype or low-latency payload
-  kSigMode,          // low-latency: FP8 combine rows, zero copy
+  kSigMode,          // per op: expert_alignment (dispatch), pulled (LL dispatch), FP8 rows (LL combine)
 };
 struct CallSignature {
   unsigned int field[kSigFields];
@@ -162,7 +163,6 @@ inline const char* op_name(int op) {
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
     case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
-    case 9: return "status";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }
@@ -181,28 +181,38 @@ __device__ __forceinline__ void raise_abort(const PeerTable& peers, int code) {
   __threadfence_system();
 }
 
-// A call failed here: leave a record for the host (the first one wins) and,
-// unless a peer's abort is what stopped it, raise the abort in every rank.
-// The caller then returns; so do the call's later kernels (`aborted`).
+// Fill `rec` unless a record is there already (the first failure wins).
+// Not inlined, and given no PeerTable (whose address would copy it to local
+// memory): a cold path, kept out of the waiting kernels' registers.
+inline __device__ __noinline__ void record_failure(TimeoutRecord* rec, int code, int rank, int peer, int op,
+                                                   unsigned long long epoch, unsigned long long peer_epoch,
+                                                   unsigned long long timeout_ns, const CallSignature* mine,
+                                                   const CallSignature* theirs) {
+  if (atomicCAS(&rec->code, 0, -1) != 0) return;
+  rec->rank = rank;
+  rec->peer = peer;
+  rec->op = op;
+  rec->epoch = epoch;
+  rec->peer_epoch = peer_epoch;
+  rec->seconds = timeout_ns * 1e-9;
+  for (int i = 0; i < kSigFields; ++i) {
+    rec->mine[i] = mine != nullptr ? mine->field[i] : 0u;
+    rec->theirs[i] = theirs != nullptr ? theirs->field[i] : 0u;
+  }
+  __threadfence_system();
+  *reinterpret_cast<volatile int*>(&rec->code) = code;  // last: the host reads a whole record
+  __threadfence_system();
+}
+
+// A call failed here: leave a record for the host and, unless a peer's
+// abort is what stopped it, raise the abort in every rank. The caller then
+// returns; so do the call's later kernels (`aborted`). A mismatch passes
+// both signatures (this rank's, as published in its own header, and the
+// peer's).
 __device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer, int op,
                                      unsigned long long epoch, unsigned long long peer_epoch,
-                                     const CallSignature* theirs = nullptr) {
-  TimeoutRecord* rec = peers.timeout_record;
-  if (atomicCAS(&rec->code, 0, -1) == 0) {
-    rec->rank = peers.rank;
-    rec->peer = peer;
-    rec->op = op;
-    rec->epoch = epoch;
-    rec->peer_epoch = peer_epoch;
-    rec->seconds = peers.timeout_ns * 1e-9;
-    for (int i = 0; i < kSigFields; ++i) {
-      rec->mine[i] = peers.call.field[i];
-      rec->theirs[i] = theirs != nullptr ? theirs->field[i] : 0u;
-    }
-    __threadfence_system();
-    *reinterpret_cast<volatile int*>(&rec->code) = code;  // last: the host reads a whole record
-    __threadfence_system();
-  }
+                                     const CallSignature* mine = nullptr, const CallSignature* theirs = nullptr) {
+  record_failure(peers.timeout_record, code, peers.rank, peer, op, epoch, peer_epoch, peers.timeout_ns, mine, theirs);
   if (code != kFailAborted) raise_abort(peers, code);
 }
 
@@ -280,8 +290,8 @@ __device__ __forceinline__ bool signature_agrees(const PeerTable& peers, int kin
   const auto* me = reinterpret_cast<const Signals*>(peers.base[peers.rank]);
   const unsigned long long theirs = ld_volatile(&me->sig_hash[kind][slot][s]);
   if (theirs == peers.call.hash) return true;
-  CallSignature fields = reinterpret_cast<const Signals*>(peers.base[s])->sig_fields[kind][slot];
-  fail(peers, kFailMismatch, s, op, n, theirs, &fields);
+  fail(peers, kFailMismatch, s, op, n, theirs, &me->sig_fields[kind][slot],
+       &reinterpret_cast<const Signals*>(peers.base[s])->sig_fields[kind][slot]);
   return false;
 }
 

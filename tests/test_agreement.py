@@ -202,3 +202,41 @@ def test_buffer_methods_raise_after_a_failure():
         buffer.get_dispatch_layout(np.zeros((4, 2), np.int32))
     with pytest.raises(jax_ep.CommunicationError):
         buffer.check()
+
+
+# --- the host's message of a failure record (the extension's own decoder) --------------
+
+needs_extension = pytest.mark.skipif(not jax_ep._extension.available(), reason="needs jax_ep._C")
+
+
+@needs_extension
+def test_mismatch_message_names_both_ranks_and_the_first_differing_field():
+    C = jax_ep._extension._C
+    n = C.signature_fields
+    # dispatch (op 0): T differs (field 1), and so does C (field 2): T is named.
+    mine = [0, 32, 64, 512, 2, 8, 24] + [0] * (n - 7)
+    theirs = [0, 40, 80, 512, 2, 8, 24] + [0] * (n - 7)
+    msg = C.failure_message(3, 0, 1, 0, 7, 0, mine, theirs)
+    assert "rank 0 and rank 1 made different calls in the dispatch (call 7)" in msg
+    assert "T (tokens per rank) is 32 on rank 0 and 40 on rank 1" in msg
+    # row bytes only (another H)
+    msg = C.failure_message(3, 1, 0, 0, 2, 0, mine, mine[:3] + [1024] + mine[4:])
+    assert "row bytes (hidden size x item size) is 512 on rank 1 and 1024 on rank 0" in msg
+    # a dispatch meeting a combine: the op differs first
+    msg = C.failure_message(3, 0, 2, 2, 4, 0, [2] + mine[1:], mine)
+    assert "op (which call) is 2 on rank 0 and 0 on rank 2" in msg
+    # low-latency dispatch (op 3): the SM budget
+    ll = [3, 0, 32, 1024, 2, 8, 4] + [0] * (n - 7)
+    msg = C.failure_message(3, 0, 1, 3, 1, 0, ll, ll[:6] + [8] + ll[7:])
+    assert "num_sms is 4 on rank 0 and 8 on rank 1" in msg and "low-latency dispatch" in msg
+
+
+@needs_extension
+def test_timeout_and_abort_messages_name_the_ranks():
+    C = jax_ep._extension._C
+    msg = C.failure_message(1, 0, 3, 0, 5, 4, [], [])
+    assert "rank 0 timed out after 5.0 s in the dispatch barrier waiting for rank 3" in msg
+    assert "unusable until re-created" in msg
+    msg = C.failure_message(4, 2, 0, -1, 0, 1, [], [])
+    assert "rank 2 stopped its next call: rank 0 failed first (timeout; see rank 0's error)" in msg
+    assert C.buffer_failure is not None

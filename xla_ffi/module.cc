@@ -171,6 +171,25 @@ NB_MODULE(_C, m) {
         },
         nb::arg("id"),
         "A buffer's failure record (code 0: none; else code, rank, peer, op, call and the message).");
+  m.def("failure_message",
+        [](int code, int rank, int peer, int op, unsigned long long call, unsigned long long peer_call,
+           const std::vector<unsigned int>& mine, const std::vector<unsigned int>& theirs) {
+          jax_ep::intranode::TimeoutRecord rec{};
+          rec.code = code;
+          rec.rank = rank;
+          rec.peer = peer;
+          rec.op = op;
+          rec.epoch = call;
+          rec.peer_epoch = peer_call;
+          rec.seconds = 5.0;
+          for (std::size_t i = 0; i < mine.size() && i < jax_ep::intranode::kSigFields; ++i) rec.mine[i] = mine[i];
+          for (std::size_t i = 0; i < theirs.size() && i < jax_ep::intranode::kSigFields; ++i) rec.theirs[i] = theirs[i];
+          return jax_ep::timeout_message(rec);
+        },
+        nb::arg("code"), nb::arg("rank"), nb::arg("peer"), nb::arg("op"), nb::arg("call"), nb::arg("peer_call"),
+        nb::arg("mine"), nb::arg("theirs"),
+        "The message of a failure record with these fields (what the host prints and raises).");
+  m.attr("signature_fields") = static_cast<int>(jax_ep::intranode::kSigFields);
   m.def("inject_abort_for_test",
         [](int id, int raiser, int code) {
           jax_ep::IntranodeBuffer& b = jax_ep::Runtime::get().at(id);
