@@ -78,9 +78,9 @@ def test_kernel_launch_shape_is_deadlock_free_randomly():
         ring = chunk_rows * ratio
         blocks, batch = launch_shape(num_ranks, num_sms, chunk_rows, ring)
         assert ring >= chunk_rows + batch - 1
-        tokens = 12
+        tokens = 24
         for streams in (routing_shifted(num_ranks, tokens, 1), routing_sparse(num_ranks, tokens, seed=k)):
-            r = explore_random(make_model(streams, tokens, blocks, batch, chunk_rows, ring), runs=4, seed=k)
+            r = explore_random(make_model(streams, tokens, blocks, batch, chunk_rows, ring), runs=6, seed=k)
             assert r.ok, ((num_ranks, num_sms, chunk_rows, ring, blocks, batch), r)
 
 
