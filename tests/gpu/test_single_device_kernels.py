@@ -295,8 +295,8 @@ def test_handlers_refuse_what_the_kernels_cannot_do(rng):
         spec = LowLatencySpec(num_ranks=1, num_experts=e, num_tokens=t, num_topk=17, hidden=h, axis_name="ep",
                               options=ll)
         ids17 = put(np.tile(np.arange(e, dtype=np.int32), (t, 3))[:, :17])
-        send = jax.jit(jax.shard_map(lambda x, i: cuda_ops.ll_dispatch_send(x, i, spec), mesh=mesh,
-                                     in_specs=P("ep"), out_specs=P()))
+        send = jax.jit(jax.shard_map(lambda x, i: cuda_ops.ll_dispatch_send(x, i, spec)[None], mesh=mesh,
+                                     in_specs=P("ep"), out_specs=P("ep")))
         with pytest.raises(Exception, match=r"num_topk \(K\) must be in \[1, 16\]"):
             send(x, ids17).block_until_ready()
 
