@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kRouteThreads)
 // staging, or zeros on padding. kUnroll loads in flight per thread.
 __global__ void __launch_bounds__(kCopyThreads, 4)
     pull_rows_kernel(PeerTable peers, RowParts parts, int capacity, std::size_t rows_offset,
-                     std::size_t row_stride, const int* src_rank, const int* src_token) {
+                     std::size_t row_stride, const int* src_rank, const int* src_token, int source_rows, int op) {
   if (aborted(peers)) return;  // a rank failed: this buffer is dead
   const int half = current_half(peers, true);
   const int vec0 = parts.part_bytes[0] / 16;
@@ -394,10 +394,13 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
       value[u] = make_int4(0, 0, 0, 0);
       if (i >= total) continue;
       const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
-      const int s = src_rank[c];
-      if (s >= 0) {
+      const int s = src_rank[c], token = src_token[c];
+      if (s >= 0 && (s >= peers.num_ranks || token < 0 || token >= source_rows)) {
+        // A stale or foreign handle: the row stays zero, no peer memory is read.
+        if (v == 0) record_bad_handle(peers, op, c, s >= peers.num_ranks ? s : token);
+      } else if (s >= 0) {
         const char* row = staging_half(peers.base[s], half, peers.staging_half_bytes) + rows_offset +
-                          static_cast<long long>(src_token[c]) * row_stride;
+                          static_cast<long long>(token) * row_stride;
         value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
       }
     }
@@ -520,6 +523,9 @@ __global__ void arrive_kernel(PeerTable peers) {
 // 256 with their own barriers, two copiers and two reducers. (Blocks that
 // spin must fill their SMs: spread thin, they would leave no SM with room
 // for another rank's 1024-thread block, which may be what they wait for.)
+// 1024 threads leave 64 registers a thread (65536 per SM), the cap ptxas
+// reports, not a __launch_bounds__ choice; it spills 84 bytes a thread (the
+// copiers' and reducers' loads in flight share one register budget).
 constexpr int kGroupThreads = 256;
 constexpr int kGroupsPerBlock = 4;
 constexpr int kCombineThreads = kGroupThreads * kGroupsPerBlock;
@@ -553,8 +559,9 @@ __device__ __forceinline__ void publish(const PeerTable& peers, unsigned long lo
   }
 }
 
-// Wait until *flag reaches `epoch`; false when the wait failed (a timeout
-// naming `peer`, or a peer's abort: recorded, abort raised).
+// Wait until the 64-bit epoch counter at *flag (a Signals::arrived slot)
+// reaches `epoch`; false when the wait failed (a timeout naming `peer`, or a
+// peer's abort: recorded, abort raised). Packed words wait with wait_word.
 __device__ __forceinline__ bool wait_epoch(const PeerTable& peers, const unsigned long long* flag,
                                            unsigned long long epoch, int peer, int op) {
   return wait_at_least(peers, flag, epoch, peer, op);
@@ -594,7 +601,7 @@ __device__ void combine_stage(const Group& g, const PeerTable& peers, const Comb
       }
     }
     g.sync();
-    if (g.tid == 0) publish(peers, &flags[k], epoch);
+    if (g.tid == 0) publish(peers, &flags[k], serial_word(epoch, 0));
   }
 }
 
@@ -619,9 +626,11 @@ __device__ void combine_reduce(const Group& g, const PeerTable& peers, const Com
     if (g.tid < S && ok) {
       const int p = a.send_pos[static_cast<long long>(t) * S + g.tid];
       const char* row = nullptr;
-      if (p >= 0) {
+      if (p >= R * C) {
+        record_bad_handle(peers, 2, t, p);  // a stale or foreign handle: the slot is skipped
+      } else if (p >= 0) {
         const int r = p / C, c = p % C;
-        ok = wait_epoch(peers, chunk_flags(peers.base[r], half) + c / B, epoch, r, 6);
+        ok = wait_word(peers, chunk_flags(peers.base[r], half) + c / B, epoch, 0, r, 6);
         if (!ok) g.halt();
         row = staging_half(peers.base[r], half, peers.staging_half_bytes) +
               static_cast<std::size_t>(c) * row_stride;
@@ -669,7 +678,7 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
   const int first = start[s], rows = start[s + 1] - start[s];
   char* owner = peers.base[s];
   if (sub == 0 && g.tid == 0) {
-    st_release_sys(&region_starts(owner, half)[me], epoch << 32 | static_cast<unsigned>(first));
+    st_release_sys(&region_starts(owner, half)[me], serial_word(epoch, static_cast<unsigned>(first)));
   }
   const std::size_t row_bytes = static_cast<std::size_t>(a.hidden) * sizeof(T);
   const std::size_t row_stride = align_up(row_bytes, 16);
@@ -680,17 +689,16 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
   unsigned long long* flags = ring_flags(owner, half, me);
   const unsigned long long* progress = reduce_progress(owner);
   const int warp = g.tid / 32, lane = g.tid % 32;
-  unsigned long long passed = 0;  // warp 0: s's reducers' progress, as last read (same in every lane)
+  unsigned int passed = 0;  // warp 0: s's reducers' progress in this call, as last read (same in every lane)
   for (int j = sub; j * B < rows; j += per_stream) {
     const int reuse = (j + 1) * B - ring;  // rows [0, reuse) must have been summed
     if (reuse > 0 && warp == 0) {
-      const unsigned long long need =
-          epoch << 32 | static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
+      const unsigned int need = static_cast<unsigned>(a.recv_src_token[first + reuse - 1] + 1);
       // Warp-collective poll: every lane loads a share of the progress words.
       auto ready = [&] {
         if (passed >= need) return true;
-        unsigned long long low = ~0ull;
-        for (int b = lane; b < reducers; b += 32) low = min(low, ld_acquire_sys(&progress[b]));
+        unsigned int low = ~0u;  // a reducer not yet in this call counts as 0
+        for (int b = lane; b < reducers; b += 32) low = min(low, value_in_call(ld_acquire_sys(&progress[b]), epoch));
         for (int o = 16; o > 0; o /= 2) low = min(low, __shfl_xor_sync(kFullWarpMask, low, o));
         passed = low;
         return passed >= need;
@@ -699,7 +707,9 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
                                        peers.timeout_ns,
                                        [](bool b) { return __shfl_sync(kFullWarpMask, b ? 1 : 0, 0) != 0; });
       if (w != kWaitReady && lane == 0) {
-        wait_failed(peers, w, s, 7, need, passed);
+        unsigned long long at = epoch;  // the call of s's slowest reducer
+        for (int b = 0; b < reducers; ++b) at = min(at, call_near(word_serial(ld_acquire_sys(&progress[b])), epoch));
+        wait_failed(peers, w, s, 7, epoch, at);
         g.halt();
       }
     }
@@ -725,7 +735,7 @@ __device__ void ring_stage(const Group& g, const PeerTable& peers, const Combine
       }
     }
     g.sync();
-    if (g.tid == 0) publish(peers, &flags[j % (ring / B)], epoch << 32 | static_cast<unsigned>(j));
+    if (g.tid == 0) publish(peers, &flags[j % (ring / B)], serial_word(epoch, static_cast<unsigned>(j)));
   }
 }
 
@@ -748,7 +758,7 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
   const std::size_t row_stride = align_up(static_cast<std::size_t>(a.hidden) * sizeof(T), 16);
   const char* rings = staging_half(mine, half, peers.staging_half_bytes);
   auto token_word = [&](long long t) {
-    return epoch << 32 | (t < num_tokens ? static_cast<unsigned long long>(t) : 0xffffffffull);
+    return serial_word(epoch, t < num_tokens ? static_cast<unsigned>(t) : 0xffffffffu);
   };
   if (g.tid == 0) st_relaxed_sys(&progress[index], token_word(static_cast<long long>(index) * kBatchTokens));
   bool ok = true;
@@ -756,8 +766,8 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
     const int r = g.tid;
     const unsigned long long* slot = &region_starts(mine, half)[r];
     ok = wait_epoch(peers, &signals->arrived[r], epoch, r, 5) && signature_agrees(peers, 0, epoch, r, 2) &&
-         wait_epoch(peers, slot, epoch << 32, r, 5);
-    if (ok) start[r] = static_cast<int>(ld_acquire_sys(slot) & 0xffffffffull);
+         wait_word(peers, slot, epoch, 0, r, 5);
+    if (ok) start[r] = static_cast<int>(word_value(ld_acquire_sys(slot)));
     else g.halt();
   }
   g.sync();
@@ -769,11 +779,12 @@ __device__ void ring_reduce(const Group& g, const PeerTable& peers, const Combin
       const int t = t0 + g.tid / R, r = g.tid % R;
       const int p = a.send_pos[static_cast<long long>(t) * R + r];
       const char* row = nullptr;
-      if (p >= 0) {
+      if (p >= 0 && (p < r * C || p >= (r + 1) * C || p - r * C < start[r])) {
+        record_bad_handle(peers, 2, t, p);  // column r must name a row of rank r's stream: skipped
+      } else if (p >= 0) {
         const int i = p - r * C - start[r];  // index in r's stream for this rank
         const int j = i / B;
-        if (!wait_epoch(peers, &ring_flags(mine, half, r)[j % (ring / B)],
-                        epoch << 32 | static_cast<unsigned>(j), r, 6)) {
+        if (!wait_word(peers, &ring_flags(mine, half, r)[j % (ring / B)], epoch, static_cast<unsigned>(j), r, 6)) {
           g.halt();
         }
         row = rings + (static_cast<std::size_t>(r) * ring + i % ring) * row_stride;
@@ -823,6 +834,23 @@ int copy_blocks(const LaunchConfig& cfg, long long work_items) {
 
 }  // namespace
 
+CombineLaunch combine_launch(int num_ranks, int num_sms, int chunk_rows, int ring_rows) {
+  const int blocks = combine_blocks(num_ranks, num_sms);
+  // Tokens per reducer batch: the tokens all reducers hold at once (reducer
+  // groups x batch) bound how far ahead of the slowest one the copiers must
+  // run, i.e. how much of each ring is live. About 32 keeps the rings small
+  // while few reducer groups still get enough loads in flight.
+  int batch = std::max(1, std::min(4, 32 / (2 * blocks)));
+  // A reducer publishes its progress only after its whole batch, so the rows
+  // of one batch (up to `batch` consecutive rows of a stream, the last one
+  // possibly the first of its chunk) must fit in the ring together with the
+  // rest of that last chunk: ring_rows >= chunk_rows + batch - 1, or the
+  // copier of that chunk waits for the reducer that waits for it
+  // (tests/protocol/test_ring_combine_protocol.py). Batch 1 always fits.
+  while (batch > 1 && ring_rows < chunk_rows + batch - 1) batch /= 2;
+  return {blocks, batch};
+}
+
 std::size_t dispatch_staging_bytes(int T, int K, int R, int E, std::size_t row_bytes) {
   return DispatchStaging::make(T, K, R, E, row_bytes).total;
 }
@@ -853,7 +881,7 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   route_place_kernel<<<route_blocks, kRouteThreads, 0, cfg.stream>>>(peers, args, layout, ws, out);
   const long long pull_vecs = static_cast<long long>(C) * (parts.row_bytes() / 16);
   pull_rows_kernel<<<copy_blocks(cfg, pull_vecs), kCopyThreads, 0, cfg.stream>>>(
-      peers, parts, C, layout.rows, layout.row_stride, out.recv_src_rank, out.recv_src_token);
+      peers, parts, C, layout.rows, layout.row_stride, out.recv_src_rank, out.recv_src_token, T, 0);
   return cudaGetLastError();
 }
 
@@ -893,20 +921,14 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
   barrier_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers, 1);
   pull_rows_kernel<<<copy_blocks(cfg, static_cast<long long>(capacity) * vecs), kCopyThreads, 0,
                      cfg.stream>>>(peers, parts, capacity, 0, layout.row_stride, recv_src_rank,
-                                   recv_src_token);
+                                   recv_src_token, num_tokens, 1);
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine(const PeerTable& peers, const CombineArgs& args, const LaunchConfig& cfg) {
   arrive_kernel<<<1, kMaxRanks, 0, cfg.stream>>>(peers);
-  // One block per SM of the budget, every one resident (reducers wait for
-  // copiers); at least one copier per ring.
-  const int blocks = combine_blocks(peers.num_ranks, cfg.num_sms);
-  // Tokens per reducer batch: the tokens all reducers hold at once (reducer
-  // groups x batch) bound how far ahead of the slowest one the copiers must
-  // run, i.e. how much of each ring is live. About 32 keeps the rings small
-  // while few reducer groups still get enough loads in flight.
-  const int batch = std::max(1, std::min(4, 32 / (2 * blocks)));
+  const CombineLaunch shape = combine_launch(peers.num_ranks, cfg.num_sms, args.chunk_rows, args.ring_rows);
+  const int blocks = shape.blocks, batch = shape.batch;
   auto launch = [&](auto kernel) {
     kernel<<<blocks, kCombineThreads, 0, cfg.stream>>>(peers, args);
   };

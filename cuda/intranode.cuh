@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #ifdef __CUDACC__
+#include "serial.cuh"
 #include "sync.cuh"
 #endif
 
@@ -123,6 +124,7 @@ enum FailCode : int {
   kFailOrder = 2,     // low-latency calls out of order (peer: 0 send twice, 1 receive without send)
   kFailMismatch = 3,  // `peer` made a different call (mine / theirs: the signatures)
   kFailAborted = 4,   // another rank failed first (`peer`: that rank, peer_epoch: its code)
+  kFailBadHandle = 5, // a handle's index out of range (epoch: the row, peer_epoch: the index)
 };
 
 // Written by a kernel (into mapped host memory) when a wait fails, before
@@ -214,6 +216,13 @@ __device__ __forceinline__ void fail(const PeerTable& peers, int code, int peer,
   if (code != kFailAborted) raise_abort(peers, code);
 }
 
+// A handle (routing a kernel reads: source ranks, tokens, rows) names a rank
+// or row out of range (a stale or foreign handle): record it and raise the
+// abort; the caller skips the row, touching no peer memory for it.
+__device__ __forceinline__ void record_bad_handle(const PeerTable& peers, int op, long long row, long long index) {
+  fail(peers, kFailBadHandle, -1, op, static_cast<unsigned long long>(row), static_cast<unsigned long long>(index));
+}
+
 // Whether any rank failed (this buffer is then dead): kernels of a call
 // check it on entry and return without touching peers or outputs. The first
 // kernel of this rank to notice records who raised it (unless this rank
@@ -259,6 +268,17 @@ __device__ __forceinline__ bool wait_at_least(const PeerTable& peers, const unsi
                                    &reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort,
                                    peers.timeout_ns);
   return !wait_failed(peers, w, peer, op, expected, v);
+}
+
+// Wait until *flag holds call `call`'s word with a value of at least `value`
+// (serial.cuh); false when the wait failed (recorded, abort raised).
+__device__ __forceinline__ bool wait_word(const PeerTable& peers, const unsigned long long* flag,
+                                          unsigned long long call, unsigned int value, int peer, int op) {
+  unsigned long long v = 0;
+  const WaitOutcome w = wait_until([&] { return word_reached(v = ld_acquire_sys(flag), call, value); },
+                                   &reinterpret_cast<const Signals*>(peers.base[peers.rank])->abort,
+                                   peers.timeout_ns);
+  return !wait_failed(peers, w, peer, op, call, call_near(word_serial(v), call));
 }
 
 // Signature check after acquiring peer `s`'s flag of call `n` of `kind`:
@@ -318,21 +338,23 @@ struct DispatchStaging {
 __host__ __device__ inline unsigned long long* workspace_words(char* base, std::size_t offset) {
   return reinterpret_cast<unsigned long long*>(base + kSignalBytes + offset);
 }
-// Full-staging combine: flag of chunk k of a rank's staging (value: epoch).
+// Protocol words of the combine are serial words (serial.cuh): the epoch's
+// serial and a value.
+// Full-staging combine: flag of chunk k of a rank's staging (serial_word(epoch, 0)).
 __host__ __device__ inline unsigned long long* chunk_flags(char* base, int half) {
   return workspace_words(base, kChunkFlagOffset) + static_cast<std::size_t>(half) * kMaxChunks;
 }
 // Ring combine, all in the owner's buffer: flag of each ring chunk of the
-// ring from `source` (value: epoch << 32 | chunk index), ...
+// ring from `source` (serial_word(epoch, chunk index)), ...
 __host__ __device__ inline unsigned long long* ring_flags(char* base, int half, int source) {
   return workspace_words(base, kRingFlagOffset) +
          (static_cast<std::size_t>(half) * kMaxRanks + source) * kMaxRingChunks;
 }
-// ... the next token each of the owner's reducer blocks will sum (epoch << 32 | token), ...
+// ... the next token each of the owner's reducer blocks will sum (serial_word(epoch, token)), ...
 __host__ __device__ inline unsigned long long* reduce_progress(char* base) {
   return workspace_words(base, kProgressOffset);
 }
-// ... and where the owner's rows start in each source's y (epoch << 32 | row).
+// ... and where the owner's rows start in each source's y (serial_word(epoch, row)).
 __host__ __device__ inline unsigned long long* region_starts(char* base, int half) {
   return workspace_words(base, kRegionStartOffset) + static_cast<std::size_t>(half) * kMaxRanks;
 }
@@ -421,11 +443,17 @@ cudaError_t launch_cached_dispatch(const PeerTable& peers, int num_tokens, int c
 // Expert-major layout: copiers stage every row in this rank's staging and
 // flag it per chunk; reducers read the rows there.
 //
-// Why it cannot deadlock (every block of every rank resident, R x blocks
-// within the GPU): let t be the smallest token any reducer is waiting on. Its
-// rows' chunks are each handled by a copier that processes its stream's
-// chunks in order, and a copier waits only for reducers to pass tokens that
-// precede its chunk's rows by a whole ring, i.e. tokens < t: all passed.
+// Why it does not deadlock (every block of every rank resident, R x blocks
+// within the GPU, and ring_rows >= chunk_rows + batch - 1, which
+// combine_launch ensures by shrinking the batch): a reducer publishes its
+// progress only after its whole batch, so let t0 be the first token of the
+// earliest unfinished batch; every token < t0 is summed. That batch's rows in
+// one stream are at most `batch` consecutive rows i0..i1, rows < i0 belong
+// to tokens < t0. The copier of i1's chunk j (and of its own earlier chunks)
+// waits only for rows < (j + 1) * chunk_rows - ring_rows <= i1 - batch + 1 <= i0
+// to be summed: done. So the batch's chunks all arrive and t0 moves on. With
+// a smaller ring the copier waits for a row of the very batch that waits for
+// it (the executable model: tests/protocol/ring_combine.py).
 struct CombineArgs {
   const void* y;           // [C, H]
   const int* recv_src_rank;   // [C]
@@ -448,6 +476,13 @@ inline int combine_blocks(int num_ranks, int num_sms) {
   const int want = (num_ranks + 1) / 2 > num_sms ? (num_ranks + 1) / 2 : num_sms;
   return want < kMaxCombineBlocks / 2 ? want : kMaxCombineBlocks / 2;
 }
+
+// Launch shape of the combine kernel: blocks per rank (copiers and reducers
+// are 2 * blocks each) and tokens per reducer batch (1, 2 or 4).
+struct CombineLaunch {
+  int blocks, batch;
+};
+CombineLaunch combine_launch(int num_ranks, int num_sms, int chunk_rows, int ring_rows);
 
 // Rows per chunk flag actually used for a combine of `capacity` rows.
 inline int combine_chunk_rows(int capacity, int requested) {

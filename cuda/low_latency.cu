@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "fp8.cuh"
+#include "serial.cuh"
 #include "sync.cuh"
 #include "utils.cuh"
 
@@ -21,11 +23,12 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
 // Call counters live in the signal block's spare words.
+constexpr int kDispatchCounterPad = 0, kCombineCounterPad = 1;
 __device__ __forceinline__ unsigned long long* dispatch_counter(const PeerTable& p) {
-  return &reinterpret_cast<Signals*>(p.base[p.rank])->pad[0];
+  return &reinterpret_cast<Signals*>(p.base[p.rank])->pad[kDispatchCounterPad];
 }
 __device__ __forceinline__ unsigned long long* combine_counter(const PeerTable& p) {
-  return &reinterpret_cast<Signals*>(p.base[p.rank])->pad[1];
+  return &reinterpret_cast<Signals*>(p.base[p.rank])->pad[kCombineCounterPad];
 }
 // Finished-block counters, one per kernel kind (0 dispatch send, 1 combine
 // send, 2 dispatch receive, 3 combine receive): a send on the send stream may
@@ -37,8 +40,9 @@ __device__ __forceinline__ unsigned int* blocks_done(const PeerTable& p, int whi
 // The last call whose send this rank issued, per kind (0 dispatch, 1 combine):
 // a send finding its own call number there follows an unreceived send; a
 // receive finding another one has no send.
+constexpr std::size_t kSentMarkOffset = intranode::kSignalBytes + 60 * 1024;
 __device__ __forceinline__ unsigned long long* sent_mark(const PeerTable& p, int which) {
-  return reinterpret_cast<unsigned long long*>(p.base[p.rank] + intranode::kSignalBytes + 60 * 1024) + which;
+  return reinterpret_cast<unsigned long long*>(p.base[p.rank] + kSentMarkOffset) + which;
 }
 
 // Called by one thread at the start of a send (`is_send`) or a receive;
@@ -85,19 +89,19 @@ __device__ __forceinline__ bool start_send(const PeerTable& p, int which, unsign
   return true;
 }
 
-// Spin until *slot's call number (high 32 bits, or the whole word when
-// `whole`) reaches `call`, leaving the word in *value; false when the wait
-// failed (a timeout or a peer's abort: recorded, abort raised).
-__device__ bool wait_call(const PeerTable& p, const unsigned long long* slot, unsigned long long call, bool whole,
-                          int peer, int op, unsigned long long* value) {
+// Spin until *slot holds a word of call `call` (serial.cuh: a slot holds
+// this call's word or an older one), leaving the word in *value; false when
+// the wait failed (a timeout or a peer's abort: recorded, abort raised).
+__device__ bool wait_call(const PeerTable& p, const unsigned long long* slot, unsigned long long call, int peer,
+                          int op, unsigned long long* value) {
   unsigned long long v = 0;
   auto ready = [&] {
     v = ld_acquire_sys(slot);
-    return (whole ? v : (v >> 32)) >= call;
+    return word_in_call(v, call);
   };
   const WaitOutcome w = wait_until(ready, &reinterpret_cast<const Signals*>(p.base[p.rank])->abort, p.timeout_ns);
   *value = v;
-  return !intranode::wait_failed(p, w, peer, op, call, whole ? v : (v >> 32));
+  return !intranode::wait_failed(p, w, peer, op, call, call_near(word_serial(v), call));
 }
 
 // True in every thread of the block that finished last; that block resets
@@ -465,7 +469,7 @@ __global__ void __launch_bounds__(kThreads)
     __threadfence_system();
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
       auto* slot = &dispatch_counts(p.base[e / le], static_cast<int>(call & 1))[(e % le) * R + me];
-      *reinterpret_cast<volatile unsigned long long*>(slot) = (call << 32) | static_cast<unsigned long long>(count[e]);
+      *reinterpret_cast<volatile unsigned long long*>(slot) = serial_word(call, static_cast<unsigned int>(count[e]));
     }
   }
 }
@@ -486,10 +490,10 @@ __global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s)
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
     unsigned long long v;
-    if (!wait_call(p, slot, call, false, i % R, 3, &v)) return;
+    if (!wait_call(p, slot, call, i % R, 3, &v)) return;
     // Slots [0, R) are local expert 0 of every source: one check per source.
     if (i < R && !intranode::signature_agrees(p, sig_kind(0), call, i, 3)) return;
-    counts[i] = static_cast<int>(v & 0xffffffffull);
+    counts[i] = static_cast<int>(word_value(v));
   }
 }
 
@@ -538,18 +542,31 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Pulled dispatch --------------------------------------------------------
 
-// Rank r's staged call in every peer's workspace: (call << 32) | its token count.
+// Rank r's staged call in every peer's workspace: serial_word(call, its token count).
 __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 34 * 1024) +
          half * intranode::kMaxRanks;
 }
 
 // Rank r's routing of the staged call, read by the receivers:
-// pull_counts(r, half)[e] = (call << 32) | how many of r's tokens name expert
-// e (their first slot naming it). Only r writes them, raising them with
-// atomicMax, so a stale value is always of an earlier call.
+// pull_counts(r, half)[e] = serial_word(call, how many of r's tokens name
+// expert e) (their first slot naming it). Only r writes them, raising them
+// with raise_in_call, so a word of another call is always of an earlier one.
 __device__ __forceinline__ unsigned long long* pull_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 64 * 1024) + half * kCountSlots;
+}
+
+// Raise *word to serial_word(call, value) unless it holds this call's word
+// with at least that value. (An atomicMax of the packed words would keep an
+// older call's word once the serial wrapped.)
+__device__ __forceinline__ void raise_in_call(unsigned long long* word, unsigned long long call, unsigned int value) {
+  const unsigned long long want = serial_word(call, value);
+  unsigned long long cur = ld_volatile(word);
+  while (!word_reached(cur, call, value)) {
+    const unsigned long long seen = atomicCAS(word, cur, want);
+    if (seen == cur) break;
+    cur = seen;
+  }
 }
 
 // Stage: every block reads this rank's top-k ids into shared memory and
@@ -585,14 +602,14 @@ __global__ void __launch_bounds__(kThreads)
     const int idx = earlier_tokens_naming<true>(ids, t, K, e, lane);
     if (lane == 0) {
       rows[static_cast<long long>(e) * M + idx] = t * K + k;
-      atomicMax(&counts[e], (call << 32) | static_cast<unsigned long long>(idx + 1));
+      raise_in_call(&counts[e], call, static_cast<unsigned int>(idx + 1));
     }
   }
   stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks) {
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
-        (call << 32) | static_cast<unsigned long long>(s.num_tokens);
+        serial_word(call, static_cast<unsigned int>(s.num_tokens));
   }
 }
 
@@ -603,8 +620,7 @@ __global__ void wait_staged_kernel(PeerTable p) {
   if (intranode::aborted(p) || (threadIdx.x == 0 && !check_order(p, 0, call, false))) return;
   unsigned long long v;
   if (threadIdx.x < p.num_ranks &&
-      wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, false, threadIdx.x, 3,
-                &v)) {
+      wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, threadIdx.x, 3, &v)) {
     intranode::signature_agrees(p, sig_kind(0), call, threadIdx.x, 3);
   }
 }
@@ -630,7 +646,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const int e = i / R, r = i % R;
     const unsigned long long c = ld_volatile(pull_counts(p.base[r], half) + first_expert + e);
-    start[e * (R + 1) + r + 1] = (c >> 32) == call ? static_cast<int>(c & 0xffffffffull) : 0;
+    start[e * (R + 1) + r + 1] = static_cast<int>(value_in_call(c, call));
   }
   __syncthreads();
   lay_out_rows(start, first, le, R, recv_count);
@@ -686,6 +702,18 @@ __device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, in
   scan_expert_counts(first, le);
 }
 
+// Whether valid row `row` of a combine's routing names a (rank, token, slot)
+// a dispatch of these shapes can produce; records a bad handle otherwise (a
+// stale or foreign handle), whose row the caller skips: it would address
+// another rank's half past its end, or another half.
+__device__ __forceinline__ bool routing_in_range(const PeerTable& p, const Shape& s, const int* src_rank,
+                                                 const int* src_token, const int* src_slot, long long row) {
+  const int r = src_rank[row], t = src_token[row], k = src_slot[row];
+  if (r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
+  intranode::record_bad_handle(p, 4, row, r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
+  return false;
+}
+
 // The row of y [E/R, R*M, H] that is valid row `flat` (count_valid_rows' order).
 __device__ __forceinline__ long long valid_row(const int* first, int le, int rows_out, int flat) {
   const int e = last_at_or_below(first, le, flat);
@@ -698,7 +726,7 @@ __device__ __forceinline__ void flag_combine_peers(const PeerTable& p, unsigned 
   if (last_block_done<true>(p, 1) && threadIdx.x < p.num_ranks) {
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(
-        &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = (call << 32) | mode;
+        &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = serial_word(call, mode);
   }
 }
 
@@ -722,6 +750,7 @@ __global__ void __launch_bounds__(kThreads)
   const int num_warps = gridDim.x * kWarps;
   for (int flat = warp; flat < first[le]; flat += num_warps) {
     const long long row = valid_row(first, le, rows_out, flat);
+    if (!routing_in_range(p, s, src_rank, src_token, src_slot, row)) continue;  // uniform across the warp
     char* dst = half_of(p, src_rank[row], call) + l.combine_rows +
                 (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
     if (s.combine_fp8) {
@@ -802,6 +831,7 @@ __global__ void __launch_bounds__(1024)
     const long long row_bytes = static_cast<long long>(s.hidden) * 2;
     for (int flat = threadIdx.x; flat < first[le]; flat += blockDim.x) {
       const long long row = valid_row(first, le, rows_out, flat);
+      if (!routing_in_range(p, s, src_rank, src_token, src_slot, row)) continue;
       index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
           y_offset + row * row_bytes;
     }
@@ -809,13 +839,13 @@ __global__ void __launch_bounds__(1024)
     __syncthreads();
     if (threadIdx.x < R && !failed) {
       *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
-          (call << 32) | 1ull;
+          serial_word(call, 1);
     }
   }
   if (threadIdx.x == 0 && !check_order(p, 1, call, false)) failed = 1;
   if (threadIdx.x < R) {
     unsigned long long v = 0;
-    if (!wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, false, threadIdx.x, 4, &v) ||
+    if (!wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, threadIdx.x, 4, &v) ||
         !intranode::signature_agrees(p, sig_kind(1), call, threadIdx.x, 4)) {
       failed = 1;
     }
@@ -912,9 +942,10 @@ __global__ void __launch_bounds__(kThreads)
   if (advance(p, 1) && threadIdx.x < R) {
     const int half = static_cast<int>(call & 1);
     __threadfence_system();
-    *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) = call;
+    *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) =
+        serial_word(call, 0);
     unsigned long long v;
-    if (wait_readers) wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, true, threadIdx.x, 8, &v);
+    if (wait_readers) wait_call(p, combine_done(p.base[p.rank], half) + threadIdx.x, call, threadIdx.x, 8, &v);
   }
 }
 
@@ -956,6 +987,19 @@ int copy_blocks_for(int num_blocks, long long items) {
 }
 
 }  // namespace
+
+std::vector<unsigned long long> fresh_header(unsigned long long start) {
+  std::vector<unsigned long long> words((intranode::kSignalBytes + intranode::kWorkspaceBytes) / 8, 0);
+  auto* signals = reinterpret_cast<Signals*>(words.data());
+  signals->epoch = start;
+  for (auto& a : signals->arrived) a = start;
+  signals->pad[kDispatchCounterPad] = start;
+  signals->pad[kCombineCounterPad] = start;
+  // Every protocol word of the workspace reads as the call before the first.
+  for (std::size_t i = intranode::kSignalBytes / 8; i < words.size(); ++i) words[i] = serial_word(start, 0);
+  words[kSentMarkOffset / 8] = words[kSentMarkOffset / 8 + 1] = start;
+  return words;
+}
 
 std::size_t buffer_bytes(const Shape& s, int num_ranks) {
   return intranode::kSignalBytes + intranode::kWorkspaceBytes + 2 * Layout::make(s, num_ranks).half_bytes +

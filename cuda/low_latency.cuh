@@ -19,13 +19,15 @@
 // n % 2 of a peer only after its own receive of call n-1 saw that peer's call
 // n-1 messages, which the peer sent after it finished reading call n-2. So
 // at most two calls' data are in flight, and none is overwritten early.
-// Counts and flags carry the call number, so nothing needs resetting.
+// Counts and flags carry the call number (its serial, cuda/serial.cuh), so
+// nothing needs resetting.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "intranode.cuh"
 
@@ -81,14 +83,14 @@ inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R
 __host__ __device__ inline unsigned long long* dispatch_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + half * kCountSlots;
 }
-// combine_flags(owner, half)[s] = (call << 32) | mode: rank s's rows of that
+// combine_flags(owner, half)[s] = serial_word(call, mode): rank s's rows of that
 // call are ready for the owner, pushed into its buffer (mode 0) or published
 // in s's own XLA memory (mode 1, the zero-copy combine).
 __host__ __device__ inline unsigned long long* combine_flags(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes) + 2 * kCountSlots +
          half * intranode::kMaxRanks;
 }
-// combine_done(expert rank, half)[r] = call: rank r finished reading that
+// combine_done(expert rank, half)[r] = serial_word(call, 0): rank r finished reading that
 // call's rows, so the expert rank's XLA memory holding them may be reused.
 __host__ __device__ inline unsigned long long* combine_done(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 36 * 1024) +
@@ -120,6 +122,12 @@ struct Layout {
 
 // Bytes a buffer needs (both halves and the call counters).
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
+
+// The signal block and workspace of a fresh buffer whose call counters (the
+// intranode epoch, the low-latency dispatch and combine calls) start at
+// `start`, as 64-bit words: all zeros for 0 (what cudaMemset leaves); a test
+// starts them near 2^32 to run calls through the serials' wrap (serial.cuh).
+std::vector<unsigned long long> fresh_header(unsigned long long start);
 
 // Send: quantize (FP8) and push every (token, expert) message, publish counts;
 // one kernel, which also zeroes the int32 `token` (the call's XLA result) unless null.

@@ -101,6 +101,7 @@ def _ll_spec(x, topk_idx, num_experts, axis_name, options) -> LowLatencySpec:
     validation.check_hidden_states(x)
     t, h = x.shape
     validation.check_topk_idx(topk_idx, t)
+    validation.check_max_topk(topk_idx, "low_latency_dispatch")
     m = options.num_max_dispatch_tokens_per_rank
     if t > m:
         raise ValueError(

@@ -81,7 +81,9 @@ class NormalOptions:
       combine_ring_rows: rank-major CUDA combine: rows of the ring each source
         rank streams through to each owner (``R * ring`` rows of staging per
         rank). Small rings stay in L2; a multiple of ``combine_chunk_rows``, at
-        most 32 times it.
+        most 32 times it. A ring smaller than ``chunk + 3`` rows makes the
+        combine's reducers take fewer tokens at a time (it needs
+        ``ring >= chunk + batch - 1`` to make progress).
       buffer_id: the ``jax_ep.Buffer`` the CUDA kernels communicate through;
         ``Buffer`` methods fill it in.
     """

@@ -85,6 +85,21 @@ def check_topk_idx(topk_idx, num_tokens: int | None = None) -> None:
         raise ValueError(f"topk_idx needs at least one top-k slot, got shape {shape}")
 
 
+# Top-k slots per token the CUDA kernels send and sum (a warp per slot).
+MAX_TOPK = 16
+
+
+def check_max_topk(topk_idx, op: str) -> None:
+    """K <= MAX_TOPK, on every backend (so that a program that runs on the
+    reference backend also runs on CUDA)."""
+    k = topk_idx.shape[1]
+    if k > MAX_TOPK:
+        raise ValueError(
+            f"{op} supports at most {MAX_TOPK} top-k slots per token, got topk_idx with K={k} "
+            f"(shape {topk_idx.shape}); route each token to at most {MAX_TOPK} experts"
+        )
+
+
 def check_topk_weights(topk_weights, topk_idx) -> None:
     shape = getattr(topk_weights, "shape", None)
     if shape != topk_idx.shape:

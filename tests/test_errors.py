@@ -124,6 +124,11 @@ def test_low_latency_bad_inputs(inputs):
         opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4, fp8=jax_ep.FP8Options(use_ue8m0=True))
         run_ranks(ll(opts), R, xs, idxs, ws)
 
+    # K = 17: more top-k slots than the kernels send and sum.
+    wide = [np.tile(i, (1, 9))[:, :17] for i in idxs]
+    with pytest.raises(ValueError, match=r"low_latency_dispatch supports at most 16 top-k slots per token, got topk_idx with K=17"):
+        run_ranks(ll(jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4)), R, xs, wide, ws)
+
     def bad_combine(x, i, w):
         o = jax_ep.low_latency_dispatch(x, i, num_experts=E, options=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=4))
         return jax_ep.low_latency_combine(o.recv_x[:, :3], w, o.handle)

@@ -31,7 +31,30 @@ def test_ll_dispatch_packed_layout(rng, r):
     for d in range(r):
         assert recv[d].shape == (e // r, r * m, h)
         np.testing.assert_array_equal(count[d], ref[d]["count"])
-        np.testing.assert_array_equal(recv[d], ref[d]["x"])
+        for loc in range(e // r):  # rows past the count are unspecified
+            n = ref[d]["count"][loc]
+            np.testing.assert_array_equal(recv[d][loc, :n], ref[d]["x"][loc, :n])
+
+
+def test_ll_rows_past_the_count_are_never_read(rng):
+    """Rows past recv_count are unspecified (docs/semantics.md): whatever they
+    hold, the combine's result is the same, and their handle entries are -1."""
+    r, t, k, e, h, m = 2, 5, 3, 4, 16, 8
+    xs, idxs, ws = _inputs(rng, r, t, k, e, h, distinct=False)
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m)
+
+    def f(x, i, w):
+        o = jax_ep.low_latency_dispatch(x, i, num_experts=e, options=opts)
+        rows = jnp.arange(o.recv_x.shape[1])[None, :, None]
+        junk = jnp.where(rows < o.recv_count[:, None, None], o.recv_x, jnp.nan)
+        return (jax_ep.low_latency_combine(o.recv_x, w, o.handle), jax_ep.low_latency_combine(junk, w, o.handle),
+                o.handle.recv_src_rank, o.recv_count)
+
+    clean, junk, src, count = run_ranks(f, r, xs, idxs, ws)
+    np.testing.assert_array_equal(junk, clean)
+    for d in range(r):
+        for loc in range(e // r):
+            assert (src[d][loc, count[d][loc]:] == -1).all()
 
 
 @pytest.mark.parametrize("r", [1, 2, 4, 8])

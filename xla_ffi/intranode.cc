@@ -81,10 +81,22 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
   const int R = buf->num_ranks();
   if (K < 1 || K > intranode::kMaxTopk) return invalid_argument(target, "num_topk must be in [1, 16]");
-  if (num_experts % R != 0 || num_experts > 1024) {
-    return invalid_argument(target, "num_experts must be a multiple of the rank count and at most 1024");
+  if (num_experts < R || num_experts % R != 0 || num_experts > 1024) {
+    return invalid_argument(target, "num_experts must be a positive multiple of the rank count " + std::to_string(R) +
+                                        " and at most 1024, got " + std::to_string(num_experts));
+  }
+  if (expert_alignment < 1 || !fits_int(expert_alignment)) {
+    return invalid_argument(target, "expert_alignment must be a positive int, got " + std::to_string(expert_alignment));
+  }
+  if (!has_shape(topk_weights.dimensions(), {T, K})) {
+    return shape_error(target, "topk_weights", topk_weights.dimensions(), {T, K});
   }
   if (!fits_int(T) || !fits_int(capacity) || capacity < 1) return invalid_argument(target, "bad sizes");
+  // send_pos holds rank * capacity + row as an int32.
+  if (!fits_int(static_cast<int64_t>(R) * capacity)) {
+    return invalid_argument(target, "num_ranks * capacity must fit an int32: R = " + std::to_string(R) +
+                                        ", capacity = " + std::to_string(capacity));
+  }
   if (auto err = check_fits(target, *buf,
                             intranode::dispatch_staging_bytes(static_cast<int>(T), static_cast<int>(K), R,
                                                               static_cast<int>(num_experts), parts.row_bytes()));
@@ -230,6 +242,10 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     return invalid_argument(kTarget, "recv_src_rank and recv_src_token must be [C] like y's rows");
   }
   const int R = buf->peer_table().num_ranks;
+  if (!fits_int(static_cast<int64_t>(R) * C)) {
+    return invalid_argument(kTarget, "num_ranks * capacity must fit an int32: R = " + std::to_string(R) +
+                                         ", capacity = " + std::to_string(C));
+  }
   if (S > R && S > intranode::kMaxTopk) {
     return invalid_argument(kTarget, "send_pos has " + std::to_string(S) + " columns; at most max(R, 16)");
   }

@@ -77,7 +77,15 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
   call->buf = Runtime::get().find(buffer_id, device, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
   const int R = call->buf->num_ranks();
-  if (num_experts % R != 0) return invalid_argument(target, "num_experts must be a multiple of the rank count");
+  if (num_experts < R || num_experts % R != 0) {
+    return invalid_argument(target, "num_experts must be a positive multiple of the rank count " + std::to_string(R) +
+                                        ", got " + std::to_string(num_experts));
+  }
+  // The kernels send and sum at most kMaxTopk slots per token (a warp per slot).
+  if (num_topk < 1 || num_topk > intranode::kMaxTopk) {
+    return invalid_argument(target, "num_topk (K) must be in [1, " + std::to_string(intranode::kMaxTopk) +
+                                        "] for low-latency calls, got " + std::to_string(num_topk));
+  }
   if (num_experts > static_cast<int64_t>(low_latency::kCountSlots)) {
     return invalid_argument(target, "num_experts must be at most 2048");
   }
@@ -262,6 +270,12 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
                          combine_payload, &c);
       err.failure()) {
     return err;
+  }
+  if (!has_shape(topk_idx.dimensions(), {num_tokens, num_topk})) {
+    return shape_error(kTarget, "topk_idx", topk_idx.dimensions(), {num_tokens, num_topk});
+  }
+  if (!has_shape(topk_weights.dimensions(), {num_tokens, num_topk})) {
+    return shape_error(kTarget, "topk_weights", topk_weights.dimensions(), {num_tokens, num_topk});
   }
   c.sign(4, num_sms, combine_payload);
   if constexpr (kAsync) {

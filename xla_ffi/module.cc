@@ -210,6 +210,13 @@ NB_MODULE(_C, m) {
         [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });
   m.def("destroy_intranode_buffer", [](int id) { jax_ep::Runtime::get().destroy(id); },
         "Free a buffer and unmap its peers (waits for the device).");
+  m.def("combine_launch_shape",
+        [](int num_ranks, int num_sms, int chunk_rows, int ring_rows) {
+          const auto l = jax_ep::intranode::combine_launch(num_ranks, num_sms, chunk_rows, ring_rows);
+          return std::make_pair(l.blocks, l.batch);
+        },
+        nb::arg("num_ranks"), nb::arg("num_sms"), nb::arg("chunk_rows"), nb::arg("ring_rows"),
+        "(blocks, reducer batch) of the normal combine kernel's launch.");
   m.def("dispatch_staging_bytes", &jax_ep::intranode::dispatch_staging_bytes, nb::arg("num_tokens"),
         nb::arg("num_topk"), nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("row_bytes"),
         "Staging bytes (per half) a dispatch of these shapes needs.");

@@ -1,13 +1,16 @@
 #include "runtime.h"
 
 #include "xla_memory.h"
+#include "../cuda/low_latency.cuh"
 
 #include <cuda_runtime_api.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace jax_ep {
 namespace {
@@ -16,6 +19,21 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("jax_ep runtime: ") + what + " failed: " +
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// Zeroes a fresh buffer: every epoch, call counter, count slot and flag
+// starts at 0. Test hook: JAX_EP_TEST_COUNTER_START=n (the same on every
+// rank) starts the call counters at n instead, with every protocol word
+// reading as call n (low_latency::fresh_header), so that a test reaches the
+// 2^32 wrap of the serials in protocol words (cuda/serial.cuh) in a few calls.
+void clear_buffer(char* local, std::size_t num_bytes) {
+  check(cudaMemset(local, 0, num_bytes), "cudaMemset");
+  const char* env = std::getenv("JAX_EP_TEST_COUNTER_START");
+  const unsigned long long start = env != nullptr ? std::strtoull(env, nullptr, 0) : 0;
+  if (start != 0) {
+    const std::vector<unsigned long long> header = low_latency::fresh_header(start);
+    check(cudaMemcpy(local, header.data(), header.size() * 8, cudaMemcpyHostToDevice), "cudaMemcpy of the counters");
   }
 }
 
@@ -50,8 +68,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
   }
   DeviceGuard guard(device);
   check(cudaMalloc(&local_, num_bytes), "cudaMalloc of the communication buffer");
-  // Zeroed: every epoch, call counter, count slot and flag starts at 0.
-  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
+  clear_buffer(local_, num_bytes);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_[rank] = local_;
   start_watcher();
@@ -73,7 +90,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
     }
   }
   DeviceGuard guard(device);
-  check(cudaMemset(local_, 0, num_bytes), "cudaMemset");
+  clear_buffer(local_, num_bytes);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   start_watcher();
 }
@@ -138,6 +155,7 @@ const char* fail_kind(int code) {
     case intranode::kFailOrder: return "calls out of order";
     case intranode::kFailMismatch: return "mismatch";
     case intranode::kFailAborted: return "aborted";
+    case intranode::kFailBadHandle: return "bad handle";
     default: return "failure";
   }
 }
@@ -176,6 +194,14 @@ std::string timeout_message(const intranode::TimeoutRecord& rec) {
                     signature_field_name(f, static_cast<int>(rec.mine[intranode::kSigOp])), rec.mine[f],
                     rec.rank, rec.theirs[f], rec.peer, kDead);
     }
+    return buf;
+  }
+  if (rec.code == intranode::kFailBadHandle) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: rank %d's %s was given a handle whose row %llu names %lld, out of range (a rank, "
+                  "token or row no dispatch of these shapes on this buffer produces): pass the handle of the "
+                  "dispatch that this call answers, from the same buffer; the row was skipped%s",
+                  rec.rank, intranode::op_name(rec.op), rec.epoch, static_cast<long long>(rec.peer_epoch), kDead);
     return buf;
   }
   if (rec.code == intranode::kFailAborted) {

@@ -230,3 +230,85 @@ def test_abort_stops_calls_and_reaches_status_and_python(rng):
                                   out_specs=P("ep")))(x, idx, w).block_until_ready()
     finally:
         group.destroy()
+
+
+def test_foreign_handle_is_recorded_not_followed(rng):
+    """A handle whose source rank is out of range (a stale or foreign handle):
+    the cached dispatch reads no peer memory for that row (it stays zero),
+    records a bad handle (status and CommunicationError) and does not trap."""
+    import dataclasses
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops, faults
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
+
+    t, k, e, h = 64, 4, 16, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e), timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        idx = random_routing(rng, 1, t, k, e)[0]
+        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
+        options = jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+
+        def body(x, i, w):
+            out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
+            foreign = dataclasses.replace(out.handle, recv_src_rank=out.handle.recv_src_rank.at[0].set(7))
+            again = jax_ep.cached_dispatch(x, foreign)
+            return again, cuda_ops.status(group.buffer_id, (again,), "ep")
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        again, status = f(x, idx, w)
+        assert np.asarray(status).tolist()[0] == faults.STATUS_BAD_HANDLE
+        assert not np.asarray(again[0], np.float32).any()  # row 0 skipped, not read from "rank 7"
+        err = group.failure()
+        assert isinstance(err, jax_ep.CommunicationError) and err.kind == "bad handle"
+        assert "out of range" in str(err)
+    finally:
+        group.destroy()
+
+
+def test_handlers_refuse_what_the_kernels_cannot_do(rng):
+    """Handler checks that a bypassed Python check would otherwise leave to
+    the kernels: low-latency K = 17 (the kernels send and sum 16 slots),
+    expert_alignment 0, num_experts below the rank count."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops
+    from jax_ep.handle import LowLatencySpec
+    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes, low_latency_buffer_bytes
+
+    t, e, h = 8, 8, 256
+    dev = jax.devices()[0].local_hardware_id or 0
+    nbytes = max(intranode_buffer_bytes(t, h, 1, 16, e), low_latency_buffer_bytes(t, h, 1, 17, e))
+    group = IntranodeRuntime.create_group([dev], nbytes, timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep")))  # noqa: E731
+        x = put(rng.standard_normal((t, h)).astype(np.float32)).astype(jnp.bfloat16)
+
+        ll = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=t, backend="cuda", num_sms=4,
+                                      buffer_id=group.buffer_id)
+        spec = LowLatencySpec(num_ranks=1, num_experts=e, num_tokens=t, num_topk=17, hidden=h, axis_name="ep",
+                              options=ll)
+        ids17 = put(np.tile(np.arange(e, dtype=np.int32), (t, 3))[:, :17])
+        send = jax.jit(jax.shard_map(lambda x, i: cuda_ops.ll_dispatch_send(x, i, spec)[None], mesh=mesh,
+                                     in_specs=P("ep"), out_specs=P("ep")))
+        with pytest.raises(Exception, match=r"num_topk \(K\) must be in \[1, 16\]"):
+            send(x, ids17).block_until_ready()
+
+        ids = put(np.tile(np.arange(4, dtype=np.int32), (t, 1)))
+        w = put(np.ones((t, 4), np.float32))
+        for field, value, message in (("expert_alignment", 0, "expert_alignment must be a positive int"),):
+            opts = jax_ep.NormalOptions(layout="expert_major", backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+            object.__setattr__(opts, field, value)  # past NormalOptions' own check
+            f = jax.jit(jax.shard_map(
+                lambda x, i, w, opts=opts: jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=opts).recv_x,
+                mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+            with pytest.raises(Exception, match=message):
+                f(x, ids, w).block_until_ready()
+    finally:
+        group.destroy()

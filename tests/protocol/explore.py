@@ -37,7 +37,7 @@ import random
 import types
 from typing import Callable
 
-__all__ = ["Result", "Wait", "explore_exhaustive", "explore_random", "wait"]
+__all__ = ["Result", "Wait", "count_failures", "explore_exhaustive", "explore_random", "wait"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,11 @@ class _System:
                 f = g.gi_frame
                 if f is None:
                     break
-                frames.append((f.f_lasti, _freeze(dict(f.f_locals), sid)))
+                # The frame's own variables (arguments, locals, locals captured
+                # by its lambdas), not the enclosing scope's (model constants).
+                names = f.f_code.co_varnames + f.f_code.co_cellvars
+                local = f.f_locals
+                frames.append((f.f_lasti, tuple(_freeze(local.get(n), sid) for n in names)))
                 g = g.gi_yieldfrom
             procs.append(tuple(frames))
         return (shared, tuple(procs))
