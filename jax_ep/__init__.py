@@ -9,6 +9,7 @@ or ``backend="cuda"`` (the kernels), chosen by static options.
 """
 
 from jax_ep.buffer import Buffer
+from jax_ep.checked import checked_errors
 from jax_ep.fp8 import per_token_cast_back, per_token_cast_to_fp8
 from jax_ep.handle import DispatchHandle, LowLatencyHandle
 from jax_ep.layout import DispatchLayout, get_dispatch_layout
@@ -31,7 +32,7 @@ from jax_ep.validation import CapacityOverflowError, RoutingError
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "CapacityOverflowError", "DispatchHandle", "DispatchLayout", "DispatchOutput",
+    "Buffer", "CapacityOverflowError", "checked_errors", "DispatchHandle", "DispatchLayout", "DispatchOutput",
     "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions", "LowLatencyPending",
     "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
     "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_buffer_bytes", "low_latency_combine",

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import validation
+from jax_ep import checked, validation
 from jax_ep.backends import get_backend, require
 from jax_ep.handle import LowLatencyHandle, LowLatencySpec
 from jax_ep.normal import _zero_cotangent
@@ -147,8 +147,8 @@ def low_latency_dispatch(
     """
     spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
     topk_idx = topk_idx.astype(jnp.int32)
-    if options.checked:
-        validation.runtime_check_ids(topk_idx, num_experts)
+    if options.checked:  # every rank fails together, before anything is exchanged
+        x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
     if hasattr(get_backend(options.backend), "ll_dispatch_fused"):  # send and receive in one call
         recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, spec)
         return LowLatencyDispatchOutput(recv_x, counts, handle)
@@ -274,6 +274,8 @@ def low_latency_dispatch_send(
     topk_idx = topk_idx.astype(jnp.int32)
     backend = get_backend(options.backend)
     if hasattr(backend, "ll_dispatch_send"):
+        if options.checked:
+            x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
         token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send)
         return LowLatencyPending(token, (topk_idx, x if options.async_send else None), spec)
     out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
