@@ -67,8 +67,9 @@ class NormalOptions:
       expert_alignment: expert-major groups start at multiples of this; the
         rank-major layout ignores it.
       checked: raise a runtime error (instead of dropping and counting) when
-        the capacity overflows or a top-k id is out of range. Uses a host
-        callback: for debugging, not for CUDA-graph-captured production runs.
+        the capacity overflows or a top-k id is out of range, on every rank
+        together (see ``jax_ep.checked_errors``). Uses host callbacks: for
+        debugging, not for CUDA-graph-captured production runs.
       backend: ``"xla"`` (pure-JAX reference, runs anywhere) or ``"cuda"``
         (the compiled kernels).
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
@@ -122,7 +123,8 @@ class LowLatencyOptions:
         pass the same ``M`` and ``T <= M``.
       fp8: ``None`` sends BF16; an ``FP8Options`` casts each token to FP8 while
         dispatching.
-      checked: raise a runtime error when a top-k id is out of range.
+      checked: raise a runtime error when a top-k id is out of range, on
+        every rank together (see ``jax_ep.checked_errors``).
       backend: ``"xla"`` or ``"cuda"``.
       num_sms: SM budget of the CUDA kernels (one 512-thread block per SM).
       combine_fp8: the combine's rows travel as FP8 (e4m3, one float32
