@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ep.fp8 import per_token_cast_back
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
 from jax_ep.normal import combine, dispatch
-from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions, check_bool
 
 Mode = Literal["normal", "low_latency"]
 Activation = Literal["swiglu", "gelu"]
@@ -109,6 +109,7 @@ class MoEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        check_bool(self, "normalize_weights")
         if self.topk > self.num_experts:
             raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
         if self.activation not in ("swiglu", "gelu"):

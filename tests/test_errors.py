@@ -272,3 +272,25 @@ def test_checked_mode_differentiates_and_vmaps(inputs):
     want = run_ranks(f(False), R, *inputs)
     got = run_ranks(f(True), R, *inputs)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda v: jax_ep.NormalOptions(checked=v), "NormalOptions.checked"),
+        (lambda v: jax_ep.LowLatencyOptions(checked=v), "LowLatencyOptions.checked"),
+        (lambda v: jax_ep.LowLatencyOptions(combine_fp8=v), "LowLatencyOptions.combine_fp8"),
+        (lambda v: jax_ep.LowLatencyOptions(async_send=v), "LowLatencyOptions.async_send"),
+        (lambda v: jax_ep.LowLatencyOptions(dispatch_pull=v), "LowLatencyOptions.dispatch_pull"),
+        (lambda v: jax_ep.LowLatencyOptions(combine_zero_copy=v), "LowLatencyOptions.combine_zero_copy"),
+        (lambda v: jax_ep.FP8Options(round_scale=v), "FP8Options.round_scale"),
+        (lambda v: jax_ep.FP8Options(use_ue8m0=v), "FP8Options.use_ue8m0"),
+        (lambda v: __import__("jax_ep.moe").moe.MoEConfig(num_experts=4, hidden=8, ffn=8, normalize_weights=v),
+         "MoEConfig.normalize_weights"),
+    ],
+)
+def test_bool_options_are_checked(make, field):
+    for bad in ("no", 1, 0, None):
+        with pytest.raises(TypeError, match=rf"{field} must be True or False, got {bad!r}"):
+            make(bad)
+    assert make(np.bool_(True)) == make(True)  # numpy bools are bools
