@@ -41,15 +41,19 @@ def _pass_through(make_error, per_rank, tree):
     """``tree`` (integer arrays) returned by a host callback that first raises
     ``make_error(*per_rank)`` when any rank's first count is nonzero."""
     leaves, treedef = jax.tree.flatten(tree)
+    # A CPU callback crashes on a zero-size operand: empty leaves (no tokens
+    # on this rank) are tied to the callback's extra scalar instead.
+    full = [i for i, a in enumerate(leaves) if a.size]
     n = len(per_rank)
 
     def callback(*args):
         counts = [np.asarray(a) for a in args[:n]]
         if counts[0].any():
             raise make_error(*counts)
-        return tuple(np.asarray(a) for a in args[n:])
+        return (np.zeros((), np.int32),) + tuple(np.asarray(a) for a in args[n:])
 
-    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves)
+    shapes = (jax.ShapeDtypeStruct((), jnp.int32),) + tuple(
+        jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in full)
 
     # Integer data carries no gradient; the rule keeps differentiation of the
     # surrounding op from reaching the callback (which has no JVP).
@@ -64,7 +68,11 @@ def _pass_through(make_error, per_rank, tree):
         out = through(*primals)
         return out, tuple(np.zeros(a.shape, jax.dtypes.float0) for a in out)
 
-    return jax.tree.unflatten(treedef, list(through(*per_rank, *leaves)))
+    done, *passed = through(*per_rank, *(leaves[i] for i in full))
+    out, _ = _tie(leaves, done)
+    for i, a in zip(full, passed):
+        out[i] = a
+    return jax.tree.unflatten(treedef, out)
 
 
 def _tie(tree, key):

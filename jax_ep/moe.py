@@ -30,6 +30,7 @@ local and no communication: the definition the tests compare against.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -393,12 +394,12 @@ def moe_layer(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array,
       global load-balancing loss, the same on every rank.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: T may be 0
     routing = route(x2, params["router"], config)
     aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, config.axis_name)
     experts = normal_experts if config.mode == "normal" else low_latency_experts
     y = experts(x2, params, routing, config)
-    return y.reshape(*lead, -1), aux
+    return y.reshape(*lead, y.shape[-1]), aux
 
 
 def moe_reference(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
@@ -411,11 +412,11 @@ def moe_reference(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Ar
       ``(y [..., H] in x's dtype, aux_loss float32 [])`` over all tokens of ``x``.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: T may be 0
     routing = route(x2, params["router"], config)
     aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, None)
     t = x2.shape[0]
     every = expert_mlp_batched(jnp.broadcast_to(x2, (config.num_experts, t, x2.shape[-1])), params, config)
     chosen = every[routing.idx, jnp.arange(t)[:, None]]  # [T, K, H]
     y = jnp.einsum("tk,tkh->th", routing.weights, chosen.astype(jnp.float32)).astype(x.dtype)
-    return y.reshape(*lead, -1), aux
+    return y.reshape(*lead, y.shape[-1]), aux
