@@ -25,6 +25,7 @@ from jax_ep.low_latency import (
 )
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
 from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.rank_mask import rank_mask_of
 from jax_ep.runtime import intranode_buffer_bytes, low_latency_buffer_bytes
 from jax_ep.tuning import tuned_normal_options
 from jax_ep.validation import CapacityOverflowError, RoutingError
@@ -38,5 +39,5 @@ __all__ = [
     "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_buffer_bytes", "low_latency_combine",
     "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",
     "low_latency_dispatch_send",
-    "per_token_cast_back", "per_token_cast_to_fp8", "tuned_normal_options",
+    "per_token_cast_back", "per_token_cast_to_fp8", "rank_mask_of", "tuned_normal_options",
 ]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import checked, validation
+from jax_ep import rank_mask as _masks
 from jax_ep.backends import get_backend, require
 from jax_ep.handle import LowLatencyHandle, LowLatencySpec
 from jax_ep.normal import _zero_cotangent
@@ -129,6 +130,7 @@ def low_latency_dispatch(
     num_experts: int,
     axis_name="ep",
     options: LowLatencyOptions = LowLatencyOptions(),
+    rank_mask=None,
 ) -> LowLatencyDispatchOutput:
     """Send each (token, expert) pair to the expert's rank, packed per expert.
 
@@ -140,6 +142,11 @@ def low_latency_dispatch(
       axis_name: the EP mesh axis (static); ``None`` with the CUDA backend to
         call it per process.
       options: ``LowLatencyOptions`` (static): ``M``, FP8 cast, backend.
+      rank_mask: optional ``bool [R]``, the same on every rank, True for a
+        masked (failed) rank: slots naming its experts are masked like -1,
+        it sends and receives nothing, and the combine of this dispatch
+        skips it too (``jax_ep.rank_mask``). A traced input: changing it does
+        not recompile.
 
     Returns:
       ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
@@ -149,11 +156,26 @@ def low_latency_dispatch(
     topk_idx = topk_idx.astype(jnp.int32)
     if options.checked:  # every rank fails together, before anything is exchanged
         x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
+    topk_idx = _apply_rank_mask(topk_idx, rank_mask, spec)
     if hasattr(get_backend(options.backend), "ll_dispatch_fused"):  # send and receive in one call
         recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, spec)
         return LowLatencyDispatchOutput(recv_x, counts, handle)
     counts, handle = _impl(spec, "ll_dispatch_route")(topk_idx, spec)
     return LowLatencyDispatchOutput(_ll_dispatch(x, handle, spec), counts, handle)
+
+
+def _apply_rank_mask(topk_idx, rank_mask, spec: LowLatencySpec):
+    """The routing with masked ranks' slots (all slots on a masked rank) set to -1."""
+    rank_mask = _masks.check_rank_mask(rank_mask, spec.num_ranks)
+    if rank_mask is None:
+        return topk_idx
+    if spec.options.backend == "cuda":
+        raise NotImplementedError(
+            "rank_mask with the CUDA low-latency kernels is not available in this build; "
+            "use backend='xla', or re-create the Buffer over the surviving ranks"
+        )
+    me = _masks.this_rank(spec.axis_name, None)
+    return _masks.mask_routing(topk_idx, rank_mask, spec.num_experts, spec.num_ranks, me)
 
 
 @jax.custom_vjp
@@ -253,7 +275,7 @@ def _after(value, after):
 
 def low_latency_dispatch_send(
     x: jax.Array, topk_idx: jax.Array, *, num_experts: int, axis_name="ep",
-    options: LowLatencyOptions = LowLatencyOptions(), after=None,
+    options: LowLatencyOptions = LowLatencyOptions(), after=None, rank_mask=None,
 ) -> LowLatencyPending:
     """Issue a low-latency dispatch's sends and return at once (DeepEP's
     ``return_recv_hook``). No SM waits between send and receive.
@@ -264,6 +286,7 @@ def low_latency_dispatch_send(
     it after the send, ``after=`` orders the receive after it) and it
     overlaps the transfer. Same arguments as ``low_latency_dispatch``, and
     ``after``: arrays the send must follow. Not differentiable.
+    ``rank_mask`` as in ``low_latency_dispatch``.
 
     On one buffer, every send must be received before the next send of its
     kind. XLA orders calls only by their data, so when one program issues
@@ -276,9 +299,11 @@ def low_latency_dispatch_send(
     if hasattr(backend, "ll_dispatch_send"):
         if options.checked:
             x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
+        topk_idx = _apply_rank_mask(topk_idx, rank_mask, spec)
         token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send)
         return LowLatencyPending(token, (topk_idx, x if options.async_send else None), spec)
-    out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
+    out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options,
+                               rank_mask=rank_mask)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
 
 
