@@ -50,7 +50,7 @@ using F32_2 = ffi::Buffer<ffi::F32, 2>;
 constexpr int kBlocksPerSm = 1;  // 512-thread blocks
 
 struct Call {
-  IntranodeBuffer* buf = nullptr;
+  std::shared_ptr<IntranodeBuffer> buf;  // held for the handler's duration
   low_latency::Shape shape{};
 };
 
@@ -99,7 +99,7 @@ bool pulls(const Call& c, int64_t pull) {
 // buffer's send stream after everything queued on XLA's `stream`, and records
 // the send's `kind` event there.
 template <class Launch>
-ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream,
+ffi::Error launch_on_send_stream(const char* target, const std::shared_ptr<IntranodeBuffer>& buf, int kind, cudaStream_t stream,
                                  int* token, Launch launch) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(stream, &capture);
@@ -118,7 +118,7 @@ ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int k
 }
 
 // Makes XLA's `stream` wait for the last asynchronous send of `kind`.
-ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream) {
+ffi::Error join_send_stream(const char* target, const std::shared_ptr<IntranodeBuffer>& buf, int kind, cudaStream_t stream) {
   IntranodeBuffer::SendStream* side = nullptr;
   cudaError_t err = buf->send_stream(&side);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(stream, side->done[kind], 0);
