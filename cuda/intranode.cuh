@@ -78,6 +78,7 @@ struct PeerTable {
   unsigned long long timeout_ns;   // barrier wait limit
   TimeoutRecord* timeout_record;   // mapped host memory
   int gpu_scope;                   // 1: every peer's memory is on this GPU (GPU-scope fences suffice)
+  const bool* rank_mask = nullptr;  // low-latency: bool [num_ranks] in device memory, true for a masked rank
 };
 
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2

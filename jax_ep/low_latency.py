@@ -77,19 +77,21 @@ def _first_slot_mask(handle: LowLatencyHandle) -> jax.Array:
     return first_slots(idx, valid_slots(idx, handle.spec.num_experts))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ll_dispatch_fused(x, topk_idx, spec):
-    return _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ll_dispatch_fused(x, topk_idx, rank_mask, spec):
+    return _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec, rank_mask=rank_mask)
 
 
-def _ll_dispatch_fused_fwd(x, topk_idx, spec):
-    out = _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
-    return out, out[2]
+def _ll_dispatch_fused_fwd(x, topk_idx, rank_mask, spec):
+    out = _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec, rank_mask=rank_mask)
+    return out, (out[2], rank_mask)
 
 
-def _ll_dispatch_fused_bwd(spec, handle, ct):
+def _ll_dispatch_fused_bwd(spec, res, ct):
+    handle, rank_mask = res
     grad, _ = _ll_dispatch_bwd(spec, handle, ct[0])
-    return grad, np.zeros(handle.topk_idx.shape, jax.dtypes.float0)
+    no_mask = None if rank_mask is None else np.zeros(rank_mask.shape, jax.dtypes.float0)
+    return grad, np.zeros(handle.topk_idx.shape, jax.dtypes.float0), no_mask
 
 
 _ll_dispatch_fused.defvjp(_ll_dispatch_fused_fwd, _ll_dispatch_fused_bwd)
@@ -156,26 +158,28 @@ def low_latency_dispatch(
     topk_idx = topk_idx.astype(jnp.int32)
     if options.checked:  # every rank fails together, before anything is exchanged
         x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
-    topk_idx = _apply_rank_mask(topk_idx, rank_mask, spec)
+    topk_idx, rank_mask = _apply_rank_mask(topk_idx, rank_mask, spec)
     if hasattr(get_backend(options.backend), "ll_dispatch_fused"):  # send and receive in one call
-        recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, spec)
+        recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, rank_mask, spec)
         return LowLatencyDispatchOutput(recv_x, counts, handle)
     counts, handle = _impl(spec, "ll_dispatch_route")(topk_idx, spec)
     return LowLatencyDispatchOutput(_ll_dispatch(x, handle, spec), counts, handle)
 
 
 def _apply_rank_mask(topk_idx, rank_mask, spec: LowLatencySpec):
-    """The routing with masked ranks' slots (all slots on a masked rank) set to -1."""
+    """(The routing with masked ranks' slots, all slots on a masked rank, set
+    to -1; the mask as bool [R] or None). The CUDA kernels also take the mask:
+    they neither write to nor wait for a masked rank."""
     rank_mask = _masks.check_rank_mask(rank_mask, spec.num_ranks)
     if rank_mask is None:
-        return topk_idx
-    if spec.options.backend == "cuda":
-        raise NotImplementedError(
-            "rank_mask with the CUDA low-latency kernels is not available in this build; "
-            "use backend='xla', or re-create the Buffer over the surviving ranks"
-        )
-    me = _masks.this_rank(spec.axis_name, None)
-    return _masks.mask_routing(topk_idx, rank_mask, spec.num_experts, spec.num_ranks, me)
+        return topk_idx, None
+    rank = None
+    if spec.options.backend == "cuda" and spec.axis_name is None:
+        from jax_ep import runtime
+
+        rank = runtime.lookup(spec.options.buffer_id).rank
+    me = _masks.this_rank(spec.axis_name, rank)
+    return _masks.mask_routing(topk_idx, rank_mask, spec.num_experts, spec.num_ranks, me), rank_mask
 
 
 @jax.custom_vjp
@@ -299,9 +303,9 @@ def low_latency_dispatch_send(
     if hasattr(backend, "ll_dispatch_send"):
         if options.checked:
             x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
-        topk_idx = _apply_rank_mask(topk_idx, rank_mask, spec)
-        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send)
-        return LowLatencyPending(token, (topk_idx, x if options.async_send else None), spec)
+        topk_idx, rank_mask = _apply_rank_mask(topk_idx, rank_mask, spec)
+        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send, rank_mask=rank_mask)
+        return LowLatencyPending(token, (topk_idx, x if options.async_send else None, rank_mask), spec)
     out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options,
                                rank_mask=rank_mask)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
@@ -320,8 +324,9 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
-        topk_idx, sent_x = pending.state
-        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x))
+        topk_idx, sent_x, rank_mask = pending.state
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x,
+                                                                  rank_mask=rank_mask))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 

@@ -112,12 +112,20 @@ def test_buffer_records_masked_ranks():
     assert not buf.rank_mask(4).any()
 
 
-def test_cuda_rank_mask_is_refused_clearly():
-    from jax_ep.low_latency import _apply_rank_mask
-    from jax_ep.handle import LowLatencySpec
+def test_one_rank_per_process_masks_by_its_own_rank(monkeypatch):
+    """With the CUDA backend and axis_name=None the rank is the buffer's."""
+    import types
 
-    spec = LowLatencySpec(num_ranks=2, num_experts=4, num_tokens=1, num_topk=1, hidden=128, axis_name=None,
-                          options=jax_ep.LowLatencyOptions(backend="cuda"))
-    assert _apply_rank_mask(jnp.zeros((1, 1), jnp.int32), None, spec).shape == (1, 1)
-    with pytest.raises(NotImplementedError, match="rank_mask with the CUDA low-latency kernels"):
-        _apply_rank_mask(jnp.zeros((1, 1), jnp.int32), np.zeros(2, bool), spec)
+    from jax_ep import runtime
+    from jax_ep.handle import LowLatencySpec
+    from jax_ep.low_latency import _apply_rank_mask
+
+    spec = LowLatencySpec(num_ranks=2, num_experts=4, num_tokens=2, num_topk=2, hidden=128, axis_name=None,
+                          options=jax_ep.LowLatencyOptions(backend="cuda", buffer_id=3))
+    ids = jnp.array([[0, 2], [3, -1]], jnp.int32)
+    assert _apply_rank_mask(ids, None, spec) == (ids, None)
+    for me, want in [(0, [[0, -1], [-1, -1]]), (1, [[-1, -1], [-1, -1]])]:
+        monkeypatch.setattr(runtime, "lookup", lambda buffer_id, me=me: types.SimpleNamespace(rank=me))
+        got, mask = _apply_rank_mask(ids, np.array([False, True]), spec)
+        np.testing.assert_array_equal(got, want)
+        assert mask.dtype == jnp.bool_

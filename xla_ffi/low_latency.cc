@@ -10,6 +10,10 @@
 //   jax_ep_ll_combine_recv    token, topk_idx s32[T, K], topk_weights f32[T, K] -> out bf16[T, H]
 //   jax_ep_ll_combine_gather_recv  token, topk_idx s32[T, K] -> out bf16[T, K, H] (unsummed rows)
 //
+//   Every target takes first a rank mask, pred[R] (true: a masked rank, which
+//   this rank neither writes to nor waits for; all false: every rank takes
+//   part), read by the kernels from device memory on each call.
+//
 //   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
 //   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0),
 //   combine_payload (0 BF16 rows, 1 FP8 rows with a float scale per 128
@@ -46,6 +50,7 @@ using I32_1 = ffi::Buffer<ffi::S32, 1>;
 using I32_2 = ffi::Buffer<ffi::S32, 2>;
 using I32_3 = ffi::Buffer<ffi::S32, 3>;
 using F32_2 = ffi::Buffer<ffi::F32, 2>;
+using Mask = ffi::Buffer<ffi::PRED, 1>;
 
 constexpr int kBlocksPerSm = 1;  // 512-thread blocks
 
@@ -83,6 +88,16 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
                                         std::to_string(call->buf->staging_half_bytes()) +
                                         "; size it with jax_ep.low_latency_buffer_bytes");
   }
+  return ffi::Error::Success();
+}
+
+// The buffer's peer table with the call's rank mask (pred[R]).
+ffi::Error masked_peers(const char* target, const Call& c, const Mask& mask, intranode::PeerTable* peers) {
+  *peers = c.buf->peer_table();
+  if (mask.dimensions().size() != 1 || mask.dimensions()[0] != peers->num_ranks) {
+    return invalid_argument(target, "the rank mask must be pred[" + std::to_string(peers->num_ranks) + "]");
+  }
+  peers->rank_mask = mask.typed_data();
   return ffi::Error::Success();
 }
 
@@ -126,7 +141,8 @@ ffi::Error join_send_stream(const char* target, const std::shared_ptr<IntranodeB
 }
 
 template <bool kAsync>
-ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
+                        int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
                         ffi::Result<I32_0> token) {
@@ -146,14 +162,16 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
     return err;
   }
   if (per_slot && pull != 0) return invalid_argument(kTarget, "per-slot rows are pushed: pass pull=0");
+  intranode::PeerTable peers;
+  if (auto err = masked_peers(kTarget, c, rank_mask, &peers); err.failure()) return err;
   const bool pulled = pulls(c, pull);
   auto launch = [&](cudaStream_t on, int* kernel_token) {
     const int blocks = static_cast<int>(num_sms) * kBlocksPerSm;
     if (pulled) {
-      return low_latency::launch_dispatch_stage(c.buf->peer_table(), c.shape, x.untyped_data(),
+      return low_latency::launch_dispatch_stage(peers, c.shape, x.untyped_data(),
                                                 topk_idx.typed_data(), kernel_token, blocks, on);
     }
-    return low_latency::launch_dispatch_send(c.buf->peer_table(), c.shape, x.untyped_data(), topk_idx.typed_data(),
+    return low_latency::launch_dispatch_send(peers, c.shape, x.untyped_data(), topk_idx.typed_data(),
                                              kernel_token, blocks, on, per_slot);
   };
   if constexpr (kAsync) return launch_on_send_stream(kTarget, c.buf, kDispatch, stream, token->typed_data(), launch);
@@ -161,7 +179,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
 }
 
 template <bool kAsync>
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
@@ -178,8 +196,10 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
+  intranode::PeerTable peers;
+  if (auto err = masked_peers(kTarget, c, rank_mask, &peers); err.failure()) return err;
   auto* receive = pulls(c, pull) ? low_latency::launch_dispatch_pull : low_latency::launch_dispatch_recv;
-  return launch_status(kTarget, receive(c.buf->peer_table(), c.shape, recv_x->untyped_data(),
+  return launch_status(kTarget, receive(peers, c.shape, recv_x->untyped_data(),
                                         recv_scales->untyped_data(), recv_count->typed_data(), src_rank->typed_data(),
                                         src_token->typed_data(), src_slot->typed_data(),
                                         static_cast<int>(num_sms) * kBlocksPerSm, stream));
@@ -204,7 +224,7 @@ low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
 }
 
 template <bool kAsync>
-ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_2 src_rank,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t zero_copy,
@@ -222,8 +242,10 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
   if (zero_copy_offset(c, zero_copy, y.untyped_data()) >= 0) {
     return launch_status(kTarget, cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream));
   }
+  intranode::PeerTable peers;
+  if (auto err = masked_peers(kTarget, c, rank_mask, &peers); err.failure()) return err;
   auto launch = [&](cudaStream_t on, int* kernel_token) {
-    return low_latency::launch_combine_send(c.buf->peer_table(), c.shape, y.untyped_data(), src_rank.typed_data(),
+    return low_latency::launch_combine_send(peers, c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
                                             static_cast<int>(num_sms) * kBlocksPerSm, on);
   };
@@ -232,7 +254,8 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
 }
 
 template <bool kAsync>
-ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+                       I32_2 topk_idx,
                        F32_2 topk_weights, ffi::RemainingArgs sent /*the send's inputs, kept alive*/,
                        int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
                        int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms,
@@ -263,13 +286,16 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
     published.src_token = tok->typed_data();
     published.src_slot = slot->typed_data();
   }
+  intranode::PeerTable peers;
+  if (auto err = masked_peers(kTarget, c, rank_mask, &peers); err.failure()) return err;
   return launch_status(kTarget, low_latency::launch_combine_recv(
-                                    c.buf->peer_table(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
+                                    peers, c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
                                     topk_weights.typed_data(), out->untyped_data(), published,
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+                             I32_2 topk_idx,
                              int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens,
                              int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
                              int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
@@ -281,7 +307,9 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       err.failure()) {
     return err;
   }
-  return launch_status(kTarget, low_latency::launch_combine_gather(c.buf->peer_table(), c.shape,
+  intranode::PeerTable peers;
+  if (auto err = masked_peers(kTarget, c, rank_mask, &peers); err.failure()) return err;
+  return launch_status(kTarget, low_latency::launch_combine_gather(peers, c.shape,
                                                                    topk_idx.typed_data(), out->untyped_data(),
                                                                    static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
@@ -302,12 +330,14 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS.Ret<I32_0>()
 #define JAX_EP_LL_DISPATCH_RECV_BINDING                                                          \
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull")                                     \
       .Ret<ffi::AnyBuffer>()                                                                     \
@@ -320,6 +350,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>()                                                                              \
       .Arg<I32_2>()                                                                              \
@@ -329,6 +360,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .Arg<I32_2>()                                                                              \
       .Arg<F32_2>()                                                                              \
@@ -352,6 +384,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler, CombineGatherR
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>() JAX_EP_LL_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
