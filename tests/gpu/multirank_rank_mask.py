@@ -98,4 +98,6 @@ def _():
     buf.destroy()  # collective: the stopped rank joins here
 
 
-sys.exit(checks.summary(ME, R))
+code = checks.summary(ME, R)
+jax.distributed.shutdown()
+sys.exit(code)
