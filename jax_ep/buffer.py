@@ -4,8 +4,11 @@ With ``backend="xla"`` it owns nothing (XLA's collectives allocate their own
 buffers) and only carries defaults. With ``normal.backend="cuda"`` it owns the
 registered buffer its intranode kernels communicate through (CUDA IPC between
 rank processes): create it once per rank, outside ``jit``, in the same order
-on every rank, and release it with ``destroy()`` or a ``with`` block. A
-compiled function that used it must not run after it is destroyed.
+on every rank, and release it with ``destroy()`` or a ``with`` block, on
+every rank: with one process per rank the release is collective (every rank
+stops, unmaps its peers, and only then frees its own memory, so no rank
+frees memory a peer may still write). A compiled function that used it must
+not run after it is destroyed.
 """
 
 from __future__ import annotations
