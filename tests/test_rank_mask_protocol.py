@@ -3,9 +3,10 @@ ranks (cuda/low_latency.cu: send_kernel / wait_counts_kernel for the dispatch,
 flag_combine_peers / wait_flags_kernel for the combine), explored over random
 schedules on CPU.
 
-Each rank runs calls 1..N. A call publishes a count to every peer it does not
-skip, in half call % 2 of the peer's slots, then waits for every such peer's
-count; the combine does the same with flags. A rank skips a peer that is
+Each rank runs calls 1..N of one kind (dispatch and combine each have their
+own call counter and slots, and the same shape). A call publishes a count to
+every peer it does not skip, in half call % 2 of the peer's slots, then waits
+for every such peer's count. A rank skips a peer that is
 masked in that call, and every peer when it is masked itself. A failed rank
 stops before some call and is masked from then on. Checked in every schedule:
 the surviving ranks finish every call (no rank waits for one that will never
@@ -25,8 +26,9 @@ class Model:
         self.failed, self.fail_at = failed, fail_at  # rank `failed` stops before call `fail_at`
         self.masked_from = masked_from if masked_from is not None else fail_at  # first call it is masked in
         self.honour_mask = honour_mask
+        self.halves = 2
         # slots[kind][dest][half][src] = (call, value, read)
-        self.slots = {k: [[[None] * num_ranks for _ in range(2)] for _ in range(num_ranks)] for k in ("count", "flag")}
+        self.slots = {"count": [[[None] * num_ranks for _ in range(2)] for _ in range(num_ranks)]}
         self.errors = []
 
     def masked(self, rank, call):
@@ -43,8 +45,8 @@ class Model:
         for call in range(1, self.calls + 1):
             if not self.alive(me, call):
                 return
-            for kind in ("count", "flag"):
-                half = call % 2
+            for kind in ("count",):
+                half = call % self.halves
                 for dest in range(self.R):  # publish
                     if self.skipped(me, dest, call):
                         continue
@@ -109,3 +111,16 @@ def test_the_model_detects_waiting_for_a_stopped_rank():
     rng = random.Random(0)
     model = Model(num_ranks=4, calls=6, failed=2, fail_at=3, honour_mask=False)
     assert not model.run(rng)
+
+
+def test_the_model_detects_an_early_overwrite():
+    """With one half instead of two a fast sender overwrites an unread count."""
+
+    rng = random.Random(1)
+    found = False
+    for _ in range(200):
+        model = Model(num_ranks=4, calls=8, failed=2, fail_at=4)
+        model.halves = 1
+        model.run(rng)
+        found |= any("unread" in e for e in model.errors)
+    assert found
