@@ -147,6 +147,7 @@ struct PeerTable {
   TimeoutRecord* timeout_record;   // mapped host memory
   int gpu_scope;                   // 1: every peer's memory is on this GPU (GPU-scope fences suffice)
   CallSignature call;              // the call's signature (set by its handler; hash 0: unchecked)
+  const bool* rank_mask = nullptr;  // low-latency: bool [num_ranks] in device memory, true for a masked rank
 };
 
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2

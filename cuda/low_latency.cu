@@ -70,6 +70,13 @@ __device__ __forceinline__ void publish_call(const PeerTable& p, int which, unsi
   }
 }
 
+// Whether this rank neither writes to nor waits for rank r this call: r is
+// masked (failed), or this rank is, which then talks to nobody. Read from the
+// call's rank mask in device memory, so the host changes it between calls.
+__device__ __forceinline__ bool skipped(const PeerTable& p, int r) {
+  return p.rank_mask != nullptr && (p.rank_mask[r] || p.rank_mask[p.rank]);
+}
+
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
   return intranode::staging_half(p.base[rank], static_cast<int>(call & 1ull), p.staging_half_bytes);
 }
@@ -437,7 +444,7 @@ __global__ void __launch_bounds__(kThreads)
     if (!per_slot) build_message(s, row, msg + kHeaderBytes);  // per-slot rows go straight from x below
     __syncthreads();
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
-    if (warp < s.num_topk && first_slot(ids, warp, s.num_experts)) {
+    if (warp < s.num_topk && first_slot(ids, warp, s.num_experts) && !skipped(p, ids[warp] / le)) {
       const int k = warp, e = ids[k];
       const int idx = earlier_tokens_naming(topk_idx, t, s.num_topk, e, lane);
       const int dst = e / le, local = e % le;
@@ -468,6 +475,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     __threadfence_system();
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
+      if (skipped(p, e / le)) continue;
       auto* slot = &dispatch_counts(p.base[e / le], static_cast<int>(call & 1))[(e % le) * R + me];
       *reinterpret_cast<volatile unsigned long long*>(slot) = serial_word(call, static_cast<unsigned int>(count[e]));
     }
@@ -489,6 +497,10 @@ __global__ void __launch_bounds__(1024) wait_counts_kernel(PeerTable p, Shape s)
   if (intranode::aborted(p) || (threadIdx.x == 0 && !check_order(p, 0, call, false))) return;
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const auto* slot = dispatch_counts(p.base[p.rank], static_cast<int>(call & 1)) + i;
+    if (skipped(p, i % R)) {
+      counts[i] = 0;
+      continue;
+    }
     unsigned long long v;
     if (!wait_call(p, slot, call, i % R, 3, &v)) return;
     // Slots [0, R) are local expert 0 of every source: one check per source.
@@ -606,7 +618,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
-  if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks) {
+  if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x)) {
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
         serial_word(call, static_cast<unsigned int>(s.num_tokens));
@@ -619,7 +631,7 @@ __global__ void wait_staged_kernel(PeerTable p) {
   const unsigned long long call = ld_volatile(dispatch_counter(p)) + 1;
   if (intranode::aborted(p) || (threadIdx.x == 0 && !check_order(p, 0, call, false))) return;
   unsigned long long v;
-  if (threadIdx.x < p.num_ranks &&
+  if (threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x) &&
       wait_call(p, pull_flags(p.base[p.rank], static_cast<int>(call & 1)) + threadIdx.x, call, threadIdx.x, 3, &v)) {
     intranode::signature_agrees(p, sig_kind(0), call, threadIdx.x, 3);
   }
@@ -645,8 +657,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rows_out = R * M;
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     const int e = i / R, r = i % R;
-    const unsigned long long c = ld_volatile(pull_counts(p.base[r], half) + first_expert + e);
-    start[e * (R + 1) + r + 1] = static_cast<int>(value_in_call(c, call));
+    const unsigned long long c = skipped(p, r) ? 0ull : ld_volatile(pull_counts(p.base[r], half) + first_expert + e);
+    start[e * (R + 1) + r + 1] = skipped(p, r) ? 0 : static_cast<int>(value_in_call(c, call));
   }
   __syncthreads();
   lay_out_rows(start, first, le, R, recv_count);
@@ -723,7 +735,7 @@ __device__ __forceinline__ long long valid_row(const int* first, int le, int row
 // Flags every rank (its combine_flags[half][this rank]) once the whole grid
 // is done, `mode` in the low bits: 0 rows pushed, 1 rows published.
 __device__ __forceinline__ void flag_combine_peers(const PeerTable& p, unsigned long long call, unsigned long long mode) {
-  if (last_block_done<true>(p, 1) && threadIdx.x < p.num_ranks) {
+  if (last_block_done<true>(p, 1) && threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x)) {
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(
         &combine_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) = serial_word(call, mode);
@@ -751,6 +763,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int flat = warp; flat < first[le]; flat += num_warps) {
     const long long row = valid_row(first, le, rows_out, flat);
     if (!routing_in_range(p, s, src_rank, src_token, src_slot, row)) continue;  // uniform across the warp
+    if (skipped(p, src_rank[row])) continue;  // uniform across the warp
     char* dst = half_of(p, src_rank[row], call) + l.combine_rows +
                 (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
     if (s.combine_fp8) {
@@ -837,7 +850,7 @@ __global__ void __launch_bounds__(1024)
     }
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x < R && !failed) {
+    if (threadIdx.x < R && !failed && !skipped(p, threadIdx.x)) {
       *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
           serial_word(call, 1);
     }
@@ -845,8 +858,9 @@ __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0 && !check_order(p, 1, call, false)) failed = 1;
   if (threadIdx.x < R) {
     unsigned long long v = 0;
-    if (!wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, threadIdx.x, 4, &v) ||
-        !intranode::signature_agrees(p, sig_kind(1), call, threadIdx.x, 4)) {
+    if (!skipped(p, threadIdx.x) &&
+        (!wait_call(p, combine_flags(p.base[p.rank], half) + threadIdx.x, call, threadIdx.x, 4, &v) ||
+         !intranode::signature_agrees(p, sig_kind(1), call, threadIdx.x, 4))) {
       failed = 1;
     }
     published[threadIdx.x] = (v & 1ull) != 0;
@@ -860,7 +874,7 @@ __global__ void __launch_bounds__(1024)
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
     const int id = ids[k];
     const char* row = nullptr;
-    if (id >= 0 && id < s.num_experts) {
+    if (id >= 0 && id < s.num_experts && !skipped(p, id / le)) {
       int k0 = 0;
       while (ids[k0] != id) ++k0;
       const int owner = id / le;
@@ -939,7 +953,7 @@ __global__ void __launch_bounds__(kThreads)
   // ends the call; with `wait_readers` (this rank published its rows in y)
   // it then waits until every rank is done reading them, since XLA may reuse
   // y's memory once the call ends.
-  if (advance(p, 1) && threadIdx.x < R) {
+  if (advance(p, 1) && threadIdx.x < R && !skipped(p, threadIdx.x)) {
     const int half = static_cast<int>(call & 1);
     __threadfence_system();
     *reinterpret_cast<volatile unsigned long long*>(&combine_done(p.base[threadIdx.x], half)[p.rank]) =
@@ -968,7 +982,7 @@ __global__ void __launch_bounds__(kThreads)
     const int* ids = topk_idx + static_cast<long long>(t) * s.num_topk;
     const int id = ids[k];
     int4* to = reinterpret_cast<int4*>(out + static_cast<long long>(i) * s.hidden);
-    if (id < 0 || id >= s.num_experts) {
+    if (id < 0 || id >= s.num_experts || skipped(p, id / s.local_experts(R))) {
       for (int v = lane; v < vecs; v += 32) to[v] = make_int4(0, 0, 0, 0);
       continue;
     }

@@ -4,8 +4,11 @@ With ``backend="xla"`` it owns nothing (XLA's collectives allocate their own
 buffers) and only carries defaults. With ``normal.backend="cuda"`` it owns the
 registered buffer its intranode kernels communicate through (CUDA IPC between
 rank processes): create it once per rank, outside ``jit``, in the same order
-on every rank, and release it with ``destroy()`` or a ``with`` block. A
-compiled function that used it must not run after it is destroyed.
+on every rank, and release it with ``destroy()`` or a ``with`` block, on
+every rank: with one process per rank the release is collective (every rank
+stops, unmaps its peers, and only then frees its own memory, so no rank
+frees memory a peer may still write). A compiled function that used it must
+not run after it is destroyed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 from jax_ep import layout as _layout
 from jax_ep import low_latency as _ll
 from jax_ep import normal as _normal
+from jax_ep import rank_mask as _masks
 from jax_ep.options import BACKENDS, LowLatencyOptions, NormalOptions
 
 
@@ -54,6 +59,7 @@ class Buffer:
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
     _runtime: object = dataclasses.field(default=None, init=False, repr=False)
     _ll_runtime: object = dataclasses.field(default=None, init=False, repr=False)
+    _masked: tuple = dataclasses.field(default=(), init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.normal, NormalOptions):
@@ -177,7 +183,7 @@ class Buffer:
         self._alive()
         return _normal.combine(y, handle)
 
-    def low_latency_dispatch(self, x, topk_idx, options: LowLatencyOptions | None = None):
+    def low_latency_dispatch(self, x, topk_idx, options: LowLatencyOptions | None = None, *, rank_mask=None):
         """See ``jax_ep.low_latency_dispatch``."""
         self._alive()
         options = options or self.low_latency
@@ -185,19 +191,54 @@ class Buffer:
             options = dataclasses.replace(options, buffer_id=self.low_latency.buffer_id)
         return _ll.low_latency_dispatch(
             x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options,
+            rank_mask=rank_mask,
         )
+
+    def set_masked_ranks(self, ranks) -> None:
+        """Record which ranks have failed (an iterable of rank indices; empty
+        clears). The low-latency calls leave them out when given
+        ``rank_mask=buffer.rank_mask()``: pass it as an argument of the jitted
+        step, so a change takes effect without recompiling or re-creating
+        the buffer."""
+        self._alive()
+        ranks = tuple(ranks)
+        num_ranks = self._num_ranks()
+        for r in ranks:
+            if (not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 0
+                    or (num_ranks is not None and r >= num_ranks)):
+                bound = f"[0, {num_ranks})" if num_ranks is not None else ">= 0"
+                raise ValueError(f"masked ranks must be ints {bound}, got {r!r}")
+        self._masked = tuple(sorted({int(r) for r in ranks}))
+
+    def masked_ranks(self) -> tuple:
+        """The ranks ``set_masked_ranks`` recorded (sorted)."""
+        return self._masked
+
+    def rank_mask(self, num_ranks: int | None = None) -> np.ndarray:
+        """``bool [R]``, True at each masked rank: the ``rank_mask`` argument of
+        the low-latency calls. ``num_ranks`` is needed only without a CUDA
+        buffer (whose rank count is known)."""
+        num_ranks = num_ranks or self._num_ranks()
+        if num_ranks is None:
+            raise ValueError("rank_mask(num_ranks) needs num_ranks: the EP axis size (jax.lax.axis_size inside shard_map)")
+        return _masks.rank_mask_of(self._masked, num_ranks)
+
+    def _num_ranks(self) -> int | None:
+        rt = self._ll_runtime or self._runtime
+        return getattr(rt, "num_ranks", None)
 
     def low_latency_combine(self, y, topk_weights, handle):
         """See ``jax_ep.low_latency_combine``."""
         self._alive()
         return _ll.low_latency_combine(y, topk_weights, handle)
 
-    def low_latency_dispatch_send(self, x, topk_idx, options: LowLatencyOptions | None = None, *, after=None):
+    def low_latency_dispatch_send(self, x, topk_idx, options: LowLatencyOptions | None = None, *, after=None,
+                                  rank_mask=None):
         """See ``jax_ep.low_latency_dispatch_send``."""
         self._alive()
         return _ll.low_latency_dispatch_send(
             x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options or self.low_latency,
-            after=after,
+            after=after, rank_mask=rank_mask,
         )
 
     def destroy(self) -> None:

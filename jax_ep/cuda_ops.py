@@ -207,28 +207,42 @@ def _ll_attrs(spec):
     )
 
 
+def _rank_mask(spec, rank_mask) -> jax.Array:
+    """The call's rank mask operand, bool [R] (all False: every rank takes part)."""
+    if rank_mask is None:
+        return jnp.zeros((spec.num_ranks,), jnp.bool_)
+    return rank_mask.astype(jnp.bool_)
+
+
+def _handle_mask(handle) -> jax.Array:
+    return _rank_mask(handle.spec, handle.extra.get("rank_mask"))
+
+
 def _target(name: str, asynchronous: bool) -> str:
     return name + ("_async" if asynchronous else "")
 
 
 def ll_dispatch_send(
-    x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False, pull: bool = False
+    x: jax.Array, topk_idx: jax.Array, spec, asynchronous: bool = False, pull: bool = False, rank_mask=None
 ) -> jax.Array:
     """Push every (token, expert) message; returns the token that orders the receive.
 
     asynchronous: run the send on the buffer's send stream; its receive must
     then be ``ll_dispatch_recv(..., sent_x=x)``.
     pull: only stage this rank's messages for the receivers to copy (where
-    the shapes allow it); its receive must pass ``pull`` too."""
+    the shapes allow it); its receive must pass ``pull`` too.
+    rank_mask: bool [R], the ranks this call leaves out (``jax_ep.rank_mask``);
+    its receive takes the same array."""
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
     attrs["pull"] = np.int64(pull)
     call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_send", asynchronous), _TOKEN, **_COMM)
-    return call(x, topk_idx, **attrs)
+    return call(_rank_mask(spec, rank_mask), x, topk_idx, **attrs)
 
 
 def ll_dispatch_recv(
-    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False
+    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False,
+    rank_mask=None,
 ):
     """Wait for every source and pack: (recv_x, recv_count, handle).
 
@@ -253,14 +267,18 @@ def ll_dispatch_recv(
         (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
     kept = () if sent_x is None else (sent_x, topk_idx)
-    recv_x, scales, count, src_rank, src_token, src_slot = call(token, *kept, **_ll_attrs(spec), pull=np.int64(pull))
-    handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, spec=spec)
+    mask = _rank_mask(spec, rank_mask)
+    recv_x, scales, count, src_rank, src_token, src_slot = call(mask, token, *kept, **_ll_attrs(spec),
+                                                                pull=np.int64(pull))
+    extra = {} if rank_mask is None else {"rank_mask": mask}  # the combine leaves out the same ranks
+    handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, extra=extra, spec=spec)
     return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
 
 
-def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec):
+def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec, rank_mask=None):
     pull = spec.options.dispatch_pull
-    return ll_dispatch_recv(ll_dispatch_send(x, topk_idx, spec, pull=pull), topk_idx, spec, pull=pull)
+    token = ll_dispatch_send(x, topk_idx, spec, pull=pull, rank_mask=rank_mask)
+    return ll_dispatch_recv(token, topk_idx, spec, pull=pull, rank_mask=rank_mask)
 
 
 def _combine_send_operands(y: jax.Array, handle) -> tuple:
@@ -275,7 +293,8 @@ def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy:
     zero_copy: only record where the rows lie in this rank's XLA memory (where
     it can; else push); the receive must then take ``sent_y=y`` and ``zero_copy``."""
     call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
-    return call(*_combine_send_operands(y, handle), **_ll_attrs(handle.spec), zero_copy=np.int64(zero_copy))
+    return call(_handle_mask(handle), *_combine_send_operands(y, handle), **_ll_attrs(handle.spec),
+                zero_copy=np.int64(zero_copy))
 
 
 def ll_combine_recv(
@@ -293,7 +312,8 @@ def ll_combine_recv(
         jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
     kept = () if sent_y is None else _combine_send_operands(sent_y, handle)
-    out = call(token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec), zero_copy=np.int64(zero_copy))
+    out = call(_handle_mask(handle), token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec),
+               zero_copy=np.int64(zero_copy))
     return _varying(out, spec.axis_name)
 
 
@@ -321,7 +341,8 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
         "jax_ep_ll_combine_gather_recv",
         jax.ShapeDtypeStruct((spec.num_tokens, spec.num_topk, spec.hidden), jnp.bfloat16), **_COMM
     )
-    return _varying(call(token, handle.topk_idx, **_ll_attrs(spec)), spec.axis_name).astype(jnp.float32)
+    out = call(_handle_mask(handle), token, handle.topk_idx, **_ll_attrs(spec))
+    return _varying(out, spec.axis_name).astype(jnp.float32)
 
 
 def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
@@ -335,8 +356,9 @@ def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
     same = (idx[:, :, None] == idx[:, None, :]).astype(jnp.float32)  # [T, K, K]
     rows = jnp.einsum("tkj,tjh->tkh", same, v.astype(jnp.float32), precision="highest").astype(jnp.bfloat16)
     bf16 = dataclasses.replace(spec, options=dataclasses.replace(spec.options, fp8=None))
-    token = ll_dispatch_send(rows, idx, bf16)
-    recv_x, _, _ = ll_dispatch_recv(token, idx, bf16)
+    mask = handle.extra.get("rank_mask")
+    token = ll_dispatch_send(rows, idx, bf16, rank_mask=mask)
+    recv_x, _, _ = ll_dispatch_recv(token, idx, bf16, rank_mask=mask)
     return jnp.where((handle.recv_src_rank >= 0)[..., None], recv_x.astype(jnp.float32), 0.0)
 
 

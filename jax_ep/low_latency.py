@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import validation
+from jax_ep import checked, validation
+from jax_ep import rank_mask as _masks
 from jax_ep.backends import get_backend, require
 from jax_ep.handle import LowLatencyHandle, LowLatencySpec
 from jax_ep.normal import _zero_cotangent
@@ -76,19 +77,21 @@ def _first_slot_mask(handle: LowLatencyHandle) -> jax.Array:
     return first_slots(idx, valid_slots(idx, handle.spec.num_experts))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ll_dispatch_fused(x, topk_idx, spec):
-    return _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ll_dispatch_fused(x, topk_idx, rank_mask, spec):
+    return _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec, rank_mask=rank_mask)
 
 
-def _ll_dispatch_fused_fwd(x, topk_idx, spec):
-    out = _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec)
-    return out, out[2]
+def _ll_dispatch_fused_fwd(x, topk_idx, rank_mask, spec):
+    out = _impl(spec, "ll_dispatch_fused")(x, topk_idx, spec, rank_mask=rank_mask)
+    return out, (out[2], rank_mask)
 
 
-def _ll_dispatch_fused_bwd(spec, handle, ct):
+def _ll_dispatch_fused_bwd(spec, res, ct):
+    handle, rank_mask = res
     grad, _ = _ll_dispatch_bwd(spec, handle, ct[0])
-    return grad, np.zeros(handle.topk_idx.shape, jax.dtypes.float0)
+    no_mask = None if rank_mask is None else np.zeros(rank_mask.shape, jax.dtypes.float0)
+    return grad, np.zeros(handle.topk_idx.shape, jax.dtypes.float0), no_mask
 
 
 _ll_dispatch_fused.defvjp(_ll_dispatch_fused_fwd, _ll_dispatch_fused_bwd)
@@ -130,6 +133,7 @@ def low_latency_dispatch(
     num_experts: int,
     axis_name="ep",
     options: LowLatencyOptions = LowLatencyOptions(),
+    rank_mask=None,
 ) -> LowLatencyDispatchOutput:
     """Send each (token, expert) pair to the expert's rank, packed per expert.
 
@@ -141,6 +145,11 @@ def low_latency_dispatch(
       axis_name: the EP mesh axis (static); ``None`` with the CUDA backend to
         call it per process.
       options: ``LowLatencyOptions`` (static): ``M``, FP8 cast, backend.
+      rank_mask: optional ``bool [R]``, the same on every rank, True for a
+        masked (failed) rank: slots naming its experts are masked like -1,
+        it sends and receives nothing, and the combine of this dispatch
+        skips it too (``jax_ep.rank_mask``). A traced input: changing it does
+        not recompile.
 
     Returns:
       ``LowLatencyDispatchOutput``. With BF16 the VJP returns each row's
@@ -148,13 +157,30 @@ def low_latency_dispatch(
     """
     spec = _ll_spec(x, topk_idx, num_experts, axis_name, options)
     topk_idx = topk_idx.astype(jnp.int32)
-    if options.checked:
-        validation.runtime_check_ids(topk_idx, num_experts)
+    if options.checked:  # every rank fails together, before anything is exchanged
+        x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
+    topk_idx, rank_mask = _apply_rank_mask(topk_idx, rank_mask, spec)
     if hasattr(get_backend(options.backend), "ll_dispatch_fused"):  # send and receive in one call
-        recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, spec)
+        recv_x, counts, handle = _ll_dispatch_fused(x, topk_idx, rank_mask, spec)
         return LowLatencyDispatchOutput(recv_x, counts, handle)
     counts, handle = _impl(spec, "ll_dispatch_route")(topk_idx, spec)
     return LowLatencyDispatchOutput(_ll_dispatch(x, handle, spec), counts, handle)
+
+
+def _apply_rank_mask(topk_idx, rank_mask, spec: LowLatencySpec):
+    """(The routing with masked ranks' slots, all slots on a masked rank, set
+    to -1; the mask as bool [R] or None). The CUDA kernels also take the mask:
+    they neither write to nor wait for a masked rank."""
+    rank_mask = _masks.check_rank_mask(rank_mask, spec.num_ranks)
+    if rank_mask is None:
+        return topk_idx, None
+    rank = None
+    if spec.options.backend == "cuda" and spec.axis_name is None:
+        from jax_ep import runtime
+
+        rank = runtime.lookup(spec.options.buffer_id).rank
+    me = _masks.this_rank(spec.axis_name, rank)
+    return _masks.mask_routing(topk_idx, rank_mask, spec.num_experts, spec.num_ranks, me), rank_mask
 
 
 @jax.custom_vjp
@@ -254,7 +280,7 @@ def _after(value, after):
 
 def low_latency_dispatch_send(
     x: jax.Array, topk_idx: jax.Array, *, num_experts: int, axis_name="ep",
-    options: LowLatencyOptions = LowLatencyOptions(), after=None,
+    options: LowLatencyOptions = LowLatencyOptions(), after=None, rank_mask=None,
 ) -> LowLatencyPending:
     """Issue a low-latency dispatch's sends and return at once (DeepEP's
     ``return_recv_hook``). No SM waits between send and receive.
@@ -265,6 +291,7 @@ def low_latency_dispatch_send(
     it after the send, ``after=`` orders the receive after it) and it
     overlaps the transfer. Same arguments as ``low_latency_dispatch``, and
     ``after``: arrays the send must follow. Not differentiable.
+    ``rank_mask`` as in ``low_latency_dispatch``.
 
     On one buffer, every send must be received before the next send of its
     kind. XLA orders calls only by their data, so when one program issues
@@ -275,9 +302,13 @@ def low_latency_dispatch_send(
     topk_idx = topk_idx.astype(jnp.int32)
     backend = get_backend(options.backend)
     if hasattr(backend, "ll_dispatch_send"):
-        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send)
-        return LowLatencyPending(token, (topk_idx, x if options.async_send else None), spec)
-    out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options)
+        if options.checked:
+            x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
+        topk_idx, rank_mask = _apply_rank_mask(topk_idx, rank_mask, spec)
+        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send, rank_mask=rank_mask)
+        return LowLatencyPending(token, (topk_idx, x if options.async_send else None, rank_mask), spec)
+    out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options,
+                               rank_mask=rank_mask)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
 
 
@@ -294,8 +325,9 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
-        topk_idx, sent_x = pending.state
-        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x))
+        topk_idx, sent_x, rank_mask = pending.state
+        return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x,
+                                                                  rank_mask=rank_mask))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 

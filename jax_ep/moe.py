@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_ep.fp8 import per_token_cast_back
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
 from jax_ep.normal import combine, dispatch
-from jax_ep.options import BACKENDS, FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.options import BACKENDS, FP8Options, LowLatencyOptions, NormalOptions, check_bool
 
 Mode = Literal["normal", "low_latency"]
 Activation = Literal["swiglu", "gelu"]
@@ -133,8 +133,7 @@ class MoEConfig:
         if not axes or not all(isinstance(a, str) and a for a in axes):
             fail("axis_name", "the name (str) of the expert-parallel mesh axis, e.g. 'ep', or a tuple of names",
                  TypeError)
-        if not isinstance(self.normalize_weights, bool):
-            fail("normalize_weights", "True or False", TypeError)
+        check_bool(self, "normalize_weights")
         if self.fp8 is not None and not isinstance(self.fp8, FP8Options):
             fail("fp8", "None or a jax_ep.FP8Options", TypeError)
         if (self.n_group is None) != (self.topk_group is None):
@@ -440,12 +439,12 @@ def moe_layer(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array,
       global load-balancing loss, the same on every rank.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: T may be 0
     routing = route(x2, params["router"], config)
     aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, config.axis_name)
     experts = normal_experts if config.mode == "normal" else low_latency_experts
     y = experts(x2, params, routing, config)
-    return y.reshape(*lead, -1), aux
+    return y.reshape(*lead, y.shape[-1]), aux
 
 
 def moe_reference(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
@@ -458,11 +457,11 @@ def moe_reference(params: dict, x: jax.Array, config: MoEConfig) -> tuple[jax.Ar
       ``(y [..., H] in x's dtype, aux_loss float32 [])`` over all tokens of ``x``.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: T may be 0
     routing = route(x2, params["router"], config)
     aux = load_balancing_loss(routing.probs, routing.idx, config.num_experts, None)
     t = x2.shape[0]
     every = expert_mlp_batched(jnp.broadcast_to(x2, (config.num_experts, t, x2.shape[-1])), params, config)
     chosen = every[routing.idx, jnp.arange(t)[:, None]]  # [T, K, H]
     y = jnp.einsum("tk,tkh->th", routing.weights, chosen.astype(jnp.float32)).astype(x.dtype)
-    return y.reshape(*lead, -1), aux
+    return y.reshape(*lead, y.shape[-1]), aux

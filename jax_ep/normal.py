@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import validation
+from jax_ep import checked, validation
 from jax_ep.backends import get_backend, require
 from jax_ep.handle import DispatchHandle, NormalSpec
 from jax_ep.options import NormalOptions
@@ -146,7 +146,8 @@ def dispatch(
         ``sum_{e' < e} roundup(count[e'], alignment)``; a row whose position
         reaches ``C`` is dropped.
       Dropped rows are counted in ``num_dropped``; ``options.checked`` raises
-      ``CapacityOverflowError`` instead. Nothing is written out of bounds.
+      ``CapacityOverflowError`` instead, on every rank (see
+      ``jax_ep.checked_errors``). Nothing is written out of bounds.
 
     Returns:
       ``DispatchOutput``. Gradients flow to ``x`` and ``topk_weights``: the
@@ -173,12 +174,13 @@ def dispatch(
         axis_name=axis_name, options=options,
     )
     topk_idx = topk_idx.astype(jnp.int32)
-    if options.checked:
-        validation.runtime_check_ids(topk_idx, num_experts)
+    if options.checked:  # every rank fails together, before anything is exchanged
+        x, topk_idx, topk_weights = checked.check_ids(x, topk_idx, topk_weights, num_experts, axis_name)
     recv_x, idx, w, counts, group_sizes, kept, needed, handle = _dispatch(x, topk_idx, topk_weights, spec)
     dropped = (needed - kept).astype(jnp.int32)
-    if options.checked:
-        validation.runtime_check_overflow(dropped, capacity, needed)
+    if options.checked:  # every rank fails together, before any later exchange
+        (recv_x, idx, w, counts, group_sizes, kept, dropped), handle = checked.check_overflow(
+            (recv_x, idx, w, counts, group_sizes, kept, dropped), handle, dropped, needed, capacity, axis_name)
     return DispatchOutput(recv_x, idx, w, counts, group_sizes, kept.astype(jnp.int32), dropped, handle)
 
 

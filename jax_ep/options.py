@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 Backend = Literal["xla", "cuda"]
 Layout = Literal["rank_major", "expert_major"]
 
@@ -30,6 +32,16 @@ def _check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def check_bool(owner, name: str) -> None:
+    """``owner.name`` must be True or False (numpy bools are taken as bools):
+    a string such as ``"no"`` or an int would otherwise read as True."""
+    value = getattr(owner, name)
+    if isinstance(value, np.bool_):
+        object.__setattr__(owner, name, bool(value))
+    elif not isinstance(value, bool):
+        raise TypeError(f"{type(owner).__name__}.{name} must be True or False, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class FP8Options:
     """How tokens are cast to FP8 (``float8_e4m3fn``, one scale per 128 channels).
@@ -45,6 +57,8 @@ class FP8Options:
     use_ue8m0: bool = False
 
     def __post_init__(self):
+        check_bool(self, "round_scale")
+        check_bool(self, "use_ue8m0")
         if self.use_ue8m0 and not self.round_scale:
             # UE8M0 can only hold powers of two.
             object.__setattr__(self, "round_scale", True)
@@ -67,8 +81,9 @@ class NormalOptions:
       expert_alignment: expert-major groups start at multiples of this; the
         rank-major layout ignores it.
       checked: raise a runtime error (instead of dropping and counting) when
-        the capacity overflows or a top-k id is out of range. Uses a host
-        callback: for debugging, not for CUDA-graph-captured production runs.
+        the capacity overflows or a top-k id is out of range, on every rank
+        together (see ``jax_ep.checked_errors``). Uses host callbacks: for
+        debugging, not for CUDA-graph-captured production runs.
       backend: ``"xla"`` (pure-JAX reference, runs anywhere) or ``"cuda"``
         (the compiled kernels).
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
@@ -99,6 +114,7 @@ class NormalOptions:
     buffer_id: int | None = None
 
     def __post_init__(self):
+        check_bool(self, "checked")
         _check_choice("layout", self.layout, LAYOUTS)
         _check_positive_int("combine_chunk_rows", self.combine_chunk_rows)
         _check_positive_int("combine_ring_rows", self.combine_ring_rows)
@@ -124,7 +140,8 @@ class LowLatencyOptions:
         pass the same ``M`` and ``T <= M``.
       fp8: ``None`` sends BF16; an ``FP8Options`` casts each token to FP8 while
         dispatching.
-      checked: raise a runtime error when a top-k id is out of range.
+      checked: raise a runtime error when a top-k id is out of range, on
+        every rank together (see ``jax_ep.checked_errors``).
       backend: ``"xla"`` or ``"cuda"``.
       num_sms: SM budget of the CUDA kernels (one 512-thread block per SM).
       combine_fp8: the combine's rows travel as FP8 (e4m3, one float32
@@ -180,14 +197,8 @@ class LowLatencyOptions:
             raise ValueError(f"fp8 must be None or an FP8Options, got {self.fp8!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_positive_int("num_sms", self.num_sms)
-        if not isinstance(self.async_send, bool):
-            raise TypeError(f"async_send must be True or False, got {self.async_send!r}")
-        if not isinstance(self.combine_fp8, bool):
-            raise TypeError(f"combine_fp8 must be True or False, got {self.combine_fp8!r}")
-        if not isinstance(self.dispatch_pull, bool):
-            raise TypeError(f"dispatch_pull must be True or False, got {self.dispatch_pull!r}")
-        if not isinstance(self.combine_zero_copy, bool):
-            raise TypeError(f"combine_zero_copy must be True or False, got {self.combine_zero_copy!r}")
+        for name in ("checked", "combine_fp8", "async_send", "dispatch_pull", "combine_zero_copy"):
+            check_bool(self, name)
 
     @property
     def payload_code(self) -> int:

@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 import uuid
+import warnings
 
 import jax
 import numpy as np
@@ -52,6 +53,7 @@ class IntranodeRuntime:
     staging_half_bytes: int
     transports: tuple = ()  # per peer: "ipc", "p2p" (NVSHMEM) or "peer" (a group in one process)
     group_devices: tuple = ()  # a group: each rank's CUDA device
+    seq: int = -1  # one process per rank: the creation number every rank agrees on (names its teardown)
 
     @staticmethod
     def create(num_bytes: int, *, timeout_s: float = 100.0, bootstrap_timeout_s: float = 120.0) -> "IntranodeRuntime":
@@ -78,7 +80,7 @@ class IntranodeRuntime:
                 _exchange_handles(C, buffer_id, seq, rank, num_ranks, bootstrap_timeout_s, config)
             runtime = IntranodeRuntime(
                 buffer_id, rank, num_ranks, int(num_bytes), C.intranode_staging_half_bytes(buffer_id),
-                transports=tuple("local" if r == rank else "ipc" for r in range(num_ranks)),
+                transports=tuple("local" if r == rank else "ipc" for r in range(num_ranks)), seq=seq,
             )
         except BaseException:
             C.destroy_intranode_buffer(buffer_id)
@@ -203,14 +205,38 @@ class IntranodeRuntime:
         """Why peers' XLA memory is not mapped ("" when it is)."""
         return _xla_memory_notes.get(self.buffer_id, "share_xla_memory was not called")
 
-    def destroy(self) -> None:
+    def destroy(self, timeout_s: float = 60.0) -> None:
+        """Release the buffer; collective where the ranks are processes.
+
+        Every rank waits until all ranks stopped using it, unmaps its peers'
+        memory (after its own kernels finished), waits until all ranks did,
+        and only then frees its own: no rank frees memory that a peer still
+        has mapped or is writing. A rank that does not arrive within
+        ``timeout_s`` is taken as gone (a warning says so).
+        """
         with _lock:
             if _live.pop(self.buffer_id, None) is None:
                 return
             sym = _symmetric.pop(self.buffer_id, None)
-        _extension._C.destroy_intranode_buffer(self.buffer_id)
+        C = _extension._C
+        if self.seq >= 0 and self.num_ranks > 1:
+            _teardown_barrier(self, "quiet", timeout_s)
+            C.close_intranode_imports(self.buffer_id)
+            _teardown_barrier(self, "closed", timeout_s)
+        C.destroy_intranode_buffer(self.buffer_id)
         if sym is not None:
             sym.free()  # collective, like the allocation
+
+
+def _teardown_barrier(runtime: "IntranodeRuntime", stage: str, timeout_s: float) -> None:
+    try:
+        _kv_client().wait_at_barrier(f"jax_ep/teardown/{runtime.seq}/{stage}", int(timeout_s * 1000))
+    except Exception as e:  # noqa: BLE001 - the client raises a generic error on deadline
+        warnings.warn(
+            f"jax_ep: rank {runtime.rank} did not see every rank reach the '{stage}' step of destroying buffer "
+            f"{runtime.seq} within {timeout_s:g} s ({e}); going on as if the missing ranks were gone",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def _kv_client():
@@ -290,34 +316,45 @@ def _exchange_xla_memory(C, buffer_id: int, seq: int, rank: int, num_ranks: int,
         return json.loads(client.blocking_key_value_get_bytes(f"{prefix}/{key}", timeout_ms))
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # The kernel attaches each sender's real pid to what it sends: a message
+    # is taken from rank p only when it comes from the pid rank p published.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     name = f"jax_ep-{uuid.uuid4().hex}"
     sock.bind("\0" + name)  # abstract namespace: nothing to clean up
     received: dict[int, tuple[int, int]] = {}  # peer -> (fd, size)
+    arrived: list[tuple[int, int, int, int]] = []  # (claimed peer, sender pid, fd, size), checked below
     stop = threading.Event()
 
     def receive():  # in a thread: peers' sends must never wait on this rank's
         sock.settimeout(0.2)
         while not stop.is_set():
             try:
-                msg, fds, _, _ = socket.recv_fds(sock, 64, 1)
+                msg, fds, pid = _recv_fd_and_pid(sock)
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:
                 return
+            if len(msg) != struct.calcsize("<iQ") or not fds:
+                for extra in fds:
+                    os.close(extra)
+                continue
             peer, peer_size = struct.unpack("<iQ", msg)
-            if fds:
-                received[peer] = (fds[0], peer_size)
+            arrived.append((peer, pid, fds[0], peer_size))
+            for extra in fds[1:]:
+                os.close(extra)
 
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     try:
         client.key_value_set_bytes(f"{prefix}/addr/{rank}", json.dumps(
-            {"name": name, "host": host, "ok": fd >= 0}).encode())
+            {"name": name, "host": host, "ok": fd >= 0, "pid": os.getpid()}).encode())
         sent = []
+        pids = {}
         for peer in range(num_ranks):
             if peer == rank:
                 continue
             info = get(f"addr/{peer}")
+            pids[peer] = info.get("pid")
             if fd < 0:
                 continue
             if info["host"] != host:
@@ -333,12 +370,26 @@ def _exchange_xla_memory(C, buffer_id: int, seq: int, rank: int, num_ranks: int,
         client.key_value_set_bytes(f"{prefix}/sent/{rank}", json.dumps(sent).encode())
         expected = [peer for peer in range(num_ranks) if peer != rank and rank in get(f"sent/{peer}")]
         deadline = time.monotonic() + timeout_s
-        while any(peer not in received for peer in expected) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            while arrived:
+                peer, pid, peer_fd, peer_size = arrived.pop(0)
+                if peer in expected and peer not in received and pid == pids.get(peer):
+                    received[peer] = (peer_fd, peer_size)
+                    continue
+                os.close(peer_fd)
+                if peer not in received:
+                    note = note or (
+                        f"rank {rank} dropped an XLA-memory descriptor that claimed to come from rank {peer} but "
+                        f"was sent by process {pid} (rank {peer} is process {pids.get(peer)})")
+            if all(peer in received for peer in expected):
+                break
             time.sleep(0.001)
     finally:
         stop.set()
         receiver.join()
         sock.close()
+        for _, _, peer_fd, _ in arrived:
+            os.close(peer_fd)
     mapped = 0
     for peer, (peer_fd, peer_size) in sorted(received.items()):
         try:
@@ -356,6 +407,20 @@ def _exchange_xla_memory(C, buffer_id: int, seq: int, rank: int, num_ranks: int,
     results = [get(f"ok/{peer}") for peer in range(num_ranks)]
     failed = [peer_note for peer_ok, peer_note in results if not peer_ok]
     return not failed, note or (failed[0] if failed else "")
+
+
+def _recv_fd_and_pid(sock):
+    """One datagram: (bytes, received file descriptors, the sender's pid as
+    the kernel reports it, None if it did not)."""
+    fd_size = array.array("i").itemsize
+    msg, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(4 * fd_size) + socket.CMSG_SPACE(12))
+    fds, pid = [], None
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % fd_size]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            pid = struct.unpack("iII", data[:12])[0]
+    return msg, fds, pid
 
 
 def lookup(buffer_id: int | None) -> IntranodeRuntime:

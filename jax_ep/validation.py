@@ -1,4 +1,4 @@
-"""Trace-time argument checks and the run-time checks of checked mode.
+"""Trace-time argument checks (the run-time checks of checked mode: jax_ep.checked).
 
 Every message names the argument and says what would work.
 """
@@ -16,11 +16,20 @@ UE8M0_PACK = 4  # scales per int32 word
 
 
 class CapacityOverflowError(RuntimeError):
-    """A static receive capacity was too small (checked mode)."""
+    """A static receive capacity was too small (checked mode).
+
+    Raised inside the computation: see ``jax_ep.checked_errors`` for how it
+    reaches the caller."""
 
 
 class RoutingError(ValueError):
-    """A top-k id is outside [-1, num_experts) (checked mode)."""
+    """A top-k id is outside [-1, num_experts): at the call for a concrete
+    ``get_dispatch_layout`` input, else in checked mode (see
+    ``jax_ep.checked_errors``)."""
+
+
+# Printed as jax_ep.RoutingError in the messages that carry them out of a computation.
+CapacityOverflowError.__module__ = RoutingError.__module__ = "jax_ep"
 
 
 def num_ranks_of(axis_name, num_ranks: int | None = None) -> int:
@@ -171,37 +180,3 @@ def check_ids_in_range_now(topk_idx, num_experts: int) -> None:
             f"topk_idx{list(first)} = {int(ids[first])} is out of range: ids must be in [0, num_experts={num_experts}) "
             f"or -1 for a masked slot"
         )
-
-
-def _raise_if(make_error):
-    def callback(flag, *values):
-        if bool(flag):
-            raise make_error(*[np.asarray(v) for v in values])
-
-    return callback
-
-
-def runtime_check_ids(topk_idx, num_experts: int) -> None:
-    """Checked mode: fail the computation when an id is outside [-1, E)."""
-    bad = (topk_idx < -1) | (topk_idx >= num_experts)
-    count = jnp.sum(bad)
-
-    def make_error(n):
-        return RoutingError(
-            f"{int(n)} top-k ids are out of range: topk_idx entries must be in [0, num_experts={num_experts}) "
-            f"or -1 for a masked slot"
-        )
-
-    jax.debug.callback(_raise_if(make_error), count > 0, count)
-
-
-def runtime_check_overflow(num_dropped, capacity: int, needed) -> None:
-    """Checked mode: fail the computation when receive rows were dropped."""
-
-    def make_error(dropped, need):
-        return CapacityOverflowError(
-            f"the receive buffer overflowed: {int(dropped)} rows did not fit in num_max_recv_tokens={capacity}; "
-            f"this rank needed {int(need)} rows. Raise num_max_recv_tokens (None takes the worst case, which never drops)"
-        )
-
-    jax.debug.callback(_raise_if(make_error), num_dropped > 0, num_dropped, needed)

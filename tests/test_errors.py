@@ -81,17 +81,45 @@ def test_traced_ids_out_of_range_checked_mode(inputs):
     idxs = [i.copy() for i in idxs]
     idxs[1][0, 0] = E + 3
     opts = jax_ep.NormalOptions(checked=True)
-    with pytest.raises(Exception, match=r"top-k ids are out of range"):
-        run_ranks(_dispatch(options=opts), R, xs, idxs, ws)
+    with pytest.raises(jax_ep.RoutingError, match=r"1 top-k ids are out of range on rank 1") as caught:
+        with jax_ep.checked_errors():
+            run_ranks(_dispatch(options=opts), R, xs, idxs, ws)
+    assert isinstance(caught.value.__cause__, jax.errors.JaxRuntimeError)
     # unchecked: the bad slot is ignored like -1
     run_ranks(_dispatch(), R, xs, idxs, ws)
+
+
+def test_checked_errors_without_the_helper_name_the_class(inputs):
+    xs, idxs, ws = inputs
+    idxs = [i.copy() for i in idxs]
+    idxs[0][1, 1] = -5
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"RoutingError: 1 top-k ids are out of range on rank 0"):
+        run_ranks(_dispatch(options=jax_ep.NormalOptions(checked=True)), R, xs, idxs, ws)
+    assert jax_ep.checked.error_from(ValueError("x")) is None
+    with pytest.raises(ZeroDivisionError), jax_ep.checked_errors():
+        1 / 0
+
+
+def test_low_latency_checked_ids(inputs):
+    xs, idxs, ws = inputs
+    idxs = [i.copy() for i in idxs]
+    idxs[1][2, 0] = E
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=T, checked=True)
+
+    def f(x, i, w):
+        return jax_ep.low_latency_dispatch(x, i, num_experts=E, options=opts).recv_count
+
+    with pytest.raises(jax_ep.RoutingError, match=r"out of range on rank 1"), jax_ep.checked_errors():
+        run_ranks(f, R, xs, idxs, ws)
 
 
 @pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
 def test_overflow_checked_mode_raises(inputs, layout):
     opts = jax_ep.NormalOptions(layout=layout, num_max_recv_tokens=1, checked=True)
-    with pytest.raises(Exception, match=r"did not fit in num_max_recv_tokens=1.*Raise num_max_recv_tokens"):
-        run_ranks(_dispatch(options=opts), R, *inputs)
+    with pytest.raises(jax_ep.CapacityOverflowError,
+                       match=r"did not fit in num_max_recv_tokens=1.*Raise num_max_recv_tokens"):
+        with jax_ep.checked_errors():
+            run_ranks(_dispatch(options=opts), R, *inputs)
 
 
 def test_checked_mode_silent_when_it_fits(inputs):
@@ -253,3 +281,43 @@ def test_combine_ring_options_are_checked():
         jax_ep.NormalOptions(combine_chunk_rows=2, combine_ring_rows=128)
     with pytest.raises(ValueError, match="combine_chunk_rows must be a positive int"):
         jax_ep.NormalOptions(combine_chunk_rows=0)
+
+
+def test_checked_mode_differentiates_and_vmaps(inputs):
+    def f(checked):
+        opts = jax_ep.NormalOptions(checked=checked)
+
+        def g(x, i, w):
+            def loss(x, w):
+                o = jax_ep.dispatch(x, i, w, num_experts=E, options=opts)
+                return jnp.sum(jax_ep.combine(o.recv_x * 2, o.handle) ** 2) + jnp.sum(o.recv_topk_weights)
+            dropped = jax.vmap(lambda x, i, w: jax_ep.dispatch(x, i, w, num_experts=E, options=opts).num_dropped)(
+                x[None], i[None], w[None])
+            return jax.grad(loss, argnums=(0, 1))(x, w), dropped
+        return g
+
+    want = run_ranks(f(False), R, *inputs)
+    got = run_ranks(f(True), R, *inputs)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda v: jax_ep.NormalOptions(checked=v), "NormalOptions.checked"),
+        (lambda v: jax_ep.LowLatencyOptions(checked=v), "LowLatencyOptions.checked"),
+        (lambda v: jax_ep.LowLatencyOptions(combine_fp8=v), "LowLatencyOptions.combine_fp8"),
+        (lambda v: jax_ep.LowLatencyOptions(async_send=v), "LowLatencyOptions.async_send"),
+        (lambda v: jax_ep.LowLatencyOptions(dispatch_pull=v), "LowLatencyOptions.dispatch_pull"),
+        (lambda v: jax_ep.LowLatencyOptions(combine_zero_copy=v), "LowLatencyOptions.combine_zero_copy"),
+        (lambda v: jax_ep.FP8Options(round_scale=v), "FP8Options.round_scale"),
+        (lambda v: jax_ep.FP8Options(use_ue8m0=v), "FP8Options.use_ue8m0"),
+        (lambda v: __import__("jax_ep.moe").moe.MoEConfig(num_experts=4, hidden=8, ffn=8, normalize_weights=v),
+         "MoEConfig.normalize_weights"),
+    ],
+)
+def test_bool_options_are_checked(make, field):
+    for bad in ("no", 1, 0, None):
+        with pytest.raises(TypeError, match=rf"{field} must be True or False, got {bad!r}"):
+            make(bad)
+    assert make(np.bool_(True)) == make(True)  # numpy bools are bools

@@ -143,13 +143,13 @@ def test_low_latency_split_lowers_for_cuda(monkeypatch, async_send):
         assert f"@jax_ep_ll_{op}{other}(" not in text, op
     recv = next(line for line in text.splitlines() if f"@jax_ep_ll_dispatch_recv{suffix}(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (3 if async_send else 1)  # token, then x and topk_idx
+    assert len(operands) == (4 if async_send else 2)  # rank mask, token, then x and topk_idx
     for op in ("dispatch_send", "dispatch_recv"):  # the split always pushes
         line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}{suffix}(" in line)
         assert "pull = 0 : i64" in line, line
     recv = next(line for line in text.splitlines() if f"@jax_ep_ll_combine_recv{suffix}(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (3 + 4 if async_send else 3)  # token, topk_idx, weights, then y and the routing
+    assert len(operands) == (4 + 4 if async_send else 4)  # rank mask, token, topk_idx, weights, then y and the routing
 
 
 @needs_extension
@@ -206,7 +206,39 @@ def test_low_latency_combine_zero_copy_attribute(monkeypatch, zero_copy, combine
         assert "zero_copy = 0 : i64" in split_line, split_line
     recv = next(line for line in lines if "@jax_ep_ll_combine_recv(" in line)
     operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (3 + 4 if on else 3)
+    assert len(operands) == (4 + 4 if on else 4)
+
+
+@needs_extension
+def test_low_latency_rank_mask_reaches_every_kernel(monkeypatch):
+    """A rank mask is the first operand of every low-latency call, forward and
+    backward (all false without one), and the routing is masked before the send."""
+    import types
+
+    import jax_ep
+    from jax_ep import runtime
+
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: types.SimpleNamespace(rank=0))
+    t, k, e, h, r, m = 8, 2, 8, 512, 2, 8
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", buffer_id=7)
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
+
+    def step(x, idx, w, mask):
+        def loss(x, w):
+            o = jax_ep.low_latency_dispatch(x, idx, num_experts=e, axis_name=None, options=opts, rank_mask=mask)
+            return jnp.sum(jax_ep.low_latency_combine(o.recv_x, w, o.handle).astype(jnp.float32))
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=e, axis_name=None, options=opts,
+                                                   rank_mask=mask)
+        return jax.grad(loss, argnums=(0, 1))(x, w), jax_ep.low_latency_dispatch_recv(pending).recv_count
+
+    text = _lower_for_cuda(step, jax.ShapeDtypeStruct((t, h), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
+                           jax.ShapeDtypeStruct((t, k), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.bool_))
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @jax_ep_ll_" in line]
+    ops = {line.split("@jax_ep_ll_", 1)[1].split("(", 1)[0] for line in calls}
+    assert {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "combine_gather_recv",
+            "dispatch_send_async", "dispatch_recv_async"} <= ops, ops
+    for line in calls:
+        assert f"tensor<{r}xi1>" in line.split("->", 1)[0].split(":")[-1].split(",")[0], line
 
 
 def test_combine_zero_copy_option_is_checked():

@@ -94,3 +94,40 @@ def test_one_failure_turns_zero_copy_off_everywhere(monkeypatch, case):
     else:
         assert results[2][1].startswith("rank 2 cannot map rank 0's XLA memory")
         assert results[0][1] == results[2][1]  # the others report the first failing rank's reason
+
+
+IMPOSTOR = """
+import array, socket, struct, sys, tempfile
+name, claimed = sys.argv[1], int(sys.argv[2])
+f = tempfile.TemporaryFile()
+f.write(b"forged pool")
+f.flush()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendmsg([struct.pack("<iQ", claimed, 999)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fileno()]))],
+          0, "\\0" + name)
+"""
+
+
+@pytest.mark.parametrize("claimed", [1, 2])
+def test_a_process_claiming_a_peers_rank_is_not_believed(monkeypatch, claimed):
+    """Another local process sends rank 0 a descriptor claiming to be rank
+    `claimed` before any rank has sent: rank 1 exports nothing (so rank 0
+    expects nothing from it), rank 2 does. Rank 0 maps neither forgery."""
+    import json
+    import subprocess
+    import sys
+
+    real_set = FakeKeyValueStore.key_value_set_bytes
+
+    def set_and_impersonate(self, key, value):
+        if key.endswith("/addr/0"):  # before any peer can learn rank 0's address
+            name = json.loads(value)["name"]
+            subprocess.run([sys.executable, "-c", IMPOSTOR, name, str(claimed)], check=True, timeout=60)
+        real_set(self, key, value)
+
+    monkeypatch.setattr(FakeKeyValueStore, "key_value_set_bytes", set_and_impersonate)
+    extensions = [FakeExtension() for _ in range(3)]
+    results = run_ranks(monkeypatch, 3, [True, False, True], extensions, seq=3000 + claimed)
+    assert all(v != "forged pool" for v, _ in extensions[0].mapped.values()), extensions[0].mapped
+    assert extensions[0].mapped == {2: ("pool of rank 2", 1002)}
+    assert f"rank 0 dropped an XLA-memory descriptor that claimed to come from rank {claimed}" in results[0][1]

@@ -35,7 +35,7 @@ using Pred2 = ffi::Buffer<ffi::PRED, 2>;
 
 constexpr int kBlocksPerSm = 4;  // copy-kernel blocks (256 threads) per SM of the budget
 
-ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, IntranodeBuffer** out) {
+ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, std::shared_ptr<IntranodeBuffer>* out) {
   std::string error;
   *out = Runtime::get().find(buffer_id, device, &error);
   if (*out == nullptr) return invalid_argument(target, error);
@@ -76,7 +76,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
                     I32_1* expert_group_sizes, I32_0* num_kept, I32_0* num_needed,
                     I32_1* recv_src_rank, I32_1* recv_src_token, Pred2* is_token_in_rank,
                     I32_2* send_pos) {
-  IntranodeBuffer* buf = nullptr;
+  std::shared_ptr<IntranodeBuffer> buf;
   if (auto err = lookup(target, buffer_id, device, &buf); err.failure()) return err;
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
   const int R = buf->num_ranks();
@@ -194,7 +194,7 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
                                    I32_1 recv_src_token, int64_t buffer_id, int64_t num_sms,
                                    ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_cached_dispatch";
-  IntranodeBuffer* buf = nullptr;
+  std::shared_ptr<IntranodeBuffer> buf;
   if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
   RowParts parts = one_part(x, out);
   parts.part_bytes[0] = static_cast<int>(row_bytes_of(*out));
@@ -218,7 +218,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t chunk_rows,
                             int64_t ring_rows, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_combine";
-  IntranodeBuffer* buf = nullptr;
+  std::shared_ptr<IntranodeBuffer> buf;
   if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
   intranode::CombineArgs args{};
   switch (y.element_type()) {
@@ -292,7 +292,7 @@ ffi::Error Status(cudaStream_t stream, int32_t device, ffi::RemainingArgs /*afte
                   ffi::Result<I32_1> out) {
   constexpr const char* kTarget = "jax_ep_status";
   if (out->dimensions()[0] != 4) return invalid_argument(kTarget, "the status has 4 entries");
-  IntranodeBuffer* buf = Runtime::get().find_any(buffer_id, device);
+  const std::shared_ptr<IntranodeBuffer> buf = Runtime::get().find_any(buffer_id, device);
   if (buf == nullptr) return invalid_argument(kTarget, "no jax_ep buffer " + std::to_string(buffer_id) + " here");
   return launch_status(kTarget, intranode::launch_read_status(buf->peer_table(), out->typed_data(), stream));
 }

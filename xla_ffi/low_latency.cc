@@ -10,6 +10,10 @@
 //   jax_ep_ll_combine_recv    token, topk_idx s32[T, K], topk_weights f32[T, K] -> out bf16[T, H]
 //   jax_ep_ll_combine_gather_recv  token, topk_idx s32[T, K] -> out bf16[T, K, H] (unsummed rows)
 //
+//   Every target takes first a rank mask, pred[R] (true: a masked rank, which
+//   this rank neither writes to nor waits for; all false: every rank takes
+//   part), read by the kernels from device memory on each call.
+//
 //   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk, payload
 //   (0 BF16, 1 FP8, 2 FP8 with power-of-two scales, 3 FP8 with UE8M0),
 //   combine_payload (0 BF16 rows, 1 FP8 rows with a float scale per 128
@@ -46,13 +50,15 @@ using I32_1 = ffi::Buffer<ffi::S32, 1>;
 using I32_2 = ffi::Buffer<ffi::S32, 2>;
 using I32_3 = ffi::Buffer<ffi::S32, 3>;
 using F32_2 = ffi::Buffer<ffi::F32, 2>;
+using Mask = ffi::Buffer<ffi::PRED, 1>;
 
 constexpr int kBlocksPerSm = 1;  // 512-thread blocks
 
 struct Call {
-  IntranodeBuffer* buf = nullptr;
+  std::shared_ptr<IntranodeBuffer> buf;  // held for the handler's duration
   low_latency::Shape shape{};
   intranode::CallSignature sig{};
+  const bool* rank_mask = nullptr;  // pred[R] in device memory (use_rank_mask)
 
   // What every rank must agree on for this call: `op` (3 dispatch, 4
   // combine, send and receive alike), the layout's shapes, the SM budget and
@@ -66,6 +72,7 @@ struct Call {
   intranode::PeerTable peers() const {
     intranode::PeerTable t = buf->peer_table();
     t.call = sig;
+    t.rank_mask = rank_mask;
     return t;
   }
 };
@@ -110,6 +117,18 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_
   return ffi::Error::Success();
 }
 
+// The buffer's peer table with the call's rank mask (pred[R]).
+// Validates the call's rank mask (pred[R], true for a masked rank) and
+// hands it to the kernels through the call's peer table.
+ffi::Error use_rank_mask(const char* target, Call& c, const Mask& mask) {
+  const int num_ranks = c.buf->num_ranks();
+  if (mask.dimensions().size() != 1 || mask.dimensions()[0] != num_ranks) {
+    return invalid_argument(target, "the rank mask must be pred[" + std::to_string(num_ranks) + "]");
+  }
+  c.rank_mask = mask.typed_data();
+  return ffi::Error::Success();
+}
+
 constexpr int kDispatch = 0, kCombine = 1;
 
 // Whether a dispatch asked to pull (attr `pull`) does: where the shapes allow
@@ -123,7 +142,7 @@ bool pulls(const Call& c, int64_t pull) {
 // buffer's send stream after everything queued on XLA's `stream`, and records
 // the send's `kind` event there.
 template <class Launch>
-ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream,
+ffi::Error launch_on_send_stream(const char* target, const std::shared_ptr<IntranodeBuffer>& buf, int kind, cudaStream_t stream,
                                  int* token, Launch launch) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(stream, &capture);
@@ -142,7 +161,7 @@ ffi::Error launch_on_send_stream(const char* target, IntranodeBuffer* buf, int k
 }
 
 // Makes XLA's `stream` wait for the last asynchronous send of `kind`.
-ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, cudaStream_t stream) {
+ffi::Error join_send_stream(const char* target, const std::shared_ptr<IntranodeBuffer>& buf, int kind, cudaStream_t stream) {
   IntranodeBuffer::SendStream* side = nullptr;
   cudaError_t err = buf->send_stream(&side);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(stream, side->done[kind], 0);
@@ -150,7 +169,8 @@ ffi::Error join_send_stream(const char* target, IntranodeBuffer* buf, int kind, 
 }
 
 template <bool kAsync>
-ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, int64_t buffer_id,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
+                        int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
                         ffi::Result<I32_0> token) {
@@ -170,6 +190,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
     return err;
   }
   if (per_slot && pull != 0) return invalid_argument(kTarget, "per-slot rows are pushed: pass pull=0");
+  if (auto err = use_rank_mask(kTarget, c, rank_mask); err.failure()) return err;
   const bool pulled = pulls(c, pull);
   c.sign(3, num_sms, pulled ? 1 : 0);
   auto launch = [&](cudaStream_t on, int* kernel_token) {
@@ -186,7 +207,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I
 }
 
 template <bool kAsync>
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
@@ -203,6 +224,7 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orde
   if constexpr (kAsync) {
     if (auto err = join_send_stream(kTarget, c.buf, kDispatch, stream); err.failure()) return err;
   }
+  if (auto err = use_rank_mask(kTarget, c, rank_mask); err.failure()) return err;
   c.sign(3, num_sms, pulls(c, pull) ? 1 : 0);
   auto* receive = pulls(c, pull) ? low_latency::launch_dispatch_pull : low_latency::launch_dispatch_recv;
   return launch_status(kTarget, receive(c.peers(), c.shape, recv_x->untyped_data(),
@@ -230,7 +252,7 @@ low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
 }
 
 template <bool kAsync>
-ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_2 src_rank,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t zero_copy,
@@ -249,6 +271,7 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
   if (zero_copy_offset(c, zero_copy, y.untyped_data()) >= 0) {
     return launch_status(kTarget, cudaMemsetAsync(token->typed_data(), 0, sizeof(int), stream));
   }
+  if (auto err = use_rank_mask(kTarget, c, rank_mask); err.failure()) return err;
   auto launch = [&](cudaStream_t on, int* kernel_token) {
     return low_latency::launch_combine_send(c.peers(), c.shape, y.untyped_data(), src_rank.typed_data(),
                                             src_token.typed_data(), src_slot.typed_data(), kernel_token,
@@ -259,7 +282,8 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I3
 }
 
 template <bool kAsync>
-ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+                       I32_2 topk_idx,
                        F32_2 topk_weights, ffi::RemainingArgs sent /*the send's inputs, kept alive*/,
                        int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
                        int64_t num_topk, int64_t payload, int64_t combine_payload, int64_t num_sms,
@@ -297,13 +321,15 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, I32_0 /*token: order
     published.src_token = tok->typed_data();
     published.src_slot = slot->typed_data();
   }
+  if (auto err = use_rank_mask(kTarget, c, rank_mask); err.failure()) return err;
   return launch_status(kTarget, low_latency::launch_combine_recv(
                                     c.peers(), c.shape, xla_memory(*c.buf), topk_idx.typed_data(),
                                     topk_weights.typed_data(), out->untyped_data(), published,
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token: orders the call*/, I32_2 topk_idx,
+ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+                             I32_2 topk_idx,
                              int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens,
                              int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
                              int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
@@ -315,6 +341,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
       err.failure()) {
     return err;
   }
+  if (auto err = use_rank_mask(kTarget, c, rank_mask); err.failure()) return err;
   c.sign(4, num_sms, combine_payload);
   return launch_status(kTarget, low_latency::launch_combine_gather(c.peers(), c.shape,
                                                                    topk_idx.typed_data(), out->untyped_data(),
@@ -337,12 +364,14 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS.Ret<I32_0>()
 #define JAX_EP_LL_DISPATCH_RECV_BINDING                                                          \
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull")                                     \
       .Ret<ffi::AnyBuffer>()                                                                     \
@@ -355,6 +384,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>()                                                                              \
       .Arg<I32_2>()                                                                              \
@@ -364,6 +394,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, I32_0 /*token:
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .Arg<I32_2>()                                                                              \
       .Arg<F32_2>()                                                                              \
@@ -387,6 +418,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler, CombineGatherR
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>() JAX_EP_LL_ATTRS
                                   .Ret<ffi::AnyBuffer>(),

@@ -62,18 +62,18 @@ nb::dict registrations() {
 }
 
 nb::bytes ipc_handle(int id) {
-  const std::string h = jax_ep::Runtime::get().at(id).ipc_handle();
+  const std::string h = jax_ep::Runtime::get().at(id)->ipc_handle();
   return nb::bytes(h.data(), h.size());
 }
 
 void open_peer_ipc(int id, int peer, nb::bytes handle) {
-  jax_ep::Runtime::get().at(id).open_peer_ipc(
+  jax_ep::Runtime::get().at(id)->open_peer_ipc(
       peer, std::string(static_cast<const char*>(handle.data()), handle.size()));
 }
 
 void open_peer_local(int id, int peer, int peer_id) {
   auto& runtime = jax_ep::Runtime::get();
-  runtime.at(id).open_peer_local(peer, runtime.at(peer_id));
+  runtime.at(id)->open_peer_local(peer, *runtime.at(peer_id));
 }
 
 // "90a;100a" -> ["90a", "100a"]
@@ -134,18 +134,18 @@ NB_MODULE(_C, m) {
   m.def("export_xla_memory",
         [](int id, uint64_t any_xla_ptr) {
           size_t size = 0;
-          const int fd = jax_ep::Runtime::get().at(id).export_xla_memory(any_xla_ptr, &size);
+          const int fd = jax_ep::Runtime::get().at(id)->export_xla_memory(any_xla_ptr, &size);
           return std::make_pair(fd, size);
         },
         nb::arg("id"), nb::arg("any_xla_ptr"),
         "Export the XLA allocation holding a device pointer: (POSIX fd the caller closes, bytes).");
   m.def("open_peer_xla_memory",
         [](int id, int peer, int fd, size_t size) {
-          jax_ep::Runtime::get().at(id).open_peer_xla_memory(peer, fd, size);
+          jax_ep::Runtime::get().at(id)->open_peer_xla_memory(peer, fd, size);
         },
         nb::arg("id"), nb::arg("peer"), nb::arg("fd"), nb::arg("size"),
         "Map peer rank `peer`'s XLA memory from its exported descriptor (the caller closes fd).");
-  m.def("enable_xla_memory", [](int id, bool on) { jax_ep::Runtime::get().at(id).enable_xla_memory(on); },
+  m.def("enable_xla_memory", [](int id, bool on) { jax_ep::Runtime::get().at(id)->enable_xla_memory(on); },
         nb::arg("id"), nb::arg("on"), "Let zero-copy combines read peers' XLA memory (every peer mapped).");
   m.def("xla_memory_enabled", [](int id) { return jax_ep::Runtime::get().xla_memory_enabled(id); },
         nb::arg("id"), "Whether zero-copy combines of a buffer (or of every member of a group) read peers' XLA memory.");
@@ -192,7 +192,7 @@ NB_MODULE(_C, m) {
   m.attr("signature_fields") = static_cast<int>(jax_ep::intranode::kSigFields);
   m.def("inject_abort_for_test",
         [](int id, int raiser, int code) {
-          jax_ep::IntranodeBuffer& b = jax_ep::Runtime::get().at(id);
+          jax_ep::IntranodeBuffer& b = *jax_ep::Runtime::get().at(id);
           const unsigned long long word =
               static_cast<unsigned long long>(code) << 32 | static_cast<unsigned long long>(raiser + 1);
           int previous = 0;
@@ -205,9 +205,11 @@ NB_MODULE(_C, m) {
         },
         nb::arg("id"), nb::arg("raiser"), nb::arg("code"),
         "Test hook: raise the abort word in a buffer as if rank `raiser` had failed with `code`.");
-  m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id).ready(); });
+  m.def("intranode_buffer_ready", [](int id) { return jax_ep::Runtime::get().at(id)->ready(); });
   m.def("intranode_staging_half_bytes",
-        [](int id) { return jax_ep::Runtime::get().at(id).staging_half_bytes(); });
+        [](int id) { return jax_ep::Runtime::get().at(id)->staging_half_bytes(); });
+  m.def("close_intranode_imports", [](int id) { jax_ep::Runtime::get().at(id)->close_imports(); },
+        "Teardown's first half: wait for this rank's work, unmap every peer's memory.");
   m.def("destroy_intranode_buffer", [](int id) { jax_ep::Runtime::get().destroy(id); },
         "Free a buffer and unmap its peers (waits for the device).");
   m.def("combine_launch_shape",

@@ -239,25 +239,40 @@ intranode::TimeoutRecord IntranodeBuffer::failure() const {
   return rec;
 }
 
-IntranodeBuffer::~IntranodeBuffer() {
-  stop_watch_.store(true);
-  if (watcher_.joinable()) watcher_.join();
-  if (timeout_host_ != nullptr) cudaFreeHost(timeout_host_);
+void IntranodeBuffer::close_imports() {
   int previous = 0;
   cudaGetDevice(&previous);
   cudaSetDevice(device_);
+  cudaDeviceSynchronize();  // this rank's kernels no longer touch any peer
+  for (int r = 0; r < num_ranks_; ++r) {
+    if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
+    if (peer_is_ipc_[r]) peers_[r] = nullptr;
+    peer_is_ipc_[r] = false;
+  }
+  for (int r = 0; xla_imported_ && r < static_cast<int>(xla_base_.size()); ++r) {
+    if (r != rank_ && xla_base_[r] != nullptr) xla_memory::unmap(xla_base_[r], xla_size_[r]);
+    if (r != rank_) xla_base_[r] = nullptr;
+  }
+  xla_enabled_ = false;
+  cudaSetDevice(previous);
+}
+
+IntranodeBuffer::~IntranodeBuffer() {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device_);
+  // Kernels may still write the mapped timeout record: wait for them before
+  // the watcher stops and the record is freed.
   cudaDeviceSynchronize();
+  stop_watch_.store(true);
+  if (watcher_.joinable()) watcher_.join();
+  if (timeout_host_ != nullptr) cudaFreeHost(timeout_host_);
   for (int kind = 0; kind < 2; ++kind) {
     if (send_stream_.fork[kind] != nullptr) cudaEventDestroy(send_stream_.fork[kind]);
     if (send_stream_.done[kind] != nullptr) cudaEventDestroy(send_stream_.done[kind]);
   }
   if (send_stream_.stream != nullptr) cudaStreamDestroy(send_stream_.stream);
-  for (int r = 0; r < num_ranks_; ++r) {
-    if (peer_is_ipc_[r] && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
-  }
-  for (int r = 0; xla_imported_ && r < static_cast<int>(xla_base_.size()); ++r) {
-    if (r != rank_ && xla_base_[r] != nullptr) xla_memory::unmap(xla_base_[r], xla_size_[r]);
-  }
+  close_imports();
   if (local_ != nullptr && owns_memory_) cudaFree(local_);
   cudaSetDevice(previous);
 }
@@ -391,6 +406,9 @@ long long IntranodeBuffer::xla_memory_offset(const void* p, std::size_t bytes) c
   const char* c = static_cast<const char*>(p);
   const char* base = xla_base_[rank_];
   if (c < base || c + bytes > base + xla_size_[rank_]) return -1;
+  // The peers mapped the allocation probed when the buffer was created: read
+  // in place only while p still lies in that very allocation.
+  if (!xla_memory::still_holds(xla_memory::Allocation{const_cast<char*>(base), xla_size_[rank_]}, p)) return -1;
   return c - base;
 }
 
@@ -453,7 +471,7 @@ int Runtime::create_group(const std::vector<int>& devices, std::size_t num_bytes
     for (int r = 0; r < n; ++r) ids.push_back(create(devices[r], r, n, num_bytes, timeout_s));
     for (int r = 0; r < n; ++r) {
       for (int p = 0; p < n; ++p) {
-        if (p != r) at(ids[r]).open_peer_local(p, at(ids[p]));
+        if (p != r) at(ids[r])->open_peer_local(p, *at(ids[p]));
       }
     }
   } catch (...) {
@@ -481,10 +499,10 @@ void Runtime::share_group_xla_memory(int group_id, const std::vector<std::uintpt
   }
   const int n = static_cast<int>(ids.size());
   std::vector<xla_memory::Allocation> all(n);
-  for (int r = 0; r < n; ++r) all[r] = xla_memory::find(at(ids[r]).device(), reinterpret_cast<const void*>(probes[r]));
+  for (int r = 0; r < n; ++r) all[r] = xla_memory::find(at(ids[r])->device(), reinterpret_cast<const void*>(probes[r]));
   for (int r = 0; r < n; ++r) {
     for (int p = 0; p < n; ++p) {
-      const int owner = at(ids[r]).device(), reader = at(ids[p]).device();
+      const int owner = at(ids[r])->device(), reader = at(ids[p])->device();
       if (owner != reader) xla_memory::grant_access(owner, all[r], reader);
     }
   }
@@ -495,23 +513,23 @@ void Runtime::share_group_xla_memory(int group_id, const std::vector<std::uintpt
     sizes[r] = all[r].size;
   }
   for (int id : ids) {
-    at(id).adopt_xla_memory(bases, sizes);
-    at(id).enable_xla_memory(true);
+    at(id)->adopt_xla_memory(bases, sizes);
+    at(id)->enable_xla_memory(true);
   }
 }
 
 bool Runtime::xla_memory_enabled(int id) {
   const std::vector<int> ids = members(id);
-  if (ids.empty()) return at(id).xla_memory_enabled();
+  if (ids.empty()) return at(id)->xla_memory_enabled();
   for (int member : ids) {
-    if (!at(member).xla_memory_enabled()) return false;
+    if (!at(member)->xla_memory_enabled()) return false;
   }
   return true;
 }
 
 void Runtime::destroy(int id) {
   for (int member : members(id)) destroy(member);
-  std::unique_ptr<IntranodeBuffer> buffer;
+  std::shared_ptr<IntranodeBuffer> buffer;  // freed here, or by the last handler still holding it
   {
     std::lock_guard<std::mutex> lock(mutex_);
     groups_.erase(id);
@@ -522,13 +540,13 @@ void Runtime::destroy(int id) {
   }
 }
 
-IntranodeBuffer* Runtime::find(int64_t id, int device, std::string* error) {
+std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, std::string* error) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto group = groups_.find(static_cast<int>(id));
   if (group != groups_.end()) {
-    IntranodeBuffer* found = nullptr;
+    std::shared_ptr<IntranodeBuffer> found;
     for (int member : group->second) {
-      IntranodeBuffer* b = buffers_.at(member).get();
+      const std::shared_ptr<IntranodeBuffer>& b = buffers_.at(member);
       if (b->device() != device) continue;
       if (found != nullptr) {
         *error = "jax_ep buffer group " + std::to_string(id) + " has several ranks on device " +
@@ -561,7 +579,7 @@ IntranodeBuffer* Runtime::find(int64_t id, int device, std::string* error) {
     *error = "jax_ep buffer " + std::to_string(id) + " failed earlier: " + timeout_message(rec);
     return nullptr;
   }
-  return it->second.get();
+  return it->second;
 }
 
 void group_barrier_selftest(int group_id) {
@@ -570,13 +588,15 @@ void group_barrier_selftest(int group_id) {
   if (ids.empty()) throw std::invalid_argument("jax_ep runtime: " + std::to_string(group_id) + " is not a group");
   std::vector<cudaStream_t> streams(ids.size());
   for (std::size_t r = 0; r < ids.size(); ++r) {
-    IntranodeBuffer& b = runtime.at(ids[r]);
+    const std::shared_ptr<IntranodeBuffer> held = runtime.at(ids[r]);
+    IntranodeBuffer& b = *held;
     DeviceGuard guard(b.device());
     check(cudaStreamCreateWithFlags(&streams[r], cudaStreamNonBlocking), "cudaStreamCreate");
     check(intranode::launch_barrier(b.peer_table(), 0, streams[r]), "barrier launch");
   }
   for (std::size_t r = 0; r < ids.size(); ++r) {
-    IntranodeBuffer& b = runtime.at(ids[r]);
+    const std::shared_ptr<IntranodeBuffer> held = runtime.at(ids[r]);
+    IntranodeBuffer& b = *held;
     DeviceGuard guard(b.device());
     check(cudaStreamSynchronize(streams[r]), "barrier of the group self-test");
     cudaStreamDestroy(streams[r]);
@@ -591,37 +611,37 @@ void group_barrier_selftest(int group_id) {
   }
 }
 
-IntranodeBuffer* Runtime::find_any(int64_t id, int device) {
+std::shared_ptr<IntranodeBuffer> Runtime::find_any(int64_t id, int device) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto group = groups_.find(static_cast<int>(id));
   if (group != groups_.end()) {
     for (int member : group->second) {
-      IntranodeBuffer* b = buffers_.at(member).get();
+      std::shared_ptr<IntranodeBuffer> b = buffers_.at(member);
       if (b->device() == device) return b;
     }
     return nullptr;
   }
   auto it = buffers_.find(static_cast<int>(id));
-  return it == buffers_.end() ? nullptr : it->second.get();
+  return it == buffers_.end() ? nullptr : it->second;
 }
 
 intranode::TimeoutRecord Runtime::failure(int id) {
   const std::vector<int> ids = members(id);
-  if (ids.empty()) return at(id).failure();
+  if (ids.empty()) return at(id)->failure();
   for (int member : ids) {
-    const intranode::TimeoutRecord rec = at(member).failure();
+    const intranode::TimeoutRecord rec = at(member)->failure();
     if (rec.code != 0) return rec;
   }
   return intranode::TimeoutRecord{};
 }
 
-IntranodeBuffer& Runtime::at(int id) {
+std::shared_ptr<IntranodeBuffer> Runtime::at(int id) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = buffers_.find(id);
   if (it == buffers_.end()) {
     throw std::invalid_argument("jax_ep runtime: no buffer with id " + std::to_string(id));
   }
-  return *it->second;
+  return it->second;
 }
 
 }  // namespace jax_ep

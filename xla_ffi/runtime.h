@@ -57,6 +57,11 @@ class IntranodeBuffer {
   int export_xla_memory(std::uintptr_t any_xla_ptr, std::size_t* size);
   void open_peer_xla_memory(int peer, int fd, std::size_t size);
   void enable_xla_memory(bool on) { xla_enabled_ = on && !xla_base_.empty() && all_xla_mapped(); }
+  // Teardown, first half: waits for this rank's work, then unmaps every
+  // peer's memory (IPC buffers, XLA memory). Collective teardown runs it on
+  // every rank between two barriers, and frees (the destructor) only after
+  // the second: no rank frees memory a peer still has mapped or may write.
+  void close_imports();
   bool xla_memory_enabled() const { return xla_enabled_; }
   // Offset of [p, p + bytes) from this rank's XLA allocation, or -1 when
   // zero copy is off or the range lies elsewhere.
@@ -172,12 +177,13 @@ class Runtime {
   // A buffer's xla_memory_enabled, or for a group whether every member's is.
   bool xla_memory_enabled(int id);
   void destroy(int id);  // a buffer, or every member of a group
-  // The buffer (a group's member on `device`), or nullptr with *error set
-  // when the id is unknown, not ready, or the group has no member there.
-  IntranodeBuffer* find(int64_t id, int device, std::string* error);
-  IntranodeBuffer& at(int id);
-  // Like find, but also a buffer that failed (nullptr when absent).
-  IntranodeBuffer* find_any(int64_t id, int device);
+  // The buffer (a group's member on `device`), or null with *error set when
+  // the id is unknown, not ready, or the group has no member there. Shared
+  // ownership: a concurrent destroy frees it only after the caller is done.
+  std::shared_ptr<IntranodeBuffer> find(int64_t id, int device, std::string* error);
+  std::shared_ptr<IntranodeBuffer> at(int id);  // throws when unknown
+  // Like find, but also a buffer that failed (null when absent).
+  std::shared_ptr<IntranodeBuffer> find_any(int64_t id, int device);
   // The failure record of a buffer, or of the first failed member of a group.
   intranode::TimeoutRecord failure(int id);
 
@@ -186,7 +192,7 @@ class Runtime {
 
   std::mutex mutex_;
   int next_id_ = 1;
-  std::unordered_map<int, std::unique_ptr<IntranodeBuffer>> buffers_;
+  std::unordered_map<int, std::shared_ptr<IntranodeBuffer>> buffers_;
   std::unordered_map<int, std::vector<int>> groups_;
 };
 

@@ -126,7 +126,7 @@ char* import_fd(int device, int fd, std::size_t size) {
   CUmemAccessDesc access{};
   access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   access.location.id = device;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;  // peers only read a rank's rows: a stray write faults
   r = d.set_access(va, size, &access, 1);
   if (r != CUDA_SUCCESS) {
     d.unmap(va, size);
@@ -134,6 +134,22 @@ char* import_fd(int device, int fd, std::size_t size) {
     check(r, "cuMemSetAccess on a peer's XLA memory");
   }
   return reinterpret_cast<char*>(static_cast<std::uintptr_t>(va));
+}
+
+bool still_holds(const Allocation& allocation, const void* ptr) {
+  const Driver* d = nullptr;
+  try {
+    d = &driver();
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (d->get_address_range(&base, &size, address(ptr)) != CUDA_SUCCESS) {
+    cudaGetLastError();
+    return false;
+  }
+  return reinterpret_cast<char*>(static_cast<std::uintptr_t>(base)) == allocation.base && size == allocation.size;
 }
 
 void unmap(char* base, std::size_t size) {
@@ -151,7 +167,7 @@ void grant_access(int owner, const Allocation& allocation, int device) {
   CUmemAccessDesc access{};
   access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   access.location.id = device;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;  // the other members only read
   check(d.set_access(address(allocation.base), allocation.size, &access, 1),
         ("cuMemSetAccess for device " + std::to_string(device) + " on device " + std::to_string(owner) +
          "'s XLA memory").c_str());

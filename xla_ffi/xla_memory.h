@@ -34,13 +34,17 @@ Allocation find(int device, const void* ptr);
 int export_fd(int device, const Allocation& allocation);
 
 // Maps an allocation of `size` bytes exported by another process (the caller
-// keeps and closes `fd`) read/write for `device`; returns its base here.
+// keeps and closes `fd`) read-only for `device`; returns its base here.
 char* import_fd(int device, int fd, std::size_t size);
+
+// Whether `ptr` (in the current context) still lies in exactly `allocation`
+// (the same base and size): false once XLA has replaced that allocation.
+bool still_holds(const Allocation& allocation, const void* ptr);
 
 // Undoes import_fd.
 void unmap(char* base, std::size_t size);
 
-// One process driving several GPUs: lets `device` read and write
+// One process driving several GPUs: lets `device` read
 // `allocation` (from find on `owner`), which XLA mapped for `owner` only.
 // Memory that is not a virtual-memory allocation (cudaMalloc) needs nothing
 // here: peer access between the two devices already reaches it.

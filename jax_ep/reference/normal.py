@@ -54,7 +54,7 @@ def dispatch_route(topk_idx: jax.Array, topk_weights: jax.Array, spec: NormalSpe
         )
         src = jnp.where(entry >= 0, entry // k, -1)
         row_idx = routing.gather_rows(recv_idx, src)
-        row_expert = jnp.take(group, jnp.maximum(entry, 0))
+        row_expert = routing.gather_rows(group, entry)
         mine = (row_idx == row_expert[:, None]) & (entry >= 0)[:, None]
         out_idx = jnp.where(mine, row_idx, -1)
         out_w = jnp.where(mine, routing.gather_rows(recv_w, src), 0.0)

@@ -88,7 +88,10 @@ def pack_grouped(group: jax.Array, num_groups: int, alignment: int, capacity: in
 
 
 def gather_rows(table: jax.Array, src: jax.Array) -> jax.Array:
-    """table [N, ...] rows at src (any shape, -1 = zero row)."""
+    """table [N, ...] rows at src (any shape, -1 = zero row); N may be 0 (no
+    tokens on any rank: every row is zero)."""
+    if table.shape[0] == 0:  # one zero row to take from (concatenated: keeps the table's axis type)
+        table = jnp.concatenate([table, jnp.zeros((1,) + table.shape[1:], table.dtype)])
     rows = jnp.take(table, jnp.maximum(src, 0), axis=0)
     mask = (src >= 0).reshape(src.shape + (1,) * (table.ndim - 1))
     return jnp.where(mask, rows, jnp.zeros((), table.dtype))

@@ -331,6 +331,35 @@ def _():
     buf.destroy()
 
 
+@check("ll_empty_rank")
+def _():
+    """Rank 0 has no tokens (T = 0, an empty local batch): it still takes part
+    in every call, receives its experts' rows, and the others are served."""
+    t, m, k, e, h = 12, 16, 3, 2 * R, 512
+    buf = make_buffer(m, h, k, e)
+
+    @jax.jit
+    def step(x, i, w):
+        o = buf.low_latency_dispatch(x, i)
+        return o.recv_x, o.recv_count, buf.low_latency_combine(o.recv_x, w, o.handle)
+
+    for it in range(3):
+        xs, idxs, ws = inputs(300 + it, t, k, e, h)
+        xs, idxs, ws = [xs[0][:0]] + xs[1:], [idxs[0][:0]] + idxs[1:], [ws[0][:0]] + ws[1:]
+        recv, count, out = step(xs[ME], idxs[ME], ws[ME])
+        ref = npr.ll_dispatch(xs, idxs, e, m)[ME]
+        np.testing.assert_array_equal(np.asarray(count), ref["count"], err_msg=f"call {it}: counts")
+        for loc in range(e // R):
+            n = int(ref["count"][loc])
+            got = np.asarray(recv)[loc, :n]
+            np.testing.assert_array_equal(got.view(np.uint16), ref["x"][loc, :n].view(np.uint16))
+        want = xs[ME].astype(np.float64) * np.where(idxs[ME] >= 0, ws[ME], 0).sum(1)[:, None]
+        assert np.asarray(out).shape == want.shape
+        if want.size:
+            assert calc_diff(np.asarray(out, np.float32), want) < 1e-5
+    buf.destroy()
+
+
 code = checks.summary(ME, R)
 jax.distributed.shutdown()
 sys.exit(code)
