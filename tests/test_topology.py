@@ -131,6 +131,12 @@ def test_exchange_names_the_missing_rank():
         topo.exchange_hostnames(kv, 0, 3, timeout_s=0.05, hostname="n0", seq=3)
 
 
+def test_path_codes_match_the_kernel_header():
+    text = (ROOT / "cuda" / "transport.cuh").read_text()
+    assert int(re.search(r"kPointer\s*=\s*(\d+)", text).group(1)) == topo.PATH_POINTER
+    assert int(re.search(r"kPut\s*=\s*(\d+)", text).group(1)) == topo.PATH_PUT
+
+
 # --- Buffer ---------------------------------------------------------------------------
 
 R, T, K, E, H = 8, 6, 3, 16, 128
