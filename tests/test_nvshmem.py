@@ -112,3 +112,18 @@ def test_nvshmem4py_shares_the_host_library():
     raw = nvshmem.uid_to_bytes(core.get_unique_id())
     assert len(raw) == nvshmem._module().unique_id_bytes
     assert nvshmem.uid_to_bytes(nvshmem.uid_from_bytes(core, raw)) == raw
+
+
+def test_put_kernels_direct_entry_points_load():
+    """The put kernels' host entry points are exported by jax_ep._nvshmem
+    (tests/gpu/multirank_ll_put_direct.py calls them on a GPU); sizing needs no GPU."""
+    if not nvshmem.available():
+        pytest.skip(nvshmem.unavailable_reason())
+    from gpu import ll_put_direct as direct
+
+    lib = direct.library()
+    small = direct.buffer_bytes(lib, 24, 4, 32, 1024, "bf16", 8)
+    assert small > 2 * 8 * 4 * 24 * 1024 * 2  # at least both halves of the dispatch rows
+    assert direct.buffer_bytes(lib, 48, 4, 32, 1024, "bf16", 8) > small
+    assert direct.buffer_bytes(lib, 24, 4, 4096, 1024, "bf16", 8) == 0  # E > 2048 words per half
+    assert direct.buffer_bytes(lib, 24, 17, 32, 1024, "bf16", 8) == 0  # K > 16
