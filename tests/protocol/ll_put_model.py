@@ -19,6 +19,10 @@ rewritten only after the put was delivered.
 Peers in the sender's own node take the pointer path: stores, then a
 release add of the same values, at once (modelled as one step).
 
+The kernels keep one word per (local expert, source) in the dispatch and one
+per source in the combine; each word is a channel of this model, with the
+rows counted on it.
+
 ``final`` and ``decode`` are the arithmetic of cuda/transport.cuh
 (signal_final_value, signal_done / signal_count).
 """
