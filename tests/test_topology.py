@@ -200,3 +200,29 @@ def test_cuda_buffer_refuses_several_nodes():
         jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=opts, num_ll_bytes=1 << 20)
     with pytest.raises(NotImplementedError, match=r"normal.backend='cuda' with 8 virtual nodes"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=1, normal=jax_ep.NormalOptions(backend="cuda"))
+
+
+def test_discover_over_jax_distributed(tmp_path):
+    """Two CPU processes under jax_ep.launch exchange their host names over
+    the real jax.distributed key-value store."""
+    from test_launch import Launcher, _lines
+
+    lau = Launcher(tmp_path)
+    script = lau.script("""
+        import jax_ep.launch as L
+        L.initialize_distributed(timeout_s=40)
+        import socket
+        from jax_ep import topology
+        flat = topology.discover()
+        virtual = topology.discover(ranks_per_node=1)
+        assert flat.hosts == (socket.gethostname(),) * 2, flat
+        print("TOPO", flat.num_nodes, flat.virtual, virtual.num_nodes, virtual.virtual,
+              virtual.peer_path_names(rank))
+    """)
+    try:
+        rc, out, _ = lau.run("-n", 2, "--gpus", 0, "--timeout", 45, script)
+    finally:
+        lau.cleanup()
+    assert rc == 0, out
+    assert "TOPO 1 False 2 True ('pointer', 'put')" in _lines(out, 0), out
+    assert "TOPO 1 False 2 True ('put', 'pointer')" in _lines(out, 1), out
