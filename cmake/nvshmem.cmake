@@ -108,7 +108,14 @@ endif()
 # --- The module -------------------------------------------------------------------
 nanobind_add_module(_nvshmem NB_STATIC
   "${_jax_ep_nvshmem_src}/xla_ffi/nvshmem_module.cc"
-  "${_jax_ep_nvshmem_src}/xla_ffi/nvshmem_runtime.cc")
+  "${_jax_ep_nvshmem_src}/xla_ffi/nvshmem_runtime.cc"
+  # Kernels that call NVSHMEM device functions (the put path) must be in this
+  # module: it is the one registered with the host library.
+  "${_jax_ep_nvshmem_src}/cuda/ll_put_dispatch.cu"
+  "${_jax_ep_nvshmem_src}/cuda/ll_put_combine.cu"
+  "${_jax_ep_nvshmem_src}/cuda/ll_put_direct.cu")
+target_include_directories(_nvshmem PRIVATE "${_jax_ep_nvshmem_src}/cuda")
+target_compile_definitions(_nvshmem PRIVATE JAX_EP_WITH_NVSHMEM=1)
 # The runtime holds the kernels and every NVSHMEM call: compile it as CUDA.
 set_source_files_properties("${_jax_ep_nvshmem_src}/xla_ffi/nvshmem_runtime.cc"
   TARGET_DIRECTORY _nvshmem PROPERTIES LANGUAGE CUDA)

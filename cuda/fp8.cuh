@@ -29,6 +29,34 @@ __device__ __forceinline__ float fp8_group_scale(float amax, bool power_of_two) 
   }
   return scale;
 }
+
+// The e4m3 cast of one 128-channel group of a BF16 row, a warp per group and
+// 4 channels per lane (`raw`: this lane's 4 BF16 values): returns this lane's
+// 4 FP8 bytes in channel order and, in every lane, the group's scale
+// (fp8_group_scale of the group's amax). The arithmetic of
+// jax_ep/reference/fp8.py: x * (1 / scale), each step correctly rounded.
+__device__ __forceinline__ uint32_t fp8_cast_group_warp(uint2 raw, bool power_of_two, float* scale_out) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+  float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float scale = fp8_group_scale(amax, power_of_two);
+  const float inv = __fdiv_rn(1.0f, scale);
+  const uint32_t q0 = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t q1 = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t q2 = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t q3 = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
+  *scale_out = scale;
+  return q0 | q1 << 8 | q2 << 16 | q3 << 24;
+}
+
+// A group's scale as stored: the float, or with UE8M0 its biased exponent
+// byte (the scale is a power of two then, so the byte is exact).
+__device__ __forceinline__ void fp8_store_group_scale(char* scales, int group, float scale, bool ue8m0) {
+  if (ue8m0) scales[group] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
+  else reinterpret_cast<float*>(scales)[group] = scale;
+}
 #endif
 
 // Casts x [num_tokens, hidden] to e4m3 with one scale per token and group of

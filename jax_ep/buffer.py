@@ -22,6 +22,8 @@ from jax_ep import layout as _layout
 from jax_ep import low_latency as _ll
 from jax_ep import normal as _normal
 from jax_ep import rank_mask as _masks
+from jax_ep import topology as _topology
+from jax_ep import validation
 from jax_ep.options import BACKENDS, LowLatencyOptions, NormalOptions
 
 
@@ -43,6 +45,14 @@ class Buffer:
         IPC between the rank processes) or ``"nvshmem"`` (an NVSHMEM symmetric
         allocation, peers through ``nvshmem_ptr``; bootstrapped over the
         ``jax.distributed`` key-value store).
+      ranks_per_node: group the ranks into virtual nodes of this many
+        consecutive ranks (default: the environment variable
+        ``JAX_EP_RANKS_PER_NODE``, else the hosts the ranks run on). Peers in
+        another node are reached by NVSHMEM puts, never through a pointer,
+        even on one host; see ``jax_ep.topology`` and docs/multinode.md. It
+        must divide the EP ranks and each host's ranks. The CUDA backend
+        reaches only peers of its own node today: a CUDA Buffer whose ranks
+        span several (virtual) nodes raises NotImplementedError.
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.
@@ -56,10 +66,13 @@ class Buffer:
     num_ll_bytes: int | None = None
     timeout_s: float = 100.0
     ll_transport: str = "ipc"
+    ranks_per_node: int | None = None
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
     _runtime: object = dataclasses.field(default=None, init=False, repr=False)
     _ll_runtime: object = dataclasses.field(default=None, init=False, repr=False)
     _masked: tuple = dataclasses.field(default=(), init=False, repr=False)
+    _topo: object = dataclasses.field(default=None, init=False, repr=False)
+    _nodes: int | None = dataclasses.field(default=None, init=False, repr=False)  # ranks_per_node or the env's
 
     def __post_init__(self):
         if not isinstance(self.normal, NormalOptions):
@@ -68,7 +81,12 @@ class Buffer:
             raise TypeError(f"low_latency must be a LowLatencyOptions, got {type(self.low_latency).__name__}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if self.ranks_per_node is not None:
+            _topology.check_ranks_per_node(self.ranks_per_node)
+        self._nodes = self.ranks_per_node or _topology.ranks_per_node_from_env()
         if "cuda" in (self.normal.backend, self.low_latency.backend):
+            self._topo = _topology.discover(self._nodes, timeout_s=120.0)
+            _require_single_node(self._topo, self.normal.backend, self.low_latency.backend)
             from jax_ep.runtime import agree_on_buffer
 
             agree_on_buffer(self._agreed_config())
@@ -97,13 +115,36 @@ class Buffer:
         sizes and every option, as JSON-able values in a fixed order."""
         config = {"num_ranks": jax.process_count(), "num_experts": self.num_experts,
                   "axis_name": repr(self.axis_name), "num_nvl_bytes": self.num_nvl_bytes,
-                  "num_ll_bytes": self.num_ll_bytes, "ll_transport": self.ll_transport}
+                  "num_ll_bytes": self.num_ll_bytes, "ll_transport": self.ll_transport,
+                  "ranks_per_node": self._nodes}
         for prefix, options in (("normal", self.normal), ("low_latency", self.low_latency)):
             for f in dataclasses.fields(options):
                 if f.name != "buffer_id":
                     value = getattr(options, f.name)
                     config[f"{prefix}.{f.name}"] = repr(value) if dataclasses.is_dataclass(value) else value
         return config
+
+    @property
+    def topology(self) -> _topology.Topology | None:
+        """The ranks' nodes (``jax_ep.topology.Topology``) of a CUDA Buffer,
+        found when it was created. None for a Buffer of the xla backend only,
+        whose rank count is the EP axis size, known inside ``shard_map``:
+        ``topology_for(R)`` gives it."""
+        return self._topo
+
+    def topology_for(self, num_ranks: int) -> _topology.Topology:
+        """The topology of ``num_ranks`` ranks under this Buffer's
+        ``ranks_per_node`` (or ``JAX_EP_RANKS_PER_NODE``); a ValueError when it
+        does not divide them."""
+        if self._topo is not None and self._topo.num_ranks == num_ranks:
+            return self._topo
+        return _topology.make_topology(num_ranks, self._nodes, environ={})
+
+    def _check_nodes(self, backend: str, buffer_id) -> None:
+        """At trace time, for the xla backend: ranks_per_node divides R."""
+        if self._nodes is None or backend == "cuda":
+            return  # no virtual nodes, or checked when the CUDA buffer was created
+        self.topology_for(validation.num_ranks_for(self.axis_name, backend, buffer_id))
 
     @property
     def low_latency_transports(self) -> tuple:
@@ -157,6 +198,7 @@ class Buffer:
     def get_dispatch_layout(self, topk_idx: jax.Array) -> _layout.DispatchLayout:
         """See ``jax_ep.get_dispatch_layout``."""
         self._alive()
+        self._check_nodes(self.normal.backend, self.normal.buffer_id)
         num_ranks = self._runtime.num_ranks if self._runtime is not None and self.axis_name is None else None
         return _layout.get_dispatch_layout(
             topk_idx, self.num_experts, num_ranks=num_ranks, axis_name=self.axis_name, backend=self.normal.backend
@@ -168,6 +210,7 @@ class Buffer:
         options = options or self.normal
         if options.backend == "cuda" and options.buffer_id is None:
             options = dataclasses.replace(options, buffer_id=self.normal.buffer_id)
+        self._check_nodes(options.backend, options.buffer_id)
         return _normal.dispatch(
             x, topk_idx, topk_weights, num_experts=self.num_experts, axis_name=self.axis_name,
             options=options,
@@ -189,6 +232,7 @@ class Buffer:
         options = options or self.low_latency
         if options.backend == "cuda" and options.buffer_id is None:
             options = dataclasses.replace(options, buffer_id=self.low_latency.buffer_id)
+        self._check_nodes(options.backend, options.buffer_id)
         return _ll.low_latency_dispatch(
             x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options,
             rank_mask=rank_mask,
@@ -236,6 +280,7 @@ class Buffer:
                                   rank_mask=None):
         """See ``jax_ep.low_latency_dispatch_send``."""
         self._alive()
+        self._check_nodes((options or self.low_latency).backend, (options or self.low_latency).buffer_id)
         return _ll.low_latency_dispatch_send(
             x, topk_idx, num_experts=self.num_experts, axis_name=self.axis_name, options=options or self.low_latency,
             after=after, rank_mask=rank_mask,
@@ -283,3 +328,17 @@ def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
     from jax_ep import cuda_ops
 
     return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)
+def _require_single_node(topology, normal_backend: str, ll_backend: str) -> None:
+    """The CUDA kernels reachable from Python store through pointers: refuse
+    ranks in several (virtual) nodes rather than use pointers across them."""
+    if topology.single_node:
+        return
+    which = " and ".join(f"{name}.backend='cuda'" for name, b in (("normal", normal_backend),
+                                                                  ("low_latency", ll_backend)) if b == "cuda")
+    raise NotImplementedError(
+        f"jax_ep: {which} with {topology.describe()}: the CUDA kernels reach only peers of their own node "
+        f"(through pointers: CUDA IPC or nvshmem_ptr), and the NVSHMEM put path between nodes "
+        f"(cuda/transport.cuh, cuda/ll_put_*.cu) is not yet callable from Python. Today: run the CUDA backend "
+        f"with every rank on one host and ranks_per_node unset or {topology.num_ranks} "
+        f"(and {_topology.RANKS_PER_NODE_ENV} unset), or use backend='xla', which runs across nodes"
+    )

@@ -35,7 +35,8 @@ import time
 
 __all__ = [
     "available", "unavailable_reason", "initialize", "is_initialized", "finalize",
-    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version",
+    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version", "version_problem",
+    "nvshmem4py", "BOOTSTRAP_ENV",
 ]
 
 HOST_LIB_ENV = "JAX_EP_NVSHMEM_HOST_LIB"
@@ -70,15 +71,22 @@ def _load():
     except ImportError as e:
         hint = "" if host else f" ({HOST_LIB_NAME} not found: pip install nvidia-nvshmem-cu13, or set {HOST_LIB_ENV})"
         return None, f"{type(e).__name__}: {e}{hint}"
-    lib, built = _nvshmem.version(), _nvshmem.build_version()
-    lmaj, lmin = (int(x) for x in lib.split(".")[:2])
+    problem = version_problem(_nvshmem.version(), _nvshmem.build_version())
+    return (None, problem) if problem else (_nvshmem, "")
+
+
+def version_problem(host: str, built: str) -> str:
+    """Why a host library of version ``host`` cannot run device code built
+    against ``built`` ("" when it can): NVSHMEM refuses a device library whose
+    minor version is higher than the host library's, and another major."""
+    hmaj, hmin = (int(x) for x in host.split(".")[:2])
     bmaj, bmin = (int(x) for x in built.split(".")[:2])
-    if lmaj != bmaj or lmin < bmin:
-        return None, (
-            f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {lib}: "
+    if hmaj != bmaj or hmin < bmin:
+        return (
+            f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {host}: "
             f"the host library must be {bmaj}.x with x >= {bmin} (pip install 'nvidia-nvshmem-cu13>={built},<{bmaj + 1}')"
         )
-    return _nvshmem, ""
+    return ""
 
 
 _N, _IMPORT_ERROR = _load()
@@ -145,19 +153,22 @@ def _local_gpu() -> int:
     return int(local[0].local_hardware_id or 0)
 
 
-def _exchange_unique_id(N, rank: int, num_ranks: int, timeout_s: float) -> bytes:
-    """Rank 0 publishes a fresh unique id; every rank fetches it and waits until
-    all ranks have it (so that a missing rank is named here, not a hang inside
-    NVSHMEM's bootstrap)."""
-    client = _kv_client()
-    prefix = f"jax_ep/nvshmem/{_generation}"
+def _exchange_unique_id(make_uid, uid_bytes: int, rank: int, num_ranks: int, timeout_s: float,
+                        client=None, generation: int | None = None) -> bytes:
+    """Rank 0 publishes a fresh unique id (``make_uid()``, ``uid_bytes``
+    bytes); every rank fetches it and waits until all ranks have it (so that a
+    missing rank is named here, not a hang inside NVSHMEM's bootstrap).
+    ``client``: a ``jax.distributed`` key-value client (default: this
+    process's)."""
+    client = _kv_client() if client is None else client
+    prefix = f"jax_ep/nvshmem/{_generation if generation is None else generation}"
     deadline = time.monotonic() + timeout_s
 
     def remaining_ms() -> int:
         return max(1, int((deadline - time.monotonic()) * 1000))
 
     if rank == 0:
-        uid = N.get_unique_id()
+        uid = make_uid()
         client.key_value_set_bytes(f"{prefix}/uid", uid)
     else:
         try:
@@ -168,8 +179,8 @@ def _exchange_unique_id(N, rank: int, num_ranks: int, timeout_s: float) -> bytes
                 f"(key {prefix}/uid): rank 0 did not call jax_ep.nvshmem.initialize"
             ) from e
     uid = bytes(uid)
-    if len(uid) != N.unique_id_bytes:
-        raise RuntimeError(f"jax_ep.nvshmem: the unique id has {len(uid)} bytes, expected {N.unique_id_bytes}")
+    if len(uid) != uid_bytes:
+        raise RuntimeError(f"jax_ep.nvshmem: the unique id has {len(uid)} bytes, expected {uid_bytes}")
     client.key_value_set(f"{prefix}/arrived/{rank}", "1")
     for peer in range(num_ranks):
         if peer == rank:
@@ -184,7 +195,7 @@ def _exchange_unique_id(N, rank: int, num_ranks: int, timeout_s: float) -> bytes
     return uid
 
 
-def initialize(timeout_s: float = 120.0) -> dict:
+def initialize(timeout_s: float = 120.0, bootstrap: str | None = None) -> dict:
     """Initialise NVSHMEM for this JAX process; idempotent.
 
     PE = ``jax.process_index()``, PEs = ``jax.process_count()``, on this
@@ -192,11 +203,19 @@ def initialize(timeout_s: float = 120.0) -> dict:
     arrive within ``timeout_s``. When the NVSHMEM host library is already
     initialised in this process (by XLA or nvshmem4py), it is reused.
 
+    ``bootstrap`` (default: ``JAX_EP_NVSHMEM_BOOTSTRAP``, else ``"jax_ep"``):
+    ``"jax_ep"`` initialises the host library from ``jax_ep._nvshmem``;
+    ``"nvshmem4py"`` initialises it through ``nvshmem.core.init`` (package
+    ``nvshmem4py-cu13``), with the same unique id exchanged over the
+    ``jax.distributed`` key-value store, and then registers jax_ep's device
+    code with that instance (both use the one ``libnvshmem_host.so.3``).
+
     Returns ``{"rank", "num_ranks", "device", "initialized_here", "seconds",
-    "version"}``.
+    "version", "bootstrap"}``.
     """
     global _init_info
     N = _module()
+    bootstrap = _bootstrap_choice(bootstrap)
     with _lock:
         if _init_info is not None:
             return dict(_init_info)
@@ -207,10 +226,13 @@ def initialize(timeout_s: float = 120.0) -> dict:
         t0 = time.monotonic()
         if N.init_status() >= 2:  # NVSHMEM_STATUS_IS_INITIALIZED: reuse, no bootstrap
             uid = b""
+        elif bootstrap == "nvshmem4py":
+            _init_with_nvshmem4py(rank, num_ranks, device, timeout_s)
+            uid = b""
         elif num_ranks == 1:
             uid = N.get_unique_id()
         else:
-            uid = _exchange_unique_id(N, rank, num_ranks, timeout_s)
+            uid = _exchange_unique_id(N.get_unique_id, N.unique_id_bytes, rank, num_ranks, timeout_s)
         here = N.init(rank, num_ranks, uid, device)
         if N.my_pe() != rank or N.n_pes() != num_ranks:
             raise RuntimeError(
@@ -218,9 +240,88 @@ def initialize(timeout_s: float = 120.0) -> dict:
             )
         _init_info = {
             "rank": rank, "num_ranks": num_ranks, "device": device, "initialized_here": bool(here),
-            "seconds": time.monotonic() - t0, "version": N.version(),
+            "seconds": time.monotonic() - t0, "version": N.version(), "bootstrap": bootstrap,
         }
         return dict(_init_info)
+
+
+# --- nvshmem4py (package nvshmem4py-cu13, module nvshmem.core) --------------------------
+
+BOOTSTRAP_ENV = "JAX_EP_NVSHMEM_BOOTSTRAP"
+BOOTSTRAPS = ("jax_ep", "nvshmem4py")
+
+
+def _bootstrap_choice(bootstrap: str | None) -> str:
+    value = bootstrap if bootstrap is not None else (os.environ.get(BOOTSTRAP_ENV, "").strip() or "jax_ep")
+    if value not in BOOTSTRAPS:
+        where = "bootstrap" if bootstrap is not None else BOOTSTRAP_ENV
+        raise ValueError(f"jax_ep.nvshmem: {where} must be one of {BOOTSTRAPS}, got {value!r}")
+    return value
+
+
+def nvshmem4py():
+    """``nvshmem.core``, checked to drive the same host library as
+    ``jax_ep._nvshmem``; a RuntimeError saying why not otherwise."""
+    try:
+        import nvshmem.core as core
+    except ImportError as e:
+        raise RuntimeError(
+            f"bootstrap='nvshmem4py' needs nvshmem4py: pip install 'jax_ep[nvshmem4py]' "
+            f"(nvshmem4py-cu13 and a matching nvidia-nvshmem-cu13): {type(e).__name__}: {e}"
+        ) from e
+    problem = shared_host_library_problem(core.get_version().libnvshmem_version, version(), host_library_paths())
+    if problem:
+        raise RuntimeError(problem)
+    return core
+
+
+def host_library_paths() -> list:
+    """The files named libnvshmem_host* mapped into this process (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "libnvshmem_host" in line})
+    except OSError:
+        return []
+
+
+def shared_host_library_problem(nvshmem4py_version: str, jax_ep_version: str, paths) -> str:
+    """Why nvshmem4py and jax_ep would drive two host library instances ("" when one)."""
+    if len(paths) > 1:
+        return (f"jax_ep.nvshmem: two NVSHMEM host libraries are loaded ({', '.join(paths)}); nvshmem4py and "
+                f"jax_ep._nvshmem must share one: install one nvidia-nvshmem-cu13, or point "
+                f"{HOST_LIB_ENV} at the file nvshmem4py loads")
+    if nvshmem4py_version != jax_ep_version:
+        return (f"jax_ep.nvshmem: nvshmem4py drives NVSHMEM {nvshmem4py_version} but jax_ep loaded "
+                f"{jax_ep_version}: they must share one host library")
+    return ""
+
+
+def uid_to_bytes(uid) -> bytes:
+    """An ``nvshmem.core`` unique id as the bytes jax_ep exchanges."""
+    return bytes(uid._data.tobytes())
+
+
+def uid_from_bytes(core, raw: bytes):
+    """The ``nvshmem.core`` unique id of ``raw`` (from :func:`uid_to_bytes`)."""
+    import numpy as np
+
+    empty = core.get_unique_id(empty=True)
+    dtype = empty._data.dtype
+    if len(raw) != dtype.itemsize:
+        raise RuntimeError(f"jax_ep.nvshmem: the unique id has {len(raw)} bytes, nvshmem4py's has {dtype.itemsize}")
+    return type(empty).from_data(np.frombuffer(bytes(raw), dtype=dtype).copy())
+
+
+def _init_with_nvshmem4py(rank: int, num_ranks: int, device: int, timeout_s: float) -> None:
+    core = nvshmem4py()
+    from cuda.core import Device
+
+    make = lambda: uid_to_bytes(core.get_unique_id())  # noqa: E731
+    size = core.get_unique_id(empty=True)._data.dtype.itemsize
+    raw = make() if num_ranks == 1 else _exchange_unique_id(make, size, rank, num_ranks, timeout_s)
+    dev = Device(device)
+    dev.set_current()
+    core.init(device=dev, uid=uid_from_bytes(core, raw), rank=rank, nranks=num_ranks, initializer_method="uid")
 
 
 def is_initialized() -> bool:
@@ -323,6 +424,8 @@ def finalize() -> None:
         if _init_info is None:
             return
         _live.clear()
-        _module().finalize()
+        _module().finalize()  # with the nvshmem4py bootstrap: unregisters jax_ep's device code only
+        if _init_info.get("bootstrap") == "nvshmem4py":
+            nvshmem4py().finalize()
         _init_info = None
         _generation += 1

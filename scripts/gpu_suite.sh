@@ -15,6 +15,7 @@
 #   JAX_EP_GPU_RANKS="2 4"      rank counts for the multi-rank scripts
 #   JAX_EP_STEP_TIMEOUT=900     seconds allowed to each pytest / benchmark step
 #   JAX_EP_SKIP_BENCH=1         skip benchmarks/run_all.sh
+#   JAX_EP_TRY_UCX=1            also run the put kernels over NVSHMEM's UCX proxy transport
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -107,6 +108,18 @@ done
 # One process driving every local GPU (a buffer group); skips itself with one GPU.
 step single_process_multi_gpu "$OUT/single_process_multi_gpu.log" \
   timeout --kill-after=30 300 python3 tests/gpu/single_process_multi_gpu.py
+
+# Opt-in: the put kernels with NVSHMEM's proxy transport between the ranks
+# (P2P off, UCX over the loopback; needs pip install libucx-cu13), so the puts
+# are asynchronous as over a network. Not yet known to run.
+if [ -n "${JAX_EP_TRY_UCX:-}" ]; then
+  UCX_LIB=$(python3 -c 'import libucx, os; print(os.path.join(list(libucx.__path__)[0], "lib"))' 2>/dev/null)
+  NVSHMEM_DISABLE_P2P=1 NVSHMEM_REMOTE_TRANSPORT=ucx LD_LIBRARY_PATH="${UCX_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
+    step ll_put_direct_ucx_R2 "$OUT/ll_put_direct_ucx.log" \
+      timeout --kill-after=30 300 python3 -m jax_ep.launch -n 2 --timeout 240 \
+        --log-dir "$OUT/logs_ucx" tests/gpu/multirank_ll_put_direct.py
+fi
 
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2
 step misordered_calls "$OUT/misordered_calls.log" timeout --kill-after=10 200 python3 tests/gpu/check_misordered_calls.py 2

@@ -24,7 +24,7 @@ python -m pip install -q --upgrade pip
 # jax 0.11.2 is what the GPU machines run; keep CPU CI on the same version.
 # nvidia-nvshmem-cu13 3.4.5 is the NVSHMEM the GPU machines run (the device
 # library must not be newer than the host library it meets).
-python -m pip install -q "jax==0.11.2" "nvidia-nvshmem-cu13==3.4.5" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
+python -m pip install -q "jax==0.11.2" "nvidia-nvshmem-cu13==3.4.5" "nvshmem4py-cu13==0.4.1" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
   pytest hypothesis optax flax equinox tqdm
 if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
   echo "jax_ep setup: nvcc found, building the CUDA extension jax_ep._C"

@@ -1,0 +1,138 @@
+"""A model of the low-latency put protocol (cuda/ll_put_dispatch.cu,
+cuda/ll_put_combine.cu, cuda/transport.cuh), for the explorer in explore.py.
+
+Each rank, call after call, sends its messages for a call into half
+``call % 2`` of every peer and then receives that call. A message to a peer
+in another node is a put-with-signal: the network delivers its data, and
+only then adds 1 to the (source, half) word at the receiver; deliveries of
+different puts happen in any order (a proxy transport or IBGDA over several
+queue pairs orders nothing without a fence). After its messages the sender
+issues one more signal, ``final(count)``, which may overtake them. The
+receiver of a half waits until every source's word reads "done" (all of the
+count's messages and the final signal arrived), takes the count from the
+word, reads the data, and sets the word back to 0. A rank sends call n + 1
+only after receiving call n, which needed every peer's call n, which each
+peer sent after receiving call n - 1: so a half is written again only after
+its reader reset it, and a put's source (the sender's own staging half) is
+rewritten only after the put was delivered.
+
+Peers in the sender's own node take the pointer path: stores, then a
+release add of the same values, at once (modelled as one step).
+
+The kernels keep one word per (local expert, source) in the dispatch and one
+per source in the combine; each word is a channel of this model, with the
+rows counted on it.
+
+``final`` and ``decode`` are the arithmetic of cuda/transport.cuh
+(signal_final_value, signal_done / signal_count).
+"""
+
+from __future__ import annotations
+
+import types
+
+from explore import wait
+
+MASK = (1 << 64) - 1
+DONE = 1 << 63
+
+
+def final(count: int) -> int:
+    """The last signal of a (source, half) word: with ``count`` adds of 1
+    (one per message), the word becomes ``DONE | count << 32`` exactly."""
+    return (DONE + (count << 32) - count) & MASK
+
+
+def decode(word: int):
+    """(done, count): done once the final signal and all ``count`` messages arrived."""
+    done = bool(word & DONE) and (word & 0xFFFFFFFF) == 0
+    return done, (word >> 32) & 0x7FFFFFFF
+
+
+def count_of(src: int, dst: int, call: int, max_msgs: int) -> int:
+    """Messages from src to dst in a call (deterministic, includes zeros)."""
+    return (src + 2 * dst + call) % (max_msgs + 1)
+
+
+def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, count_arrivals=True,
+               reset_words=True):
+    """(shared, processes) for the explorer.
+
+    Broken variants for the tests: ``halves=1`` (no alternation),
+    ``count_arrivals=False`` (the receiver trusts the final signal to come
+    after the data, as it would with ordered delivery), ``reset_words=False``.
+    """
+    r_ = range(num_ranks)
+    s = types.SimpleNamespace(
+        # slots[dst][half][src][k]: the tag (src, call, k) of the message there
+        slots=[[[[None] * max_msgs for _ in r_] for _ in range(halves)] for _ in r_],
+        words=[[[0] * num_ranks for _ in range(halves)] for _ in r_],  # words[dst][half][src]
+        stage=[[[None] * max_msgs for _ in range(halves)] for _ in r_],  # stage[src][half][k]: the put source
+        issued=set(),       # ops handed to the network: (src, dst, call, k) or (..., "F")
+        received=[0] * num_ranks,  # calls each rank has received
+    )
+
+    def same_node(a, b):
+        return a // ranks_per_node == b // ranks_per_node
+
+    def add(dst, half, src, value):
+        s.words[dst][half][src] = (s.words[dst][half][src] + value) & MASK
+
+    def rank(me):
+        for call in range(calls):
+            half = call % halves
+            # Send: build messages in the own staging half, then hand them out.
+            for dst in r_:
+                n = count_of(me, dst, call, max_msgs)
+                for k in range(n):
+                    s.stage[me][half][k] = (me, call, k)
+                    if same_node(me, dst):  # pointer path: store, then release add
+                        s.slots[dst][half][me][k] = (me, call, k)
+                        if count_arrivals:
+                            add(dst, half, me, 1)
+                    else:
+                        s.issued.add((me, dst, call, k))
+                if same_node(me, dst):
+                    add(dst, half, me, final(n) if count_arrivals else DONE | n << 32)
+                else:
+                    s.issued.add((me, dst, call, "F"))
+                yield
+            # Receive: wait for every source's word, then read, then reset.
+            for src in r_:
+                yield wait(lambda src=src: decode(s.words[me][half][src])[0], f"rank {me} call {call} from {src}")
+            for src in r_:
+                _, n = decode(s.words[me][half][src])
+                want = count_of(src, me, call, max_msgs)
+                assert n == want, f"rank {me} call {call}: count {n} from {src}, want {want}"
+                for k in range(n):
+                    got = s.slots[me][half][src][k]
+                    assert got == (src, call, k), f"rank {me} call {call}: slot {k} from {src} holds {got}"
+                yield
+            if reset_words:
+                for src in r_:
+                    s.words[me][half][src] = 0
+            s.received[me] = call + 1
+            yield
+
+    def deliver(src, dst, call, k):
+        """One network operation: waits until issued, then lands."""
+        half = call % halves
+        yield wait(lambda: (src, dst, call, k) in s.issued, "not issued")
+        if k == "F":
+            n = count_of(src, dst, call, max_msgs)
+            add(dst, half, src, final(n) if count_arrivals else DONE | n << 32)
+            return
+        s.slots[dst][half][src][k] = s.stage[src][half][k]  # data first (read from the source now) ...
+        yield
+        if count_arrivals:
+            add(dst, half, src, 1)  # ... then its signal
+
+    procs = {f"rank{r}": rank(r) for r in r_}
+    for src in r_:
+        for dst in r_:
+            if same_node(src, dst):
+                continue
+            for call in range(calls):
+                for k in list(range(count_of(src, dst, call, max_msgs))) + ["F"]:
+                    procs[f"net{src}>{dst}.{call}.{k}"] = deliver(src, dst, call, k)
+    return s, procs
