@@ -163,6 +163,9 @@ def test_buffer_creation_exchanges_its_config(monkeypatch):
     peer.update({"num_ranks": 2, "normal.backend": "cuda", "normal.num_sms": 24})
     store.key_value_set_bytes(f"jax_ep/buffer/{seq}/1", faults.json.dumps(peer).encode())
     monkeypatch.setattr(jax_ep.buffer.jax, "process_count", lambda: 2)
+    # Both ranks on one host (the topology's own exchange is tested in test_topology.py).
+    monkeypatch.setattr(jax_ep.buffer._topology, "discover",
+                        lambda nodes, timeout_s: jax_ep.buffer._topology.make_topology(2, nodes, environ={}))
     with pytest.raises(jax_ep.BufferMismatchError, match="normal.num_sms is 20 on rank 0 and 24 on rank 1"):
         jax_ep.Buffer(8, axis_name=None, normal=opts)
 
