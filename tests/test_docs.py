@@ -103,6 +103,9 @@ class _GpuStandIns:
             xla_memory_shared = False
             xla_memory_note = "a stand-in runtime (no GPU)"
 
+            def failure(self):
+                return None  # no kernel ran: nothing failed
+
             def destroy(self) -> None:
                 runtime._live.pop(self.buffer_id, None)
 
@@ -111,6 +114,8 @@ class _GpuStandIns:
         self._set(runtime.IntranodeRuntime, "create_nvshmem", staticmethod(StandInRuntime.create_nvshmem))
         for name in ("initialize", "symmetric_buffer", "finalize", "barrier_all"):
             self._set(nvshmem, name, self._checked(getattr(nvshmem, name), nvshmem))
+        # A multi-host job's start: the harness process is already rank 0 of a one-rank job.
+        self._set(jax.distributed, "initialize", self._checked(jax.distributed.initialize, nvshmem))
 
     def _set(self, owner, name, value):
         self.patches.append((owner, name, owner.__dict__[name]))
