@@ -224,6 +224,7 @@ def initialize(timeout_s: float = 120.0) -> dict:
 
 
 def is_initialized() -> bool:
+    """True between :func:`initialize` and :func:`finalize` in this process."""
     return _init_info is not None
 
 
