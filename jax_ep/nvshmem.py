@@ -35,7 +35,7 @@ import time
 
 __all__ = [
     "available", "unavailable_reason", "initialize", "is_initialized", "finalize",
-    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version",
+    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version", "version_mismatch",
 ]
 
 HOST_LIB_ENV = "JAX_EP_NVSHMEM_HOST_LIB"
@@ -70,15 +70,29 @@ def _load():
     except ImportError as e:
         hint = "" if host else f" ({HOST_LIB_NAME} not found: pip install nvidia-nvshmem-cu13, or set {HOST_LIB_ENV})"
         return None, f"{type(e).__name__}: {e}{hint}"
-    lib, built = _nvshmem.version(), _nvshmem.build_version()
-    lmaj, lmin = (int(x) for x in lib.split(".")[:2])
+    mismatch = version_mismatch(_nvshmem.version(), _nvshmem.build_version())
+    return (None, mismatch) if mismatch else (_nvshmem, "")
+
+
+def version_mismatch(host: str, built: str) -> str:
+    """Why NVSHMEM would refuse this pair ("" when it works).
+
+    ``host``: version of the loaded ``libnvshmem_host.so.3``; ``built``: the
+    version whose device library ``jax_ep._nvshmem`` was linked with. NVSHMEM
+    accepts a host library of the same major version and a minor version at
+    least the device library's.
+    """
+    hmaj, hmin = (int(x) for x in host.split(".")[:2])
     bmaj, bmin = (int(x) for x in built.split(".")[:2])
-    if lmaj != bmaj or lmin < bmin:
-        return None, (
-            f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {lib}: "
-            f"the host library must be {bmaj}.x with x >= {bmin} (pip install 'nvidia-nvshmem-cu13>={built},<{bmaj + 1}')"
-        )
-    return _nvshmem, ""
+    if hmaj == bmaj and hmin >= bmin:
+        return ""
+    return (
+        f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {host}, and "
+        f"NVSHMEM refuses a device library newer than its host library (it needs {bmaj}.x with x >= {bmin}): "
+        f"install the NVSHMEM jax_ep was built with (pip install 'nvidia-nvshmem-cu13=={built}', the pin of "
+        "the jax_ep[nvshmem] extra), or rebuild jax_ep against the installed one "
+        "(JAX_EP_NVSHMEM=ON pip install --no-build-isolation . in this environment)"
+    )
 
 
 _N, _IMPORT_ERROR = _load()
