@@ -113,8 +113,8 @@ def unavailable_reason() -> str:
     if _N is not None:
         return ""
     return (
-        "the NVSHMEM module jax_ep._nvshmem is not usable (it is built by cmake/nvshmem.cmake "
-        "when the nvidia-nvshmem-cu13 wheel is installed): " + _IMPORT_ERROR
+        "the NVSHMEM module jax_ep._nvshmem is not usable (build it with "
+        "`JAX_EP_NVSHMEM=ON pip install '.[nvshmem]'` from the jax_ep repository): " + _IMPORT_ERROR
     )
 
 
