@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 out=${OUT:-dist}
 export JAX_EP_NVSHMEM=${JAX_EP_NVSHMEM:-ON}
+case "${JAX_EP_NVSHMEM^^}" in ON|1|TRUE) nvshmem=1 ;; *) nvshmem="" ;; esac
 export JAX_EP_CUDA=ON   # a wheel without the extension is not what this script is for
 
 if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDACXX:-}" ]; then
@@ -65,24 +66,29 @@ mkdir "$work/unpacked"
 "$work/tools/bin/python" -m zipfile -e "$wheel" "$work/unpacked"
 for so in "$work"/unpacked/jax_ep/*.so; do
   echo "  $(basename "$so") needs: $(readelf -d "$so" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  # The CUDA runtime is static and the driver is opened at run time.
+  if readelf -d "$so" | grep -E '\(NEEDED\).*\[(libcudart|libcuda\.so)'; then
+    echo "build_wheel: $(basename "$so") links the CUDA runtime or driver dynamically" >&2; exit 1
+  fi
   # Only paths relative to the module: none of the build machine's folders.
   if readelf -d "$so" | grep -E '(RPATH|RUNPATH)' | grep -vE '\[(\$ORIGIN[^:]*:?)+\]$'; then
     echo "build_wheel: $(basename "$so") has a run path outside the wheel" >&2; exit 1
   fi
 done
-"$work/tools/bin/python" - "$wheel" "$JAX_EP_NVSHMEM" <<'EOF'
+"$work/tools/bin/python" - "$wheel" "$nvshmem" <<'EOF'
 import sys, zipfile
-wheel, nvshmem = sys.argv[1], sys.argv[2].upper() in ("ON", "1", "TRUE")
+wheel, nvshmem = sys.argv[1], bool(sys.argv[2])
 names = zipfile.ZipFile(wheel).namelist()
 need = ["jax_ep/__init__.py", "jax_ep/py.typed", "jax_ep/_C."] + (["jax_ep/_nvshmem."] if nvshmem else [])
 missing = [n for n in need if not any(m.startswith(n) for m in names)]
-bundled = [n for n in names if any(lib in n for lib in ("libcuda.so", "libcudart", "libnvshmem"))]
+# auditwheel grafts the libraries it bundles into jax_ep.libs/: none expected.
+bundled = [n for n in names if ".libs/" in n or any(lib in n for lib in ("libcuda.so", "libcudart", "libnvshmem"))]
 license_ = [n for n in names if n.endswith("LICENSE")]
 for n in names:
     if n.endswith(".so") or ".so." in n or "licenses" in n:
         print("  ", n)
 assert not missing, f"missing from the wheel: {missing}"
-assert not bundled, f"driver, CUDA runtime or NVSHMEM libraries bundled: {bundled}"
+assert not bundled, f"libraries bundled into the wheel: {bundled}"
 assert license_, "no LICENSE in the wheel"
 EOF
 
@@ -90,12 +96,12 @@ step "install into a fresh venv"
 "$py" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
 extra=""
-[ "${JAX_EP_NVSHMEM^^}" = "OFF" ] || extra="[nvshmem]"
+[ -z "$nvshmem" ] || extra="[nvshmem]"
 "$work/venv/bin/python" -m pip install -q "${wheel}${extra}"
 "$work/venv/bin/python" -m pip show jax | sed -n 's/^Version: /jax in the venv: /p'
 
 step "smoke test"
-smoke=(--nvshmem "$nvshmem_version")
-[ -n "$extra" ] || smoke=()
+smoke=()
+[ -z "$nvshmem" ] || smoke=(--nvshmem "$nvshmem_version")
 (cd "$work" && "$work/venv/bin/python" "$repo/scripts/wheel_smoke_test.py" "${smoke[@]}")
 step "done: $wheel"
