@@ -47,9 +47,10 @@ def own_docstring(obj) -> str:
 
 
 def documented_members(cls):
-    """(name, member) of the public methods and properties cls defines itself."""
+    """(name, member) of the public methods and properties cls defines itself
+    (``__call__`` included: a layer's call is its API)."""
     for name, member in vars(cls).items():
-        if name.startswith("_"):
+        if name.startswith("_") and name != "__call__":
             continue
         if isinstance(member, (staticmethod, classmethod, property)) or inspect.isfunction(member):
             yield name, member
@@ -76,8 +77,8 @@ def test_public_names_have_docstrings(module_name):
 
 
 def test_check_sees_a_missing_docstring():
-    """The check itself: an undocumented function, class, generated dataclass
-    docstring and method are all caught; documented ones pass."""
+    """The check itself: an undocumented function, class (a generated dataclass
+    docstring), method and ``__call__`` are all caught; documented ones pass."""
     import dataclasses
     import types
 
@@ -94,6 +95,9 @@ def test_check_sees_a_missing_docstring():
         def method(self):
             pass
 
+        def __call__(self):
+            pass
+
     mod = types.ModuleType("fake_api", "A module.")
     mod.__all__ = ["documented", "bare", "Config"]
     mod.documented, mod.bare, mod.Config = documented, bare, Config
@@ -101,7 +105,8 @@ def test_check_sees_a_missing_docstring():
 
     sys.modules["fake_api"] = mod
     try:
-        assert undocumented("fake_api") == ["fake_api.bare", "fake_api.Config", "fake_api.Config.method"]
+        assert undocumented("fake_api") == [
+            "fake_api.bare", "fake_api.Config", "fake_api.Config.method", "fake_api.Config.__call__"]
     finally:
         del sys.modules["fake_api"]
 
