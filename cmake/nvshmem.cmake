@@ -133,9 +133,10 @@ set_target_properties(_nvshmem PROPERTIES
   CUDA_VISIBILITY_PRESET hidden
   LIBRARY_OUTPUT_DIRECTORY "${JAX_EP_NVSHMEM_OUTPUT_DIR}"
   # Build tree: the wheel found here. Installed (site-packages/jax_ep next to
-  # site-packages/nvidia): relative to the module.
+  # site-packages/nvidia): relative to the module only, since the wheel found
+  # here may sit in a temporary build environment.
   BUILD_RPATH "${JAX_EP_NVSHMEM_LIB_DIR};\$ORIGIN/../nvidia/nvshmem/lib"
-  INSTALL_RPATH "\$ORIGIN/../nvidia/nvshmem/lib;${JAX_EP_NVSHMEM_LIB_DIR}")
+  INSTALL_RPATH "\$ORIGIN/../nvidia/nvshmem/lib")
 target_compile_options(_nvshmem PRIVATE
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra>
   $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo>)

@@ -78,6 +78,7 @@ class RankInfo:
 
     @property
     def on_gpu(self) -> bool:
+        """True when the launcher gave this rank a GPU (``local_gpu`` is set)."""
         return self.local_gpu is not None
 
 
@@ -320,6 +321,8 @@ class MPSDaemon:
         return dict(self.base, **self.env)
 
     def start(self) -> dict:
+        """Reuse a running daemon or start one; returns the environment the
+        rank processes need to reach it (``CUDA_MPS_PIPE_DIRECTORY``, ...)."""
         existing = self.base.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_MPS_PIPE_DIR
         if mps_daemon_running(existing, self.run):
             self.pipe_dir = existing
@@ -348,6 +351,7 @@ class MPSDaemon:
         return self.env
 
     def stop(self) -> None:
+        """Quit the daemon if :meth:`start` started it and remove its folders."""
         if not self.owned:
             return
         self.owned = False
@@ -522,6 +526,13 @@ _VALUE_OPTS = {"-n", "--num-ranks", "--gpus", "--mps", "--timeout", "--grace", "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jax_ep.launch``: parse the command line (``argv``, default
+    ``sys.argv[1:]``) and run the rank processes.
+
+    Returns 0 when every rank exits 0, else the first failing rank's exit
+    code (``128 + signal`` for a signal), ``EXIT_TIMEOUT`` (124) past
+    ``--timeout``, ``128 + signal`` when the launcher itself is interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     own, prog_args, module = _split_argv(argv, _VALUE_OPTS)

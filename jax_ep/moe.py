@@ -169,6 +169,8 @@ class MoEConfig:
 
     @property
     def expert_param_names(self) -> tuple[str, ...]:
+        """Names of the expert weights (sharded over the EP axis): ``w_gate``,
+        ``w_up``, ``w_down`` with SwiGLU, ``w_up``, ``w_down`` with GELU."""
         return EXPERT_PARAMS if self.activation == "swiglu" else ("w_up", "w_down")
 
     def normal_options(self) -> NormalOptions:

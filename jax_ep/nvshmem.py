@@ -35,7 +35,7 @@ import time
 
 __all__ = [
     "available", "unavailable_reason", "initialize", "is_initialized", "finalize",
-    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version", "version_problem",
+    "symmetric_buffer", "SymmetricBuffer", "barrier_all", "version", "build_version", "version_mismatch",
     "nvshmem4py", "BOOTSTRAP_ENV",
 ]
 
@@ -71,22 +71,29 @@ def _load():
     except ImportError as e:
         hint = "" if host else f" ({HOST_LIB_NAME} not found: pip install nvidia-nvshmem-cu13, or set {HOST_LIB_ENV})"
         return None, f"{type(e).__name__}: {e}{hint}"
-    problem = version_problem(_nvshmem.version(), _nvshmem.build_version())
-    return (None, problem) if problem else (_nvshmem, "")
+    mismatch = version_mismatch(_nvshmem.version(), _nvshmem.build_version())
+    return (None, mismatch) if mismatch else (_nvshmem, "")
 
 
-def version_problem(host: str, built: str) -> str:
-    """Why a host library of version ``host`` cannot run device code built
-    against ``built`` ("" when it can): NVSHMEM refuses a device library whose
-    minor version is higher than the host library's, and another major."""
+def version_mismatch(host: str, built: str) -> str:
+    """Why NVSHMEM would refuse this pair ("" when it works).
+
+    ``host``: version of the loaded ``libnvshmem_host.so.3``; ``built``: the
+    version whose device library ``jax_ep._nvshmem`` was linked with. NVSHMEM
+    accepts a host library of the same major version and a minor version at
+    least the device library's.
+    """
     hmaj, hmin = (int(x) for x in host.split(".")[:2])
     bmaj, bmin = (int(x) for x in built.split(".")[:2])
-    if hmaj != bmaj or hmin < bmin:
-        return (
-            f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {host}: "
-            f"the host library must be {bmaj}.x with x >= {bmin} (pip install 'nvidia-nvshmem-cu13>={built},<{bmaj + 1}')"
-        )
-    return ""
+    if hmaj == bmaj and hmin >= bmin:
+        return ""
+    return (
+        f"jax_ep._nvshmem was built with NVSHMEM {built} but the loaded {HOST_LIB_NAME} is {host}, and "
+        f"NVSHMEM refuses a device library newer than its host library (it needs {bmaj}.x with x >= {bmin}): "
+        f"install the NVSHMEM jax_ep was built with (pip install 'nvidia-nvshmem-cu13=={built}', the pin of "
+        "the jax_ep[nvshmem] extra), or rebuild jax_ep against the installed one "
+        "(JAX_EP_NVSHMEM=ON pip install --no-build-isolation . in this environment)"
+    )
 
 
 _N, _IMPORT_ERROR = _load()
@@ -107,8 +114,8 @@ def unavailable_reason() -> str:
     if _N is not None:
         return ""
     return (
-        "the NVSHMEM module jax_ep._nvshmem is not usable (it is built by cmake/nvshmem.cmake "
-        "when the nvidia-nvshmem-cu13 wheel is installed): " + _IMPORT_ERROR
+        "the NVSHMEM module jax_ep._nvshmem is not usable (build it with "
+        "`JAX_EP_NVSHMEM=ON pip install '.[nvshmem]'` from the jax_ep repository): " + _IMPORT_ERROR
     )
 
 
@@ -325,6 +332,7 @@ def _init_with_nvshmem4py(rank: int, num_ranks: int, device: int, timeout_s: flo
 
 
 def is_initialized() -> bool:
+    """True between :func:`initialize` and :func:`finalize` in this process."""
     return _init_info is not None
 
 
