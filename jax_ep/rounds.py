@@ -27,6 +27,7 @@ Pieces (call inside ``jax.shard_map`` over the EP axis):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -205,6 +206,29 @@ def rows_kept(pending: jax.Array, capacity: int, alignment: int, layout: str) ->
     return jnp.clip(capacity - start[None, :] - before, 0, pending)
 
 
+def _all_counts(local_counts: jax.Array, num_experts: int, num_ranks: int, axis_name, options: NormalOptions):
+    """(this rank's index, ``int32 [R, U]`` every rank's row counts, row ``s`` from rank ``s``).
+
+    Over the mesh axis: one ``psum``. With the CUDA backend and no axis (one
+    process per rank, no XLA collective between them): a rank-major
+    ``dispatch`` of one token that names one expert of every rank, carrying
+    the counts as its float32 row (exact below 2**24), gathers them.
+    """
+    if axis_name is not None:
+        me = lax.axis_index(axis_name)
+        mine = (jnp.arange(num_ranks) == me)[:, None]
+        return me, lax.psum(jnp.where(mine, local_counts[None, :], 0), axis_name)
+    from jax_ep import normal, runtime
+
+    me = runtime.lookup(options.buffer_id).rank
+    every_rank = (jnp.arange(num_ranks, dtype=jnp.int32) * (num_experts // num_ranks))[None, :]
+    opts = dataclasses.replace(options, layout="rank_major", num_max_recv_tokens=num_ranks, checked=False)
+    out = normal.dispatch(local_counts[None, :].astype(jnp.float32), every_rank,
+                          jnp.zeros(every_rank.shape, jnp.float32), num_experts=num_experts, axis_name=None,
+                          options=opts)
+    return jnp.int32(me), out.recv_x.astype(jnp.int32)
+
+
 def plan_rounds(
     topk_idx: jax.Array,
     *,
@@ -222,13 +246,14 @@ def plan_rounds(
     the same rule keeps among the remaining ones, so no round but the last
     drops anything and every row travels exactly once. One ``psum`` of
     ``int32 [R, U]`` row counts over ``axis_name`` (``U = E`` expert-major,
-    ``R`` rank-major); the rest is local integer arithmetic, one pass per
-    round.
+    ``R`` rank-major; without an axis, a one-token dispatch gathers them);
+    the rest is local integer arithmetic, one pass per round.
 
     Args:
       topk_idx: ``int32 [T, K]`` global expert ids, -1 masks a slot.
       num_experts: ``E`` (static).
-      axis_name: the EP mesh axis (static; the CUDA backend too needs it here).
+      axis_name: the EP mesh axis (static); ``None`` with the CUDA backend
+        outside ``shard_map`` (one process per rank).
       options: the ``NormalOptions`` every round dispatches with (layout,
         capacity, alignment). ``num_max_recv_tokens=None`` (worst case) gives
         one round.
@@ -242,12 +267,12 @@ def plan_rounds(
     if not isinstance(options, NormalOptions):
         raise TypeError(f"options must be a jax_ep.NormalOptions, got {type(options).__name__}")
     validation.check_topk_idx(topk_idx)
-    if axis_name is None:
+    if axis_name is None and options.backend != "cuda":
         raise ValueError(
             "plan_rounds needs the EP mesh axis (axis_name) to add up the ranks' row counts: call it inside "
-            "jax.shard_map over that axis"
+            "jax.shard_map over that axis (axis_name=None is for the CUDA backend's one process per rank)"
         )
-    r = validation.num_ranks_of(axis_name)
+    r = validation.num_ranks_for(axis_name, options.backend, options.buffer_id)
     validation.check_num_experts(num_experts, r)
     t, k = topk_idx.shape
     layout, alignment = options.layout, options.expert_alignment
@@ -262,9 +287,7 @@ def plan_rounds(
         raise ValueError(f"max_rounds must be a positive int or None (as many as needed), got {max_rounds!r}")
 
     unit, order, local_counts = _units(topk_idx.astype(jnp.int32), num_experts, r, layout)
-    me = lax.axis_index(axis_name)
-    mine = (jnp.arange(r) == me)[:, None]
-    counts = lax.psum(jnp.where(mine, local_counts[None, :], 0), axis_name)  # [R, U], the same everywhere
+    me, counts = _all_counts(local_counts, num_experts, r, axis_name, options)
     valid = unit >= 0
     safe_unit = jnp.maximum(unit, 0)
 
@@ -295,8 +318,7 @@ def plan_rounds(
 
 def _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, r):
     this = slot_round == r
-    y = round_fn(params, x, jnp.where(this, topk_idx, -1), jnp.where(this, topk_weights, 0.0))
-    return y.astype(jnp.float32)
+    return round_fn(params, x, jnp.where(this, topk_idx, -1), jnp.where(this, topk_weights, 0.0))
 
 
 def _accumulator(like, template):
@@ -304,38 +326,49 @@ def _accumulator(like, template):
     return lax.full_like(like, 0, jnp.float32, shape=template.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds):
-    return _later_rounds_fwd(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds)[0]
-
-
-def _later_rounds_fwd(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds):
-    shape = jax.eval_shape(lambda: _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, 1))
+def _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds, init):
+    """``init`` + the float32 sum of rounds ``1 .. num_rounds-1``, one round at a time."""
 
     def body(carry):
         r, acc = carry
-        return r + 1, acc + _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, r)
+        y = _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, r)
+        return r + 1, acc + y.astype(jnp.float32)
 
-    _, acc = lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), _accumulator(x, shape)))
-    return acc, (params, x, topk_weights, topk_idx, slot_round, num_rounds)
+    return lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), init))[1]
 
 
-def _later_rounds_bwd(round_fn, res, ct):
-    params, x, topk_weights, topk_idx, slot_round, num_rounds = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _all_rounds(round_fn, dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
+    y0 = _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, 0)
+    return _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds, y0.astype(jnp.float32))
+
+
+def _all_rounds_fwd(round_fn, dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
+    y0, round0_vjp = jax.vjp(
+        lambda p, x, w: _round_term(round_fn, p, x, w, topk_idx, slot_round, 0), params, x, topk_weights)
+    y = _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds, y0.astype(jnp.float32))
+    return y, (round0_vjp, params, x, topk_weights, topk_idx, slot_round, num_rounds)
+
+
+def _all_rounds_bwd(round_fn, dtype, res, ct):
+    round0_vjp, params, x, topk_weights, topk_idx, slot_round, num_rounds = res
     diff = (params, x, topk_weights)
+    # Round 0's gradients first: the later rounds' loop starts from them, so
+    # round 0's residuals are freed before the loop recomputes a round.
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), round0_vjp(ct.astype(dtype)))
 
     def body(carry):
-        r, grads = carry
-        _, vjp = jax.vjp(lambda p, x, w: _round_term(round_fn, p, x, w, topk_idx, slot_round, r), *diff)
-        return r + 1, jax.tree.map(lambda g, d: g + d.astype(jnp.float32), grads, vjp(ct))
+        r, acc = carry
+        _, vjp = jax.vjp(lambda p, x, w: _round_term(round_fn, p, x, w, topk_idx, slot_round, r).astype(jnp.float32),
+                         *diff)
+        return r + 1, jax.tree.map(lambda g, d: g + d.astype(jnp.float32), acc, vjp(ct))
 
-    zeros = jax.tree.map(lambda a: _accumulator(a, a), diff)
-    _, grads = lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), zeros))
+    _, grads = lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), grads))
     grads = jax.tree.map(lambda g, a: g.astype(a.dtype), grads, diff)
     return (*grads, None, None, None)
 
 
-_later_rounds.defvjp(_later_rounds_fwd, _later_rounds_bwd)
+_all_rounds.defvjp(_all_rounds_fwd, _all_rounds_bwd)
 
 
 def sum_over_rounds(
@@ -346,20 +379,21 @@ def sum_over_rounds(
     over the rounds ``r < rounds.num_rounds``.
 
     ``round_fn(params, x, topk_idx_r, topk_weights_r) -> [T, ...]`` is one
-    round of a layer: dispatch of the round's slots, experts, combine. Round 0
-    runs and differentiates like any function (its residuals are kept, as a
-    single dispatch's would be). Later rounds run in a ``lax.while_loop``
-    inside a ``custom_vjp`` whose backward runs each later round again to take
-    its VJP: a second round costs a second forward in the backward pass, and
+    round of a layer: dispatch of the round's slots, experts, combine (a
+    round with no slot must give zeros). Round 0 runs and keeps its residuals
+    for the backward pass, as a single dispatch would; later rounds run in a
+    ``lax.while_loop`` and keep none: the backward pass takes round 0's VJP
+    first (freeing its residuals), then runs each later round again for its
+    VJP. So a second round costs a second forward in the backward pass, and
     memory holds one round at a time however many rounds run. Gradients flow
-    to ``params`` (any pytree of float arrays), ``x`` and ``topk_weights``
-    (reverse mode only: no ``jax.jvp`` through later rounds).
+    to ``params`` (any pytree of float arrays; ``None`` for none), ``x`` and
+    ``topk_weights``, in reverse mode (no ``jax.jvp`` through the rounds).
 
-    Rounds add up in float32 and round once to round 0's dtype.
+    Rounds add up in float32 and round once to ``round_fn``'s output dtype.
 
     Returns:
       ``[T, ...]`` in ``round_fn``'s output dtype.
     """
-    y0 = round_fn(params, x, rounds.topk_idx_of(topk_idx, 0), rounds.weights_of(topk_weights, 0))
-    rest = _later_rounds(round_fn, params, x, topk_weights, topk_idx, rounds.slot_round, rounds.num_rounds)
-    return (y0.astype(jnp.float32) + rest).astype(y0.dtype)
+    dtype = jax.eval_shape(lambda: _round_term(round_fn, params, x, topk_weights, topk_idx, rounds.slot_round, 0)).dtype
+    y = _all_rounds(round_fn, jnp.dtype(dtype), params, x, topk_weights, topk_idx, rounds.slot_round, rounds.num_rounds)
+    return y.astype(dtype)

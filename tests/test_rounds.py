@@ -5,6 +5,7 @@ max_rounds drop count, and the MoE core's capacity_factor option."""
 
 import dataclasses
 import functools
+import types
 
 import numpy as np
 import pytest
@@ -311,3 +312,117 @@ def test_moe_config_rounds_validation():
     assert not moe.MoEConfig(**base, capacity=64).uses_rounds
     with pytest.raises(ValueError, match="needs num_tokens and num_ranks"):
         moe.MoEConfig(**base, capacity_factor=1.0).normal_options()
+
+
+# --- the Flax and Equinox layers ----------------------------------------------------
+
+
+def _layer_outputs(make, call_mapped, grad):
+    """Outputs and grads of a framework layer, worst case vs capacity_factor=1.0 (same weights, skewed)."""
+    r, t = 4, 8
+    cfg = moe.MoEConfig(num_experts=8, hidden=8, ffn=8, topk=2, expert_alignment=2)
+    x = jax.random.normal(jax.random.key(1), (r * t, cfg.hidden)).at[:, 0].add(3.0)
+    mesh = make_mesh(r)
+    out = []
+    for c in (cfg, dataclasses.replace(cfg, capacity_factor=1.0)):
+        model = make(c, r, mesh)
+        with jax.set_mesh(mesh):
+            out.append(grad(lambda m: jnp.sum(call_mapped(m, x, mesh) ** 2), model))
+    (v0, g0), (v1, g1) = out
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_flax_layer_capacity_factor():
+    pytest.importorskip("flax")
+    from flax import nnx
+    import jax_ep.flax as fx
+
+    def make(c, r, mesh):
+        model = fx.MoE(c, rngs=nnx.Rngs(0))
+        model.router[...] = model.router[...].at[0, : c.num_experts // r].add(4.0)
+        return fx.shard_model(model, mesh)
+
+    def call(m, x, mesh):
+        return fx.ep_shard_map(lambda m, x: m(x)[0], m, x, mesh=mesh, in_specs=(P(AXIS),), out_specs=P(AXIS))
+
+    _layer_outputs(make, call, lambda f, m: nnx.jit(nnx.value_and_grad(f))(m))
+
+
+def test_equinox_layer_capacity_factor():
+    eqx = pytest.importorskip("equinox")
+    import jax_ep.equinox as ex
+
+    def make(c, r, mesh):
+        model = ex.MoE(c, key=jax.random.key(0))
+        model = eqx.tree_at(lambda m: m.router, model, model.router.at[0, : c.num_experts // r].add(4.0))
+        return ex.shard_model(model, mesh)
+
+    def call(m, x, mesh):
+        return ex.ep_shard_map(lambda m, x: m(x)[0], m, x, mesh=mesh, in_specs=(P(AXIS),), out_specs=P(AXIS))
+
+    _layer_outputs(make, call, lambda f, m: eqx.filter_jit(eqx.filter_value_and_grad(f))(m))
+
+
+# --- the CUDA backend: lowering (no GPU needed) ----------------------------------------
+
+
+def _lower_for_cuda(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _fake_cuda_buffer(monkeypatch, r):
+    from jax_ep import _extension, runtime
+
+    if not _extension.available():
+        pytest.skip(_extension.unavailable_reason() or "no CUDA extension")
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: types.SimpleNamespace(num_ranks=r, rank=0))
+
+
+def test_moe_rounds_lower_for_cuda(monkeypatch):
+    """The layer with capacity_factor on the CUDA backend, forward + backward:
+    the kernels' dispatch runs for round 0, in the later rounds' while loop,
+    and again in the backward's while loop; no other kernel is needed."""
+    r = 2
+    _fake_cuda_buffer(monkeypatch, r)
+    mesh = make_mesh(r)
+    cfg = moe.MoEConfig(num_experts=8, hidden=128, ffn=64, topk=2, backend="cuda", buffer_id=3, capacity_factor=1.25)
+    specs = moe.param_specs(cfg)
+    f = jax.shard_map(lambda p, x: moe.moe_layer(p, x, cfg), mesh=mesh, in_specs=(specs, P(AXIS)),
+                      out_specs=(P(AXIS), P()))
+    p = {n: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=jax.NamedSharding(mesh, specs[n]))
+         for n, s in moe.param_shapes(cfg).items()}
+    x = jax.ShapeDtypeStruct((r * 16, cfg.hidden), jnp.bfloat16, sharding=jax.NamedSharding(mesh, P(AXIS)))
+    with jax.set_mesh(mesh):
+        text = _lower_for_cuda(jax.grad(lambda p, x: jnp.sum(f(p, x)[0].astype(jnp.float32) ** 2), (0, 1)), p, x)
+    assert text.count("stablehlo.custom_call @jax_ep_intranode_dispatch(") == 3
+    assert text.count("stablehlo.while") >= 3  # the plan, the later rounds, their backward
+    c = jax_ep.capacity_for_factor(1.25, num_tokens=16, num_topk=2, num_experts=8, num_ranks=r, expert_alignment=8)
+    assert f"capacity = {c} : i64" in text
+
+
+def test_plan_rounds_without_axis_lowers_for_cuda(monkeypatch):
+    """One process per rank (axis_name=None): the counts travel through a
+    one-token rank-major dispatch of the kernels instead of a psum."""
+    r, t, k, e = 4, 16, 2, 8
+    _fake_cuda_buffer(monkeypatch, r)
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: r)
+    opts = jax_ep.NormalOptions(layout="expert_major", num_max_recv_tokens=24, expert_alignment=4, backend="cuda",
+                                buffer_id=3)
+
+    def fn(x, idx, w):
+        plan = jax_ep.plan_rounds(idx, num_experts=e, axis_name=None, options=opts)
+
+        def round_fn(_, x, i, w):
+            o = jax_ep.dispatch(x, i, w, num_experts=e, axis_name=None, options=opts)
+            return jax_ep.combine(o.recv_x * jnp.sum(o.recv_topk_weights, -1, keepdims=True), o.handle)
+
+        return jax_ep.sum_over_rounds(round_fn, None, x, idx, w, plan)
+
+    text = _lower_for_cuda(fn, jax.ShapeDtypeStruct((t, 128), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.int32),
+                           jax.ShapeDtypeStruct((t, k), jnp.float32))
+    assert "all_reduce" not in text
+    dispatches = [line for line in text.splitlines() if "@jax_ep_intranode_dispatch(" in line]
+    assert len(dispatches) == 3  # the counts' gather, round 0, the later rounds
+    assert sum(f"capacity = {r} : i64" in line and "layout = 0 : i64" in line for line in dispatches) == 1
