@@ -286,7 +286,11 @@ def test_moe_rounds_under_scan_and_jit():
             h, aux = jax.lax.scan(step, x, ps)
             return h, aux
         f = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(P(AXIS), P()))
-        return jax.jit(jax.value_and_grad(lambda ps, x: jnp.sum(f(ps, x)[0] ** 2) + jnp.sum(f(ps, x)[1])))
+        def loss(ps, x):
+            h, aux = f(ps, x)
+            return jnp.sum(h ** 2) + jnp.sum(aux)
+
+        return jax.jit(jax.value_and_grad(loss))
 
     with jax.set_mesh(mesh):
         v0, g0 = model(cfg)(stacked, x)
