@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--aux-coef", type=float, default=1e-2)
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="receive buffers for this multiple of the expected load, overflow in further rounds "
+                        "(default: worst-case buffers)")
     p.add_argument("--backend", default="xla", choices=["xla", "cuda"],
                    help="xla: pure JAX, any platform; cuda: jax_ep's kernels (run under python -m jax_ep.launch)")
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +99,8 @@ def main(argv=None):
     tokens_per_rank = args.batch_per_rank * args.seq
     buffer = None
     moe_cfg = epx.MoEConfig(num_experts=args.experts, hidden=args.dim, ffn=args.ffn, topk=args.topk,
-                            activation="swiglu", mode="normal", backend=args.backend, expert_alignment=8)
+                            activation="swiglu", mode="normal", backend=args.backend, expert_alignment=8,
+                            capacity_factor=args.capacity_factor)
     if args.backend == "cuda":
         buffer = jax_ep.Buffer(
             num_experts=args.experts, axis_name="ep", normal=jax_ep.NormalOptions(backend="cuda"),

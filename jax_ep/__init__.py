@@ -3,7 +3,9 @@
 Normal mode (training, prefill): ``get_dispatch_layout``, ``dispatch``,
 ``cached_dispatch``, ``combine``. Low-latency mode (decoding):
 ``low_latency_dispatch``, ``low_latency_combine``. FP8: ``per_token_cast_to_fp8``,
-``per_token_cast_back``. Every op runs inside ``jax.shard_map`` over the EP
+``per_token_cast_back``. Dropless dispatch at capacity-factor memory
+(overflow rounds): ``capacity_for_factor``, ``plan_rounds``,
+``sum_over_rounds``. Every op runs inside ``jax.shard_map`` over the EP
 axis, under ``jit``/``scan``, with ``backend="xla"`` (pure JAX, the reference)
 or ``backend="cuda"`` (the kernels), chosen by static options.
 """
@@ -26,6 +28,7 @@ from jax_ep.low_latency import (
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
 from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
 from jax_ep.rank_mask import rank_mask_of
+from jax_ep.rounds import DispatchRounds, capacity_for_factor, plan_rounds, sum_over_rounds
 from jax_ep.runtime import intranode_buffer_bytes, low_latency_buffer_bytes
 from jax_ep.tuning import tuned_normal_options
 from jax_ep.faults import BufferMismatchError, CommunicationError
@@ -41,4 +44,5 @@ __all__ = [
     "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",
     "low_latency_dispatch_send",
     "per_token_cast_back", "per_token_cast_to_fp8", "rank_mask_of", "status", "tuned_normal_options",
+    "DispatchRounds", "capacity_for_factor", "plan_rounds", "sum_over_rounds",
 ]

@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import functools
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_ep import validation
 from jax_ep.fp8 import per_token_cast_back
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
 from jax_ep.normal import combine, dispatch
 from jax_ep.options import BACKENDS, FP8Options, LowLatencyOptions, NormalOptions, check_bool
+from jax_ep.rounds import DispatchRounds, capacity_for_factor, plan_rounds, sum_over_rounds
 
 Mode = Literal["normal", "low_latency"]
 Activation = Literal["swiglu", "gelu"]
@@ -68,7 +71,7 @@ class MoEConfig:
       axis_name: the EP mesh axis the layer runs under (inside ``shard_map``).
       capacity: normal mode's receive rows per rank
         (``NormalOptions.num_max_recv_tokens``); ``None`` is the worst case,
-        which never drops.
+        which never drops. Rows past it drop unless ``max_rounds`` > 1.
       expert_alignment: normal mode: each expert's row group starts at a
         multiple of this (``NormalOptions.expert_alignment``).
       max_tokens_per_rank: low-latency mode's ``M``; ``None`` takes the
@@ -85,6 +88,15 @@ class MoEConfig:
       buffer_id: the ``jax_ep.Buffer`` the CUDA backend communicates through
         (``buffer.normal.buffer_id``); ``ll_buffer_id`` the same for
         low-latency mode (``buffer.low_latency.buffer_id``).
+      capacity_factor: normal mode: size the receive buffer for this multiple
+        of the expected load (``jax_ep.rounds.capacity_for_factor``: ``T*K``
+        rows per rank, aligned) instead of the worst case, and serve the rows
+        that do not fit in further rounds through the same buffer and experts
+        (``jax_ep.rounds``). Exclusive with ``capacity``.
+      max_rounds: normal mode, with ``capacity`` or ``capacity_factor``: most
+        rounds per call; rows that fit in none are dropped. ``None``: as many
+        as any routing needs with ``capacity_factor`` (never drops), 1 with
+        ``capacity`` (one dispatch that drops what does not fit).
     """
 
     num_experts: int
@@ -104,6 +116,8 @@ class MoEConfig:
     normalize_weights: bool = True
     buffer_id: int | None = None
     ll_buffer_id: int | None = None
+    capacity_factor: float | None = None
+    max_rounds: int | None = None
 
     def __post_init__(self):
         def fail(name, what, cls=ValueError):
@@ -150,6 +164,28 @@ class MoEConfig:
                 )
         if self.fp8 is not None and self.mode != "low_latency":
             raise ValueError("fp8 dispatch is available in mode='low_latency' only")
+        self._check_rounds()
+
+    def _check_rounds(self):
+        f, m = self.capacity_factor, self.max_rounds
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0):
+            raise ValueError(f"MoEConfig.capacity_factor must be a positive number (e.g. 1.25) or None, got {f!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"MoEConfig.max_rounds must be a positive int or None, got {m!r}")
+        if f is not None and self.capacity is not None:
+            raise ValueError("set capacity (rows) or capacity_factor (a multiple of the expected load), not both")
+        if (f is not None or m is not None) and self.mode != "normal":
+            raise ValueError("capacity_factor and max_rounds apply to mode='normal' (low-latency mode never drops)")
+        if m is not None and m > 1 and f is None and self.capacity is None:
+            raise ValueError(
+                f"max_rounds={m} needs capacity or capacity_factor: the default worst-case capacity serves "
+                "every row in one round"
+            )
+
+    @property
+    def uses_rounds(self) -> bool:
+        """Normal mode dispatches in overflow rounds (``capacity_factor``, or ``max_rounds`` > 1)."""
+        return self.capacity_factor is not None or (self.max_rounds or 1) > 1
 
     def check_mesh(self, mesh: jax.sharding.Mesh, axis_name: str | None = None) -> None:
         """Raise jax_ep's error, before JAX's own, when the experts cannot be
@@ -173,10 +209,22 @@ class MoEConfig:
         ``w_up``, ``w_down`` with SwiGLU, ``w_up``, ``w_down`` with GELU."""
         return EXPERT_PARAMS if self.activation == "swiglu" else ("w_up", "w_down")
 
-    def normal_options(self) -> NormalOptions:
-        """The ``NormalOptions`` of normal mode (expert-major layout)."""
+    def normal_options(self, num_tokens: int | None = None, num_ranks: int | None = None) -> NormalOptions:
+        """The ``NormalOptions`` of normal mode (expert-major layout).
+
+        With ``capacity_factor`` the capacity depends on the call: pass its
+        ``num_tokens`` (``T`` per rank) and ``num_ranks`` (``R``).
+        """
+        capacity = self.capacity
+        if self.capacity_factor is not None:
+            if num_tokens is None or num_ranks is None:
+                raise ValueError("with capacity_factor, normal_options needs num_tokens and num_ranks")
+            capacity = capacity_for_factor(
+                self.capacity_factor, num_tokens=num_tokens, num_topk=self.topk, num_experts=self.num_experts,
+                num_ranks=num_ranks, layout="expert_major", expert_alignment=self.expert_alignment,
+            )
         return NormalOptions(
-            layout="expert_major", num_max_recv_tokens=self.capacity, expert_alignment=self.expert_alignment,
+            layout="expert_major", num_max_recv_tokens=capacity, expert_alignment=self.expert_alignment,
             backend=self.backend, buffer_id=self.buffer_id,
         )
 
@@ -383,25 +431,61 @@ def expert_mlp_batched(x: jax.Array, params: dict, config: MoEConfig) -> jax.Arr
     return jnp.einsum("enf,efh->enh", _act(config, gate, up), w["w_down"])
 
 
-def normal_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig) -> jax.Array:
+def _expert_round_counted(config: MoEConfig, options: NormalOptions, params: dict, x: jax.Array,
+                          topk_idx: jax.Array, topk_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One expert-major ``dispatch`` -> ``ragged_dot`` MLP -> ``combine`` of the
+    given slots: ``([T, H], rows dropped int32 [])``."""
+    out = dispatch(x, topk_idx, topk_weights, num_experts=config.num_experts,
+                   axis_name=config.axis_name, options=options)
+    y = expert_mlp_ragged(out.recv_x, params, out.expert_group_sizes, config)
+    # Expert-major rows carry exactly one expert's slot: its weight is the row sum.
+    y = y * jnp.sum(out.recv_topk_weights, axis=-1, keepdims=True).astype(y.dtype)
+    return combine(y, out.handle), out.num_dropped
+
+
+def _expert_round(config, options, params, x, topk_idx, topk_weights) -> jax.Array:
+    return _expert_round_counted(config, options, params, x, topk_idx, topk_weights)[0]
+
+
+def normal_rounds(topk_idx: jax.Array, config: MoEConfig) -> tuple[NormalOptions, DispatchRounds]:
+    """Normal mode's options for a call with ``topk_idx [T, K]`` and its
+    round plan (``jax_ep.rounds.plan_rounds``); inside ``shard_map``."""
+    r = validation.num_ranks_for(config.axis_name, config.backend, config.buffer_id)
+    options = config.normal_options(num_tokens=topk_idx.shape[0], num_ranks=r)
+    plan = plan_rounds(topk_idx, num_experts=config.num_experts, axis_name=config.axis_name, options=options,
+                       max_rounds=config.max_rounds)
+    return options, plan
+
+
+def normal_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig, *, with_rounds: bool = False):
     """Normal mode: expert-major ``dispatch`` -> ``ragged_dot`` MLP -> ``combine``.
 
-    Call inside ``shard_map`` over ``config.axis_name``.
+    Call inside ``shard_map`` over ``config.axis_name``. With
+    ``config.capacity_factor`` (or ``max_rounds`` > 1) the rows that do not
+    fit the buffer run in further rounds (``jax_ep.rounds.sum_over_rounds``).
 
     Args:
       x: ``[T, H]`` (bfloat16/float16/float32), this rank's tokens.
       params: this rank's expert weights ``w_* [E/R, ...]``.
       routing: ``route``'s output for ``x``.
+      with_rounds: also return the ``DispatchRounds`` plan (its
+        ``num_rounds`` and ``num_dropped``); without rounds, one round's.
 
     Returns:
-      ``[T, H]`` in x's dtype: ``sum_k weights[t, k] * expert_{idx[t, k]}(x[t])``.
+      ``[T, H]`` in x's dtype: ``sum_k weights[t, k] * expert_{idx[t, k]}(x[t])``
+      (``(y, DispatchRounds)`` with ``with_rounds``).
     """
-    out = dispatch(x, routing.idx, routing.weights, num_experts=config.num_experts,
-                   axis_name=config.axis_name, options=config.normal_options())
-    y = expert_mlp_ragged(out.recv_x, params, out.expert_group_sizes, config)
-    # Expert-major rows carry exactly one expert's slot: its weight is the row sum.
-    y = y * jnp.sum(out.recv_topk_weights, axis=-1, keepdims=True).astype(y.dtype)
-    return combine(y, out.handle)
+    experts = {n: params[n] for n in config.expert_param_names}
+    if config.uses_rounds:
+        options, plan = normal_rounds(routing.idx, config)
+        y = sum_over_rounds(functools.partial(_expert_round, config, options), experts, x, routing.idx,
+                            routing.weights, plan)
+        return (y, plan) if with_rounds else y
+    y, dropped = _expert_round_counted(config, config.normal_options(), experts, x, routing.idx, routing.weights)
+    if not with_rounds:
+        return y
+    slots = jnp.where(routing.idx >= 0, 0, -1).astype(jnp.int32)
+    return y, DispatchRounds(slots, jnp.int32(1), dropped)
 
 
 def low_latency_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig) -> jax.Array:

@@ -147,3 +147,40 @@ def fp8_quantize(x, round_scale=False):
     inv = (np.float32(1.0) / scale).astype(np.float32)
     q = np.clip(g * inv[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
     return q.reshape(t, h), scale
+
+
+def dispatch_rounds(idxs, num_experts, capacity, alignment, layout, max_rounds):
+    """Overflow rounds as a loop of plain dispatches: each round dispatches every
+    pending slot at `capacity`, the rows it keeps are served, the rest wait for
+    the next round; the last round keeps what fits and drops the rest.
+
+    Returns (slot_round per rank [T, K] (-1 masked), rounds run, rows dropped per
+    destination rank)."""
+    r = len(idxs)
+    t, k = idxs[0].shape
+    le = num_experts // r
+    pending = [np.array(i, np.int32) for i in idxs]
+    slot_round = [np.where((i >= 0) & (i < num_experts), -2, -1).astype(np.int32) for i in idxs]
+    xs = [np.zeros((t, 1), np.float32)] * r
+    ws = [np.zeros((t, k), np.float32)] * r
+    rounds, dropped = 0, [0] * r
+    while rounds < max_rounds and any((p >= 0).any() for p in pending):
+        if layout == "rank_major":
+            out = dispatch_rank_major(xs, pending, ws, num_experts, capacity)
+        else:
+            out = dispatch_expert_major(xs, pending, ws, num_experts, capacity, alignment)
+        for d in range(r):
+            for (s, i), pos in zip(out[d]["src"], out[d]["pos"]):
+                ids = out[d]["idx"][pos]
+                for kk in range(k):
+                    e = pending[s][i, kk]
+                    if e < 0 or owner_and_local(int(e), num_experts, r)[0] != d:
+                        continue
+                    if layout == "rank_major" or owner_and_local(int(e), num_experts, r)[1] in ids:
+                        slot_round[s][i, kk] = rounds
+                        pending[s][i, kk] = -1
+            dropped[d] = out[d]["dropped"]
+        rounds += 1
+    for s in range(r):
+        slot_round[s] = np.where(slot_round[s] == -2, rounds - 1, slot_round[s])
+    return slot_round, rounds, dropped
