@@ -1,0 +1,177 @@
+"""Internode routing plan (jax_ep.internode_plan) against the numpy model, and
+its two legs against the flat dispatch and combine of the reference backend."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import jax_ep
+import np_internode as npi
+from conftest import random_routing, run_ranks
+from jax_ep import internode_plan as ip
+
+H = 8
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "ranks_per_node", "layout", "capacity",
+                                             "node_capacity", "expert_alignment"))
+def _plan(idx, **kw):
+    return ip.plan_dispatch(idx, **kw)
+
+
+_dispatch_two_legs = jax.jit(ip.dispatch_two_legs)
+_combine_two_legs = jax.jit(ip.combine_two_legs)
+
+
+def _routing(rng, kind, r, t, k, e):
+    """Per-rank top-k ids of one routing family."""
+    if kind == "uniform":
+        return random_routing(rng, r, t, k, e, mask_prob=0.0)
+    if kind == "masked":
+        return random_routing(rng, r, t, k, e, mask_prob=0.4)
+    if kind == "duplicates":
+        return random_routing(rng, r, t, k, e, mask_prob=0.1, distinct=False)
+    if kind == "skewed":  # most slots on the first ranks' experts
+        p = np.exp(-np.arange(e) / max(e / 6, 1))
+        p /= p.sum()
+        return [np.where(rng.random((t, k)) < 0.1, -1, rng.choice(e, (t, k), p=p)).astype(np.int32)
+                for _ in range(r)]
+    if kind == "one_node":  # every token to node 0's experts only (nodes of r // 2 ranks or fewer)
+        return [rng.integers(0, e // 2, (t, k)).astype(np.int32) for _ in range(r)]
+    if kind == "none":
+        return [np.full((t, k), -1, np.int32) for _ in range(r)]
+    raise ValueError(kind)
+
+
+KINDS = ["uniform", "masked", "duplicates", "skewed", "one_node", "none"]
+SHAPES = [(2, 4), (4, 2), (8, 1), (1, 8), (2, 2), (3, 2)]  # (N nodes, L ranks per node)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_node_routing_matches_numpy(rng, kind):
+    for nn, el in SHAPES:
+        r = nn * el
+        t, k, e = 13, 4, 2 * r
+        idxs = _routing(rng, kind, r, t, k, e)
+        plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el)
+        for s in range(r):
+            want = npi.node_routing(idxs[s], e, nn, el)
+            np.testing.assert_array_equal(plan.routing.is_token_in_node[s], want["in_node"])
+            np.testing.assert_array_equal(plan.routing.nvl_mask[s], want["nvl_mask"])
+            np.testing.assert_array_equal(plan.routing.send_pos[s], want["send_pos"])
+            np.testing.assert_array_equal(plan.routing.num_tokens_per_node[s], want["per_node"])
+            layout = jax_ep.get_dispatch_layout(idxs[s], num_experts=e, num_ranks=r)
+            np.testing.assert_array_equal(plan.routing.is_token_in_rank[s], layout[2])
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "duplicates"])
+@pytest.mark.parametrize("node_capacity", [None, 5])
+def test_forwarder_tables_match_numpy(rng, kind, node_capacity):
+    nn, el = 2, 4
+    r, t, k, e = nn * el, 9, 3, 16
+    idxs = _routing(rng, kind, r, t, k, e)
+    plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el, node_capacity=node_capacity)
+    tables, arrived, _ = npi.forwarder_tables(idxs, e, el, node_capacity or nn * t)
+    for f in range(r):
+        got = [(int(n), int(i), int(mk)) for n, i, mk in
+               zip(plan.fwd_src_node[f], plan.fwd_src_token[f], plan.fwd_nvl_mask[f]) if n >= 0]
+        assert got == tables[f]
+        assert plan.num_rdma_needed[f] == arrived[f]
+    # Each kept (source, token, node) names its table row.
+    for s in range(r):
+        for i in range(t):
+            for m in range(nn):
+                slot = int(plan.rdma_slot[s, i, m])
+                if slot >= 0:
+                    f = m * el + s % el
+                    assert (plan.fwd_src_node[f, slot], plan.fwd_src_token[f, slot]) == (s // el, i)
+
+
+def _check_outputs(plan, recv_x, want, expert_major):
+    for d, w in enumerate(want):
+        np.testing.assert_array_equal(recv_x[d], w["x"])
+        got = [(int(a), int(b)) for a, b in zip(plan.recv_src_rank[d], plan.recv_src_token[d]) if a >= 0]
+        assert got == w["src"]
+        assert int(plan.num_dropped[d]) == w["dropped"]
+        assert int(plan.num_recv_rows[d]) == len(w["src"])
+        if expert_major:
+            np.testing.assert_array_equal(plan.expert_group_sizes[d], w["group_sizes"])
+
+
+@pytest.mark.parametrize("layout,alignment", [("rank_major", 1), ("expert_major", 1), ("expert_major", 4)])
+def test_two_legs_match_numpy_with_drops(rng, layout, alignment):
+    """Small per-node and output capacities: rows lost at a forwarder and past C."""
+    for nn, el in [(2, 4), (3, 2)]:
+        r, t, k, e = nn * el, 10, 3, 4 * nn * el
+        for cap, ncap in [(None, None), (11, 6)]:
+            for kind in ["uniform", "skewed", "duplicates"]:
+                idxs = _routing(rng, kind, r, t, k, e)
+                xs = [rng.standard_normal((t, H)).astype(np.float32) for _ in range(r)]
+                ws = [np.ones((t, k), np.float32) for _ in range(r)]
+                plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el, layout=layout, capacity=cap,
+                             node_capacity=ncap, expert_alignment=alignment)
+                c = plan.recv_src_rank.shape[1]
+                want = npi.dispatch(xs, idxs, ws, e, el, c, ncap or nn * t, layout, alignment)
+                if ncap:
+                    assert any(w["dropped"] for w in want)
+                _check_outputs(plan, np.asarray(_dispatch_two_legs(np.stack(xs), plan)), want,
+                               layout == "expert_major")
+
+
+def _flat(num_experts, options):
+    def f(x, i, w, y):
+        o = jax_ep.dispatch(x, i, w, num_experts=num_experts, options=options)
+        sizes = o.expert_group_sizes if o.expert_group_sizes is not None else o.num_dropped
+        return (o.recv_x, o.handle.recv_src_rank, o.handle.recv_src_token, o.num_recv_rows, o.num_dropped, sizes,
+                jax_ep.combine(y, o.handle))
+    return f
+
+
+@pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
+def test_two_legs_equal_flat_dispatch_and_combine(rng, layout):
+    """RDMA leg then NVLink leg = the flat dispatch on 8 CPU devices, rows and
+    order; node partial sums then the sum over nodes = the flat combine."""
+    r, t, k, e = 8, 12, 4, 32
+    alignment = 4 if layout == "expert_major" else 1
+    any_single = False
+    for kind, cap in [("masked", None), ("skewed", 30), ("duplicates", None), ("one_node", 19)]:
+        idxs = _routing(rng, kind, r, t, k, e)
+        xs = [rng.standard_normal((t, H)).astype(np.float32) for _ in range(r)]
+        ws = [rng.random((t, k)).astype(np.float32) for _ in range(r)]
+        opts = jax_ep.NormalOptions(layout=layout, num_max_recv_tokens=cap, expert_alignment=alignment)
+        c = cap or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
+        ys = [rng.standard_normal((c, H)).astype(np.float32) for _ in range(r)]
+        rx, src_rank, src_token, rows, dropped, sizes, flat_combined = run_ranks(_flat(e, opts), r, xs, idxs, ws, ys)
+        for el in (4, 2, 1, 8):
+            plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el, layout=layout, capacity=cap,
+                         expert_alignment=alignment)
+            np.testing.assert_array_equal(_dispatch_two_legs(np.stack(xs), plan), rx)
+            np.testing.assert_array_equal(plan.recv_src_rank, src_rank)
+            np.testing.assert_array_equal(plan.recv_src_token, src_token)
+            np.testing.assert_array_equal(plan.num_recv_rows, rows)
+            np.testing.assert_array_equal(plan.num_dropped, dropped)
+            if layout == "expert_major":
+                np.testing.assert_array_equal(plan.expert_group_sizes, sizes)
+            combined = np.asarray(_combine_two_legs(np.stack(ys), plan))
+            np.testing.assert_allclose(combined, flat_combined, rtol=1e-5, atol=1e-5)
+            # Tokens with at most one row anywhere: no sum, so bitwise.
+            contributions = np.zeros((r, t), int)
+            np.add.at(contributions, (src_rank[src_rank >= 0], src_token[src_rank >= 0]), 1)
+            single = contributions <= 1
+            np.testing.assert_array_equal(combined[single], flat_combined[single])
+            any_single |= bool(single.any())
+            assert not single.all()
+    assert any_single
+
+
+def test_combine_partials_cross_each_rail_once(rng):
+    """The combine's RDMA leg carries one partial per (token, node): rows summed
+    on a node never cross twice."""
+    r, el, t, k, e = 8, 4, 16, 6, 32
+    idxs = _routing(rng, "uniform", r, t, k, e)
+    plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el)
+    crossings = (np.asarray(plan.rdma_slot) >= 0).sum()
+    assert crossings == np.asarray(plan.routing.is_token_in_node).sum()
+    assert crossings < np.asarray(plan.routing.is_token_in_rank).sum()  # fewer than the flat all-to-all's rows
