@@ -72,7 +72,7 @@ def resolve_internode(options: InternodeOptions, *, num_nodes: int, ranks_per_no
         (never below one chunk) to fit it.
     """
     if not isinstance(options, InternodeOptions):
-        raise TypeError(f"options must be a jax_ep.InternodeOptions, got {type(options).__name__}")
+        raise TypeError(f"options must be a jax_ep.options.InternodeOptions, got {type(options).__name__}")
     if not 1 <= ranks_per_node <= MAX_RANKS_PER_NODE:
         raise ValueError(f"ranks_per_node must be in [1, {MAX_RANKS_PER_NODE}] for internode mode "
                          f"(NVLink peers of a forwarder), got {ranks_per_node}")
