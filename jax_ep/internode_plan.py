@@ -34,6 +34,7 @@ along the plan leg by leg.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -43,7 +44,7 @@ from jax_ep.reference import routing
 
 __all__ = [
     "NodeRouting", "InternodePlan", "node_routing", "plan_dispatch", "dispatch_two_legs", "combine_two_legs",
-    "default_node_capacity", "default_output_capacity",
+    "default_node_capacity", "default_output_capacity", "capacity_hint",
 ]
 
 
@@ -147,6 +148,36 @@ def default_output_capacity(layout: str, num_ranks: int, num_tokens: int, num_to
         return max(num_ranks * num_tokens, 1)
     return max(num_ranks * num_tokens * min(num_topk, num_local_experts)
                + num_local_experts * (expert_alignment - 1), 1)
+
+
+def capacity_hint(topk_idx, *, num_experts: int, ranks_per_node: int, layout: str = "rank_major",
+                  expert_alignment: int = 1, slack: float = 1.0) -> tuple[int, int]:
+    """Capacities that drop nothing for a sample routing, for sizing buffers
+    below the worst case.
+
+    Args:
+      topk_idx: concrete ``int32 [R, T, K]``, every rank's top-k ids of a
+        representative call.
+      num_experts, ranks_per_node, layout, expert_alignment: as ``plan_dispatch``.
+      slack: factor (>= 1) for routings busier than the sample.
+
+    Returns:
+      ``(node_capacity, capacity)``: the largest forwarder table and output
+      any rank needs, times ``slack``, rounded up (each at least 1); pass them
+      as ``InternodeOptions.num_max_rdma_recv_tokens`` and
+      ``NormalOptions.num_max_recv_tokens``. Later calls whose routing needs
+      more drop rows by the documented rule.
+    """
+    if not slack >= 1.0:
+        raise ValueError(f"slack must be a number >= 1, got {slack!r}")
+    plan = plan_dispatch(jnp.asarray(topk_idx, jnp.int32), num_experts=num_experts, ranks_per_node=ranks_per_node,
+                         layout=layout, expert_alignment=expert_alignment)
+    node = int(jnp.max(plan.num_rdma_needed))
+    if layout == "rank_major":
+        rows = int(jnp.max(plan.num_recv_rows))
+    else:  # every group rounded up to the alignment
+        rows = int(jnp.max(jnp.sum(plan.expert_group_sizes, axis=-1)))
+    return max(math.ceil(node * slack), 1), max(math.ceil(rows * slack), 1)
 
 
 def plan_dispatch(topk_idx: jax.Array, *, num_experts: int, ranks_per_node: int, layout: str = "rank_major",

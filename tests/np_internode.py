@@ -58,29 +58,30 @@ def dispatch(xs, idxs, ws, num_experts, ranks_per_node, capacity, node_capacity,
     r = len(idxs)
     _, _, kept = forwarder_tables(idxs, num_experts, ranks_per_node, node_capacity)
     out = []
-    for d in range(r):
-        m = d // ranks_per_node
+    for m in range(r // ranks_per_node):
         # The slots of node m's experts of a token that did not reach node m are as if masked.
-        lost = 0
         cut = []
+        lost = [0] * r
         for s in range(r):
             ids = idxs[s].copy()
             for i in range(ids.shape[0]):
                 if (s, i, m) in kept:
                     continue
-                ids_d, _ = npr.local_row(ids[i], ws[s][i], d, num_experts, r)
-                if layout == "rank_major":
-                    lost += int((ids_d >= 0).any())
-                else:
-                    lost += len(set(int(v) for v in ids_d if v >= 0))
+                for d in range(m * ranks_per_node, (m + 1) * ranks_per_node):
+                    ids_d, _ = npr.local_row(ids[i], ws[s][i], d, num_experts, r)
+                    if layout == "rank_major":
+                        lost[d] += int((ids_d >= 0).any())
+                    else:
+                        lost[d] += len(set(int(v) for v in ids_d if v >= 0))
                 for k, e in enumerate(ids[i]):
                     if 0 <= e < num_experts and npr.owner_and_local(int(e), num_experts, r)[0] // ranks_per_node == m:
                         ids[i, k] = -1
             cut.append(ids)
         if layout == "rank_major":
-            res = npr.dispatch_rank_major(xs, cut, ws, num_experts, capacity)[d]
+            res = npr.dispatch_rank_major(xs, cut, ws, num_experts, capacity)
         else:
-            res = npr.dispatch_expert_major(xs, cut, ws, num_experts, capacity, alignment)[d]
-        res["dropped"] += lost
-        out.append(res)
+            res = npr.dispatch_expert_major(xs, cut, ws, num_experts, capacity, alignment)
+        for d in range(m * ranks_per_node, (m + 1) * ranks_per_node):
+            res[d]["dropped"] += lost[d]
+            out.append(res[d])
     return out

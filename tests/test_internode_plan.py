@@ -149,7 +149,7 @@ def test_two_legs_equal_flat_dispatch_and_combine(rng, layout):
         c = cap or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
         ys = [rng.standard_normal((c, H)).astype(np.float32) for _ in range(r)]
         rx, src_rank, src_token, rows, dropped, sizes, flat_combined = run_ranks(_flat(e, opts), r, xs, idxs, ws, ys)
-        for el in (4, 2, 1):
+        for el in (4, 2):
             plan = _plan(np.stack(idxs), num_experts=e, ranks_per_node=el, layout=layout, capacity=cap,
                          expert_alignment=alignment)
             np.testing.assert_array_equal(_dispatch_two_legs(np.stack(xs), plan), rx)
@@ -180,3 +180,20 @@ def test_combine_partials_cross_each_rail_once(rng):
     crossings = (np.asarray(plan.rdma_slot) >= 0).sum()
     assert crossings == np.asarray(plan.routing.is_token_in_node).sum()
     assert crossings < np.asarray(plan.routing.is_token_in_rank).sum()  # fewer than the flat all-to-all's rows
+
+
+def test_capacity_hint_is_the_smallest_that_does_not_drop(rng):
+    r, el, t, k, e = 8, 4, 12, 3, 32
+    idx = np.stack(_routing(rng, "skewed", r, t, k, e))
+    node_cap, cap = ip.capacity_hint(idx, num_experts=e, ranks_per_node=el)
+    kw = dict(num_experts=e, ranks_per_node=el)
+    assert int(np.max(_plan(idx, capacity=cap, node_capacity=node_cap, **kw).num_dropped)) == 0
+    assert int(np.max(_plan(idx, capacity=cap, node_capacity=node_cap - 1, **kw).num_dropped)) > 0
+    assert int(np.max(_plan(idx, capacity=cap - 1, node_capacity=node_cap, **kw).num_dropped)) > 0
+    # Expert-major: every group rounded up to the alignment, on the busiest rank.
+    xs = [np.zeros((t, 1), np.float32)] * r
+    ws = [np.ones((t, k), np.float32)] * r
+    want = max(int(w["group_sizes"].sum()) for w in npr.dispatch_expert_major(xs, list(idx), ws, e, r * t * k, 4))
+    assert ip.capacity_hint(idx, layout="expert_major", expert_alignment=4, **kw) == (node_cap, want)
+    with pytest.raises(ValueError, match="slack must be a number >= 1"):
+        ip.capacity_hint(idx, slack=0.5, **kw)
