@@ -170,8 +170,8 @@ def capacity_hint(topk_idx, *, num_experts: int, ranks_per_node: int, layout: st
     """
     if not slack >= 1.0:
         raise ValueError(f"slack must be a number >= 1, got {slack!r}")
-    plan = plan_dispatch(jnp.asarray(topk_idx, jnp.int32), num_experts=num_experts, ranks_per_node=ranks_per_node,
-                         layout=layout, expert_alignment=expert_alignment)
+    plan = _plan_jit(jnp.asarray(topk_idx, jnp.int32), num_experts=num_experts, ranks_per_node=ranks_per_node,
+                     layout=layout, expert_alignment=expert_alignment)
     node = int(jnp.max(plan.num_rdma_needed))
     if layout == "rank_major":
         rows = int(jnp.max(plan.num_recv_rows))
@@ -267,6 +267,10 @@ def plan_dispatch(topk_idx: jax.Array, *, num_experts: int, ranks_per_node: int,
         recv_src_rank=recv_src_rank, recv_src_token=recv_src_token, num_recv_rows=kept_rows.astype(jnp.int32),
         num_dropped=(needed_rows - kept_rows).astype(jnp.int32), expert_group_sizes=group_sizes,
     )
+
+
+_plan_jit = jax.jit(plan_dispatch, static_argnames=("num_experts", "ranks_per_node", "layout", "capacity",
+                                                  "node_capacity", "expert_alignment"))
 
 
 def _needed_rows(topk_idx: jax.Array, num_experts: int, layout: str) -> jax.Array:

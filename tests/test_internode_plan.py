@@ -16,10 +16,7 @@ from jax_ep import internode_plan as ip
 H = 8
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ranks_per_node", "layout", "capacity",
-                                             "node_capacity", "expert_alignment"))
-def _plan(idx, **kw):
-    return ip.plan_dispatch(idx, **kw)
+_plan = ip._plan_jit  # one compiled plan per shape, shared with capacity_hint
 
 
 @functools.partial(jax.jit, static_argnames=("num_experts", "num_nodes", "ranks_per_node"))
