@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_ep.options import LAYOUTS
 from jax_ep.reference import routing
 
 __all__ = [
@@ -194,6 +195,7 @@ def plan_dispatch(topk_idx: jax.Array, *, num_experts: int, ranks_per_node: int,
       node_capacity: ``Cn``, rows of each forwarder's table (``None``: ``N * T``).
       expert_alignment: expert-major group alignment.
     """
+    _check_plan_args(topk_idx, num_experts, ranks_per_node, layout)
     r, t, k = topk_idx.shape
     el, nn = ranks_per_node, r // ranks_per_node
     le = num_experts // r
@@ -267,6 +269,19 @@ def plan_dispatch(topk_idx: jax.Array, *, num_experts: int, ranks_per_node: int,
         recv_src_rank=recv_src_rank, recv_src_token=recv_src_token, num_recv_rows=kept_rows.astype(jnp.int32),
         num_dropped=(needed_rows - kept_rows).astype(jnp.int32), expert_group_sizes=group_sizes,
     )
+
+
+def _check_plan_args(topk_idx, num_experts, ranks_per_node, layout) -> None:
+    if getattr(topk_idx, "ndim", None) != 3 or not jnp.issubdtype(topk_idx.dtype, jnp.integer):
+        raise ValueError(f"topk_idx must be an integer [R, T, K] array (every rank's top-k ids stacked), got "
+                         f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {getattr(topk_idx, 'shape', '')}")
+    r = topk_idx.shape[0]
+    if not isinstance(ranks_per_node, int) or not 1 <= ranks_per_node <= 31 or r % ranks_per_node:
+        raise ValueError(f"ranks_per_node must be an int in [1, 31] dividing R = {r}, got {ranks_per_node!r}")
+    if not isinstance(num_experts, int) or num_experts < r or num_experts % r:
+        raise ValueError(f"num_experts must be a multiple of R = {r}, got {num_experts!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 _plan_jit = jax.jit(plan_dispatch, static_argnames=("num_experts", "ranks_per_node", "layout", "capacity",

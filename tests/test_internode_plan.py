@@ -194,3 +194,15 @@ def test_capacity_hint_is_the_smallest_that_does_not_drop(rng):
     assert ip.capacity_hint(idx, layout="expert_major", expert_alignment=4, **kw) == (node_cap, want)
     with pytest.raises(ValueError, match="slack must be a number >= 1"):
         ip.capacity_hint(idx, slack=0.5, **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(topk_idx=np.zeros((4, 2), np.int32)), "topk_idx must be an integer .R, T, K. array"),
+    (dict(ranks_per_node=3), "ranks_per_node must be an int in .1, 31. dividing R = 4"),
+    (dict(num_experts=6), "num_experts must be a multiple of R = 4"),
+    (dict(layout="node_major"), "layout must be one of"),
+])
+def test_bad_plan_arguments_are_named(kw, match):
+    args = dict(topk_idx=np.zeros((4, 2, 2), np.int32), num_experts=8, ranks_per_node=2) | kw
+    with pytest.raises(ValueError, match=match):
+        ip.plan_dispatch(args.pop("topk_idx"), **args)
