@@ -45,7 +45,7 @@ from jax_ep.reference import routing
 
 __all__ = [
     "NodeRouting", "InternodePlan", "node_routing", "plan_dispatch", "dispatch_two_legs", "combine_two_legs",
-    "default_node_capacity", "default_output_capacity", "capacity_hint",
+    "default_node_capacity", "default_output_capacity", "capacity_hint", "forwarder_counts", "forwarder_rows",
 ]
 
 
@@ -354,3 +354,88 @@ def combine_two_legs(y: jax.Array, plan: InternodePlan) -> jax.Array:
     got = partial[fwd, jnp.maximum(plan.rdma_slot, 0)]  # [R, T, N, ...]
     mask = (plan.rdma_slot >= 0).reshape(plan.rdma_slot.shape + (1,) * len(trail))
     return jnp.sum(jnp.where(mask, got, 0.0), axis=2).astype(y.dtype)
+
+
+
+# --- what one forwarder computes from its own table ------------------------------
+
+
+def _table_hits(table_src_node, table_topk, num_nodes, ranks_per_node, node, num_experts):
+    """bool [L, Cn, K] first slots of the table tokens' experts on each rank of
+    ``node``, and bool [L, Cn, E/R] the local experts each token names there."""
+    el = ranks_per_node
+    r = num_nodes * el
+    local = routing.local_ids_per_rank(table_topk, num_experts, r)
+    local = jax.lax.dynamic_slice_in_dim(local, node * el, el, axis=0)  # [L, Cn, K]; node may be traced
+    first = routing.first_slots(local, local >= 0) & (table_src_node >= 0)[None, :, None]
+    experts = jnp.arange(num_experts // r)
+    per_expert = jnp.any(first[..., None] & (local[..., None] == experts), axis=2)
+    return local, first, per_expert
+
+
+def forwarder_counts(table_src_node: jax.Array, table_topk: jax.Array, *, num_nodes: int, ranks_per_node: int,
+                     node: int, num_experts: int):
+    """What forwarder ``(node, l)`` tells the other ranks of its node in the
+    notify step, counted from its own table.
+
+    Args:
+      table_src_node: ``int32 [Cn]``, each table row's source node, -1 on empty rows.
+      table_topk: ``int32 [Cn, K]``, the global top-k ids each token carries.
+
+    Returns:
+      ``(rank_counts int32 [N, L], expert_counts int32 [N, L, E/R])``: the
+      table's tokens from source node ``n`` that go to rank ``(node, j)``, and
+      to its local expert ``e``.
+    """
+    _, first, per_expert = _table_hits(table_src_node, table_topk, num_nodes, ranks_per_node, node, num_experts)
+    src = jax.nn.one_hot(table_src_node, num_nodes, dtype=jnp.int32)  # [Cn, N]; -1 rows are all zero
+    ranks = jnp.einsum("cn,jc->nj", src, jnp.any(first, axis=-1).astype(jnp.int32))
+    return ranks, jnp.einsum("cn,jce->nje", src, per_expert.astype(jnp.int32))
+
+
+def forwarder_rows(table_src_node: jax.Array, table_topk: jax.Array, rank_counts: jax.Array,
+                   expert_counts: jax.Array, *, num_nodes: int, ranks_per_node: int, node: int, rail: int,
+                   num_experts: int, layout: str, capacity: int, expert_alignment: int = 1) -> jax.Array:
+    """The output rows forwarder ``(node, rail)`` writes, from its own table
+    and its node's notify counts alone (no message per token): its slice of
+    ``InternodePlan.fwd_dst_row``.
+
+    Args:
+      table_src_node, table_topk: this forwarder's table (see ``forwarder_counts``).
+      rank_counts, expert_counts: ``int32 [L, N, L]`` and ``[L, N, L, E/R]``,
+        ``forwarder_counts`` of every forwarder ``(node, l')`` of the node
+        (``l'`` first).
+      capacity: ``C``, output rows per rank.
+
+    Returns:
+      ``int32 [Cn, L, S]`` (``S`` = 1 rank-major, ``K`` expert-major): the row
+      on rank ``(node, j)``, -1 where none.
+    """
+    el, nn = ranks_per_node, num_nodes
+    r = nn * el
+    local, first, per_expert = _table_hits(table_src_node, table_topk, nn, el, node, num_experts)
+    seg = table_src_node[:, None] == jnp.arange(nn)[None, :]  # [Cn, N]
+    src = jnp.maximum(table_src_node, 0) * el + rail  # each row's source rank
+
+    def index_in_source(hits):  # [L, Cn, ...] -> the row's index among its source's hits, in table order
+        mask = seg.reshape((1,) + seg.shape + (1,) * (hits.ndim - 2))
+        run = jnp.cumsum(hits[:, :, None] & mask, axis=1) - 1
+        return jnp.sum(jnp.where(mask, run, 0), axis=2)
+
+    # Source rank s = n * L + l' is counted by forwarder (node, l').
+    if layout == "rank_major":
+        counts = jnp.transpose(rank_counts, (1, 0, 2)).reshape(r, el)  # [R(src), L]
+        before = jnp.cumsum(counts, axis=0) - counts
+        wants = jnp.any(first, axis=-1)  # [L, Cn]
+        row = before[src].T + index_in_source(wants)
+        row = jnp.where(wants & (row < capacity), row, -1)
+        return row.T[:, :, None].astype(jnp.int32)
+    counts = jnp.transpose(expert_counts, (1, 0, 2, 3)).reshape(r, el, -1)  # [R(src), L, E/R]
+    totals = jnp.sum(counts, axis=0)
+    aligned = (totals + expert_alignment - 1) // expert_alignment * expert_alignment
+    start = jnp.cumsum(aligned, axis=-1) - aligned  # [L, E/R]: each group's first row on rank j
+    before = jnp.cumsum(counts, axis=0) - counts  # [R(src), L, E/R]
+    pos = start[:, None, :] + jnp.transpose(before[src], (1, 0, 2)) + index_in_source(per_expert)  # [L, Cn, E/R]
+    row = jnp.take_along_axis(pos, jnp.maximum(local, 0), axis=2)  # [L, Cn, K]
+    row = jnp.where(first & (row < capacity), row, -1)
+    return jnp.transpose(row, (1, 0, 2)).astype(jnp.int32)

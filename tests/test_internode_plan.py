@@ -24,6 +24,9 @@ def _node_routing(idx, **kw):
     return jax.vmap(lambda i: ip.node_routing(i, **kw))(idx)
 
 
+_forwarder_counts = jax.jit(ip.forwarder_counts, static_argnames=("num_nodes", "ranks_per_node", "num_experts"))
+_forwarder_rows = jax.jit(ip.forwarder_rows, static_argnames=(
+    "num_nodes", "ranks_per_node", "num_experts", "layout", "capacity", "expert_alignment"))
 _dispatch_two_legs = jax.jit(ip.dispatch_two_legs)
 _combine_two_legs = jax.jit(ip.combine_two_legs)
 
@@ -206,3 +209,30 @@ def test_bad_plan_arguments_are_named(kw, match):
     args = dict(topk_idx=np.zeros((4, 2, 2), np.int32), num_experts=8, ranks_per_node=2) | kw
     with pytest.raises(ValueError, match=match):
         ip.plan_dispatch(args.pop("topk_idx"), **args)
+
+
+@pytest.mark.parametrize("layout,alignment", [("rank_major", 1), ("expert_major", 4)])
+def test_each_forwarder_places_rows_from_its_table_and_node_counts(rng, layout, alignment):
+    """The notify design: a forwarder's output rows follow from its own table
+    (with the top-k ids each token carries) and its node's counts alone."""
+    r, el, t, k, e = 8, 4, 10, 3, 32
+    nn = r // el
+    for kind, cap, ncap in [("duplicates", None, None), ("skewed", 17, None), ("uniform", None, 9)]:
+        idx = np.stack(_routing(rng, kind, r, t, k, e))
+        plan = _plan(idx, num_experts=e, ranks_per_node=el, layout=layout, capacity=cap, node_capacity=ncap,
+                     expert_alignment=alignment)
+        c = plan.recv_src_rank.shape[1]
+        src_node, src_token = np.asarray(plan.fwd_src_node), np.asarray(plan.fwd_src_token)
+        tables = []
+        for f in range(r):
+            s = np.maximum(src_node[f], 0) * el + f % el
+            topk = np.where((src_node[f] >= 0)[:, None], idx[s, np.maximum(src_token[f], 0)], -1)
+            tables.append((src_node[f], topk))
+        for m in range(nn):
+            kw = dict(num_nodes=nn, ranks_per_node=el, node=m, num_experts=e)
+            counts = [_forwarder_counts(*tables[m * el + l], **kw) for l in range(el)]
+            ranks, experts = np.stack([a for a, _ in counts]), np.stack([b for _, b in counts])
+            for l in range(el):
+                rows = _forwarder_rows(*tables[m * el + l], ranks, experts, rail=l, layout=layout, capacity=c,
+                                         expert_alignment=alignment, **kw)
+                np.testing.assert_array_equal(rows, plan.fwd_dst_row[m * el + l])
