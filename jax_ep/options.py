@@ -206,3 +206,53 @@ class LowLatencyOptions:
         if self.fp8 is None:
             return 0
         return 3 if self.fp8.use_ue8m0 else (2 if self.fp8.round_scale else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InternodeOptions:
+    """Static options of internode normal mode (ranks on several nodes); see
+    docs/internode.md. The per-rank output capacity is
+    ``NormalOptions.num_max_recv_tokens``, with the same meaning and default as
+    within a node. ``None`` fields are derived from the topology, the token
+    count and the row size by ``jax_ep.internode_config.resolve_internode``.
+
+    Attributes:
+      num_max_rdma_recv_tokens: ``Cn``, rows of each forwarder's table of the
+        tokens it receives over RDMA (from the ``N`` ranks of its rail), in
+        (source node, source token) order; rows past it are dropped and
+        reach no rank of that node. ``None``: ``N * T``, which never drops.
+      num_channels: independent ring sets, each on two SMs (``num_sms = 2 *
+        num_channels``); tokens are split into contiguous ranges, one per
+        channel.
+      rdma_chunk_tokens, rdma_ring_tokens: tokens per RDMA put and per
+        RDMA ring (one ring per (channel, destination node)); a ring must hold
+        at least one chunk (``rdma_chunk_tokens <= rdma_ring_tokens``).
+      nvl_chunk_tokens, nvl_ring_tokens: the same for the NVLink rings (one
+        per (channel, forwarder, NVL peer)); ``nvl_chunk_tokens <=
+        nvl_ring_tokens``.
+    """
+
+    num_max_rdma_recv_tokens: int | None = None
+    num_channels: int | None = None
+    rdma_chunk_tokens: int | None = None
+    rdma_ring_tokens: int | None = None
+    nvl_chunk_tokens: int | None = None
+    nvl_ring_tokens: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_positive_int(f.name, getattr(self, f.name), allow_none=True)
+        for leg in ("rdma", "nvl"):
+            check_ring(leg, getattr(self, f"{leg}_chunk_tokens"), getattr(self, f"{leg}_ring_tokens"))
+
+
+def check_ring(leg: str, chunk: int | None, ring: int | None) -> None:
+    """The flow-control condition of one leg's rings (proved by the protocol
+    model, tests/protocol/internode_model.py): a ring holds at least one chunk.
+    A sender publishes only whole chunks until its stream ends, so a chunk
+    larger than the ring never fills and both sides wait forever."""
+    if chunk is not None and ring is not None and chunk > ring:
+        raise ValueError(
+            f"{leg}_chunk_tokens ({chunk}) must be at most {leg}_ring_tokens ({ring}): a ring must hold a "
+            f"whole chunk, or the {leg} leg deadlocks; raise {leg}_ring_tokens or lower {leg}_chunk_tokens"
+        )
