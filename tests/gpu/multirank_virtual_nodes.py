@@ -21,6 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# The put path's symmetric heap (GPU memory outside XLA's pool): these shapes need a few MiB.
+os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "268435456")
+
 from jax_ep.launch import initialize_distributed  # noqa: E402
 
 info = initialize_distributed()
