@@ -181,3 +181,49 @@ def test_plan_peers():
     assert mapped == [100, 200, 0, 0] and names == ("p2p", "local", "put", "put")
     with pytest.raises(RuntimeError, match=r"rank 0 is in rank 1's node but NVSHMEM reaches it only through 'rdma'"):
         plan_peers(1, np.array([0, 0, 1, 1]), (None, 200, None, 400), ("rdma", "p2p", "rdma", "p2p"))
+
+
+@needs_extension
+def test_buffer_across_virtual_nodes_lowers_to_the_put_path(monkeypatch):
+    """A CUDA low-latency Buffer over virtual nodes with ll_transport='nvshmem'
+    creates a put-path buffer (a stand-in here: no GPU) and its methods lower
+    to the put targets with that buffer's id; status() says it is not there."""
+    from jax_ep import ll_put_runtime
+
+    made = []
+
+    class StandIn(ll_put_runtime.PutRuntime):
+        def failure(self):
+            return None
+
+        def destroy(self, timeout_s: float = 60.0):
+            runtime._live.pop(self.buffer_id, None)
+
+    def create(num_bytes, topology, *, timeout_s=100.0):
+        rt = StandIn(1 << 22, 0, topology.num_ranks, int(num_bytes), topology,
+                     tuple("local" if r == 0 else ("p2p" if topology.same_node(0, r) else "put")
+                           for r in range(topology.num_ranks)), timeout_s=timeout_s)
+        runtime._live[rt.buffer_id] = rt
+        made.append(rt)
+        return rt
+
+    monkeypatch.setattr(ll_put_runtime.PutRuntime, "create", staticmethod(create))
+    n = len(jax.devices())
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, backend="cuda")
+    with jax_ep.Buffer(num_experts=2 * n, axis_name=None, ranks_per_node=2, ll_transport="nvshmem",
+                       low_latency=opts, num_ll_bytes=1 << 20) as buf:
+        assert made and buf.low_latency.buffer_id == 1 << 22
+        assert buf.low_latency_transports[:3] == ("local", "p2p", "put")
+        assert not buf.low_latency_zero_copy
+
+        def step(x, idx, w):
+            o = buf.low_latency_dispatch(x, idx)
+            return buf.low_latency_combine(o.recv_x, w, o.handle)
+
+        lines = _lower(step, X, IDX, W)
+        assert [line.split("@", 1)[1].split("(", 1)[0] for line in lines] == [
+            f"jax_ep_ll_put_{op}" for op in PUT_TARGETS]
+        assert all(f"buffer_id = {1 << 22} : i64" in line for line in lines)
+        with pytest.raises(NotImplementedError, match=r"not implemented on the put path.*buffer.check\(\)"):
+            buf.status(mode="low_latency")
+    assert (1 << 22) not in runtime._live

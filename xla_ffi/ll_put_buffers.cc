@@ -90,13 +90,20 @@ int create_put_buffer(int device, int rank, int num_ranks, std::uintptr_t local,
 }
 
 void destroy_put_buffer(int id) {
-  std::shared_ptr<PutBuffer> gone;  // freed outside the lock
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  auto it = r.buffers.find(id);
-  if (it == r.buffers.end()) return;
-  gone = std::move(it->second);
-  r.buffers.erase(it);
+  std::shared_ptr<PutBuffer> gone;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    auto it = r.buffers.find(id);
+    if (it == r.buffers.end()) return;
+    gone = std::move(it->second);
+    r.buffers.erase(it);
+  }
+  // This rank's kernels on the buffer finish before its symmetric memory is
+  // freed (the caller frees it next, collectively). An error (a kernel that
+  // gave up and trapped) leaves nothing to wait for.
+  if (cudaSetDevice(gone->device()) == cudaSuccess) cudaDeviceSynchronize();
+  cudaGetLastError();
 }
 
 std::shared_ptr<PutBuffer> find_put_buffer(int64_t id, int device, std::string* error) {
