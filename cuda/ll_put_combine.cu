@@ -72,8 +72,10 @@ __global__ void __launch_bounds__(1024) combine_wait_kernel(Args a) {
   const int R = a.peers.num_ranks;
   const Layout l = Layout::make(a.shape, R);
   const int half = static_cast<int>(ld_volatile(&detail::control(a)->combine_call) & 1ull);
-  for (int src = threadIdx.x; src < R; src += blockDim.x)
-    if (!detail::skips(a, src)) detail::wait_done(a, reinterpret_cast<const unsigned long long*>(a.peers.local + combine_word(l, half, src)), src);
+  for (int src = threadIdx.x; src < R; src += blockDim.x) {
+    if (detail::skips(a, src)) continue;
+    detail::wait_done(a, reinterpret_cast<const unsigned long long*>(a.peers.local + combine_word(l, half, src)), src);
+  }
 }
 
 // out[t] = sum_k w[t, k] * row(t, first slot naming topk_idx[t, k]) in
