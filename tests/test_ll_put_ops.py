@@ -227,3 +227,20 @@ def test_buffer_across_virtual_nodes_lowers_to_the_put_path(monkeypatch):
         with pytest.raises(NotImplementedError, match=r"not implemented on the put path.*buffer.check\(\)"):
             buf.status(mode="low_latency")
     assert (1 << 22) not in runtime._live
+
+
+def test_put_runtime_failure_names_the_peer(monkeypatch):
+    """The failure word (1 + the peer a receive gave up on) becomes a timeout
+    CommunicationError naming that peer; 0 is no failure."""
+    from jax_ep import faults, topology
+    from jax_ep.ll_put_runtime import PutRuntime
+
+    word = {"value": 0}
+    monkeypatch.setattr(nvshmem, "_module", lambda: types.SimpleNamespace(put_buffer_failure=lambda i: word["value"]))
+    rt = PutRuntime(1 << 22, 1, 4, 1 << 20, topology.make_topology(4, 2, environ={}), timeout_s=5.0)
+    assert rt.failure() is None
+    word["value"] = 1 + 3
+    err = rt.failure()
+    assert isinstance(err, faults.CommunicationError)
+    assert (err.kind, err.rank, err.peer) == ("timeout", 1, 3)
+    assert "rank 1 waited more than timeout_s=5 s for rank 3" in str(err)
