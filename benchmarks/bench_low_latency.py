@@ -31,6 +31,20 @@ divides, FP8 (and BF16) dispatch, BF16 combine. For each SM budget:
   send runs on its own stream; the profile gives the fraction of send-kernel
   time that ran while a matmul kernel of the same rank was running.
 
+**Virtual nodes** (``--ranks-per-node N``): the ranks in nodes of N, peers in
+other nodes reached by NVSHMEM puts (the put path, ``ll_transport="nvshmem"``),
+beside the flat NVLink run at the same R (run both: the JSON names carry
+``_rpnN``). The put path has no pull / zero-copy / FP8-combine variants, so
+those rows are left out. Its **no SM held** check, from rank 0's profile of
+the split with the matmul between send and receive: per call, the gap from
+the send kernel's end to the receive's first kernel's start
+(``*_send_to_recv_gap_us``) against the receive's kernel time (wait + copy,
+``*_recv_kernel_us``). The send only issues puts, so while the data moves no
+jax_ep kernel runs; once the gap covers the transfer the receive's wait is
+short (compare it with the fused call's wait). To read the same from Nsight
+Systems instead: ``nsys profile -t cuda --capture-range=cudaProfilerApi``
+around one rank and look at the ``ll_put`` kernels on its streams.
+
 Rank 0 first measures the device copy roofline (a 1 GiB device-to-device
 copy, alone on the GPU) and reports each steady time's aggregate GB/s (all
 R ranks) as a fraction of it. Rank 0 prints the table and writes
@@ -60,6 +74,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from ll_bench_args import parse_args as _parse_args, result_name  # noqa: E402  (benchmarks/ll_bench_args.py)
 from roofline import copy_roofline_gbps  # noqa: E402  (benchmarks/roofline.py)
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
@@ -71,19 +86,7 @@ ITERS = 64  # unrolled calls per timed program: the ranks' start skew is spread 
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sms", default="4,8,16", help="comma-separated SM budgets per rank")
-    p.add_argument("--matmul", type=int, default=2048, help="N of the N x N x N BF16 matmul used as compute")
-    p.add_argument("--reps", type=int, default=7, help="timed repetitions of each loop (median)")
-    p.add_argument("--no-profile", action="store_true", help="skip the profiler trace")
-    p.add_argument("--no-overlap", action="store_true", help="skip the matmul overlap loops")
-    p.add_argument("--out", default=None, help="folder for low_latency_R{R}.json")
-    p.add_argument("--transport", default="ipc", choices=("ipc", "nvshmem"),
-                   help="how the low-latency buffer reaches peers (Buffer.ll_transport)")
-    p.add_argument("--no-signatures", action="store_true",
-                   help="run without the per-call signature check (JAX_EP_CALL_SIGNATURES=0 on every rank), "
-                        "to measure its cost against a run with it")
-    args = p.parse_args()
+    args = _parse_args(num_ranks=R, description=__doc__.split("\n\n")[0])
     if args.no_signatures:
         os.environ["JAX_EP_CALL_SIGNATURES"] = "0"  # read by the extension at its first call
     return args
@@ -146,13 +149,13 @@ def first(r):
 
 # --- profile ---------------------------------------------------------------------
 
-KERNELS = {  # phase -> substrings of the kernel names (jax_ep::low_latency::*)
-    "dispatch_send": ("low_latency::(anonymous namespace)::send_kernel", "stage_kernel"),
-    "dispatch_wait": ("wait_counts_kernel", "wait_staged_kernel"),
-    "dispatch_copy": ("dispatch_recv_kernel", "dispatch_pull_kernel"),
+KERNELS = {  # phase -> substrings of the kernel names (jax_ep::low_latency::*, jax_ep::ll_put::*)
+    "dispatch_send": ("low_latency::(anonymous namespace)::send_kernel", "stage_kernel", "dispatch_send_kernel"),
+    "dispatch_wait": ("wait_counts_kernel", "wait_staged_kernel", "dispatch_wait_kernel"),
+    "dispatch_copy": ("dispatch_recv_kernel", "dispatch_pull_kernel", "dispatch_pack_kernel"),
     "combine_send": ("combine_send_kernel",),
-    "combine_wait": ("wait_flags_kernel",),
-    "combine_copy": ("combine_recv_kernel",),
+    "combine_wait": ("wait_flags_kernel", "combine_wait_kernel"),
+    "combine_copy": ("combine_recv_kernel", "combine_sum_kernel"),
 }
 
 
@@ -223,6 +226,23 @@ def median_call_span(by_phase, kind):
     return float(np.median(spans)) / 1e3
 
 
+def median_send_to_recv_gap(by_phase, kind):
+    """Median over the calls of `kind` of the time from a send kernel's end to
+    the next receive kernel's start (wait, else copy): while it lasts no
+    jax_ep kernel of the call holds an SM."""
+    sends = sorted(by_phase.get(f"{kind}_send", []))
+    recvs = sorted(by_phase.get(f"{kind}_wait", []) or by_phase.get(f"{kind}_copy", []))
+    gaps, j = [], 0
+    for _, send_end in sends:
+        while j < len(recvs) and recvs[j][0] < send_end:
+            j += 1
+        if j == len(recvs):
+            break
+        gaps.append(recvs[j][0] - send_end)
+        j += 1
+    return float(np.median(gaps)) / 1e3 if gaps else None
+
+
 def profile(fn, *args, calls):
     """Kernel time per call of each phase over one traced run of loop(fn), and
     the fraction of send-kernel time that ran beside compute kernels."""
@@ -249,6 +269,10 @@ def profile(fn, *args, calls):
         span = median_call_span(by_phase, kind)
         if span is not None:
             result[f"{kind}_span_us"] = span
+        gap = median_send_to_recv_gap(by_phase, kind)
+        if gap is not None:
+            result[f"{kind}_send_to_recv_gap_us"] = gap
+            result[f"{kind}_recv_kernel_us"] = result.get(f"{kind}_wait_us", 0.0) + result.get(f"{kind}_copy_us", 0.0)
     # The GPU timeline of one call: from its first kernel's start to its last
     # kernel's end, and the time some kernel ran (the rest: gaps, e.g. launches).
     everything = [(s, e) for _, s, e in kernels]
@@ -271,10 +295,12 @@ def bench_budget(sms, args):
     def compute(a):
         return jnp.tanh(a @ a).astype(jnp.float32).sum() * 1e-9
 
+    rpn = args.ranks_per_node
+    put = rpn is not None  # the put path: no pull, zero-copy or FP8-combine variants
     for fp8 in (jax_ep.FP8Options(), None):
         buf = jax_ep.Buffer(
-            num_experts=E, axis_name=None, num_nvl_bytes=1 << 22,
-            num_ll_bytes=jax_ep.low_latency_buffer_bytes(M, H, R, K, E, fp8),
+            num_experts=E, axis_name=None, num_nvl_bytes=1 << 22, ranks_per_node=rpn,
+            num_ll_bytes=jax_ep.low_latency_buffer_bytes(M, H, R, K, E, fp8, ranks_per_node=rpn),
             low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, fp8=fp8, backend="cuda",
                                                  num_sms=sms),
             timeout_s=60.0, ll_transport=args.transport)
@@ -313,7 +339,8 @@ def bench_budget(sms, args):
 
         reps = args.reps
         row = dict(ranks=R, sms=sms, payload="FP8" if fp8 else "BF16", matmul_n=n, pairs=pairs,
-                   transport=args.transport)
+                   transport=args.transport, ranks_per_node=rpn or R,
+                   peers=list(buf.low_latency_transports))
         row["trivial_op_loop_us"] = time_per_call(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         row["dispatch_us"] = time_per_call(disp, x, idx, reps=reps)
         row["dispatch_steady_us"] = time_per_call_steady(disp, x, idx, reps=reps)
@@ -321,14 +348,16 @@ def bench_budget(sms, args):
         row["trivial_op_fori_us"] = time_per_call_fori(lambda x: x[0, 0].astype(jnp.float32), x, reps=reps)
         disp_bytes = pairs * ((H + H / 128 * 4 + 16) if fp8 else 2 * H)
         row["dispatch_gbps"] = disp_bytes / row["dispatch_steady_us"] / 1e3
-        row["dispatch_push_us"] = time_per_call(disp_push, x, idx, reps=reps)
-        row["dispatch_push_fori_us"] = time_per_call_fori(disp_push, x, idx, reps=reps)
+        if not put:
+            row["dispatch_push_us"] = time_per_call(disp_push, x, idx, reps=reps)
+            row["dispatch_push_fori_us"] = time_per_call_fori(disp_push, x, idx, reps=reps)
         if fp8 is not None:  # BF16 combine once per budget
             row["combine_us"] = time_per_call(comb, yb, w, handle, reps=reps)
             row["combine_steady_us"] = time_per_call_steady(comb, yb, w, handle, reps=reps)
             row["combine_gbps"] = pairs * 2 * H / row["combine_steady_us"] / 1e3
             row["combine_fori_us"] = time_per_call_fori(comb, yb, w, handle, reps=reps)
             row["combine_zero_copy"] = buf.low_latency_zero_copy
+        if fp8 is not None and not put:
             hp = dataclasses.replace(handle, spec=dataclasses.replace(
                 handle.spec, options=dataclasses.replace(handle.spec.options, combine_zero_copy=False)))
             row["combine_push_us"] = time_per_call(comb, yb, w, hp, reps=reps)
@@ -371,7 +400,10 @@ def bench_budget(sms, args):
 
 
 def summarize(rows):
-    print(f"\nlow latency, R = {R}, T = {T}, H = {H}, top-{K} of {E} experts, device {jax.devices()[0].device_kind}")
+    rpn = rows[0]["ranks_per_node"]
+    nodes = f", {R // rpn} virtual nodes of {rpn} (put path)" if rpn != R else ""
+    print(f"\nlow latency, R = {R}{nodes}, T = {T}, H = {H}, top-{K} of {E} experts, "
+          f"device {jax.devices()[0].device_kind}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print("| SMs | payload | dispatch us: steady / 64 unrolled / fori_loop / kernel span (GB/s per rank; "
           "R ranks over the copy roofline) | combine us (same) | loop floor us: unrolled / fori_loop | "
@@ -391,7 +423,8 @@ def summarize(rows):
             return (f"{r[f'{op}_steady_us']:.0f} / {r[f'{op}_us']:.0f} / {r[f'{op}_fori_us']:.0f} / "
                     f"{f.get(f'{op}_span_us', nan):.0f} ({r[f'{op}_gbps']:.0f}; {r.get(f'{op}_roofline_fraction', nan):.2f})")
 
-        others = f"{r['dispatch_push_us']:.0f} / {r['dispatch_push_fori_us']:.0f}"
+        others = (f"{r['dispatch_push_us']:.0f} / {r['dispatch_push_fori_us']:.0f}" if "dispatch_push_us" in r
+                  else "- (put path)")
         if "combine_push_us" in r:
             others += (f", {r['combine_push_us']:.0f} / {r['combine_push_fori_us']:.0f}"
                        f" (zero copy {'on' if r['combine_zero_copy'] else 'OFF'})")
@@ -401,6 +434,16 @@ def summarize(rows):
               f"{r['trivial_op_loop_us']:.0f} / {r['trivial_op_fori_us']:.0f} | {others} | {split} |")
     if "matmul_us" not in rows[0]:
         return
+    print("\n| SMs | payload | op | send-to-receive gap us | receive kernel us (wait + copy) | fused call's wait us |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        prof = r.get("profile_rank0", {})
+        a = prof.get("async_send", {}) if isinstance(prof, dict) else {}
+        f = prof.get("fused", {}) if isinstance(prof, dict) else {}
+        for kind in ("dispatch", "combine"):
+            if f"{kind}_send_to_recv_gap_us" in a:
+                print(f"| {r['sms']} | {r['payload']} | {kind} | {a[f'{kind}_send_to_recv_gap_us']:.0f} | "
+                      f"{a[f'{kind}_recv_kernel_us']:.0f} | {f.get(f'{kind}_wait_us', nan):.0f} |")
     print("\n| SMs | payload | matmul us | dispatch then matmul | between, XLA stream | between, send stream | send beside matmul |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -443,16 +486,17 @@ def main():
         print(f"device copy roofline: {roof_gbps:.0f} GB/s payload (1 GiB in {roof_t * 1e6:.0f} us)", flush=True)
     barrier("roofline")
     rows = []
-    for sms in [int(s) for s in args.sms.split(",")]:
+    for sms in args.sms_list:
         rows += bench_budget(sms, args)
     if ME == 0:
         add_roofline_fractions(rows, roof_gbps)
         summarize(rows)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            path = os.path.join(args.out, f"low_latency_R{R}.json")
+            path = os.path.join(args.out, result_name(R, args.ranks_per_node))
             with open(path, "w") as f:
                 json.dump(dict(device=str(jax.devices()[0].device_kind), ranks=R, tokens=T, hidden=H, topk=K,
+                               ranks_per_node=args.ranks_per_node or R, transport=args.transport,
                                roofline_gbps=roof_gbps,
                                experts=E, note=f"per-call wall time over {ITERS} back-to-back calls in one jit "
                                                f"(*_us), in a fori_loop (*_fori_us), steady ((3 x {ITERS} calls - "

@@ -113,7 +113,10 @@ nanobind_add_module(_nvshmem NB_STATIC
   # module: it is the one registered with the host library.
   "${_jax_ep_nvshmem_src}/cuda/ll_put_dispatch.cu"
   "${_jax_ep_nvshmem_src}/cuda/ll_put_combine.cu"
-  "${_jax_ep_nvshmem_src}/cuda/ll_put_direct.cu")
+  "${_jax_ep_nvshmem_src}/cuda/ll_put_direct.cu"
+  # Their XLA FFI handlers and buffer registry (plain C++).
+  "${_jax_ep_nvshmem_src}/xla_ffi/ll_put.cc"
+  "${_jax_ep_nvshmem_src}/xla_ffi/ll_put_buffers.cc")
 target_include_directories(_nvshmem PRIVATE "${_jax_ep_nvshmem_src}/cuda")
 target_compile_definitions(_nvshmem PRIVATE JAX_EP_WITH_NVSHMEM=1)
 # The runtime holds the kernels and every NVSHMEM call: compile it as CUDA.
@@ -121,6 +124,7 @@ set_source_files_properties("${_jax_ep_nvshmem_src}/xla_ffi/nvshmem_runtime.cc"
   TARGET_DIRECTORY _nvshmem PROPERTIES LANGUAGE CUDA)
 target_include_directories(_nvshmem SYSTEM PRIVATE
   "${JAX_EP_NVSHMEM_INCLUDE_DIR}"
+  "$<$<COMPILE_LANGUAGE:CXX>:${XLA_FFI_INCLUDE_DIR}>"
   "$<$<COMPILE_LANGUAGE:CXX>:${_jax_ep_cccl}>")
 target_link_directories(_nvshmem PRIVATE "${JAX_EP_NVSHMEM_LIB_DIR}")
 target_link_libraries(_nvshmem PRIVATE jax_ep::nvshmem_device CUDA::cudart_static

@@ -29,7 +29,7 @@
 // after the put was delivered. tests/protocol/ll_put_model.py models it.
 //
 // These kernels link NVSHMEM device code (JAX_EP_WITH_NVSHMEM): they live in
-// the jax_ep._nvshmem module. They are not yet called by an FFI handler.
+// the jax_ep._nvshmem module; xla_ffi/ll_put.cc holds their FFI handlers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -107,6 +107,7 @@ struct Args {
   Shape shape;
   unsigned long long timeout_ns;  // how long a receive waits for a peer's signal
   int* status;                    // device word: 1 + the peer a receive gave up on (first wins); null: none
+  const bool* rank_mask;          // device bool[R], true: a masked rank (never written to nor waited for); null: none
 };
 
 // Bytes of the symmetric buffer for these shapes (both halves of everything).
@@ -134,6 +135,12 @@ cudaError_t launch_combine_recv(const Args& a, const int* topk_idx, const float*
 namespace detail {
 
 __device__ __forceinline__ Control* control(const Args& a) { return reinterpret_cast<Control*>(a.peers.local); }
+
+// Whether rank `r` is masked for this call. A masked rank's own calls send
+// and wait for nothing (its routing is all -1), and no rank writes to or
+// waits for it, so no signal word can change after its reader reset it.
+__device__ __forceinline__ bool masked(const Args& a, int r) { return a.rank_mask != nullptr && a.rank_mask[r]; }
+__device__ __forceinline__ bool skips(const Args& a, int peer) { return masked(a, a.peers.rank) || masked(a, peer); }
 
 // A receive gave up waiting for `peer`: record it, then stop the kernel.
 __device__ __forceinline__ void give_up(const Args& a, int peer) {

@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     for (int owner = threadIdx.x; owner < R; owner += blockDim.x) {
+      if (detail::skips(a, owner)) continue;
       transport::signal_add(a.peers, owner, combine_word(l, half, me),
                             transport::signal_final_value(static_cast<unsigned int>(count[owner])));
     }
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   for (long long r = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows_total;
        r += static_cast<long long>(gridDim.x) * blockDim.x / 32) {
     const int owner = src_rank[r];
-    if (owner < 0) continue;
+    if (owner < 0 || detail::skips(a, owner)) continue;
     const char* from = reinterpret_cast<const char*>(y + r * s.hidden);
     if (a.peers.path[owner] == transport::PeerPath::kPut) {  // a put's source must be symmetric memory
       char* staged = stage + r * row_bytes;
@@ -71,8 +72,10 @@ __global__ void __launch_bounds__(1024) combine_wait_kernel(Args a) {
   const int R = a.peers.num_ranks;
   const Layout l = Layout::make(a.shape, R);
   const int half = static_cast<int>(ld_volatile(&detail::control(a)->combine_call) & 1ull);
-  for (int src = threadIdx.x; src < R; src += blockDim.x)
+  for (int src = threadIdx.x; src < R; src += blockDim.x) {
+    if (detail::skips(a, src)) continue;
     detail::wait_done(a, reinterpret_cast<const unsigned long long*>(a.peers.local + combine_word(l, half, src)), src);
+  }
 }
 
 // out[t] = sum_k w[t, k] * row(t, first slot naming topk_idx[t, k]) in

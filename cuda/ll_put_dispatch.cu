@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const _
     }
     __syncthreads();
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
+      if (detail::skips(a, e / le)) continue;
       transport::signal_add(a.peers, e / le, dispatch_word(l, half, e % le, me, R),
                             transport::signal_final_value(static_cast<unsigned int>(count[e])));
     }
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const _
     __syncthreads();
     for (int k = warp; k < K; k += kWarps) {
       const int e = ids[k];
-      if (e < 0 || !first_slot(ids, k)) continue;
+      if (e < 0 || !first_slot(ids, k) || detail::skips(a, e / le)) continue;
       const int index = earlier_tokens_naming(topk_idx, t, K, e, lane);
       const int dst = e / le, li = e % le;
       const std::size_t slot = l.dispatch_rows + half * l.dispatch_rows_half +
@@ -111,6 +112,7 @@ __global__ void __launch_bounds__(1024) dispatch_wait_kernel(Args a) {
   const Layout l = Layout::make(a.shape, R);
   const int half = static_cast<int>(ld_volatile(&detail::control(a)->dispatch_call) & 1ull);
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
+    if (detail::skips(a, i % R)) continue;
     const auto* word = reinterpret_cast<const unsigned long long*>(a.peers.local + dispatch_word(l, half, i / R, i % R, R));
     detail::wait_done(a, word, i % R);
   }
@@ -135,6 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     int o = 0;
     for (int src = 0; src < R; ++src) {
       start[li * R + src] = o;
+      if (detail::skips(a, src)) continue;
       o += static_cast<int>(transport::signal_count(
           ld_volatile(reinterpret_cast<const unsigned long long*>(a.peers.local + dispatch_word(l, half, li, src, R)))));
     }

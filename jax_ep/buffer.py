@@ -50,9 +50,12 @@ class Buffer:
         ``JAX_EP_RANKS_PER_NODE``, else the hosts the ranks run on). Peers in
         another node are reached by NVSHMEM puts, never through a pointer,
         even on one host; see ``jax_ep.topology`` and docs/multinode.md. It
-        must divide the EP ranks and each host's ranks. The CUDA backend
-        reaches only peers of its own node today: a CUDA Buffer whose ranks
-        span several (virtual) nodes raises NotImplementedError.
+        must divide the EP ranks and each host's ranks. Across several
+        (virtual) nodes the CUDA low-latency mode runs over NVSHMEM puts
+        (``ll_transport="nvshmem"``; peers of a rank's own node still through
+        pointers, in the same kernels): same outputs and handle, no gradient,
+        no FP8 combine rows. The CUDA normal mode reaches only peers of its
+        own node: across nodes it raises NotImplementedError.
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.
@@ -86,7 +89,7 @@ class Buffer:
         self._nodes = self.ranks_per_node or _topology.ranks_per_node_from_env()
         if "cuda" in (self.normal.backend, self.low_latency.backend):
             self._topo = _topology.discover(self._nodes, timeout_s=120.0)
-            _require_single_node(self._topo, self.normal.backend, self.low_latency.backend)
+            _check_node_support(self._topo, self.normal.backend, self.low_latency, self.ll_transport)
             from jax_ep.runtime import agree_on_buffer
 
             agree_on_buffer(self._agreed_config())
@@ -105,8 +108,13 @@ class Buffer:
                 )
             if self.ll_transport not in ("ipc", "nvshmem"):
                 raise ValueError(f"ll_transport must be 'ipc' or 'nvshmem', got {self.ll_transport!r}")
-            create = IntranodeRuntime.create_nvshmem if self.ll_transport == "nvshmem" else IntranodeRuntime.create
-            self._ll_runtime = create(self.num_ll_bytes, timeout_s=self.timeout_s)
+            if not self._topo.single_node:  # the put path (checked by _check_node_support)
+                from jax_ep.ll_put_runtime import PutRuntime
+
+                self._ll_runtime = PutRuntime.create(self.num_ll_bytes, self._topo, timeout_s=self.timeout_s)
+            else:
+                create = IntranodeRuntime.create_nvshmem if self.ll_transport == "nvshmem" else IntranodeRuntime.create
+                self._ll_runtime = create(self.num_ll_bytes, timeout_s=self.timeout_s)
             self._ll_runtime.share_xla_memory()
             self.low_latency = dataclasses.replace(self.low_latency, buffer_id=self._ll_runtime.buffer_id)
 
@@ -148,7 +156,8 @@ class Buffer:
 
     @property
     def low_latency_transports(self) -> tuple:
-        """How the low-latency buffer reaches each rank ("local", "ipc" or "p2p")."""
+        """How the low-latency buffer reaches each rank ("local", "ipc", "p2p",
+        or "put" for a rank in another node)."""
         return self._ll_runtime.transports if self._ll_runtime is not None else ()
 
     @property
@@ -325,20 +334,35 @@ def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
     if rt is None:
         rank = jax.lax.axis_index(buffer.axis_name) if buffer.axis_name is not None else 0
         return jnp.stack([jnp.int32(0), jnp.int32(-1), jnp.asarray(rank, jnp.int32), jnp.int32(-1)])
+    if getattr(rt, "put_path", False):
+        raise NotImplementedError(
+            "jax_ep.status(mode='low_latency') is not implemented on the put path (ranks in several nodes): "
+            "its failures are read on the host, with buffer.check()")
     from jax_ep import cuda_ops
 
     return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)
-def _require_single_node(topology, normal_backend: str, ll_backend: str) -> None:
-    """The CUDA kernels reachable from Python store through pointers: refuse
-    ranks in several (virtual) nodes rather than use pointers across them."""
+def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOptions, ll_transport: str) -> None:
+    """Across several (virtual) nodes only the low-latency mode has CUDA
+    kernels (over NVSHMEM puts): refuse the rest with what would work."""
     if topology.single_node:
         return
-    which = " and ".join(f"{name}.backend='cuda'" for name, b in (("normal", normal_backend),
-                                                                  ("low_latency", ll_backend)) if b == "cuda")
-    raise NotImplementedError(
-        f"jax_ep: {which} with {topology.describe()}: the CUDA kernels reach only peers of their own node "
-        f"(through pointers: CUDA IPC or nvshmem_ptr), and the NVSHMEM put path between nodes "
-        f"(cuda/transport.cuh, cuda/ll_put_*.cu) is not yet callable from Python. Today: run the CUDA backend "
-        f"with every rank on one host and ranks_per_node unset or {topology.num_ranks} "
-        f"(and {_topology.RANKS_PER_NODE_ENV} unset), or use backend='xla', which runs across nodes"
-    )
+    where = topology.describe()
+    if normal_backend == "cuda":
+        raise NotImplementedError(
+            f"jax_ep: normal.backend='cuda' with {where}: the normal mode's CUDA kernels reach only peers of "
+            f"their own node (internode normal mode does not exist yet). Use normal.backend='xla' across nodes, "
+            f"or every rank on one host with ranks_per_node unset or {topology.num_ranks} "
+            f"(and {_topology.RANKS_PER_NODE_ENV} unset)"
+        )
+    if low_latency.backend != "cuda":
+        return
+    if ll_transport != "nvshmem":
+        raise NotImplementedError(
+            f"jax_ep: low_latency.backend='cuda' with {where} needs ll_transport='nvshmem' (peers in another node "
+            f"are reached by NVSHMEM puts), got ll_transport={ll_transport!r}"
+        )
+    if low_latency.combine_fp8:
+        raise NotImplementedError(
+            f"jax_ep: LowLatencyOptions(combine_fp8=True) with {where}: the put path's combine returns BF16 rows; "
+            f"use combine_fp8=False"
+        )

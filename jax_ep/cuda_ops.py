@@ -218,6 +218,20 @@ def _handle_mask(handle) -> jax.Array:
     return _rank_mask(handle.spec, handle.extra.get("rank_mask"))
 
 
+def _put_path(spec) -> bool:
+    """Whether the call's buffer is a put-path buffer (ranks in several nodes:
+    ``jax_ep.ll_put_runtime``); its calls go to ``jax_ep.cuda_put_ops``."""
+    from jax_ep import runtime
+
+    return bool(getattr(runtime.lookup(spec.options.buffer_id), "put_path", False))
+
+
+def _put_ops():
+    from jax_ep import cuda_put_ops
+
+    return cuda_put_ops
+
+
 def _target(name: str, asynchronous: bool) -> str:
     return name + ("_async" if asynchronous else "")
 
@@ -233,6 +247,8 @@ def ll_dispatch_send(
     the shapes allow it); its receive must pass ``pull`` too.
     rank_mask: bool [R], the ranks this call leaves out (``jax_ep.rank_mask``);
     its receive takes the same array."""
+    if _put_path(spec):
+        return _put_ops().ll_dispatch_send(x, topk_idx, spec, rank_mask=rank_mask)
     attrs = _ll_attrs(spec)
     attrs.pop("num_tokens")
     attrs["pull"] = np.int64(pull)
@@ -252,6 +268,8 @@ def ll_dispatch_recv(
     pull: the send staged (``ll_dispatch_send(..., pull=True)``); copy from there."""
     from jax_ep.handle import LowLatencyHandle
 
+    if _put_path(spec):
+        return _put_ops().ll_dispatch_recv(token, topk_idx, spec, rank_mask=rank_mask)
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
     fp8 = spec.options.fp8
     if fp8 is None:
@@ -292,6 +310,8 @@ def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy:
     asynchronous: as in ``ll_dispatch_send``; the receive then takes ``sent_y=y``.
     zero_copy: only record where the rows lie in this rank's XLA memory (where
     it can; else push); the receive must then take ``sent_y=y`` and ``zero_copy``."""
+    if _put_path(handle.spec):
+        return _put_ops().ll_combine_send(y, handle)
     call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
     return call(_handle_mask(handle), *_combine_send_operands(y, handle), **_ll_attrs(handle.spec),
                 zero_copy=np.int64(zero_copy))
@@ -307,6 +327,8 @@ def ll_combine_recv(
     asynchronous send (as ``sent_x`` in ``ll_dispatch_recv``) or a zero-copy
     one, whose rows the peers read from y during this receive."""
     spec = handle.spec
+    if _put_path(spec):
+        return _put_ops().ll_combine_recv(token, topk_weights, handle)
     call = jax.ffi.ffi_call(
         _target("jax_ep_ll_combine_recv", asynchronous),
         jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
@@ -333,6 +355,8 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
     first slot naming its expert), zeros on masked slots. A combine without
     the sum: the rows travel back as in ``ll_combine``."""
     spec = handle.spec
+    if _put_path(spec):
+        _put_ops().no_gradient("ll_gather_back")
     if spec.options.combine_fp8:  # the unsummed rows travel as BF16
         spec = dataclasses.replace(spec, options=dataclasses.replace(spec.options, combine_fp8=False))
         handle = dataclasses.replace(handle, spec=spec)
@@ -352,6 +376,8 @@ def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
     travels like a BF16 low-latency dispatch (one row per slot instead of one
     per token). Padding rows are zero."""
     spec = handle.spec
+    if _put_path(spec):
+        _put_ops().no_gradient("ll_scatter_out")
     idx = handle.topk_idx
     same = (idx[:, :, None] == idx[:, None, :]).astype(jnp.float32)  # [T, K, K]
     rows = jnp.einsum("tkj,tjh->tkh", same, v.astype(jnp.float32), precision="highest").astype(jnp.bfloat16)

@@ -98,6 +98,27 @@ def version_mismatch(host: str, built: str) -> str:
 
 _N, _IMPORT_ERROR = _load()
 
+
+def register_targets() -> tuple:
+    """Register the FFI targets of ``jax_ep._nvshmem`` (the low-latency put
+    path, xla_ffi/ll_put.cc) with XLA for CUDA, once; their names (empty
+    without the module). Done at import."""
+    if _N is None:
+        return ()
+    import jax
+
+    done = getattr(_N, "_jax_ep_registered_targets", None)  # on the module: survives a reload of this one
+    if done is None:
+        targets = _N.registrations()
+        for name in sorted(targets):
+            jax.ffi.register_ffi_target(name, targets[name], platform="CUDA")
+        done = tuple(sorted(targets))
+        _N._jax_ep_registered_targets = done
+    return done
+
+
+register_targets()
+
 _lock = threading.RLock()
 _generation = 0          # bumped by finalize(): keys of a new bootstrap differ
 _init_info: dict | None = None

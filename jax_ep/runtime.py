@@ -467,13 +467,20 @@ def intranode_buffer_bytes(
 
 def low_latency_buffer_bytes(
     max_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int, fp8=None,
+    ranks_per_node: int | None = None,
 ) -> int:
     """``num_ll_bytes`` a Buffer needs for low-latency calls of these shapes
     (``max_tokens`` = ``num_max_dispatch_tokens_per_rank``; ``fp8`` an
-    ``FP8Options`` or None)."""
+    ``FP8Options`` or None). ``ranks_per_node`` smaller than ``num_ranks``
+    (the Buffer's, when it spans several nodes) sizes the put path's buffer
+    instead (``jax_ep.ll_put_runtime``; needs ``jax_ep._nvshmem``)."""
+    payload = 0 if fp8 is None else (3 if fp8.use_ue8m0 else (2 if fp8.round_scale else 1))
+    if ranks_per_node is not None and ranks_per_node < num_ranks:
+        from jax_ep import ll_put_runtime
+
+        return ll_put_runtime.buffer_bytes(max_tokens, hidden, num_ranks, num_topk, num_experts, payloads={0, payload})
     if not _extension.available():
         raise RuntimeError(_extension.unavailable_reason())
-    payload = 0 if fp8 is None else (3 if fp8.use_ue8m0 else (2 if fp8.round_scale else 1))
     # The BF16 layout is the larger one; size for it so either payload fits.
     size = max(
         _extension._C.low_latency_buffer_bytes(max_tokens, max_tokens, num_topk, num_experts, hidden, p, num_ranks)

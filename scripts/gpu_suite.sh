@@ -119,6 +119,12 @@ if [ -n "${JAX_EP_TRY_UCX:-}" ]; then
     step ll_put_direct_ucx_R2 "$OUT/ll_put_direct_ucx.log" \
       timeout --kill-after=30 300 python3 -m jax_ep.launch -n 2 --timeout 240 \
         --log-dir "$OUT/logs_ucx" tests/gpu/multirank_ll_put_direct.py
+  # The same through Buffer and jit (R = 2: two virtual nodes of one rank).
+  NVSHMEM_DISABLE_P2P=1 NVSHMEM_REMOTE_TRANSPORT=ucx LD_LIBRARY_PATH="${UCX_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
+    step virtual_nodes_ucx_R2 "$OUT/virtual_nodes_ucx.log" \
+      timeout --kill-after=30 300 python3 -m jax_ep.launch -n 2 --timeout 240 \
+        --log-dir "$OUT/logs_ucx_vn" tests/gpu/multirank_virtual_nodes.py
 fi
 
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2

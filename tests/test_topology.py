@@ -1,5 +1,6 @@
 """Nodes, virtual nodes and per-peer transports (jax_ep.topology), on CPU."""
 
+import dataclasses
 import re
 import threading
 from pathlib import Path
@@ -191,14 +192,20 @@ def test_virtual_nodes_change_nothing_on_xla(rng):
             np.testing.assert_array_equal(a, b)
 
 
-def test_cuda_buffer_refuses_several_nodes():
-    """No put path is callable yet: a CUDA Buffer across (virtual) nodes
-    says so instead of reaching peers through pointers."""
+def test_cuda_buffer_across_nodes_needs_the_put_path():
+    """Across (virtual) nodes a CUDA low-latency Buffer runs over NVSHMEM puts
+    (ll_transport='nvshmem'): other transports, FP8 combine rows and the
+    normal mode's CUDA kernels are refused with what would work."""
     opts = jax_ep.LowLatencyOptions(backend="cuda", num_max_dispatch_tokens_per_rank=8)
     with pytest.raises(NotImplementedError, match=r"low_latency.backend='cuda' with 4 virtual nodes of 2 ranks "
-                                                  r"\(R = 8\).*not yet callable from Python"):
+                                                  r"\(R = 8\) needs ll_transport='nvshmem'.*got ll_transport='ipc'"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=opts, num_ll_bytes=1 << 20)
-    with pytest.raises(NotImplementedError, match=r"normal.backend='cuda' with 8 virtual nodes"):
+    fp8_rows = dataclasses.replace(opts, combine_fp8=True)
+    with pytest.raises(NotImplementedError, match=r"combine_fp8=True\) with 4 virtual nodes.*BF16 rows"):
+        jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=fp8_rows, num_ll_bytes=1 << 20,
+                      ll_transport="nvshmem")
+    with pytest.raises(NotImplementedError, match=r"normal.backend='cuda' with 8 virtual nodes.*internode normal "
+                                                  r"mode does not exist yet"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=1, normal=jax_ep.NormalOptions(backend="cuda"))
 
 

@@ -15,6 +15,10 @@
 //   build_version() -> str                   headers / device library of this build
 //   self_test_bytes(num_pes), self_test(id, round=1) -> str   "" when it passed
 //   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
+//   registrations() -> dict                  FFI target name -> handler capsule (the put path)
+//   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
+//   destroy_put_buffer(id), put_buffer_failure(id) -> int (0, 1 + peer waited for, -1 unknown)
+//   put_buffer_bytes(T, M, K, E, H, payload, num_ranks) -> int   0: shapes the put kernels refuse
 //
 // Blocking calls release the GIL.
 #include <nanobind/nanobind.h>
@@ -23,6 +27,8 @@
 
 #include <string>
 
+#include "handlers_nvshmem.h"
+#include "ll_put_buffers.h"
 #include "nvshmem_runtime.h"
 
 #ifndef JAX_EP_VERSION
@@ -38,6 +44,20 @@ nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size());
 
 std::string from_bytes(const nb::bytes& b) {
   return std::string(static_cast<const char*>(b.data()), b.size());
+}
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict registrations() {
+  nb::dict targets;
+  targets["jax_ep_ll_put_dispatch_send"] = handler_capsule(jax_ep::LowLatencyPutDispatchSendHandler);
+  targets["jax_ep_ll_put_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyPutDispatchRecvHandler);
+  targets["jax_ep_ll_put_combine_send"] = handler_capsule(jax_ep::LowLatencyPutCombineSendHandler);
+  targets["jax_ep_ll_put_combine_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineRecvHandler);
+  return targets;
 }
 
 }  // namespace
@@ -90,6 +110,25 @@ NB_MODULE(_nvshmem, m) {
   m.def("self_test_bytes", &rt::self_test_bytes, nb::arg("num_pes"));
   m.def("self_test", &rt::self_test, nb::arg("id"), nb::arg("round") = 1,
         nb::call_guard<nb::gil_scoped_release>());
+  m.def("registrations", &registrations);
+  m.def(
+      "create_put_buffer",
+      [](int device, int rank, int num_ranks, std::uintptr_t local, std::size_t num_bytes,
+         const std::vector<std::uintptr_t>& mapped, const std::vector<int>& paths, double timeout_s) {
+        return jax_ep::ll_put::create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s);
+      },
+      nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("local"), nb::arg("num_bytes"),
+      nb::arg("mapped"), nb::arg("paths"), nb::arg("timeout_s"));
+  m.def("destroy_put_buffer", &jax_ep::ll_put::destroy_put_buffer, nb::arg("id"));
+  m.def("put_buffer_failure", &jax_ep::ll_put::put_buffer_failure, nb::arg("id"));
+  m.def(
+      "put_buffer_bytes",
+      [](int t, int m, int k, int e, int h, int payload, int num_ranks) -> std::size_t {
+        const jax_ep::ll_put::Shape s{t, m, k, e, h, static_cast<jax_ep::ll_put::Payload>(payload), false};
+        return jax_ep::ll_put::supported(s, num_ranks) ? jax_ep::ll_put::buffer_bytes(s, num_ranks) : 0;
+      },
+      nb::arg("num_tokens"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("num_experts"), nb::arg("hidden"),
+      nb::arg("payload"), nb::arg("num_ranks"));
   m.def(
       "copy_to_device",
       [](std::uintptr_t dst, nb::bytes data) {

@@ -4,17 +4,15 @@ runs the configurations (nodes x ranks per node) that divide it -- R = 8:
 the flat run (one node, pointers to every peer) and numpy: rows, scales,
 counts, sources and combine outputs; back-to-back calls over both buffer
 halves; the send/receive split with compute between; mixed pointer and put
-peers (any configuration with more than one rank per node).
+peers (any configuration with more than one rank per node: the same
+kernel stores to its node's peers and puts to the others); a masked rank
+(rank_mask) against the flat run with the same mask.
 
     python -m jax_ep.launch -n 8 tests/gpu/multirank_virtual_nodes.py
 
-EXPECTED TO FAIL UNTIL THE PUT PATH IS WIRED. Today a CUDA Buffer over
-several (virtual) nodes raises NotImplementedError ("... not yet callable
-from Python"): the put kernels (cuda/ll_put_dispatch.cu, cuda/ll_put_combine.cu)
-are compiled but no FFI handler calls them. While that is so, this script
-reports each configuration as "XFAIL (put path not wired)" and exits 0; any
-other failure exits 1. Once Buffer accepts virtual nodes, the checks run for
-real and must pass.
+The virtual-node Buffers use ll_transport="nvshmem": the put path
+(xla_ffi/ll_put.cc, cuda/ll_put_*.cu) through jax_ep.cuda_put_ops; the flat
+runs use the pointer path (CUDA IPC, xla_ffi/low_latency.cc).
 """
 
 import dataclasses
@@ -22,6 +20,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# The put path's symmetric heap (GPU memory outside XLA's pool): these shapes need a few MiB.
+os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "268435456")
 
 from jax_ep.launch import initialize_distributed  # noqa: E402
 
@@ -37,10 +38,8 @@ import np_reference as npr  # noqa: E402
 from gpu.rank_checks import Checks  # noqa: E402
 
 R, ME = info.num_ranks, info.rank
-NOT_WIRED = "not yet callable from Python"
 CONFIGS = {8: (4, 2, 1), 4: (2,), 2: (1,)}.get(R, ())  # ranks per node
 checks = Checks()
-xfails = []
 
 
 def inputs(seed, t, k, e, h, mask_prob=0.05):
@@ -56,9 +55,12 @@ def inputs(seed, t, k, e, h, mask_prob=0.05):
 
 
 def make_buffer(m, h, k, e, fp8, ranks_per_node):
+    """The flat run's Buffer (ranks_per_node None: pointers, CUDA IPC), or the
+    put path's over virtual nodes of ranks_per_node."""
     return jax_ep.Buffer(
         num_experts=e, axis_name=None, num_nvl_bytes=1 << 22, ranks_per_node=ranks_per_node,
-        num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e, fp8),
+        ll_transport="ipc" if ranks_per_node is None else "nvshmem",
+        num_ll_bytes=jax_ep.low_latency_buffer_bytes(m, h, R, k, e, fp8, ranks_per_node=ranks_per_node),
         low_latency=jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=fp8, backend="cuda",
                                              num_sms=max(4, 96 // R)),
         timeout_s=60.0)
@@ -105,6 +107,9 @@ def check_config(ranks_per_node, fp8, seed, t=24, m=32, k=4, h=1024):
     flat_buf.destroy()
     buf = make_buffer(m, h, k, e, fp8, ranks_per_node)
     assert buf.topology.num_nodes == R // ranks_per_node
+    node = ME // ranks_per_node
+    want = tuple(("local" if r == ME else "p2p") if r // ranks_per_node == node else "put" for r in range(R))
+    assert buf.low_latency_transports == want, (buf.low_latency_transports, want)
     got = run(buf, fp8, mine)
     buf.destroy()
     for it, ((xs, idxs, ws), a, b) in enumerate(zip(rounds, got, flat)):
@@ -126,28 +131,45 @@ def check_config(ranks_per_node, fp8, seed, t=24, m=32, k=4, h=1024):
                     np.testing.assert_array_equal(a[0][1][loc, :n], want_s, err_msg=f"{name}: scales")
 
 
-def wired(ranks_per_node) -> bool:
-    """Whether a CUDA Buffer over these virtual nodes is accepted; False
-    (an expected failure) while the put path is not wired."""
-    try:
-        make_buffer(8, 512, 2, 2 * R, None, ranks_per_node).destroy()
-        return True
-    except NotImplementedError as err:
-        if NOT_WIRED not in str(err):
-            raise
-        print(f"XFAIL (put path not wired) {R // ranks_per_node}x{ranks_per_node}: {err}", flush=True)
-        xfails.append(ranks_per_node)
-        return False
+def run_masked(buf, rounds, masked):
+    """One-call dispatch and combine with `masked` left out: per round (count, sources, combine)."""
+    buf.set_masked_ranks(masked)
+    mask = buf.rank_mask()
+
+    @jax.jit
+    def step(x, i, w, mask):
+        o = buf.low_latency_dispatch(x, i, rank_mask=mask)
+        hd = o.handle
+        src = jnp.stack([hd.recv_src_rank, hd.recv_src_token, hd.recv_src_slot], -1)
+        return o.recv_count, src, buf.low_latency_combine(o.recv_x, w, hd)
+
+    return [jax.tree.map(np.asarray, step(x, i, w, mask)) for x, i, w in rounds]
+
+
+def check_masked(ranks_per_node, seed, t=16, m=16, k=4, h=512):
+    """A rank of the last node masked: the put path equals the flat run on every other rank."""
+    e = 4 * R
+    masked = [R - 1]
+    rounds = []
+    for it in range(3):
+        xs, idxs, ws = inputs(seed + it, t, k, e, h)
+        rounds.append((xs[ME], idxs[ME], ws[ME]))
+    flat_buf = make_buffer(m, h, k, e, None, None)
+    flat = run_masked(flat_buf, rounds, masked)
+    flat_buf.destroy()
+    buf = make_buffer(m, h, k, e, None, ranks_per_node)
+    got = run_masked(buf, rounds, masked)
+    buf.destroy()
+    if ME in masked:
+        return
+    for it, (a, b) in enumerate(zip(got, flat)):
+        for what, u, v in zip(("count", "sources", "combine"), a, b):
+            np.testing.assert_array_equal(bits(u), bits(v), err_msg=f"masked round {it}: {what} differs from flat")
 
 
 for rpn in CONFIGS:
-    if not wired(rpn):
-        continue
     for label, fp8 in (("bf16", None), ("fp8", jax_ep.FP8Options()), ("ue8m0", jax_ep.FP8Options(use_ue8m0=True))):
         checks(f"virtual_nodes_{R // rpn}x{rpn}_{label}")(
-            lambda rpn=rpn, fp8=fp8: check_config(rpn, fp8, seed=100 * rpn + len(label)))
-
-if xfails:
-    print(f"rank {ME}: virtual-node configurations {sorted(set(xfails))} (ranks per node) XFAIL: "
-          f"the put path is not wired to Python yet", flush=True)
+            lambda rpn=rpn, fp8=fp8, label=label: check_config(rpn, fp8, seed=100 * rpn + len(label)))
+    checks(f"virtual_nodes_{R // rpn}x{rpn}_masked")(lambda rpn=rpn: check_masked(rpn, seed=7 * rpn))
 sys.exit(checks.summary(ME, R))

@@ -23,6 +23,11 @@ The kernels keep one word per (local expert, source) in the dispatch and one
 per source in the combine; each word is a channel of this model, with the
 rows counted on it.
 
+Masked ranks (the call's rank mask): no rank writes to or waits for a
+masked rank, and a masked rank that still runs writes to and waits for no
+one (its routing is all -1), so a dead masked rank stops nobody and no word
+changes after its reader reset it.
+
 ``final`` and ``decode`` are the arithmetic of cuda/transport.cuh
 (signal_final_value, signal_done / signal_count).
 """
@@ -55,12 +60,14 @@ def count_of(src: int, dst: int, call: int, max_msgs: int) -> int:
 
 
 def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, count_arrivals=True,
-               reset_words=True):
+               reset_words=True, masked=(), masked_alive=False, skip_masked=True):
     """(shared, processes) for the explorer.
 
     Broken variants for the tests: ``halves=1`` (no alternation),
     ``count_arrivals=False`` (the receiver trusts the final signal to come
-    after the data, as it would with ordered delivery), ``reset_words=False``.
+    after the data, as it would with ordered delivery), ``reset_words=False``,
+    ``skip_masked=False`` (the survivors still wait for a masked rank).
+    ``masked``: the masked ranks, which run only with ``masked_alive``.
     """
     r_ = range(num_ranks)
     s = types.SimpleNamespace(
@@ -75,6 +82,9 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
     def same_node(a, b):
         return a // ranks_per_node == b // ranks_per_node
 
+    def skips(me, peer):  # ll_put.cuh: detail::skips
+        return skip_masked and (me in masked or peer in masked)
+
     def add(dst, half, src, value):
         s.words[dst][half][src] = (s.words[dst][half][src] + value) & MASK
 
@@ -83,6 +93,8 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
             half = call % halves
             # Send: build messages in the own staging half, then hand them out.
             for dst in r_:
+                if skips(me, dst):
+                    continue
                 n = count_of(me, dst, call, max_msgs)
                 for k in range(n):
                     s.stage[me][half][k] = (me, call, k)
@@ -99,8 +111,11 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
                 yield
             # Receive: wait for every source's word, then read, then reset.
             for src in r_:
-                yield wait(lambda src=src: decode(s.words[me][half][src])[0], f"rank {me} call {call} from {src}")
+                if not skips(me, src):
+                    yield wait(lambda src=src: decode(s.words[me][half][src])[0], f"rank {me} call {call} from {src}")
             for src in r_:
+                if skips(me, src):
+                    continue
                 _, n = decode(s.words[me][half][src])
                 want = count_of(src, me, call, max_msgs)
                 assert n == want, f"rank {me} call {call}: count {n} from {src}, want {want}"
@@ -127,10 +142,11 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         if count_arrivals:
             add(dst, half, src, 1)  # ... then its signal
 
-    procs = {f"rank{r}": rank(r) for r in r_}
-    for src in r_:
+    running = [r for r in r_ if masked_alive or r not in masked]
+    procs = {f"rank{r}": rank(r) for r in running}
+    for src in running:
         for dst in r_:
-            if same_node(src, dst):
+            if same_node(src, dst) or skips(src, dst):
                 continue
             for call in range(calls):
                 for k in list(range(count_of(src, dst, call, max_msgs))) + ["F"]:

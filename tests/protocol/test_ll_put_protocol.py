@@ -52,3 +52,26 @@ def test_one_half_fails():
 def test_words_must_be_reset():
     r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=3, max_msgs=1, reset_words=False))
     assert r.kind == "deadlock", r  # the reused half's words never read "done" again
+
+
+def test_dead_masked_rank_exhaustive():
+    """R = 3, nodes {0, 1} and {2}, rank 0 masked and gone: ranks 1 and 2
+    finish both halves over puts, reading exactly their messages. (A masked
+    rank that still runs: the random schedules below.)"""
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=2, ranks_per_node=2, max_msgs=1,
+                                             masked=(0,)))
+    assert r.ok, r
+
+
+@pytest.mark.parametrize("masked,masked_alive", [((1,), False), ((0, 3), True), ((3,), True)])
+def test_masked_ranks_random(masked, masked_alive):
+    """R = 4 in nodes of two (pointer and put peers mixed), halves reused."""
+    r = explore_random(functools.partial(make_model, num_ranks=4, calls=4, ranks_per_node=2, max_msgs=2,
+                                         masked=masked, masked_alive=masked_alive), runs=120, seed=len(masked))
+    assert r.ok, r
+
+
+def test_waiting_for_a_dead_masked_rank_deadlocks():
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=1, max_msgs=1, masked=(2,),
+                                             skip_masked=False))
+    assert r.kind == "deadlock", r

@@ -1,0 +1,113 @@
+"""The low-latency ops over NVSHMEM puts: ``jax.ffi.ffi_call`` wrappers of the
+targets ``jax_ep._nvshmem`` registers (xla_ffi/ll_put.cc).
+
+``jax_ep.cuda_ops`` calls these instead of the pointer path's when the
+buffer is a put-path buffer (``jax_ep.ll_put_runtime.PutRuntime``: ranks in
+several nodes). Same operands, outputs and ``LowLatencyHandle`` as the
+pointer path. Every send runs on XLA's stream and only issues puts (and
+stores to the peers of this rank's node), so it returns at once and no SM
+waits until the receive; ``async_send`` and ``combine_zero_copy`` have
+nothing to do here. Not on this path: FP8 combine rows, and gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import nvshmem  # noqa: F401  (registers the put targets where jax_ep._nvshmem loads)
+
+TARGETS = ("jax_ep_ll_put_dispatch_send", "jax_ep_ll_put_dispatch_recv", "jax_ep_ll_put_combine_send",
+           "jax_ep_ll_put_combine_recv")
+
+
+def _ops():
+    from jax_ep import cuda_ops
+
+    return cuda_ops
+
+
+def check_spec(spec) -> None:
+    """What the put kernels take beyond the pointer path's checks (trace time)."""
+    if spec.options.combine_fp8:
+        raise NotImplementedError(
+            "LowLatencyOptions(combine_fp8=True) is not implemented on the put path (ranks in several nodes): "
+            "its combine returns BF16 rows; use combine_fp8=False")
+    if spec.hidden % 128:
+        raise ValueError(f"the low-latency put path needs hidden % 128 == 0, got H={spec.hidden}")
+
+
+def _attrs(spec, with_tokens: bool) -> dict:
+    from jax_ep import runtime
+
+    o = spec.options
+    runtime.lookup(o.buffer_id)  # alive, or a clear error
+    attrs = dict(buffer_id=np.int64(o.buffer_id), num_experts=np.int64(spec.num_experts),
+                 max_tokens=np.int64(spec.max_tokens), hidden=np.int64(spec.hidden),
+                 num_topk=np.int64(spec.num_topk), payload=np.int64(o.payload_code), num_sms=np.int64(o.num_sms))
+    if with_tokens:
+        attrs["num_tokens"] = np.int64(spec.num_tokens)
+    return attrs
+
+
+def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec, rank_mask=None) -> jax.Array:
+    """Put every (token, expert) message into its expert rank's receive slots;
+    the token orders the receive. ``x`` bf16 [T, H], ``topk_idx`` int32 [T, K]."""
+    check_spec(spec)
+    if x.ndim != 2:
+        raise NotImplementedError("per-slot rows (the gradient of a combine) are not sent over the put path")
+    ops = _ops()
+    call = jax.ffi.ffi_call("jax_ep_ll_put_dispatch_send", ops._TOKEN, **ops._COMM)
+    return call(ops._rank_mask(spec, rank_mask), x, topk_idx, **_attrs(spec, with_tokens=False))
+
+
+def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, rank_mask=None):
+    """Wait for every source's messages and pack them: (recv_x, recv_count, handle)."""
+    from jax_ep.handle import LowLatencyHandle
+
+    check_spec(spec)
+    ops = _ops()
+    le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
+    fp8 = spec.options.fp8
+    if fp8 is None:
+        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.bfloat16)
+        s_out = jax.ShapeDtypeStruct((le, rows, 0), jnp.float32)
+    else:
+        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.float8_e4m3fn)
+        s_out = (jax.ShapeDtypeStruct((le, rows, h // 512), jnp.int32) if fp8.use_ue8m0
+                 else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
+    ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
+    call = jax.ffi.ffi_call("jax_ep_ll_put_dispatch_recv",
+                            (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **ops._COMM)
+    mask = ops._rank_mask(spec, rank_mask)
+    recv_x, scales, count, src_rank, src_token, src_slot = call(mask, token, **_attrs(spec, with_tokens=True))
+    extra = {} if rank_mask is None else {"rank_mask": mask}  # the combine leaves out the same ranks
+    handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, extra=extra, spec=spec)
+    return ops._varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
+
+
+def ll_combine_send(y: jax.Array, handle) -> jax.Array:
+    """Put every valid row of ``y`` [E/R, R*M, H] bf16 back to its token's owner."""
+    check_spec(handle.spec)
+    ops = _ops()
+    call = jax.ffi.ffi_call("jax_ep_ll_put_combine_send", ops._TOKEN, **ops._COMM)
+    return call(ops._handle_mask(handle), *ops._combine_send_operands(y, handle),
+                **_attrs(handle.spec, with_tokens=True))
+
+
+def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Array:
+    """Wait for every expert rank's rows; bf16 [T, H], the float32 weighted sum."""
+    spec = handle.spec
+    check_spec(spec)
+    ops = _ops()
+    call = jax.ffi.ffi_call("jax_ep_ll_put_combine_recv",
+                            jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **ops._COMM)
+    out = call(ops._handle_mask(handle), token, handle.topk_idx, topk_weights, **_attrs(spec, with_tokens=True))
+    return ops._varying(out, spec.axis_name)
+
+
+def no_gradient(op: str):
+    raise NotImplementedError(
+        f"{op}: gradients of the low-latency calls are not implemented on the put path (ranks in several "
+        f"nodes); differentiate with backend='xla', or with every rank in one node")

@@ -1,0 +1,246 @@
+"""The low-latency put path from JAX, on CPU: its FFI targets (jax_ep._nvshmem)
+lower for CUDA with their operands and attributes, a put-path buffer's calls
+go there (and nowhere else), and bad arguments get clear errors. The kernels
+themselves run only on GPUs (tests/gpu/multirank_virtual_nodes.py)."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ep
+from jax_ep import _extension, nvshmem, runtime
+from jax_ep.ll_put_runtime import plan_peers
+
+needs_extension = pytest.mark.skipif(not _extension.available(), reason=_extension.unavailable_reason() or "-")
+needs_nvshmem = pytest.mark.skipif(not nvshmem.available(), reason=nvshmem.unavailable_reason() or "-")
+
+T, K, E, H, R, M = 8, 2, 8, 512, 4, 8
+PUT_TARGETS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+
+
+@pytest.fixture
+def put_buffer(monkeypatch):
+    """Stand-in for a live put-path buffer with id 7 (lowering needs no GPU)."""
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: types.SimpleNamespace(put_path=True, rank=0))
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: R)
+
+
+def _options(**kw):
+    return jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, backend="cuda", buffer_id=7, **kw)
+
+
+def _lower(fn, *args) -> list:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return [line for line in text.splitlines() if "stablehlo.custom_call @jax_ep_" in line]
+
+
+def _line(lines, target):
+    found = [line for line in lines if f"@{target}(" in line]
+    assert len(found) == 1, (target, lines)
+    return found[0]
+
+
+def _operands(line) -> list:
+    return line.split("(", 1)[1].split(")", 1)[0].split(",")
+
+
+X = jax.ShapeDtypeStruct((T, H), jnp.bfloat16)
+IDX = jax.ShapeDtypeStruct((T, K), jnp.int32)
+W = jax.ShapeDtypeStruct((T, K), jnp.float32)
+
+
+@needs_extension
+@pytest.mark.parametrize("async_send", [True, False])
+def test_put_buffer_calls_lower_to_the_put_targets(put_buffer, async_send):
+    """One-call and split dispatch/combine of a put-path buffer lower to the
+    put targets only, each with the rank mask first, the buffer's attributes,
+    and no trailing operands (a send only issues puts: nothing of its inputs
+    need outlive it)."""
+    opts = _options(async_send=async_send)
+
+    def step(x, idx, w):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts)
+        fused = jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, axis_name=None, options=opts, after=fused)
+        busy = pending.then(x).astype(jnp.float32).sum()
+        o2 = jax_ep.low_latency_dispatch_recv(pending, after=busy)
+        p2 = jax_ep.low_latency_combine_send(o2.recv_x, o2.handle)
+        return fused, jax_ep.low_latency_combine_recv(p2, w, after=busy)
+
+    lines = _lower(step, X, IDX, W)
+    assert not [line for line in lines if "@jax_ep_ll_" in line and "@jax_ep_ll_put_" not in line], lines
+    for op in PUT_TARGETS:
+        found = [line for line in lines if f"@jax_ep_ll_put_{op}(" in line]
+        assert len(found) == 2, (op, lines)  # the one-call op and the split
+        for line in found:
+            assert f"tensor<{R}xi1>" in line.split("->", 1)[0].split(":")[-1].split(",")[0], line
+            for attr in ("buffer_id = 7 : i64", f"num_experts = {E} : i64", f"max_tokens = {M} : i64",
+                         f"hidden = {H} : i64", f"num_topk = {K} : i64", "payload = 0 : i64"):
+                assert attr in line, (attr, line)
+            if op != "dispatch_send":
+                assert f"num_tokens = {T} : i64" in line, line
+            assert "zero_copy" not in line and "pull" not in line, line
+            want = {"dispatch_send": 3, "dispatch_recv": 2, "combine_send": 5, "combine_recv": 4}[op]
+            assert len(_operands(line)) == want, line
+
+
+@needs_extension
+@pytest.mark.parametrize("use_ue8m0,round_scale,payload,scales", [
+    (False, False, 1, f"{H // 128}xf32"), (False, True, 2, f"{H // 128}xf32"), (True, True, 3, f"{H // 512}xi32")])
+def test_put_dispatch_fp8_outputs(put_buffer, use_ue8m0, round_scale, payload, scales):
+    """FP8 dispatch over puts: the payload code and the pointer path's output types."""
+    opts = _options(fp8=jax_ep.FP8Options(round_scale=round_scale, use_ue8m0=use_ue8m0))
+
+    def fn(x, idx):
+        return jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts).recv_x
+
+    line = _line(_lower(fn, X, IDX), "jax_ep_ll_put_dispatch_recv")
+    assert f"payload = {payload} : i64" in line
+    rows = R * M
+    assert f"tensor<{E // R}x{rows}x{H}xf8E4M3FN>" in line and f"tensor<{E // R}x{rows}x{scales}>" in line, line
+
+
+@needs_extension
+def test_put_path_refusals(put_buffer):
+    """What the put path does not take: FP8 combine rows, H % 128 != 0, gradients."""
+    def combine(x, idx, w, opts):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts)
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+
+    with pytest.raises(NotImplementedError, match=r"combine_fp8=True\) is not implemented on the put path"):
+        jax.jit(combine, static_argnums=3).trace(X, IDX, W, _options(combine_fp8=True))
+    x8 = jax.ShapeDtypeStruct((T, 136), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"put path needs hidden % 128 == 0, got H=136"):
+        jax.jit(combine, static_argnums=3).trace(x8, IDX, W, _options())
+
+    def loss(x, idx, w):
+        return jnp.sum(combine(x, idx, w, _options()).astype(jnp.float32))
+
+    with pytest.raises(NotImplementedError, match=r"gradients of the low-latency calls are not implemented on the "
+                                                  r"put path"):
+        jax.jit(jax.grad(loss, argnums=(0, 2))).trace(X, IDX, W)
+
+
+@needs_extension
+def test_pointer_buffer_keeps_the_pointer_targets(monkeypatch):
+    """A buffer without put_path (the pointer path's runtime) never reaches the put targets."""
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: types.SimpleNamespace(rank=0))
+    monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: R)
+
+    def fn(x, idx, w):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=_options())
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+
+    lines = _lower(fn, X, IDX, W)
+    assert lines and not [line for line in lines if "@jax_ep_ll_put_" in line], lines
+
+
+@needs_nvshmem
+def test_put_targets_registered_for_cuda():
+    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in PUT_TARGETS))
+    assert nvshmem.register_targets() is nvshmem.register_targets()  # once
+
+
+@needs_nvshmem
+def test_put_buffer_bytes():
+    """DeepEP's LL shape fits; the FP8 layout is no larger than BF16's; shapes
+    the put kernels refuse get a ValueError naming the limits."""
+    bf16 = jax_ep.low_latency_buffer_bytes(128, 7168, 16, 8, 256, ranks_per_node=8)
+    fp8 = jax_ep.low_latency_buffer_bytes(128, 7168, 16, 8, 256, fp8=jax_ep.FP8Options(), ranks_per_node=8)
+    assert bf16 == fp8 > 0
+    assert nvshmem._module().put_buffer_bytes(128, 128, 8, 256, 7168, 1, 16) < bf16
+    with pytest.raises(ValueError, match=r"E a multiple of R"):
+        jax_ep.low_latency_buffer_bytes(8, 512, 3, 2, 8, ranks_per_node=1)
+
+
+@needs_nvshmem
+def test_create_put_buffer_argument_errors():
+    """The registry checks its arguments before touching a GPU."""
+    N = nvshmem._module()
+    good = dict(device=0, rank=0, num_ranks=2, local=1 << 20, num_bytes=1 << 20, mapped=[1 << 20, 0], paths=[0, 1],
+                timeout_s=1.0)
+    for change, message in [
+        (dict(num_ranks=0), r"num_ranks must be in \[1, "),
+        (dict(rank=2), r"rank outside \[0, num_ranks\)"),
+        (dict(paths=[0]), r"one mapped pointer and one path per rank"),
+        (dict(paths=[0, 2]), r"a path is 0 \(pointer\) or 1 \(put\)"),
+        (dict(mapped=[1 << 20, 0], paths=[0, 0]), r"rank 1 has the pointer path but no mapped copy"),
+        (dict(local=0), r"no local copy"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            N.create_put_buffer(**{**good, **change})
+    assert N.put_buffer_failure(12345) == -1
+
+
+def test_plan_peers():
+    """Pointer peers need nvshmem_ptr; put peers map to 0."""
+    mapped, names = plan_peers(1, np.array([0, 0, 1, 1]), (100, 200, None, 400), ("p2p", "p2p", "rdma", "p2p"))
+    assert mapped == [100, 200, 0, 0] and names == ("p2p", "local", "put", "put")
+    with pytest.raises(RuntimeError, match=r"rank 0 is in rank 1's node but NVSHMEM reaches it only through 'rdma'"):
+        plan_peers(1, np.array([0, 0, 1, 1]), (None, 200, None, 400), ("rdma", "p2p", "rdma", "p2p"))
+
+
+@needs_extension
+def test_buffer_across_virtual_nodes_lowers_to_the_put_path(monkeypatch):
+    """A CUDA low-latency Buffer over virtual nodes with ll_transport='nvshmem'
+    creates a put-path buffer (a stand-in here: no GPU) and its methods lower
+    to the put targets with that buffer's id; status() says it is not there."""
+    from jax_ep import ll_put_runtime
+
+    made = []
+
+    class StandIn(ll_put_runtime.PutRuntime):
+        def failure(self):
+            return None
+
+        def destroy(self, timeout_s: float = 60.0):
+            runtime._live.pop(self.buffer_id, None)
+
+    def create(num_bytes, topology, *, timeout_s=100.0):
+        rt = StandIn(1 << 22, 0, topology.num_ranks, int(num_bytes), topology,
+                     tuple("local" if r == 0 else ("p2p" if topology.same_node(0, r) else "put")
+                           for r in range(topology.num_ranks)), timeout_s=timeout_s)
+        runtime._live[rt.buffer_id] = rt
+        made.append(rt)
+        return rt
+
+    monkeypatch.setattr(ll_put_runtime.PutRuntime, "create", staticmethod(create))
+    n = len(jax.devices())
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=M, backend="cuda")
+    with jax_ep.Buffer(num_experts=2 * n, axis_name=None, ranks_per_node=2, ll_transport="nvshmem",
+                       low_latency=opts, num_ll_bytes=1 << 20) as buf:
+        assert made and buf.low_latency.buffer_id == 1 << 22
+        assert buf.low_latency_transports[:3] == ("local", "p2p", "put")
+        assert not buf.low_latency_zero_copy
+
+        def step(x, idx, w):
+            o = buf.low_latency_dispatch(x, idx)
+            return buf.low_latency_combine(o.recv_x, w, o.handle)
+
+        lines = _lower(step, X, IDX, W)
+        assert [line.split("@", 1)[1].split("(", 1)[0] for line in lines] == [
+            f"jax_ep_ll_put_{op}" for op in PUT_TARGETS]
+        assert all(f"buffer_id = {1 << 22} : i64" in line for line in lines)
+        with pytest.raises(NotImplementedError, match=r"not implemented on the put path.*buffer.check\(\)"):
+            buf.status(mode="low_latency")
+    assert (1 << 22) not in runtime._live
+
+
+def test_put_runtime_failure_names_the_peer(monkeypatch):
+    """The failure word (1 + the peer a receive gave up on) becomes a timeout
+    CommunicationError naming that peer; 0 is no failure."""
+    from jax_ep import faults, topology
+    from jax_ep.ll_put_runtime import PutRuntime
+
+    word = {"value": 0}
+    monkeypatch.setattr(nvshmem, "_module", lambda: types.SimpleNamespace(put_buffer_failure=lambda i: word["value"]))
+    rt = PutRuntime(1 << 22, 1, 4, 1 << 20, topology.make_topology(4, 2, environ={}), timeout_s=5.0)
+    assert rt.failure() is None
+    word["value"] = 1 + 3
+    err = rt.failure()
+    assert isinstance(err, faults.CommunicationError)
+    assert (err.kind, err.rank, err.peer) == ("timeout", 1, 3)
+    assert "rank 1 waited more than timeout_s=5 s for rank 3" in str(err)

@@ -1,0 +1,18 @@
+// The XLA FFI handlers of the jax_ep._nvshmem module (the low-latency put
+// path, xla_ffi/ll_put.cc); nvshmem_module.cc hands them to Python as
+// capsules and jax_ep/nvshmem.py registers them for CUDA.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace jax_ep {
+
+// "jax_ep_ll_put_dispatch_send", "jax_ep_ll_put_dispatch_recv",
+// "jax_ep_ll_put_combine_send", "jax_ep_ll_put_combine_recv"
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchSendHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchRecvHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineSendHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler);
+
+}  // namespace jax_ep
