@@ -70,12 +70,7 @@ __device__ __forceinline__ void publish_call(const PeerTable& p, int which, unsi
   }
 }
 
-// Whether this rank neither writes to nor waits for rank r this call: r is
-// masked (failed), or this rank is, which then talks to nobody. Read from the
-// call's rank mask in device memory, so the host changes it between calls.
-__device__ __forceinline__ bool skipped(const PeerTable& p, int r) {
-  return p.rank_mask != nullptr && (p.rank_mask[r] || p.rank_mask[p.rank]);
-}
+using intranode::skipped;  // ranks this call neither writes to nor waits for
 
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
   return intranode::staging_half(p.base[rank], static_cast<int>(call & 1ull), p.staging_half_bytes);
