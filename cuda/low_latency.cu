@@ -614,6 +614,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x)) {
+    __threadfence_system();  // after seeing every block done: their writes go before the flag
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
         serial_word(call, static_cast<unsigned int>(s.num_tokens));
@@ -843,9 +844,11 @@ __global__ void __launch_bounds__(1024)
       index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
           y_offset + row * row_bytes;
     }
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x < R && !failed && !skipped(p, threadIdx.x)) {
+      // The block's barrier, then a system fence in the flagging thread: every
+      // thread's index entries (and the signature) go before the flag.
+      __threadfence_system();
       *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
           serial_word(call, 1);
     }
