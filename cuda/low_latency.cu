@@ -716,9 +716,11 @@ __device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, in
 // another rank's half past its end, or another half.
 __device__ __forceinline__ bool routing_in_range(const PeerTable& p, const Shape& s, const int* src_rank,
                                                  const int* src_token, const int* src_slot, long long row) {
+  // A valid row (before its expert's first -1) may still name a negative
+  // rank in a foreign handle: base[r] would then be read outside the table.
   const int r = src_rank[row], t = src_token[row], k = src_slot[row];
-  if (r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
-  intranode::record_bad_handle(p, 4, row, r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
+  if (r >= 0 && r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
+  intranode::record_bad_handle(p, 4, row, r < 0 || r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
   return false;
 }
 
