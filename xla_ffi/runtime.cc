@@ -528,7 +528,11 @@ bool Runtime::xla_memory_enabled(int id) {
 }
 
 void Runtime::destroy(int id) {
-  for (int member : members(id)) destroy(member);
+  // A group: every member's device finishes its work (whose kernels may
+  // write any member's memory) before any member's memory is freed.
+  const std::vector<int> ids = members(id);
+  for (int member : ids) at(member)->close_imports();
+  for (int member : ids) destroy(member);
   std::shared_ptr<IntranodeBuffer> buffer;  // freed here, or by the last handler still holding it
   {
     std::lock_guard<std::mutex> lock(mutex_);
