@@ -169,13 +169,26 @@ inline const char* op_name(int op) {
 }
 
 #ifdef __CUDACC__
+// Whether this rank neither writes to nor waits for rank r this call (a
+// low-latency call with a rank mask): r is masked (failed), or this rank is,
+// which then talks to nobody. Read from the call's rank mask in device
+// memory, so the host changes it between calls. Nothing of a call touches a
+// skipped rank's memory: not its data, flags or signature, nor the abort
+// word (a failed rank's memory may be gone; a masked rank that fails must
+// not stop the others).
+__device__ __forceinline__ bool skipped(const PeerTable& p, int r) {
+  return p.rank_mask != nullptr && (p.rank_mask[r] || p.rank_mask[p.rank]);
+}
+
 // Tell every rank (this one too) that `peers.rank` failed: a plain store of
 // the abort word in each header (the first failure is what each keeps).
+// Ranks skipped in this call are not told (this one always is).
 __device__ __forceinline__ void raise_abort(const PeerTable& peers, int code) {
   const unsigned long long word = static_cast<unsigned long long>(code) << 32 |
                                   static_cast<unsigned long long>(peers.rank + 1);
   __threadfence_system();
   for (int r = 0; r < peers.num_ranks; ++r) {
+    if (r != peers.rank && skipped(peers, r)) continue;
     auto* w = &reinterpret_cast<Signals*>(peers.base[r])->abort;
     if (ld_volatile(w) == 0) *reinterpret_cast<volatile unsigned long long*>(w) = word;
   }
@@ -297,13 +310,15 @@ __device__ __forceinline__ bool signature_agrees(const PeerTable& peers, int kin
 }
 
 // Publish this rank's signature of call `n` of `kind`: its fields in its own
-// header (thread of `publish_fields`), its hash in peer `s`'s header. Before
-// the release of the arrival flag that publishes the call.
+// header (thread of `publish_fields`), its hash in peer `s`'s header (not
+// in a skipped peer's). Before the release of the arrival flag that
+// publishes the call.
 __device__ __forceinline__ void publish_signature(const PeerTable& peers, int kind, unsigned long long n, int s,
                                                   bool publish_fields) {
   if (peers.call.hash == 0) return;
   const int slot = static_cast<int>(n & 1ull);
   if (publish_fields) reinterpret_cast<Signals*>(peers.base[peers.rank])->sig_fields[kind][slot] = peers.call;
+  if (skipped(peers, s)) return;
   reinterpret_cast<Signals*>(peers.base[s])->sig_hash[kind][slot][peers.rank] = peers.call.hash;
 }
 #endif

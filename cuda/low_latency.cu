@@ -70,12 +70,7 @@ __device__ __forceinline__ void publish_call(const PeerTable& p, int which, unsi
   }
 }
 
-// Whether this rank neither writes to nor waits for rank r this call: r is
-// masked (failed), or this rank is, which then talks to nobody. Read from the
-// call's rank mask in device memory, so the host changes it between calls.
-__device__ __forceinline__ bool skipped(const PeerTable& p, int r) {
-  return p.rank_mask != nullptr && (p.rank_mask[r] || p.rank_mask[p.rank]);
-}
+using intranode::skipped;  // ranks this call neither writes to nor waits for
 
 __device__ __forceinline__ char* half_of(const PeerTable& p, int rank, unsigned long long call) {
   return intranode::staging_half(p.base[rank], static_cast<int>(call & 1ull), p.staging_half_bytes);
@@ -619,6 +614,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x)) {
+    __threadfence_system();  // after seeing every block done: their writes go before the flag
     *reinterpret_cast<volatile unsigned long long*>(
         &pull_flags(p.base[threadIdx.x], static_cast<int>(call & 1))[p.rank]) =
         serial_word(call, static_cast<unsigned int>(s.num_tokens));
@@ -720,9 +716,11 @@ __device__ __forceinline__ void count_valid_rows(const int* src_rank, int le, in
 // another rank's half past its end, or another half.
 __device__ __forceinline__ bool routing_in_range(const PeerTable& p, const Shape& s, const int* src_rank,
                                                  const int* src_token, const int* src_slot, long long row) {
+  // A valid row (before its expert's first -1) may still name a negative
+  // rank in a foreign handle: base[r] would then be read outside the table.
   const int r = src_rank[row], t = src_token[row], k = src_slot[row];
-  if (r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
-  intranode::record_bad_handle(p, 4, row, r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
+  if (r >= 0 && r < p.num_ranks && t >= 0 && t < s.max_tokens && k >= 0 && k < s.num_topk) return true;
+  intranode::record_bad_handle(p, 4, row, r < 0 || r >= p.num_ranks ? r : (t < 0 || t >= s.max_tokens ? t : k));
   return false;
 }
 
@@ -848,9 +846,11 @@ __global__ void __launch_bounds__(1024)
       index[(static_cast<long long>(src_rank[row]) * s.max_tokens + src_token[row]) * s.num_topk + src_slot[row]] =
           y_offset + row * row_bytes;
     }
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x < R && !failed && !skipped(p, threadIdx.x)) {
+      // The block's barrier, then a system fence in the flagging thread: every
+      // thread's index entries (and the signature) go before the flag.
+      __threadfence_system();
       *reinterpret_cast<volatile unsigned long long*>(&combine_flags(p.base[threadIdx.x], half)[p.rank]) =
           serial_word(call, 1);
     }

@@ -208,7 +208,11 @@ def _ll_attrs(spec):
 
 
 def _rank_mask(spec, rank_mask) -> jax.Array:
-    """The call's rank mask operand, bool [R] (all False: every rank takes part)."""
+    """The call's rank mask operand, bool [R] (all False: every rank takes part).
+
+    An asynchronous send's kernel reads its mask on the buffer's send stream
+    after XLA considers the send done: its receive must take that very array
+    again (``sent_mask``) so that XLA keeps it alive until then."""
     if rank_mask is None:
         return jnp.zeros((spec.num_ranks,), jnp.bool_)
     return rank_mask.astype(jnp.bool_)
@@ -258,7 +262,7 @@ def ll_dispatch_send(
 
 def ll_dispatch_recv(
     token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False,
-    rank_mask=None,
+    rank_mask=None, sent_mask: jax.Array | None = None,
 ):
     """Wait for every source and pack: (recv_x, recv_count, handle).
 
@@ -284,7 +288,7 @@ def ll_dispatch_recv(
         _target("jax_ep_ll_dispatch_recv", sent_x is not None),
         (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
     )
-    kept = () if sent_x is None else (sent_x, topk_idx)
+    kept = () if sent_x is None else (sent_x, topk_idx) + (() if sent_mask is None else (sent_mask,))
     mask = _rank_mask(spec, rank_mask)
     recv_x, scales, count, src_rank, src_token, src_slot = call(mask, token, *kept, **_ll_attrs(spec),
                                                                 pull=np.int64(pull))
@@ -303,7 +307,8 @@ def _combine_send_operands(y: jax.Array, handle) -> tuple:
     return (y, handle.recv_src_rank, handle.recv_src_token, handle.recv_src_slot)
 
 
-def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy: bool = False) -> jax.Array:
+def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy: bool = False,
+                    mask: jax.Array | None = None) -> jax.Array:
     """Push every valid expert-output row back to its token's owner (the
     kernel finds each expert's count in the handle: its rows that are not -1).
 
@@ -313,13 +318,20 @@ def ll_combine_send(y: jax.Array, handle, asynchronous: bool = False, zero_copy:
     if _put_path(handle.spec):
         return _put_ops().ll_combine_send(y, handle)
     call = jax.ffi.ffi_call(_target("jax_ep_ll_combine_send", asynchronous), _TOKEN, **_COMM)
-    return call(_handle_mask(handle), *_combine_send_operands(y, handle), **_ll_attrs(handle.spec),
-                zero_copy=np.int64(zero_copy))
+    mask = _handle_mask(handle) if mask is None else mask
+    return call(mask, *_combine_send_operands(y, handle), **_ll_attrs(handle.spec), zero_copy=np.int64(zero_copy))
+
+
+def ll_send_mask(spec, rank_mask=None, handle=None) -> jax.Array:
+    """The rank mask operand a send will take (of ``rank_mask``, or of the
+    dispatch behind ``handle``), to pass to the send and, after an
+    asynchronous one, to its receive as ``sent_mask``."""
+    return _handle_mask(handle) if handle is not None else _rank_mask(spec, rank_mask)
 
 
 def ll_combine_recv(
     token: jax.Array, topk_weights: jax.Array, handle, sent_y: jax.Array | None = None,
-    asynchronous: bool = False, zero_copy: bool = False,
+    asynchronous: bool = False, zero_copy: bool = False, sent_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Wait for every rank's rows; [T, H] bf16 weighted sum.
 
@@ -334,6 +346,7 @@ def ll_combine_recv(
         jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **_COMM
     )
     kept = () if sent_y is None else _combine_send_operands(sent_y, handle)
+    kept += () if sent_mask is None else (sent_mask,)  # an asynchronous send's mask, kept alive
     out = call(_handle_mask(handle), token, handle.topk_idx, topk_weights, *kept, **_ll_attrs(spec),
                zero_copy=np.int64(zero_copy))
     return _varying(out, spec.axis_name)

@@ -305,8 +305,12 @@ def low_latency_dispatch_send(
         if options.checked:
             x, topk_idx, _ = checked.check_ids(x, topk_idx, None, num_experts, axis_name)
         topk_idx, rank_mask = _apply_rank_mask(topk_idx, rank_mask, spec)
-        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send, rank_mask=rank_mask)
-        return LowLatencyPending(token, (topk_idx, x if options.async_send else None, rank_mask), spec)
+        # The send's mask operand, which an asynchronous send reads after XLA
+        # took the send as done: its receive takes it again to keep it alive.
+        send_mask = backend.ll_send_mask(spec, rank_mask)
+        token = backend.ll_dispatch_send(x, topk_idx, spec, asynchronous=options.async_send, rank_mask=send_mask)
+        sent = (x, send_mask) if options.async_send else (None, None)
+        return LowLatencyPending(token, (topk_idx, sent[0], rank_mask, sent[1]), spec)
     out = low_latency_dispatch(x, topk_idx, num_experts=num_experts, axis_name=axis_name, options=options,
                                rank_mask=rank_mask)
     return LowLatencyPending(jnp.zeros((), jnp.int32), tuple(out), spec)
@@ -325,9 +329,9 @@ def low_latency_dispatch_recv(pending: LowLatencyPending, *, after=None) -> LowL
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_dispatch_recv"):
         token = _after(pending.token, after)
-        topk_idx, sent_x, rank_mask = pending.state
+        topk_idx, sent_x, rank_mask, sent_mask = pending.state
         return LowLatencyDispatchOutput(*backend.ll_dispatch_recv(token, topk_idx, spec, sent_x=sent_x,
-                                                                  rank_mask=rank_mask))
+                                                                  rank_mask=rank_mask, sent_mask=sent_mask))
     return LowLatencyDispatchOutput(*_after(pending.state, after))
 
 
@@ -353,8 +357,10 @@ def low_latency_combine_send(
         if y.dtype != jnp.bfloat16:
             raise TypeError(f"the CUDA low-latency combine takes bfloat16 y, got {y.dtype}")
         asynchronous = handle.spec.options.async_send
-        token = backend.ll_combine_send(y, handle, asynchronous=asynchronous)
-        return LowLatencyPending(token, (handle, y if asynchronous else None), handle.spec, "combine")
+        send_mask = backend.ll_send_mask(handle.spec, handle=handle)  # kept alive as in the dispatch
+        token = backend.ll_combine_send(y, handle, asynchronous=asynchronous, mask=send_mask)
+        sent = (y, send_mask) if asynchronous else (None, None)
+        return LowLatencyPending(token, (handle, *sent), handle.spec, "combine")
     return LowLatencyPending(jnp.zeros((), jnp.int32), (y, handle), handle.spec, "combine")
 
 
@@ -364,9 +370,9 @@ def low_latency_combine_recv(pending: LowLatencyPending, topk_weights: jax.Array
     spec = pending.spec
     backend = get_backend(spec.options.backend)
     if hasattr(backend, "ll_combine_recv"):
-        handle, sent_y = pending.state
+        handle, sent_y, sent_mask = pending.state
         return backend.ll_combine_recv(_after(pending.token, after), topk_weights, handle, sent_y=sent_y,
-                                       asynchronous=sent_y is not None)
+                                       asynchronous=sent_y is not None, sent_mask=sent_mask)
     y, handle = _after(pending.state, after)
     return low_latency_combine(y, topk_weights, handle)
 

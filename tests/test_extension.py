@@ -141,15 +141,24 @@ def test_low_latency_split_lowers_for_cuda(monkeypatch, async_send):
         assert f"stablehlo.custom_call @jax_ep_ll_{op}{suffix}(" in text, op
         other = "" if async_send else "_async"
         assert f"@jax_ep_ll_{op}{other}(" not in text, op
-    recv = next(line for line in text.splitlines() if f"@jax_ep_ll_dispatch_recv{suffix}(" in line)
-    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (4 if async_send else 2)  # rank mask, token, then x and topk_idx
+    def operands_of(op):
+        line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}{suffix}(" in line)
+        return [v.strip() for v in line.split("(", 1)[1].split(")", 1)[0].split(",")]
+
+    operands = operands_of("dispatch_recv")
+    # rank mask, token, then (asynchronous) x, topk_idx and the send's own mask: the
+    # send's kernel reads that mask on the send stream, so the receive keeps it alive
+    assert len(operands) == (5 if async_send else 2)
+    if async_send:
+        assert operands[-1] == operands_of("dispatch_send")[0]
     for op in ("dispatch_send", "dispatch_recv"):  # the split always pushes
         line = next(line for line in text.splitlines() if f"@jax_ep_ll_{op}{suffix}(" in line)
         assert "pull = 0 : i64" in line, line
-    recv = next(line for line in text.splitlines() if f"@jax_ep_ll_combine_recv{suffix}(" in line)
-    operands = recv.split("(", 1)[1].split(")", 1)[0].split(",")
-    assert len(operands) == (4 + 4 if async_send else 4)  # rank mask, token, topk_idx, weights, then y and the routing
+    operands = operands_of("combine_recv")
+    # rank mask, token, topk_idx, weights, then (asynchronous) y, the routing and the send's mask
+    assert len(operands) == (4 + 5 if async_send else 4)
+    if async_send:
+        assert operands[-1] == operands_of("combine_send")[0]
 
 
 @needs_extension

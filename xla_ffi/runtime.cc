@@ -528,7 +528,11 @@ bool Runtime::xla_memory_enabled(int id) {
 }
 
 void Runtime::destroy(int id) {
-  for (int member : members(id)) destroy(member);
+  // A group: every member's device finishes its work (whose kernels may
+  // write any member's memory) before any member's memory is freed.
+  const std::vector<int> ids = members(id);
+  for (int member : ids) at(member)->close_imports();
+  for (int member : ids) destroy(member);
   std::shared_ptr<IntranodeBuffer> buffer;  // freed here, or by the last handler still holding it
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -538,9 +542,28 @@ void Runtime::destroy(int id) {
     buffer = std::move(it->second);
     buffers_.erase(it);
   }
+  // A handler still holding it only launches work and lets go shortly: wait
+  // for that, so that the destructor (which synchronizes the device) runs
+  // here and never on XLA's thread, in a launch or a CUDA graph capture.
+  for (int i = 0; i < 10000 && buffer.use_count() > 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, std::string* error) {
+  std::shared_ptr<IntranodeBuffer> found = find_ready(id, device, error);
+  // Outside the lock: reading a record being written may take a moment.
+  if (found != nullptr) {
+    if (const intranode::TimeoutRecord rec = found->failure(); rec.code != 0) {
+      *error = "jax_ep buffer " + std::string(members(static_cast<int>(id)).empty() ? "" : "group ") +
+               std::to_string(id) + " failed earlier: " + timeout_message(rec);
+      return nullptr;
+    }
+  }
+  return found;
+}
+
+std::shared_ptr<IntranodeBuffer> Runtime::find_ready(int64_t id, int device, std::string* error) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto group = groups_.find(static_cast<int>(id));
   if (group != groups_.end()) {
@@ -557,12 +580,6 @@ std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, std::stri
     }
     if (found == nullptr) *error = "jax_ep buffer group " + std::to_string(id) + " has no rank on device " +
                                    std::to_string(device);
-    if (found != nullptr) {
-      if (const intranode::TimeoutRecord rec = found->failure(); rec.code != 0) {
-        *error = "jax_ep buffer group " + std::to_string(id) + " failed earlier: " + timeout_message(rec);
-        return nullptr;
-      }
-    }
     return found;
   }
   auto it = buffers_.find(static_cast<int>(id));
@@ -573,10 +590,6 @@ std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, std::stri
   }
   if (!it->second->ready()) {
     *error = "jax_ep buffer " + std::to_string(id) + " has not mapped every peer yet";
-    return nullptr;
-  }
-  if (const intranode::TimeoutRecord rec = it->second->failure(); rec.code != 0) {
-    *error = "jax_ep buffer " + std::to_string(id) + " failed earlier: " + timeout_message(rec);
     return nullptr;
   }
   return it->second;

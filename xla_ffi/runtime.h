@@ -189,6 +189,8 @@ class Runtime {
 
  private:
   int add(std::unique_ptr<IntranodeBuffer> buffer);  // registers it under a new id
+  // find without the failure check (under the lock).
+  std::shared_ptr<IntranodeBuffer> find_ready(int64_t id, int device, std::string* error);
 
   std::mutex mutex_;
   int next_id_ = 1;

@@ -23,6 +23,7 @@ struct Driver {
   CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
   CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
   CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  CUresult (*get_access)(unsigned long long*, const CUmemLocation*, CUdeviceptr) = nullptr;  // optional
   CUresult (*get_error_name)(CUresult, const char**) = nullptr;
 };
 
@@ -56,6 +57,8 @@ const Driver& driver() {
     load("cuMemUnmap", &d.unmap, &missing);
     load("cuMemSetAccess", &d.set_access, &missing);
     load("cuGetErrorName", &d.get_error_name, &missing);
+    std::string optional;
+    load("cuMemGetAccess", &d.get_access, &optional);
   });
   if (!missing.empty()) throw std::runtime_error("the CUDA driver has no " + missing);
   return d;
@@ -77,6 +80,19 @@ void use_device(int device) {
 }
 
 CUdeviceptr address(const void* p) { return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(p)); }
+
+// Lets `device` read [va, va + size): read-only where the driver takes it (a
+// stray write then faults), else read/write (a driver that refuses
+// read-only device mappings; the kernels still only read).
+CUresult set_read_access(const Driver& d, CUdeviceptr va, std::size_t size, int device) {
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+  if (d.set_access(va, size, &access, 1) == CUDA_SUCCESS) return CUDA_SUCCESS;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return d.set_access(va, size, &access, 1);
+}
 
 }  // namespace
 
@@ -123,11 +139,7 @@ char* import_fd(int device, int fd, std::size_t size) {
   }
   d.release(handle);  // the mapping keeps the allocation
   check(r, "mapping a peer's XLA memory (cuMemAddressReserve, cuMemMap)");
-  CUmemAccessDesc access{};
-  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  access.location.id = device;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;  // peers only read a rank's rows: a stray write faults
-  r = d.set_access(va, size, &access, 1);
+  r = set_read_access(d, va, size, device);  // peers only read a rank's rows
   if (r != CUDA_SUCCESS) {
     d.unmap(va, size);
     d.address_free(va, size);
@@ -164,11 +176,18 @@ void grant_access(int owner, const Allocation& allocation, int device) {
   CUmemGenericAllocationHandle handle = 0;
   if (d.retain_allocation_handle(&handle, allocation.base) != CUDA_SUCCESS) return;  // cudaMalloc memory
   d.release(handle);
-  CUmemAccessDesc access{};
-  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  access.location.id = device;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;  // the other members only read
-  check(d.set_access(address(allocation.base), allocation.size, &access, 1),
+  // XLA's own mapping: never take away access XLA (or a library it uses)
+  // granted `device` already, which may include writes. Only where `device`
+  // has none is it made able to read (the other members only read).
+  CUmemLocation location{};
+  location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  location.id = device;
+  unsigned long long current = CU_MEM_ACCESS_FLAGS_PROT_NONE;
+  if (d.get_access != nullptr && d.get_access(&current, &location, address(allocation.base)) == CUDA_SUCCESS &&
+      current != CU_MEM_ACCESS_FLAGS_PROT_NONE) {
+    return;
+  }
+  check(set_read_access(d, address(allocation.base), allocation.size, device),
         ("cuMemSetAccess for device " + std::to_string(device) + " on device " + std::to_string(owner) +
          "'s XLA memory").c_str());
 }

@@ -34,7 +34,8 @@ Allocation find(int device, const void* ptr);
 int export_fd(int device, const Allocation& allocation);
 
 // Maps an allocation of `size` bytes exported by another process (the caller
-// keeps and closes `fd`) read-only for `device`; returns its base here.
+// keeps and closes `fd`) read-only for `device` (read/write where the
+// driver refuses read-only device mappings); returns its base here.
 char* import_fd(int device, int fd, std::size_t size);
 
 // Whether `ptr` (in the current context) still lies in exactly `allocation`
@@ -45,7 +46,8 @@ bool still_holds(const Allocation& allocation, const void* ptr);
 void unmap(char* base, std::size_t size);
 
 // One process driving several GPUs: lets `device` read
-// `allocation` (from find on `owner`), which XLA mapped for `owner` only.
+// `allocation` (from find on `owner`), which XLA mapped for `owner` only;
+// access `device` already has (maybe read/write, granted by XLA) is kept.
 // Memory that is not a virtual-memory allocation (cudaMalloc) needs nothing
 // here: peer access between the two devices already reaches it.
 void grant_access(int owner, const Allocation& allocation, int device);

@@ -271,6 +271,47 @@ def test_foreign_handle_is_recorded_not_followed(rng):
         group.destroy()
 
 
+def test_low_latency_combine_refuses_a_negative_rank_in_a_valid_row(rng):
+    """A foreign low-latency handle whose first row names rank -2 (valid
+    rows are those before an expert's first -1, so this row counts as
+    valid): the combine records a bad handle instead of addressing
+    ``base[-2]``, and does not trap."""
+    import dataclasses
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import cuda_ops, faults
+    from jax_ep.runtime import IntranodeRuntime, low_latency_buffer_bytes
+
+    t, m, k, e, h = 16, 16, 2, 8, 512
+    dev = jax.devices()[0].local_hardware_id or 0
+    group = IntranodeRuntime.create_group([dev], low_latency_buffer_bytes(m, h, 1, k, e), timeout_s=20.0)
+    try:
+        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+        idx = np.zeros((t, k), np.int32)
+        idx[:, 1] = 1  # every token names experts 0 and 1: row 0 of expert 0 is valid
+        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+        w = jnp.asarray(rng.random((t, k)), jnp.float32)
+        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
+        opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", num_sms=4,
+                                        buffer_id=group.buffer_id)
+
+        def body(x, i, w):
+            o = jax_ep.low_latency_dispatch(x, i, num_experts=e, axis_name="ep", options=opts)
+            foreign = dataclasses.replace(o.handle, recv_src_rank=o.handle.recv_src_rank.at[0, 0].set(-2))
+            out = jax_ep.low_latency_combine(o.recv_x, w, foreign)
+            return out, cuda_ops.status(group.buffer_id, (out,), "ep")
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+        _, status = f(x, idx, w)
+        assert np.asarray(status).tolist()[0] == faults.STATUS_BAD_HANDLE
+        err = group.failure()
+        assert isinstance(err, jax_ep.CommunicationError) and err.kind == "bad handle"
+        assert "names -2" in str(err)
+    finally:
+        group.destroy()
+
+
 def test_handlers_refuse_what_the_kernels_cannot_do(rng):
     """Handler checks that a bypassed Python check would otherwise leave to
     the kernels: low-latency K = 17 (the kernels send and sum 16 slots),

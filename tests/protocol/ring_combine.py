@@ -25,9 +25,12 @@ so the model is one owner with its ``R`` incoming streams:
   ``progress[index] = t0 + count * batch``; at the end ``progress = T`` (the
   kernel's ``token_word``: tokens past the end read as 0xffffffff).
 
-Words carry the epoch in the kernel (``epoch << 32 | value``); one call is
-modelled, where every earlier call's word compares below every word of this
-one: stale words start at -1 here.
+Words carry the epoch's serial in the kernel (``serial_word(epoch, value)``,
+cuda/serial.cuh): a copier's wait takes a progress word of another call as 0
+(``value_in_call``) and a reducer's wait takes a flag only when it is of this
+call with a value of at least j (``word_reached``). One call is modelled, so a
+stale word (an earlier call's) never counts: -1 here. (The serials across
+calls are modelled in ll_halves.py.)
 
 Safety checks: a copier never overwrites a ring slot whose row the owner has
 not read (``ring space``), and a reducer reads in a slot exactly the row it
