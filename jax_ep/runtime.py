@@ -471,6 +471,11 @@ def low_latency_buffer_bytes(
     """``num_ll_bytes`` a Buffer needs for low-latency calls of these shapes
     (``max_tokens`` = ``num_max_dispatch_tokens_per_rank``; ``fp8`` an
     ``FP8Options`` or None)."""
+    from jax_ep.options import FP8Options
+
+    if fp8 is not None and not isinstance(fp8, FP8Options):  # e.g. fp8=True
+        raise TypeError(f"low_latency_buffer_bytes: fp8 must be None (BF16) or the FP8Options of the calls' "
+                        f"LowLatencyOptions.fp8, got {fp8!r}")
     if not _extension.available():
         raise RuntimeError(_extension.unavailable_reason())
     payload = 0 if fp8 is None else (3 if fp8.use_ue8m0 else (2 if fp8.round_scale else 1))

@@ -321,3 +321,9 @@ def test_bool_options_are_checked(make, field):
         with pytest.raises(TypeError, match=rf"{field} must be True or False, got {bad!r}"):
             make(bad)
     assert make(np.bool_(True)) == make(True)  # numpy bools are bools
+
+
+@pytest.mark.parametrize("fp8", [True, "fp8"])
+def test_low_latency_buffer_bytes_names_fp8(fp8):
+    with pytest.raises(TypeError, match=r"fp8 must be None \(BF16\) or the FP8Options"):
+        jax_ep.low_latency_buffer_bytes(8, 128, 2, 2, 4, fp8)
