@@ -63,6 +63,11 @@ class IntranodeRuntime:
         if len(local) > 1 and jax.process_count() == 1 and all(d.platform == "gpu" for d in local):
             return IntranodeRuntime.create_group([d.local_hardware_id for d in jax.devices()], num_bytes,
                                                  timeout_s=timeout_s)
+        if not any(d.platform == "gpu" for d in local):
+            raise RuntimeError(
+                f"backend='cuda' needs an NVIDIA GPU, and this process sees none ({[d.platform for d in local]}); "
+                "on a machine without one use backend='xla' (the default), which runs every op on CPU"
+            )
         if len(local) != 1 or local[0].platform != "gpu":
             raise RuntimeError(
                 "the CUDA backend runs one process per EP rank with one local GPU each "
