@@ -63,6 +63,11 @@ class IntranodeRuntime:
         if len(local) > 1 and jax.process_count() == 1 and all(d.platform == "gpu" for d in local):
             return IntranodeRuntime.create_group([d.local_hardware_id for d in jax.devices()], num_bytes,
                                                  timeout_s=timeout_s)
+        if not any(d.platform == "gpu" for d in local):
+            raise RuntimeError(
+                f"backend='cuda' needs an NVIDIA GPU, and this process sees none ({[d.platform for d in local]}); "
+                "on a machine without one use backend='xla' (the default), which runs every op on CPU"
+            )
         if len(local) != 1 or local[0].platform != "gpu":
             raise RuntimeError(
                 "the CUDA backend runs one process per EP rank with one local GPU each "
@@ -474,6 +479,11 @@ def low_latency_buffer_bytes(
     ``FP8Options`` or None). ``ranks_per_node`` smaller than ``num_ranks``
     (the Buffer's, when it spans several nodes) sizes the put path's buffer
     instead (``jax_ep.ll_put_runtime``; needs ``jax_ep._nvshmem``)."""
+    from jax_ep.options import FP8Options
+
+    if fp8 is not None and not isinstance(fp8, FP8Options):  # e.g. fp8=True
+        raise TypeError(f"low_latency_buffer_bytes: fp8 must be None (BF16) or the FP8Options of the calls' "
+                        f"LowLatencyOptions.fp8, got {fp8!r}")
     payload = 0 if fp8 is None else (3 if fp8.use_ue8m0 else (2 if fp8.round_scale else 1))
     if ranks_per_node is not None and ranks_per_node < num_ranks:
         from jax_ep import ll_put_runtime

@@ -123,8 +123,9 @@ class Topology:
         return tuple(_PATH_NAMES[int(p)] for p in self.peer_paths(rank))
 
     def describe(self) -> str:
-        kind = "virtual nodes" if self.virtual else "nodes"
-        return f"{self.num_nodes} {kind} of {self.ranks_per_node} ranks (R = {self.num_ranks})"
+        kind = ("virtual node" if self.virtual else "node") + ("s" if self.num_nodes != 1 else "")
+        ranks = "rank" if self.ranks_per_node == 1 else "ranks"
+        return f"{self.num_nodes} {kind} of {self.ranks_per_node} {ranks} (R = {self.num_ranks})"
 
 
 def _check_count(name: str, value) -> None:

@@ -26,8 +26,10 @@ python -m pip install -q --upgrade pip
 # library must not be newer than the host library it meets).
 python -m pip install -q "jax==0.11.2" "nvidia-nvshmem-cu13==3.4.5" "nvshmem4py-cu13==0.4.1" numpy "nanobind>=2" "scikit-build-core>=0.10" cmake ninja \
   pytest hypothesis optax flax equinox tqdm
-if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
-  echo "jax_ep setup: nvcc found, building the CUDA extension jax_ep._C"
+if [ "${JAX_EP_CUDA:-}" = OFF ]; then
+  echo "jax_ep setup: JAX_EP_CUDA=OFF; installing without the CUDA extension"
+elif command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ]; then
+  echo "jax_ep setup: nvcc found, building the CUDA extension jax_ep._C (a few minutes)"
 else
   echo "jax_ep setup: no nvcc on PATH; installing without the CUDA extension"
 fi

@@ -248,12 +248,13 @@ def test_cuda_low_latency_checks(inputs):
         run_ranks(f, R, [x.astype(jnp.bfloat16) for x in xs], idxs, ws)
 
 
-def test_cuda_buffer_needs_one_gpu_per_process():
+def test_cuda_buffer_on_cpu_names_the_xla_backend():
     from jax_ep import _extension
 
     if not _extension.available():
         pytest.skip("extension not built")
-    with pytest.raises(RuntimeError, match="one process per EP rank with one local GPU"):
+    assert all(d.platform == "cpu" for d in jax.local_devices())  # the CPU suite
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs an NVIDIA GPU.*use backend='xla'"):
         jax_ep.Buffer(num_experts=E, normal=jax_ep.NormalOptions(backend="cuda"))
 
 
@@ -321,3 +322,9 @@ def test_bool_options_are_checked(make, field):
         with pytest.raises(TypeError, match=rf"{field} must be True or False, got {bad!r}"):
             make(bad)
     assert make(np.bool_(True)) == make(True)  # numpy bools are bools
+
+
+@pytest.mark.parametrize("fp8", [True, "fp8"])
+def test_low_latency_buffer_bytes_names_fp8(fp8):
+    with pytest.raises(TypeError, match=r"fp8 must be None \(BF16\) or the FP8Options"):
+        jax_ep.low_latency_buffer_bytes(8, 128, 2, 2, 4, fp8)

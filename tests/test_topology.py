@@ -43,6 +43,7 @@ def test_example_2x4_table():
     assert t.peer_path_names(5) == ("put",) * 4 + ("pointer",) * 4
     assert t.rail_peers(6) == (2, 6)
     assert t.describe() == "2 virtual nodes of 4 ranks (R = 8)"
+    assert topo.make_topology(2, 1, environ={}).describe() == "2 virtual nodes of 1 rank (R = 2)"
 
 
 def test_env_var_and_argument():
