@@ -28,6 +28,12 @@
 // covers the staging halves: a put's source is rewritten two calls later,
 // after the put was delivered. tests/protocol/ll_put_model.py models it.
 //
+// Faults (docs/faults.md): every wait polls its word, this rank's abort word
+// (Control::abort) and the timeout; a failed wait records (code, rank, peer,
+// op, call) in the pointer path's record, raises the abort in every rank
+// that is not masked and returns; every kernel returns at entry once the
+// abort word is raised. No trap: the CUDA context survives.
+//
 // These kernels link NVSHMEM device code (JAX_EP_WITH_NVSHMEM): they live in
 // the jax_ep._nvshmem module; xla_ffi/ll_put.cc holds their FFI handlers.
 #pragma once
