@@ -28,6 +28,12 @@
 // covers the staging halves: a put's source is rewritten two calls later,
 // after the put was delivered. tests/protocol/ll_put_model.py models it.
 //
+// Faults (docs/faults.md): every wait polls its word, this rank's abort word
+// (Control::abort) and the timeout; a failed wait records (code, rank, peer,
+// op, call) in the pointer path's record, raises the abort in every rank
+// that is not masked and returns; every kernel returns at entry once the
+// abort word is raised. No trap: the CUDA context survives.
+//
 // These kernels link NVSHMEM device code (JAX_EP_WITH_NVSHMEM): they live in
 // the jax_ep._nvshmem module; xla_ffi/ll_put.cc holds their FFI handlers.
 #pragma once
@@ -59,11 +65,17 @@ __host__ __device__ inline std::size_t message_stride(const Shape& s) {
 
 inline constexpr int kMaxWords = 2048;  // dispatch signal words per half: (E/R) * R = E
 
-// This rank's control words, at the start of its buffer (never written by peers).
+// This rank's control words, at the start of its buffer. Peers write only
+// `abort`; the rest is this rank's own.
 struct Control {
   unsigned long long dispatch_call;  // calls received so far: the next call's number
   unsigned long long combine_call;
   unsigned int blocks_done[2];       // finished pack / sum blocks (dispatch, combine)
+  // Nonzero once any rank failed: (FailCode << 32) | (failing rank + 1),
+  // written by the failing rank into every rank's copy (the same encoding as
+  // intranode::Signals::abort) and polled by every wait of the put kernels.
+  // Never cleared: the buffer is unusable until re-created.
+  unsigned long long abort;
 };
 inline constexpr std::size_t kControlBytes = 256;
 static_assert(sizeof(Control) <= kControlBytes);
@@ -106,9 +118,16 @@ struct Args {
   transport::Peers peers;
   Shape shape;
   unsigned long long timeout_ns;  // how long a receive waits for a peer's signal
-  int* status;                    // device word: 1 + the peer a receive gave up on (first wins); null: none
+  // What failed, for the host (mapped host memory, or device memory in the
+  // direct calls): the pointer path's record and codes, first failure wins.
+  intranode::TimeoutRecord* record;
   const bool* rank_mask;          // device bool[R], true: a masked rank (never written to nor waited for); null: none
 };
+
+// Operation codes of the put path's failure records: those of the pointer
+// path's low-latency receives (intranode::op_name), so a record reads the same.
+inline constexpr int kOpDispatchRecv = 3;
+inline constexpr int kOpCombineRecv = 4;
 
 // Bytes of the symmetric buffer for these shapes (both halves of everything).
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
@@ -130,6 +149,10 @@ cudaError_t launch_combine_send(const Args& a, const void* y, const int* recv_sr
 // out [T, H] bf16 = sum_k w[t, k] * row(t, first slot naming topk_idx[t, k]).
 cudaError_t launch_combine_recv(const Args& a, const int* topk_idx, const float* topk_weights, void* out,
                                 int num_blocks, cudaStream_t stream);
+// out s32[4] = {code, rank at fault, this rank, op} of the buffer's record,
+// on `stream` after the calls before it (intranode::launch_read_status's
+// encoding; code -1, a record being written, reads as aborted).
+cudaError_t launch_read_status(const Args& a, int* out, cudaStream_t stream);
 
 #ifdef __CUDACC__
 namespace detail {
@@ -142,23 +165,78 @@ __device__ __forceinline__ Control* control(const Args& a) { return reinterpret_
 __device__ __forceinline__ bool masked(const Args& a, int r) { return a.rank_mask != nullptr && a.rank_mask[r]; }
 __device__ __forceinline__ bool skips(const Args& a, int peer) { return masked(a, a.peers.rank) || masked(a, peer); }
 
-// A receive gave up waiting for `peer`: record it, then stop the kernel.
-__device__ __forceinline__ void give_up(const Args& a, int peer) {
-  if (a.status != nullptr) atomicCAS(a.status, 0, 1 + peer);
+// Failure handling: the contract of the pointer path (docs/faults.md) with
+// the put path's own abort word. sync.cuh's `wait_until` needs only the
+// address of the abort word, so the waits reuse it; raising the abort is the
+// put path's own (intranode::raise_abort stores through a PeerTable's
+// pointers, and put peers have none): a store for pointer peers, an NVSHMEM
+// signal set (transport::signal_set) for put peers.
+
+__device__ __forceinline__ const unsigned long long* abort_word(const Args& a) { return &control(a)->abort; }
+
+// Tell every rank that is not masked (this one too) that this rank failed.
+__device__ __forceinline__ void raise_abort(const Args& a, int code) {
+  const unsigned long long word = static_cast<unsigned long long>(code) << 32 |
+                                  static_cast<unsigned long long>(a.peers.rank + 1);
   __threadfence_system();
-  __trap();
+  for (int r = 0; r < a.peers.num_ranks; ++r) {
+    if (r != a.peers.rank && masked(a, r)) continue;  // a masked rank may be gone: touch nothing of it
+    transport::signal_set(a.peers, r, offsetof(Control, abort), word);
+  }
+  __threadfence_system();
 }
 
-// Spin until the signal word at `word` (this rank's memory) reads done;
-// returns it. The acquire orders the rows it counts before later reads.
-__device__ __forceinline__ unsigned long long wait_done(const Args& a, const unsigned long long* word, int peer) {
-  unsigned long long v = ld_acquire_sys(word);
-  if (transport::signal_done(v)) return v;
-  const unsigned long long start = global_timer_ns();
-  while (!transport::signal_done(v = ld_acquire_sys(word))) {
-    if (global_timer_ns() - start > a.timeout_ns) give_up(a, peer);
+// A call failed here: record it (code, this rank, the peer, op, call) and,
+// unless a peer's abort is what stopped it, raise the abort in every rank.
+// The caller returns; so do the call's later kernels (`block_aborted`).
+__device__ __forceinline__ void fail(const Args& a, int code, int peer, int op, unsigned long long call,
+                                     unsigned long long seen) {
+  if (a.record != nullptr) {
+    intranode::record_failure(a.record, code, a.peers.rank, peer, op, call, seen, a.timeout_ns, nullptr, nullptr);
   }
-  return v;
+  if (code != intranode::kFailAborted) raise_abort(a, code);
+}
+
+// Whether any rank failed (the buffer is then dead); the first kernel of
+// this rank to notice records who raised it, unless a record is there.
+__device__ __forceinline__ bool aborted(const Args& a, int op) {
+  const unsigned long long word = ld_volatile(abort_word(a));
+  if (word == 0) return false;
+  if (a.record != nullptr && *reinterpret_cast<volatile int*>(&a.record->code) == 0) {
+    fail(a, intranode::kFailAborted, static_cast<int>(word & 0xffffffffull) - 1, op, 0, word >> 32);
+  }
+  return true;
+}
+
+// `aborted` decided once for the whole block (thread 0 reads): every put
+// kernel checks it at entry and returns at once on a dead buffer, touching
+// neither peers nor outputs.
+__device__ __forceinline__ bool block_aborted(const Args& a, int op) {
+  __shared__ int seen;
+  if (threadIdx.x == 0) seen = aborted(a, op) ? 1 : 0;
+  __syncthreads();
+  return seen != 0;
+}
+
+// Wait until the signal word at `word` (this rank's memory) reads done,
+// polling the abort word and the timeout (sync.cuh's `wait_until`). False
+// when the wait failed (recorded; abort raised unless a peer raised it):
+// the calling thread stops, the others see the abort at their next poll.
+// The acquire orders the rows the word counts before later reads. `call`
+// (1-based) is the receive's call number; a timeout records it as the
+// peer's too (the peer had not finished sending that call).
+__device__ __forceinline__ bool wait_done(const Args& a, const unsigned long long* word, int peer, int op,
+                                          unsigned long long call) {
+  const WaitOutcome w =
+      wait_until([&] { return transport::signal_done(ld_acquire_sys(word)); }, abort_word(a), a.timeout_ns);
+  if (w == kWaitReady) return true;
+  if (w == kWaitAborted) {
+    const unsigned long long raised = ld_volatile(abort_word(a));
+    fail(a, intranode::kFailAborted, static_cast<int>(raised & 0xffffffffull) - 1, op, call, raised >> 32);
+  } else {
+    fail(a, intranode::kFailTimeout, peer, op, call, call);
+  }
+  return false;
 }
 
 // True in every thread of the block that finished last (and resets the counter).

@@ -26,6 +26,7 @@ __device__ __forceinline__ std::size_t combine_word(const Layout& l, int half, i
 __global__ void __launch_bounds__(kThreads)
     combine_send_kernel(Args a, const __nv_bfloat16* y, const int* src_rank, const int* src_token,
                         const int* src_slot) {
+  if (detail::block_aborted(a, kOpCombineRecv)) return;  // a dead buffer: send nothing
   const Shape s = a.shape;
   const int R = a.peers.num_ranks, me = a.peers.rank, le = s.local_experts(R), M = s.max_tokens;
   const Layout l = Layout::make(s, R);
@@ -67,14 +68,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block waits until every expert rank's word of this call's half reads done.
+// One block waits until every expert rank's word of this call's half reads
+// done (a failed wait: as dispatch_wait_kernel).
 __global__ void __launch_bounds__(1024) combine_wait_kernel(Args a) {
+  if (detail::block_aborted(a, kOpCombineRecv)) return;
   const int R = a.peers.num_ranks;
   const Layout l = Layout::make(a.shape, R);
-  const int half = static_cast<int>(ld_volatile(&detail::control(a)->combine_call) & 1ull);
+  const unsigned long long call = ld_volatile(&detail::control(a)->combine_call);
+  const int half = static_cast<int>(call & 1ull);
   for (int src = threadIdx.x; src < R; src += blockDim.x) {
     if (detail::skips(a, src)) continue;
-    detail::wait_done(a, reinterpret_cast<const unsigned long long*>(a.peers.local + combine_word(l, half, src)), src);
+    const auto* word = reinterpret_cast<const unsigned long long*>(a.peers.local + combine_word(l, half, src));
+    if (!detail::wait_done(a, word, src, kOpCombineRecv, call + 1)) return;
   }
 }
 
@@ -84,6 +89,7 @@ __global__ void __launch_bounds__(1024) combine_wait_kernel(Args a) {
 // two agree bit for bit. The last block resets the words and ends the call.
 __global__ void __launch_bounds__(kThreads)
     combine_sum_kernel(Args a, const int* topk_idx, const float* topk_weights, __nv_bfloat16* out) {
+  if (detail::block_aborted(a, kOpCombineRecv)) return;  // the wait failed, or a peer did: out untouched
   const Shape s = a.shape;
   const int R = a.peers.num_ranks, K = s.num_topk;
   const Layout l = Layout::make(s, R);

@@ -35,6 +35,18 @@ struct Device {
   void download(void* host, const void* dev, std::size_t bytes) {
     if (err == cudaSuccess && bytes > 0) err = cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost);
   }
+  // A zeroed failure record in device memory.
+  intranode::TimeoutRecord* record() {
+    auto* r = static_cast<intranode::TimeoutRecord*>(alloc(sizeof(intranode::TimeoutRecord)));
+    if (err == cudaSuccess) err = cudaMemset(r, 0, sizeof(intranode::TimeoutRecord));
+    return r;
+  }
+  // *out = 0, or 1 + the rank at fault (the peer waited for, or the rank that raised the abort).
+  void download_status(int* out, const intranode::TimeoutRecord* r) {
+    intranode::TimeoutRecord host{};
+    download(&host, r, sizeof(host));
+    *out = host.code == 0 ? 0 : 1 + host.peer;
+  }
   ~Device() {
     for (void* p : blocks) cudaFree(p);
   }
@@ -43,7 +55,7 @@ struct Device {
 // shape: {T, M, K, E, H, payload}; mapped: per peer, its copy here (0 for put
 // peers); paths: per peer, 0 pointer / 1 put.
 Args make_args(void* local, const std::uint64_t* mapped, const std::uint8_t* paths, int rank, int num_ranks,
-               const int* shape, double timeout_s, int* status) {
+               const int* shape, double timeout_s, intranode::TimeoutRecord* record) {
   Args a{};
   a.peers.local = static_cast<char*>(local);
   for (int r = 0; r < num_ranks && r < transport::kMaxPeers; ++r) {
@@ -54,7 +66,7 @@ Args make_args(void* local, const std::uint64_t* mapped, const std::uint8_t* pat
   a.peers.num_ranks = num_ranks;
   a.shape = Shape{shape[0], shape[1], shape[2], shape[3], shape[4], static_cast<Payload>(shape[5])};
   a.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
-  a.status = status;
+  a.record = record;
   return a;
 }
 
@@ -78,9 +90,8 @@ __attribute__((visibility("default"))) int jax_ep_ll_put_dispatch(
     void* recv_scales, std::uint64_t recv_scales_bytes, int* recv_count, int* src_rank, int* src_token, int* src_slot,
     int* status_out) {
   lp::Device d;
-  int* status = static_cast<int*>(d.alloc(sizeof(int)));
-  if (d.err == cudaSuccess) d.err = cudaMemset(status, 0, sizeof(int));
-  const lp::Args a = lp::make_args(local, mapped, paths, rank, num_ranks, shape, timeout_s, status);
+  jax_ep::intranode::TimeoutRecord* record = d.record();
+  const lp::Args a = lp::make_args(local, mapped, paths, rank, num_ranks, shape, timeout_s, record);
   const lp::Shape& s = a.shape;
   const std::size_t le = s.local_experts(num_ranks), rows = le * num_ranks * s.max_tokens;
   const void* dx = d.upload(x, static_cast<std::size_t>(s.num_tokens) * s.hidden * 2);
@@ -100,7 +111,7 @@ __attribute__((visibility("default"))) int jax_ep_ll_put_dispatch(
   d.download(src_rank, dr, rows * 4);
   d.download(src_token, dt, rows * 4);
   d.download(src_slot, dsl, rows * 4);
-  d.download(status_out, status, sizeof(int));
+  d.download_status(status_out, record);
   return static_cast<int>(d.err);
 }
 
@@ -110,9 +121,8 @@ __attribute__((visibility("default"))) int jax_ep_ll_put_combine(
     double timeout_s, int num_blocks, const void* y, const int* src_rank, const int* src_token, const int* src_slot,
     const int* topk_idx, const float* topk_weights, void* out, int* status_out) {
   lp::Device d;
-  int* status = static_cast<int*>(d.alloc(sizeof(int)));
-  if (d.err == cudaSuccess) d.err = cudaMemset(status, 0, sizeof(int));
-  const lp::Args a = lp::make_args(local, mapped, paths, rank, num_ranks, shape, timeout_s, status);
+  jax_ep::intranode::TimeoutRecord* record = d.record();
+  const lp::Args a = lp::make_args(local, mapped, paths, rank, num_ranks, shape, timeout_s, record);
   const lp::Shape& s = a.shape;
   const std::size_t le = s.local_experts(num_ranks), rows = le * num_ranks * s.max_tokens;
   const std::size_t tk = static_cast<std::size_t>(s.num_tokens) * s.num_topk;
@@ -127,7 +137,7 @@ __attribute__((visibility("default"))) int jax_ep_ll_put_combine(
   if (d.err == cudaSuccess) d.err = lp::launch_combine_recv(a, di, dw, dout, num_blocks, nullptr);
   if (d.err == cudaSuccess) d.err = cudaDeviceSynchronize();
   d.download(out, dout, static_cast<std::size_t>(s.num_tokens) * s.hidden * 2);
-  d.download(status_out, status, sizeof(int));
+  d.download_status(status_out, record);
   return static_cast<int>(d.err);
 }
 

@@ -61,6 +61,7 @@ __device__ int earlier_tokens_naming(const int* topk_idx, int token, int K, int 
 }
 
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const __nv_bfloat16* x, const int* topk_idx) {
+  if (detail::block_aborted(a, kOpDispatchRecv)) return;  // a dead buffer: send nothing
   const Shape s = a.shape;
   const int R = a.peers.num_ranks, me = a.peers.rank, K = s.num_topk, le = s.local_experts(R);
   const Layout l = Layout::make(s, R);
@@ -106,15 +107,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const _
 }
 
 // One block waits until every (local expert, source) word of this call's
-// half reads done.
+// half reads done. A failed wait (timeout, or a peer's abort) records and
+// raises the abort; the other threads see it at their next poll and stop,
+// and the pack kernel after this one returns at entry.
 __global__ void __launch_bounds__(1024) dispatch_wait_kernel(Args a) {
+  if (detail::block_aborted(a, kOpDispatchRecv)) return;
   const int R = a.peers.num_ranks, le = a.shape.local_experts(R);
   const Layout l = Layout::make(a.shape, R);
-  const int half = static_cast<int>(ld_volatile(&detail::control(a)->dispatch_call) & 1ull);
+  const unsigned long long call = ld_volatile(&detail::control(a)->dispatch_call);
+  const int half = static_cast<int>(call & 1ull);
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     if (detail::skips(a, i % R)) continue;
     const auto* word = reinterpret_cast<const unsigned long long*>(a.peers.local + dispatch_word(l, half, i / R, i % R, R));
-    detail::wait_done(a, word, i % R);
+    if (!detail::wait_done(a, word, i % R, kOpDispatchRecv, call + 1)) return;
   }
 }
 
@@ -124,6 +129,7 @@ __global__ void __launch_bounds__(1024) dispatch_wait_kernel(Args a) {
 __global__ void __launch_bounds__(kThreads)
     dispatch_pack_kernel(Args a, char* recv_x, char* recv_scales, int* recv_count, int* src_rank, int* src_token,
                          int* src_slot) {
+  if (detail::block_aborted(a, kOpDispatchRecv)) return;  // the wait failed, or a peer did: outputs untouched
   const Shape s = a.shape;
   const int R = a.peers.num_ranks, me = a.peers.rank, le = s.local_experts(R), M = s.max_tokens;
   const Layout l = Layout::make(s, R);
@@ -184,7 +190,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void read_status_kernel(Args a, int* out) {
+  const intranode::TimeoutRecord* rec = a.record;
+  int code = *reinterpret_cast<const volatile int*>(&rec->code);
+  __threadfence_system();
+  if (code < 0) code = intranode::kFailAborted;  // being written: a failure all the same
+  const bool ok = code == intranode::kFailNone;
+  out[0] = code;
+  out[1] = ok ? -1 : rec->peer;
+  out[2] = a.peers.rank;
+  out[3] = ok ? -1 : rec->op;
+}
+
 }  // namespace
+
+cudaError_t launch_read_status(const Args& a, int* out, cudaStream_t stream) {
+  read_status_kernel<<<1, 1, 0, stream>>>(a, out);
+  return cudaGetLastError();
+}
 
 std::size_t buffer_bytes(const Shape& s, int num_ranks) { return Layout::make(s, num_ranks).total; }
 

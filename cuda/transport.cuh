@@ -72,6 +72,14 @@ static_assert(!signal_done(signal_final_value(5) + 4) && !signal_done(5));
 
 #ifdef __CUDACC__
 
+// Every user of the device half (the put kernels) is built into the
+// jax_ep._nvshmem module, which defines JAX_EP_WITH_NVSHMEM: a put peer can
+// only be reached with NVSHMEM device code, so a build without it is refused
+// here rather than trapping at run time.
+#ifndef JAX_EP_WITH_NVSHMEM
+#error "cuda/transport.cuh's device code needs NVSHMEM (JAX_EP_WITH_NVSHMEM): build it into jax_ep._nvshmem"
+#endif
+
 __device__ __forceinline__ void red_add_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -93,13 +101,9 @@ __device__ __forceinline__ void warp_put_signal(const Peers& p, int peer, std::s
     if (lane == 0) red_add_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), add);
     return;
   }
-#ifdef JAX_EP_WITH_NVSHMEM
   nvshmemx_putmem_signal_nbi_warp(p.local + offset, src, bytes,
                                   reinterpret_cast<std::uint64_t*>(p.local + signal_offset), add, NVSHMEM_SIGNAL_ADD,
                                   peer);
-#else
-  __trap();  // a put peer in a module built without NVSHMEM device code
-#endif
 }
 
 // One thread adds `value` to the signal word at `signal_offset` of `peer`'s
@@ -111,11 +115,23 @@ __device__ __forceinline__ void signal_add(const Peers& p, int peer, std::size_t
     red_add_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), value);
     return;
   }
-#ifdef JAX_EP_WITH_NVSHMEM
   nvshmemx_signal_op(reinterpret_cast<std::uint64_t*>(p.local + signal_offset), value, NVSHMEM_SIGNAL_ADD, peer);
-#else
-  __trap();
-#endif
+}
+
+// One thread sets the word at `offset` of `peer`'s copy to `value` (nonzero)
+// unless it is already nonzero there: the abort word. Pointer peers (and this
+// rank): a check, then a volatile store (the first failure is what each
+// keeps). Put peers: an NVSHMEM signal set, which does not read the remote
+// word (a fetching atomic would wait for a peer that may be gone), so of two
+// ranks failing at once the later set wins there; either names a rank that
+// failed.
+__device__ __forceinline__ void signal_set(const Peers& p, int peer, std::size_t offset, unsigned long long value) {
+  if (p.path[peer] == PeerPath::kPointer) {
+    auto* w = reinterpret_cast<volatile unsigned long long*>(p.mapped[peer] + offset);
+    if (*w == 0) *w = value;
+    return;
+  }
+  nvshmemx_signal_op(reinterpret_cast<std::uint64_t*>(p.local + offset), value, NVSHMEM_SIGNAL_SET, peer);
 }
 
 #endif  // __CUDACC__

@@ -335,9 +335,9 @@ def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
         rank = jax.lax.axis_index(buffer.axis_name) if buffer.axis_name is not None else 0
         return jnp.stack([jnp.int32(0), jnp.int32(-1), jnp.asarray(rank, jnp.int32), jnp.int32(-1)])
     if getattr(rt, "put_path", False):
-        raise NotImplementedError(
-            "jax_ep.status(mode='low_latency') is not implemented on the put path (ranks in several nodes): "
-            "its failures are read on the host, with buffer.check()")
+        from jax_ep import cuda_put_ops
+
+        return cuda_put_ops.status(rt.buffer_id, after, buffer.axis_name)
     from jax_ep import cuda_ops
 
     return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)

@@ -19,7 +19,7 @@ import numpy as np
 from jax_ep import nvshmem  # noqa: F401  (registers the put targets where jax_ep._nvshmem loads)
 
 TARGETS = ("jax_ep_ll_put_dispatch_send", "jax_ep_ll_put_dispatch_recv", "jax_ep_ll_put_combine_send",
-           "jax_ep_ll_put_combine_recv")
+           "jax_ep_ll_put_combine_recv", "jax_ep_ll_put_status")
 
 
 def _ops():
@@ -105,6 +105,16 @@ def ll_combine_recv(token: jax.Array, topk_weights: jax.Array, handle) -> jax.Ar
                             jax.ShapeDtypeStruct((spec.num_tokens, spec.hidden), jnp.bfloat16), **ops._COMM)
     out = call(ops._handle_mask(handle), token, handle.topk_idx, topk_weights, **_attrs(spec, with_tokens=True))
     return ops._varying(out, spec.axis_name)
+
+
+def status(buffer_id: int, after: tuple, axis_name=None) -> jax.Array:
+    """int32[4] ``[code, rank at fault, this rank, op]`` of a put-path buffer
+    on this rank, read on the GPU after the calls that produced ``after``
+    (``jax_ep.status(..., mode="low_latency")``; the pointer path's
+    ``cuda_ops.status`` encoding)."""
+    ops = _ops()
+    call = jax.ffi.ffi_call("jax_ep_ll_put_status", jax.ShapeDtypeStruct((4,), jnp.int32), **ops._COMM)
+    return ops._varying(call(*jax.tree_util.tree_leaves(after), buffer_id=np.int64(buffer_id)), axis_name)
 
 
 def no_gradient(op: str):

@@ -60,17 +60,11 @@ class PutRuntime:
         return rt
 
     def failure(self) -> faults.CommunicationError | None:
-        """A receive that gave up waiting for a peer (a timeout), or None."""
+        """What failed on this rank (a receive that timed out, or the abort a
+        peer raised), as ``CommunicationError``; None while nothing did."""
         from jax_ep import nvshmem
 
-        code = int(nvshmem._module().put_buffer_failure(self.buffer_id))
-        if code <= 0:
-            return None
-        peer = code - 1
-        return faults.CommunicationError(
-            f"jax_ep: rank {self.rank} waited more than timeout_s={self.timeout_s:g} s for rank {peer}'s "
-            f"low-latency messages (put path); the buffer must be destroyed and created again",
-            kind=faults.STATUS_NAMES[faults.STATUS_TIMEOUT], rank=self.rank, peer=peer)
+        return error_from_put_record(dict(nvshmem._module().put_buffer_failure(self.buffer_id)))
 
     def share_xla_memory(self, **_) -> bool:
         """No zero-copy combine on the put path (it always pushes): False."""
@@ -90,6 +84,27 @@ class PutRuntime:
         nvshmem._module().destroy_put_buffer(self.buffer_id)
         if sym is not None:
             sym.free()
+
+
+def error_from_put_record(record: dict) -> faults.CommunicationError | None:
+    """The ``CommunicationError`` of a put buffer's failure record
+    (``jax_ep._nvshmem.put_buffer_failure``: code, rank, peer, op, call,
+    peer_call, seconds), or None when its code is 0. The record is the
+    pointer path's, and so is the message (``jax_ep._C.failure_message``)."""
+    code = int(record.get("code", 0))
+    if code == 0:
+        return None
+    record = dict(record)
+    if code > 0:
+        from jax_ep import _C
+
+        record["message"] = _C.failure_message(
+            code, int(record.get("rank", -1)), int(record.get("peer", -1)), int(record.get("op", -1)),
+            int(record.get("call", 0)), int(record.get("peer_call", 0)), [], [],
+            seconds=float(record.get("seconds", 0.0)))
+    else:  # -1: a kernel is still writing it
+        record["message"] = "jax_ep: a kernel is recording a failure (put path)"
+    return faults.error_from_record(record)
 
 
 def plan_peers(rank: int, paths, peer_pointers, transports) -> tuple:

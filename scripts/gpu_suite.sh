@@ -132,6 +132,12 @@ step misordered_calls "$OUT/misordered_calls.log" timeout --kill-after=10 200 py
 # Faults: a rank that stops (the others leave within 1 s of the first timeout)
 # and ranks that make different calls (all stop at once, naming the field).
 step stopped_rank "$OUT/stopped_rank.log" timeout --kill-after=10 200 python3 tests/gpu/check_stopped_rank.py 4
+# The same on the low-latency put path: R = 2 in two virtual nodes (the abort
+# reaches the peer by a put), R = 4 in nodes of two (by a store and by puts).
+step put_stopped_rank_2x1 "$OUT/put_stopped_rank_2x1.log" \
+  timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 2 1
+step put_stopped_rank_2x2 "$OUT/put_stopped_rank_2x2.log" \
+  timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 4 2
 step mismatch "$OUT/mismatch.log" timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 2
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then

@@ -140,7 +140,7 @@ def test_pointer_buffer_keeps_the_pointer_targets(monkeypatch):
 
 @needs_nvshmem
 def test_put_targets_registered_for_cuda():
-    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in PUT_TARGETS))
+    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in PUT_TARGETS + ("status",)))
     assert nvshmem.register_targets() is nvshmem.register_targets()  # once
 
 
@@ -172,7 +172,7 @@ def test_create_put_buffer_argument_errors():
     ]:
         with pytest.raises(RuntimeError, match=message):
             N.create_put_buffer(**{**good, **change})
-    assert N.put_buffer_failure(12345) == -1
+    assert dict(N.put_buffer_failure(12345)) == dict(code=0, rank=0, peer=0, op=0, call=0, peer_call=0, seconds=0.0)
 
 
 def test_plan_peers():
@@ -187,7 +187,7 @@ def test_plan_peers():
 def test_buffer_across_virtual_nodes_lowers_to_the_put_path(monkeypatch):
     """A CUDA low-latency Buffer over virtual nodes with ll_transport='nvshmem'
     creates a put-path buffer (a stand-in here: no GPU) and its methods lower
-    to the put targets with that buffer's id; status() says it is not there."""
+    to the put targets with that buffer's id, and so does status()."""
     from jax_ep import ll_put_runtime
 
     made = []
@@ -224,23 +224,59 @@ def test_buffer_across_virtual_nodes_lowers_to_the_put_path(monkeypatch):
         assert [line.split("@", 1)[1].split("(", 1)[0] for line in lines] == [
             f"jax_ep_ll_put_{op}" for op in PUT_TARGETS]
         assert all(f"buffer_id = {1 << 22} : i64" in line for line in lines)
-        with pytest.raises(NotImplementedError, match=r"not implemented on the put path.*buffer.check\(\)"):
-            buf.status(mode="low_latency")
+        def status(x, idx, w):
+            return buf.status(step(x, idx, w), mode="low_latency")
+
+        line = _line(_lower(status, X, IDX, W), "jax_ep_ll_put_status")
+        assert f"buffer_id = {1 << 22} : i64" in line and "-> tensor<4xi32>" in line, line
+        assert len(_operands(line)) == 1, line  # ordered after the combine by its output
     assert (1 << 22) not in runtime._live
 
 
-def test_put_runtime_failure_names_the_peer(monkeypatch):
-    """The failure word (1 + the peer a receive gave up on) becomes a timeout
-    CommunicationError naming that peer; 0 is no failure."""
+@needs_extension
+def test_put_status_lowers_after_its_operands(put_buffer):
+    """jax_ep.status on a put-path buffer: the put path's status target, with
+    the calls it reads after as operands and the buffer id, s32[4] out."""
+    from jax_ep import cuda_put_ops
+
+    def fn(x, idx, w):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=_options())
+        out = jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+        return cuda_put_ops.status(7, (out, o.recv_count))
+
+    line = _line(_lower(fn, X, IDX, W), "jax_ep_ll_put_status")
+    assert "buffer_id = 7 : i64" in line and "-> tensor<4xi32>" in line, line
+    assert len(_operands(line)) == 2, line
+
+
+def _record(**kw):
+    return {"code": 0, "rank": 1, "peer": -1, "op": 3, "call": 4, "peer_call": 4, "seconds": 5.0, **kw}
+
+
+@needs_extension
+def test_put_runtime_failure_messages(monkeypatch):
+    """The put buffer's failure record (the pointer path's) becomes the
+    pointer path's CommunicationError and message: a timeout names the peer
+    waited for, the call and the timeout; an abort names the rank that raised
+    it; a record still being written is a failure too; 0 is none."""
     from jax_ep import faults, topology
     from jax_ep.ll_put_runtime import PutRuntime
 
-    word = {"value": 0}
-    monkeypatch.setattr(nvshmem, "_module", lambda: types.SimpleNamespace(put_buffer_failure=lambda i: word["value"]))
+    record = {"value": _record()}
+    monkeypatch.setattr(nvshmem, "_module", lambda: types.SimpleNamespace(put_buffer_failure=lambda i: record["value"]))
     rt = PutRuntime(1 << 22, 1, 4, 1 << 20, topology.make_topology(4, 2, environ={}), timeout_s=5.0)
     assert rt.failure() is None
-    word["value"] = 1 + 3
+    record["value"] = _record(code=faults.STATUS_TIMEOUT, peer=3, seconds=2.5)
     err = rt.failure()
     assert isinstance(err, faults.CommunicationError)
-    assert (err.kind, err.rank, err.peer) == ("timeout", 1, 3)
-    assert "rank 1 waited more than timeout_s=5 s for rank 3" in str(err)
+    assert (err.kind, err.rank, err.peer, err.call) == ("timeout", 1, 3, 4)
+    assert "rank 1 timed out after 2.5 s in the low-latency dispatch" in str(err), err
+    assert "waiting for rank 3" in str(err) and "call 4" in str(err) and "re-created" in str(err), err
+    record["value"] = _record(code=faults.STATUS_ABORTED, peer=2, op=4, peer_call=faults.STATUS_TIMEOUT)
+    err = rt.failure()
+    assert (err.kind, err.peer) == ("aborted", 2)
+    assert "rank 1 stopped its low-latency combine: rank 2 failed first" in str(err), err
+    record["value"] = _record(code=-1)
+    assert "recording a failure" in str(rt.failure())
+
+

@@ -14,5 +14,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchRecvHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler);
+// "jax_ep_ll_put_status": the buffer's failure record as s32[4]
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutStatusHandler);
 
 }  // namespace jax_ep

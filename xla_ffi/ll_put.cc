@@ -10,7 +10,10 @@
 //   jax_ep_ll_put_combine_recv   rank_mask, token, topk_idx s32[T, K], topk_weights f32[T, K],
 //                                (ignored trailing operands) -> out bf16[T, H]
 //
-//   attrs (all): buffer_id, num_experts, max_tokens (M), hidden, num_topk,
+//   jax_ep_ll_put_status         (any operands: orders it after the calls whose status it reads)
+//                                -> s32[4] {code, rank at fault, this rank, op}; attr buffer_id
+//
+//   attrs (the four calls): buffer_id, num_experts, max_tokens (M), hidden, num_topk,
 //   payload (0 BF16, 1 FP8, 2 FP8 pow2 scales, 3 FP8 UE8M0), num_sms; the
 //   receives and the combine send also num_tokens (T).
 //
@@ -18,9 +21,12 @@
 // (xla_ffi/low_latency.cc). Every send runs on XLA's stream and only issues
 // puts (or, to pointer peers, stores): it returns without waiting for any
 // peer, so nothing holds an SM between a send and its receive. A receive
-// waits at most the buffer's timeout for each peer, then records the peer in
-// the buffer's failure word (read by jax_ep through put_buffer_failure) and
-// stops the kernel. The rank mask (true: a masked rank) is read on the GPU.
+// waits at most the buffer's timeout for each peer; a failed wait records
+// what failed in the buffer's failure record (read by jax_ep through
+// put_buffer_failure, and by jax_ep_ll_put_status on the GPU), raises the
+// abort word in every rank and returns (docs/faults.md). The handlers
+// refuse a buffer that failed earlier. The rank mask (true: a masked rank)
+// is read on the GPU.
 #include <string>
 
 #include "../cuda/ll_put.cuh"
@@ -49,6 +55,13 @@ ffi::Error prepare(const char* target, int32_t device, const Mask& rank_mask, in
   std::string error;
   call->buf = find_put_buffer(buffer_id, device, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
+  if (const intranode::TimeoutRecord rec = call->buf->failure(); rec.code != 0) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      std::string(target) + ": jax_ep put-path buffer " + std::to_string(buffer_id) +
+                          " failed earlier (" + std::string(intranode::op_name(rec.op)) + ", failure code " +
+                          std::to_string(rec.code) + ", rank at fault " + std::to_string(rec.peer) +
+                          "; Buffer.check() raises the whole message): destroy it and create a new one");
+  }
   const int R = call->buf->num_ranks();
   if (num_experts < R || num_experts % R != 0 || num_experts > kMaxWords) {
     return invalid_argument(target, "num_experts must be a multiple of the rank count " + std::to_string(R) +
@@ -189,6 +202,20 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_
                                                     out->untyped_data(), blocks(num_sms), stream));
 }
 
+// The buffer's failure record as s32[4] (launch_read_status). Unlike the
+// calls it does not refuse a buffer that failed: reporting that is its job.
+ffi::Error Status(cudaStream_t stream, int32_t device, ffi::RemainingArgs /*after*/, int64_t buffer_id,
+                  ffi::Result<I32_1> out) {
+  constexpr const char* kTarget = "jax_ep_ll_put_status";
+  if (out->dimensions().size() != 1 || out->dimensions()[0] != 4) {
+    return invalid_argument(kTarget, "the status has 4 entries");
+  }
+  std::string error;
+  const std::shared_ptr<PutBuffer> buf = find_put_buffer(buffer_id, device, &error);
+  if (buf == nullptr) return invalid_argument(kTarget, error);
+  return launch_status(kTarget, ll_put::launch_read_status(buf->args(Shape{}, nullptr), out->typed_data(), stream));
+}
+
 }  // namespace
 }  // namespace ll_put
 
@@ -242,6 +269,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler, ll_put::CombineRe
                                   .Arg<ll_put::F32_2>()
                                   .RemainingArgs() JAX_EP_LL_PUT_ATTRS_T
                                   .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutStatusHandler, ll_put::Status,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .RemainingArgs()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Ret<ll_put::I32_1>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_ep

@@ -3,8 +3,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+#include <chrono>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <unordered_map>
 
 namespace jax_ep {
@@ -56,15 +60,15 @@ PutBuffer::PutBuffer(int device, int rank, int num_ranks, std::uintptr_t local, 
     peers_.mapped[r] = pointer ? reinterpret_cast<char*>(mapped[r]) : nullptr;
   }
   check(cudaSetDevice(device), "cudaSetDevice");
-  check(cudaHostAlloc(reinterpret_cast<void**>(&status_host_), sizeof(int), cudaHostAllocMapped),
-        "cudaHostAlloc of the failure word");
-  *status_host_ = 0;
-  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&status_device_), status_host_, 0),
-        "cudaHostGetDevicePointer of the failure word");
+  check(cudaHostAlloc(reinterpret_cast<void**>(&record_host_), sizeof(intranode::TimeoutRecord), cudaHostAllocMapped),
+        "cudaHostAlloc of the failure record");
+  std::memset(record_host_, 0, sizeof(intranode::TimeoutRecord));
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&record_device_), record_host_, 0),
+        "cudaHostGetDevicePointer of the failure record");
 }
 
 PutBuffer::~PutBuffer() {
-  if (status_host_ != nullptr) cudaFreeHost(status_host_);
+  if (record_host_ != nullptr) cudaFreeHost(record_host_);
 }
 
 Args PutBuffer::args(const Shape& shape, const bool* rank_mask) const {
@@ -72,12 +76,26 @@ Args PutBuffer::args(const Shape& shape, const bool* rank_mask) const {
   a.peers = peers_;
   a.shape = shape;
   a.timeout_ns = static_cast<unsigned long long>(timeout_s_ * 1e9);
-  a.status = status_device_;
+  a.record = record_device_;
   a.rank_mask = rank_mask;
   return a;
 }
 
-int PutBuffer::failure() const { return *reinterpret_cast<volatile int*>(status_host_); }
+intranode::TimeoutRecord PutBuffer::failure() const {
+  intranode::TimeoutRecord rec{};
+  for (int tries = 0; tries < 100; ++tries) {
+    const int code = reinterpret_cast<volatile intranode::TimeoutRecord*>(record_host_)->code;
+    if (code >= 0) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      std::memcpy(&rec, record_host_, sizeof(rec));
+      rec.code = code;
+      return rec;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  rec.code = -1;
+  return rec;
+}
 
 int create_put_buffer(int device, int rank, int num_ranks, std::uintptr_t local, std::size_t num_bytes,
                       const std::vector<std::uintptr_t>& mapped, const std::vector<int>& paths, double timeout_s) {
@@ -100,8 +118,8 @@ void destroy_put_buffer(int id) {
     r.buffers.erase(it);
   }
   // This rank's kernels on the buffer finish before its symmetric memory is
-  // freed (the caller frees it next, collectively). An error (a kernel that
-  // gave up and trapped) leaves nothing to wait for.
+  // freed (the caller frees it next, collectively), and before the failure
+  // record (freed with `gone`, after this) is unmapped.
   if (cudaSetDevice(gone->device()) == cudaSuccess) cudaDeviceSynchronize();
   cudaGetLastError();
 }
@@ -122,11 +140,16 @@ std::shared_ptr<PutBuffer> find_put_buffer(int64_t id, int device, std::string* 
   return it->second;
 }
 
-int put_buffer_failure(int id) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  auto it = r.buffers.find(id);
-  return it == r.buffers.end() ? -1 : it->second->failure();
+intranode::TimeoutRecord put_buffer_failure(int id) {
+  std::shared_ptr<PutBuffer> buf;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    auto it = r.buffers.find(id);
+    if (it == r.buffers.end()) return intranode::TimeoutRecord{};
+    buf = it->second;
+  }
+  return buf->failure();  // may wait for a record being written: outside the lock
 }
 
 }  // namespace ll_put

@@ -1,6 +1,7 @@
 // Buffers of the low-latency put path (cuda/ll_put.cuh), registered in the
 // jax_ep._nvshmem module: an NVSHMEM symmetric allocation, each peer's path
-// (pointer or put, from jax_ep.topology) and mapped copy, and a failure word.
+// (pointer or put, from jax_ep.topology) and mapped copy, and a failure record (the pointer path's
+// intranode::TimeoutRecord, in mapped host memory).
 //
 // The FFI handlers of xla_ffi/ll_put.cc find a buffer by its id (a static
 // attribute). Ids start at kFirstPutBufferId so they never collide with the
@@ -36,16 +37,18 @@ class PutBuffer {
   int device() const { return device_; }
   int num_ranks() const { return peers_.num_ranks; }
   std::size_t num_bytes() const { return num_bytes_; }
-  // 0, or 1 + the peer a receive gave up waiting for (read from mapped host memory).
-  int failure() const;
+  // The failure record (code 0: none), read as the pointer path reads its
+  // own: the kernel writes the code last; -1 (being written) is read again
+  // for up to 100 ms, then returned as is.
+  intranode::TimeoutRecord failure() const;
 
  private:
   int device_;
   transport::Peers peers_{};
   std::size_t num_bytes_;
   double timeout_s_;
-  int* status_host_ = nullptr;    // pinned, mapped
-  int* status_device_ = nullptr;  // its device address
+  intranode::TimeoutRecord* record_host_ = nullptr;    // pinned, mapped
+  intranode::TimeoutRecord* record_device_ = nullptr;  // its device address
 };
 
 // Registers a buffer (throws std::runtime_error on bad arguments or a CUDA error); its id.
@@ -54,8 +57,8 @@ int create_put_buffer(int device, int rank, int num_ranks, std::uintptr_t local,
 void destroy_put_buffer(int id);
 // The buffer, or null with *error set (unknown id, or on another device).
 std::shared_ptr<PutBuffer> find_put_buffer(int64_t id, int device, std::string* error);
-// PutBuffer::failure of a live buffer (-1 when unknown).
-int put_buffer_failure(int id);
+// PutBuffer::failure of a live buffer (a zero record when unknown).
+intranode::TimeoutRecord put_buffer_failure(int id);
 
 }  // namespace ll_put
 }  // namespace jax_ep

@@ -173,7 +173,7 @@ NB_MODULE(_C, m) {
         "A buffer's failure record (code 0: none; else code, rank, peer, op, call and the message).");
   m.def("failure_message",
         [](int code, int rank, int peer, int op, unsigned long long call, unsigned long long peer_call,
-           const std::vector<unsigned int>& mine, const std::vector<unsigned int>& theirs) {
+           const std::vector<unsigned int>& mine, const std::vector<unsigned int>& theirs, double seconds) {
           jax_ep::intranode::TimeoutRecord rec{};
           rec.code = code;
           rec.rank = rank;
@@ -181,13 +181,13 @@ NB_MODULE(_C, m) {
           rec.op = op;
           rec.epoch = call;
           rec.peer_epoch = peer_call;
-          rec.seconds = 5.0;
+          rec.seconds = seconds;
           for (std::size_t i = 0; i < mine.size() && i < jax_ep::intranode::kSigFields; ++i) rec.mine[i] = mine[i];
           for (std::size_t i = 0; i < theirs.size() && i < jax_ep::intranode::kSigFields; ++i) rec.theirs[i] = theirs[i];
           return jax_ep::timeout_message(rec);
         },
         nb::arg("code"), nb::arg("rank"), nb::arg("peer"), nb::arg("op"), nb::arg("call"), nb::arg("peer_call"),
-        nb::arg("mine"), nb::arg("theirs"),
+        nb::arg("mine"), nb::arg("theirs"), nb::arg("seconds") = 5.0,
         "The message of a failure record with these fields (what the host prints and raises).");
   m.attr("signature_fields") = static_cast<int>(jax_ep::intranode::kSigFields);
   m.def("inject_abort_for_test",

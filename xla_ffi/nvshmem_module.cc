@@ -17,7 +17,9 @@
 //   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
 //   registrations() -> dict                  FFI target name -> handler capsule (the put path)
 //   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
-//   destroy_put_buffer(id), put_buffer_failure(id) -> int (0, 1 + peer waited for, -1 unknown)
+//   destroy_put_buffer(id)
+//   put_buffer_failure(id) -> dict           the failure record: code (0: none), rank, peer, op,
+//                                            call, peer_call, seconds (all zero for an unknown id)
 //   put_buffer_bytes(T, M, K, E, H, payload, num_ranks) -> int   0: shapes the put kernels refuse
 //
 // Blocking calls release the GIL.
@@ -57,6 +59,7 @@ nb::dict registrations() {
   targets["jax_ep_ll_put_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyPutDispatchRecvHandler);
   targets["jax_ep_ll_put_combine_send"] = handler_capsule(jax_ep::LowLatencyPutCombineSendHandler);
   targets["jax_ep_ll_put_combine_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineRecvHandler);
+  targets["jax_ep_ll_put_status"] = handler_capsule(jax_ep::LowLatencyPutStatusHandler);
   return targets;
 }
 
@@ -120,7 +123,25 @@ NB_MODULE(_nvshmem, m) {
       nb::arg("device"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("local"), nb::arg("num_bytes"),
       nb::arg("mapped"), nb::arg("paths"), nb::arg("timeout_s"));
   m.def("destroy_put_buffer", &jax_ep::ll_put::destroy_put_buffer, nb::arg("id"));
-  m.def("put_buffer_failure", &jax_ep::ll_put::put_buffer_failure, nb::arg("id"));
+  m.def(
+      "put_buffer_failure",
+      [](int id) {
+        jax_ep::intranode::TimeoutRecord rec{};
+        {
+          nb::gil_scoped_release release;  // may wait up to 100 ms for a record being written
+          rec = jax_ep::ll_put::put_buffer_failure(id);
+        }
+        nb::dict d;
+        d["code"] = rec.code;
+        d["rank"] = rec.rank;
+        d["peer"] = rec.peer;
+        d["op"] = rec.op;
+        d["call"] = rec.epoch;
+        d["peer_call"] = rec.peer_epoch;
+        d["seconds"] = rec.seconds;
+        return d;
+      },
+      nb::arg("id"));
   m.def(
       "put_buffer_bytes",
       [](int t, int m, int k, int e, int h, int payload, int num_ranks) -> std::size_t {

@@ -28,6 +28,21 @@ masked rank, and a masked rank that still runs writes to and waits for no
 one (its routing is all -1), so a dead masked rank stops nobody and no word
 changes after its reader reset it.
 
+Faults (ll_put.cuh: detail::wait_done, fail, raise_abort, block_aborted):
+``stop=(rank, call)`` stops a rank before it sends that call (crashed, or
+making other calls). Every wait polls its word, the rank's abort word and a
+timeout; the whole system gets ``timeouts`` timeouts (one: once a rank timed
+out, every other rank must leave through the abort words alone, within a
+bounded number of its own steps, not after its own timeout). A rank whose
+wait timed out records it and raises the abort in every rank that is not
+masked: a store for itself and its pointer peers, a signal set for put peers,
+delivered by the network later and in any order, overwriting (so two ranks
+failing at once may each be named). A rank whose wait saw the abort records
+"aborted" naming the raiser; every send and receive checks the abort word at
+entry. Checked: no rank stays blocked, every running rank ends with a
+record, nobody completes the stopped call, an "aborted" record names a rank
+that timed out. ``use_abort=False`` (nobody told) blocks.
+
 ``final`` and ``decode`` are the arithmetic of cuda/transport.cuh
 (signal_final_value, signal_done / signal_count).
 """
@@ -40,6 +55,7 @@ from explore import wait
 
 MASK = (1 << 64) - 1
 DONE = 1 << 63
+TIMEOUT, ABORTED = "timeout", "aborted"
 
 
 def final(count: int) -> int:
@@ -60,7 +76,8 @@ def count_of(src: int, dst: int, call: int, max_msgs: int) -> int:
 
 
 def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, count_arrivals=True,
-               reset_words=True, masked=(), masked_alive=False, skip_masked=True):
+               reset_words=True, masked=(), masked_alive=False, skip_masked=True, stop=None, timeouts=0,
+               use_abort=True):
     """(shared, processes) for the explorer.
 
     Broken variants for the tests: ``halves=1`` (no alternation),
@@ -68,6 +85,7 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
     after the data, as it would with ordered delivery), ``reset_words=False``,
     ``skip_masked=False`` (the survivors still wait for a masked rank).
     ``masked``: the masked ranks, which run only with ``masked_alive``.
+    ``stop``, ``timeouts``, ``use_abort``: the faults above.
     """
     r_ = range(num_ranks)
     s = types.SimpleNamespace(
@@ -77,6 +95,10 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         stage=[[[None] * max_msgs for _ in range(halves)] for _ in r_],  # stage[src][half][k]: the put source
         issued=set(),       # ops handed to the network: (src, dst, call, k) or (..., "F")
         received=[0] * num_ranks,  # calls each rank has received
+        abort=[None] * num_ranks,   # (code, raiser) in each rank's abort word
+        record=[None] * num_ranks,  # (code, peer): what each rank recorded
+        finished=[False] * num_ranks,
+        timeouts=timeouts,
     )
 
     def same_node(a, b):
@@ -88,9 +110,40 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
     def add(dst, half, src, value):
         s.words[dst][half][src] = (s.words[dst][half][src] + value) & MASK
 
+    def fail(me, code, peer):
+        """detail::fail: record (first wins), then raise the abort unless aborted."""
+        if s.record[me] is None:
+            s.record[me] = (code, peer)
+        if code == ABORTED or not use_abort:
+            return
+        for dst in r_:  # raise_abort: every rank not masked, this one too
+            if dst != me and dst in masked:
+                continue
+            if same_node(me, dst):  # a store, kept only if the word is still clear
+                if s.abort[dst] is None:
+                    s.abort[dst] = (code, me)
+            else:  # a signal set: the network delivers it later
+                s.issued.add((me, dst, "abort"))
+            yield
+
+    def entry_aborted(me):  # detail::block_aborted at a kernel's entry
+        if s.abort[me] is None:
+            return False
+        if s.record[me] is None:
+            s.record[me] = (ABORTED, s.abort[me][1])
+        return True
+
     def rank(me):
+        yield from run_calls(me)
+        s.finished[me] = True
+
+    def run_calls(me):
         for call in range(calls):
             half = call % halves
+            if stop == (me, call):
+                return
+            if entry_aborted(me):
+                return
             # Send: build messages in the own staging half, then hand them out.
             for dst in r_:
                 if skips(me, dst):
@@ -110,9 +163,21 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
                     s.issued.add((me, dst, call, "F"))
                 yield
             # Receive: wait for every source's word, then read, then reset.
+            if entry_aborted(me):
+                return
             for src in r_:
-                if not skips(me, src):
-                    yield wait(lambda src=src: decode(s.words[me][half][src])[0], f"rank {me} call {call} from {src}")
+                if skips(me, src):
+                    continue
+                yield wait(lambda src=src: (decode(s.words[me][half][src])[0] or s.abort[me] is not None
+                                            or s.timeouts > 0), f"rank {me} call {call} from {src}")
+                if decode(s.words[me][half][src])[0]:  # ready is polled first
+                    continue
+                if s.abort[me] is not None:
+                    yield from fail(me, ABORTED, s.abort[me][1])
+                else:
+                    s.timeouts -= 1
+                    yield from fail(me, TIMEOUT, src)
+                return
             for src in r_:
                 if skips(me, src):
                     continue
@@ -130,9 +195,12 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
             yield
 
     def deliver(src, dst, call, k):
-        """One network operation: waits until issued, then lands."""
+        """One network operation: waits until issued (or its sender finished
+        without issuing it), then lands."""
         half = call % halves
-        yield wait(lambda: (src, dst, call, k) in s.issued, "not issued")
+        yield wait(lambda: (src, dst, call, k) in s.issued or s.finished[src], "not issued")
+        if (src, dst, call, k) not in s.issued:
+            return
         if k == "F":
             n = count_of(src, dst, call, max_msgs)
             add(dst, half, src, final(n) if count_arrivals else DONE | n << 32)
@@ -142,7 +210,29 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         if count_arrivals:
             add(dst, half, src, 1)  # ... then its signal
 
+    def deliver_abort(src, dst):
+        """The signal set of src's abort at put peer dst (it overwrites)."""
+        yield wait(lambda: (src, dst, "abort") in s.issued or s.finished[src], "abort not issued")
+        if (src, dst, "abort") in s.issued:
+            s.abort[dst] = (TIMEOUT, src)
+
+    def check():
+        yield wait(lambda: all(s.finished[r] for r in running), "every rank finished")
+        if stop is None:
+            return
+        for r in running:
+            if r == stop[0]:
+                continue
+            assert s.record[r] is not None, f"rank {r} finished without a record: {s.record}"
+            assert s.received[r] <= stop[1], f"rank {r} completed call {stop[1]}, which rank {stop[0]} never sent"
+            code, peer = s.record[r]
+            if code == ABORTED:
+                assert s.record[peer] is not None and s.record[peer][0] == TIMEOUT, (
+                    f"rank {r}'s abort names rank {peer}, which did not time out: {s.record}")
+
     running = [r for r in r_ if masked_alive or r not in masked]
+    for r in r_:
+        s.finished[r] = r not in running
     procs = {f"rank{r}": rank(r) for r in running}
     for src in running:
         for dst in r_:
@@ -151,4 +241,7 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
             for call in range(calls):
                 for k in list(range(count_of(src, dst, call, max_msgs))) + ["F"]:
                     procs[f"net{src}>{dst}.{call}.{k}"] = deliver(src, dst, call, k)
+            if timeouts and use_abort:
+                procs[f"abort{src}>{dst}"] = deliver_abort(src, dst)
+    procs["check"] = check()
     return s, procs

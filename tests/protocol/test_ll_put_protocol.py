@@ -75,3 +75,38 @@ def test_waiting_for_a_dead_masked_rank_deadlocks():
     r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=1, max_msgs=1, masked=(2,),
                                              skip_masked=False))
     assert r.kind == "deadlock", r
+
+
+# --- a stopped rank and the abort word (ll_put.cuh: wait_done, fail, raise_abort) ---------------------------
+
+
+@pytest.mark.parametrize("stop,ranks_per_node", [((1, 0), 1), ((0, 0), 1), ((1, 0), 2)])
+def test_a_stopped_rank_stops_everyone_after_one_timeout_exhaustive(stop, ranks_per_node):
+    """R = 2, one call, the abort reaching the peer by a put (two nodes) or a
+    store (one node): one timeout in the whole system, and every running rank
+    leaves with a record."""
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=1, ranks_per_node=ranks_per_node,
+                                             max_msgs=1, stop=stop, timeouts=1))
+    assert r.ok, r
+    assert r.states > (1000 if ranks_per_node == 1 else 20)
+
+
+@pytest.mark.parametrize("num_ranks,calls,stop,masked", [
+    (3, 2, (2, 1), ()), (3, 2, (0, 0), ()), (4, 3, (3, 1), ()), (4, 3, (0, 2), ()), (4, 3, (2, 1), (1,))])
+def test_a_stopped_rank_random(num_ranks, calls, stop, masked):
+    """Nodes of two (the abort reaches one peer by a store, the others by
+    puts), halves reused; with a dead masked rank too."""
+    r = explore_random(functools.partial(make_model, num_ranks=num_ranks, calls=calls, ranks_per_node=2, max_msgs=1,
+                                         stop=stop, timeouts=1, masked=masked), runs=300, seed=stop[0])
+    assert r.ok, r
+
+
+def test_without_the_abort_word_the_others_block():
+    """One timeout is not enough when nobody tells the peers (each would
+    wait out its own timeout)."""
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=1, ranks_per_node=2, max_msgs=1,
+                                             stop=(2, 0), timeouts=1, use_abort=False))
+    assert r.kind == "deadlock", r
+    r = explore_random(functools.partial(make_model, num_ranks=4, calls=3, ranks_per_node=2, max_msgs=1,
+                                         stop=(3, 1), timeouts=1, use_abort=False), runs=50)
+    assert r.kind == "deadlock", r
