@@ -260,20 +260,12 @@ def ll_dispatch_send(
     return call(_rank_mask(spec, rank_mask), x, topk_idx, **attrs)
 
 
-def ll_dispatch_recv(
-    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False,
-    rank_mask=None, sent_mask: jax.Array | None = None,
-):
-    """Wait for every source and pack: (recv_x, recv_count, handle).
-
-    sent_x: the x of an asynchronous send. This receive then joins the send
-    stream and takes the send's inputs again (unread), so XLA keeps them
-    alive until it runs.
-    pull: the send staged (``ll_dispatch_send(..., pull=True)``); copy from there."""
-    from jax_ep.handle import LowLatencyHandle
-
-    if _put_path(spec):
-        return _put_ops().ll_dispatch_recv(token, topk_idx, spec, rank_mask=rank_mask)
+def _ll_recv_shapes(spec) -> tuple:
+    """The outputs of a low-latency dispatch receive (pointer and put paths),
+    with L = E/R local experts and R*M rows: recv_x [L, R*M, H] (bf16, or
+    float8_e4m3fn with FP8), its scales (float32 [L, R*M, H/128], int32
+    [L, R*M, H/512] for UE8M0, float32 [L, R*M, 0] without FP8), recv_count
+    int32 [L], and src_rank, src_token, src_slot int32 [L, R*M]."""
     le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
     fp8 = spec.options.fp8
     if fp8 is None:
@@ -284,17 +276,38 @@ def ll_dispatch_recv(
         s_out = (jax.ShapeDtypeStruct((le, rows, h // 512), jnp.int32) if fp8.use_ue8m0
                  else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
     ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
-    call = jax.ffi.ffi_call(
-        _target("jax_ep_ll_dispatch_recv", sent_x is not None),
-        (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **_COMM
-    )
-    kept = () if sent_x is None else (sent_x, topk_idx) + (() if sent_mask is None else (sent_mask,))
-    mask = _rank_mask(spec, rank_mask)
-    recv_x, scales, count, src_rank, src_token, src_slot = call(mask, token, *kept, **_ll_attrs(spec),
-                                                                pull=np.int64(pull))
+    return (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints)
+
+
+def _ll_recv_result(outs, topk_idx: jax.Array, spec, mask: jax.Array, rank_mask):
+    """(recv_x, recv_count, handle) from the outputs of ``_ll_recv_shapes``;
+    recv_x is (rows, scales) with FP8. ``mask`` is the rank mask operand the
+    receive took; the handle keeps it where the caller passed a ``rank_mask``."""
+    from jax_ep.handle import LowLatencyHandle
+
+    recv_x, scales, count, src_rank, src_token, src_slot = outs
     extra = {} if rank_mask is None else {"rank_mask": mask}  # the combine leaves out the same ranks
     handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, extra=extra, spec=spec)
-    return _varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
+    return _varying(((recv_x if spec.options.fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
+
+
+def ll_dispatch_recv(
+    token: jax.Array, topk_idx: jax.Array, spec, sent_x: jax.Array | None = None, pull: bool = False,
+    rank_mask=None, sent_mask: jax.Array | None = None,
+):
+    """Wait for every source and pack: (recv_x, recv_count, handle).
+
+    sent_x: the x of an asynchronous send. This receive then joins the send
+    stream and takes the send's inputs again (unread), so XLA keeps them
+    alive until it runs.
+    pull: the send staged (``ll_dispatch_send(..., pull=True)``); copy from there."""
+    if _put_path(spec):
+        return _put_ops().ll_dispatch_recv(token, topk_idx, spec, rank_mask=rank_mask)
+    call = jax.ffi.ffi_call(_target("jax_ep_ll_dispatch_recv", sent_x is not None), _ll_recv_shapes(spec), **_COMM)
+    kept = () if sent_x is None else (sent_x, topk_idx) + (() if sent_mask is None else (sent_mask,))
+    mask = _rank_mask(spec, rank_mask)
+    outs = call(mask, token, *kept, **_ll_attrs(spec), pull=np.int64(pull))
+    return _ll_recv_result(outs, topk_idx, spec, mask, rank_mask)
 
 
 def ll_dispatch_fused(x: jax.Array, topk_idx: jax.Array, spec, rank_mask=None):

@@ -64,27 +64,12 @@ def ll_dispatch_send(x: jax.Array, topk_idx: jax.Array, spec, rank_mask=None) ->
 
 def ll_dispatch_recv(token: jax.Array, topk_idx: jax.Array, spec, rank_mask=None):
     """Wait for every source's messages and pack them: (recv_x, recv_count, handle)."""
-    from jax_ep.handle import LowLatencyHandle
-
     check_spec(spec)
     ops = _ops()
-    le, rows, h = spec.num_local_experts, spec.num_ranks * spec.max_tokens, spec.hidden
-    fp8 = spec.options.fp8
-    if fp8 is None:
-        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.bfloat16)
-        s_out = jax.ShapeDtypeStruct((le, rows, 0), jnp.float32)
-    else:
-        x_out = jax.ShapeDtypeStruct((le, rows, h), jnp.float8_e4m3fn)
-        s_out = (jax.ShapeDtypeStruct((le, rows, h // 512), jnp.int32) if fp8.use_ue8m0
-                 else jax.ShapeDtypeStruct((le, rows, h // 128), jnp.float32))
-    ints = jax.ShapeDtypeStruct((le, rows), jnp.int32)
-    call = jax.ffi.ffi_call("jax_ep_ll_put_dispatch_recv",
-                            (x_out, s_out, jax.ShapeDtypeStruct((le,), jnp.int32), ints, ints, ints), **ops._COMM)
+    call = jax.ffi.ffi_call("jax_ep_ll_put_dispatch_recv", ops._ll_recv_shapes(spec), **ops._COMM)
     mask = ops._rank_mask(spec, rank_mask)
-    recv_x, scales, count, src_rank, src_token, src_slot = call(mask, token, **_attrs(spec, with_tokens=True))
-    extra = {} if rank_mask is None else {"rank_mask": mask}  # the combine leaves out the same ranks
-    handle = LowLatencyHandle(src_rank, src_token, src_slot, topk_idx, extra=extra, spec=spec)
-    return ops._varying(((recv_x if fp8 is None else (recv_x, scales)), count, handle), spec.axis_name)
+    outs = call(mask, token, **_attrs(spec, with_tokens=True))
+    return ops._ll_recv_result(outs, topk_idx, spec, mask, rank_mask)
 
 
 def ll_combine_send(y: jax.Array, handle) -> jax.Array:

@@ -59,6 +59,14 @@ def random_routing(rng, num_ranks, num_tokens, num_topk, num_experts, mask_prob=
     return idxs
 
 
+# The random_routing arguments of the routing families that several test files draw from.
+ROUTING_FAMILIES = {
+    "uniform": dict(mask_prob=0.0),
+    "masked": dict(mask_prob=0.4),
+    "duplicates": dict(mask_prob=0.1, distinct=False),
+}
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(abs(hash(request.node.name)) % (2**32))

@@ -2,55 +2,13 @@
 comparison, and the exchange over the key-value store with R ranks as
 threads of one process and a dict as the store."""
 
-import threading
-
 import numpy as np
 import pytest
 
 import jax_ep
 from jax_ep import faults, runtime
 from conftest import run_ranks
-
-
-class FakeKeyValueStore:
-    """The two calls of the jax.distributed client that the exchanges use."""
-
-    def __init__(self):
-        self.values = {}
-        self.changed = threading.Condition()
-
-    def key_value_set_bytes(self, key, value):
-        with self.changed:
-            self.values[key] = value
-            self.changed.notify_all()
-
-    def blocking_key_value_get_bytes(self, key, timeout_ms):
-        with self.changed:
-            if not self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000):
-                raise TimeoutError(key)
-            return self.values[key]
-
-    def wait_at_barrier(self, key, timeout_ms):
-        pass
-
-
-def run_threads(num_ranks, fn):
-    """fn(rank) on every rank as a thread; returns {rank: result or exception}."""
-    results = {}
-
-    def rank(r):
-        try:
-            results[r] = fn(r)
-        except Exception as e:  # noqa: BLE001 (the test inspects it)
-            results[r] = e
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(num_ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    return results
+from fake_kv import FakeKV, run_threads
 
 
 # --- the pure comparison ------------------------------------------------------------
@@ -96,7 +54,7 @@ def test_buffer_config_covers_sizes_and_every_option():
 
 
 def test_exchange_agrees_and_every_rank_refuses_a_mismatch():
-    store = FakeKeyValueStore()
+    store = FakeKV()
     ok = run_threads(4, lambda r: faults.exchange_and_check(store, "t/ok", "buffers", r, 4, {"bytes": 64}, 10.0))
     assert ok == {r: None for r in range(4)}
 
@@ -109,7 +67,7 @@ def test_exchange_agrees_and_every_rank_refuses_a_mismatch():
 
 
 def test_exchange_times_out_naming_the_missing_rank():
-    store = FakeKeyValueStore()
+    store = FakeKV()
     with pytest.raises(TimeoutError, match="rank 0 waited 0 s for rank 1's buffers"):
         faults.exchange_and_check(store, "t/missing", "buffers", 0, 2, {"bytes": 1}, 0.05)
 
@@ -130,7 +88,7 @@ class FakeExtension:
 def test_handle_exchange_refuses_different_sizes_before_mapping(monkeypatch):
     """A rank with another num_nvl_bytes: every rank raises naming the field,
     and nobody maps a peer buffer whose size it would get wrong."""
-    store = FakeKeyValueStore()
+    store = FakeKV(num_ranks=3)
     monkeypatch.setattr(runtime, "_kv_client", lambda: store)
     exts = [FakeExtension() for _ in range(3)]
     sizes = [1 << 20, 1 << 20, 1 << 21]
@@ -153,7 +111,7 @@ def test_handle_exchange_refuses_different_sizes_before_mapping(monkeypatch):
 def test_buffer_creation_exchanges_its_config(monkeypatch):
     """Buffer(...) with the CUDA backend calls the agreement first: with a
     peer (a fake one) that chose another num_sms it raises before allocating."""
-    store = FakeKeyValueStore()
+    store = FakeKV()
     monkeypatch.setattr(runtime, "_kv_client", lambda: store)
     monkeypatch.setattr(runtime.jax, "process_count", lambda: 2)
     monkeypatch.setattr(runtime.jax, "process_index", lambda: 0)

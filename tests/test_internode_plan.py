@@ -10,7 +10,7 @@ import pytest
 import jax_ep
 import np_internode as npi
 import np_reference as npr
-from conftest import random_routing, run_ranks
+from conftest import ROUTING_FAMILIES, random_routing, run_ranks
 from jax_ep import internode_plan as ip
 
 H = 8
@@ -33,12 +33,8 @@ _combine_two_legs = jax.jit(ip.combine_two_legs)
 
 def _routing(rng, kind, r, t, k, e):
     """Per-rank top-k ids of one routing family."""
-    if kind == "uniform":
-        return random_routing(rng, r, t, k, e, mask_prob=0.0)
-    if kind == "masked":
-        return random_routing(rng, r, t, k, e, mask_prob=0.4)
-    if kind == "duplicates":
-        return random_routing(rng, r, t, k, e, mask_prob=0.1, distinct=False)
+    if kind in ROUTING_FAMILIES:
+        return random_routing(rng, r, t, k, e, **ROUTING_FAMILIES[kind])
     if kind == "skewed":  # most slots on the first ranks' experts
         p = np.exp(-np.arange(e) / max(e / 6, 1))
         p /= p.sum()

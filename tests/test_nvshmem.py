@@ -25,32 +25,16 @@ def test_not_initialized_is_a_clear_error():
 
 # --- host side without a GPU: unique-id exchange, versions, nvshmem4py -------------------
 
-import threading  # noqa: E402
-
-from test_topology import FakeKV  # noqa: E402
-
-
-class BytesKV(FakeKV):
-    """FakeKV with the bytes variants of the jax.distributed client."""
-
-    key_value_set_bytes = FakeKV.key_value_set
-    blocking_key_value_get_bytes = FakeKV.blocking_key_value_get
+from fake_kv import FakeKV, run_threads  # noqa: E402
 
 
 def _run_ranks(kv, num_ranks, present, make_uid, timeout_s=5.0):
-    got, errors = {}, {}
-
-    def rank(r):
-        try:
-            got[r] = nvshmem._exchange_unique_id(make_uid(r), 16, r, num_ranks, timeout_s, client=kv, generation=9)
-        except Exception as e:  # noqa: BLE001 -- recorded for the test
-            errors[r] = e
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in present]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    """The unique-id exchange on the ranks in `present`; returns
+    ({rank: unique id}, {rank: exception raised})."""
+    out = run_threads(present, lambda r: nvshmem._exchange_unique_id(
+        make_uid(r), 16, r, num_ranks, timeout_s, client=kv, generation=9))
+    got = {r: v for r, v in out.items() if not isinstance(v, Exception)}
+    errors = {r: v for r, v in out.items() if isinstance(v, Exception)}
     return got, errors
 
 
@@ -60,17 +44,17 @@ def test_unique_id_exchange_over_kv():
     def make_uid(r):
         return lambda: calls.append(r) or bytes(range(16))
 
-    got, errors = _run_ranks(BytesKV(), 4, range(4), make_uid)
+    got, errors = _run_ranks(FakeKV(), 4, range(4), make_uid)
     assert not errors and calls == [0]  # only rank 0 creates the id
     assert all(got[r] == bytes(range(16)) for r in range(4))
 
 
 def test_unique_id_exchange_names_missing_ranks():
-    _, errors = _run_ranks(BytesKV(), 3, [1, 2], lambda r: lambda: bytes(16), timeout_s=0.2)
+    _, errors = _run_ranks(FakeKV(), 3, [1, 2], lambda r: lambda: bytes(16), timeout_s=0.2)
     assert "rank 0 did not call jax_ep.nvshmem.initialize" in str(errors[1])
-    _, errors = _run_ranks(BytesKV(), 3, [0, 1], lambda r: lambda: bytes(16), timeout_s=0.2)
+    _, errors = _run_ranks(FakeKV(), 3, [0, 1], lambda r: lambda: bytes(16), timeout_s=0.2)
     assert "waited 0 s for rank 2 to join the NVSHMEM bootstrap" in str(errors[0])
-    _, errors = _run_ranks(BytesKV(), 2, [0, 1], lambda r: lambda: bytes(15))
+    _, errors = _run_ranks(FakeKV(), 2, [0, 1], lambda r: lambda: bytes(15))
     assert "the unique id has 15 bytes, expected 16" in str(errors[1])
 
 

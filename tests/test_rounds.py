@@ -19,18 +19,14 @@ import jax_ep
 from jax_ep import moe
 from jax_ep import rounds as rd
 import np_reference as npr
-from conftest import AXIS, make_mesh, random_routing, run_ranks
+from conftest import AXIS, ROUTING_FAMILIES, make_mesh, random_routing, run_ranks
 
 T, K, E, H = 16, 4, 16, 8
 
 
 def _routing(kind, rng, r, t=T, k=K, e=E):
-    if kind == "uniform":
-        return random_routing(rng, r, t, k, e, mask_prob=0.0)
-    if kind == "masks":
-        return random_routing(rng, r, t, k, e, mask_prob=0.4)
-    if kind == "duplicates":
-        return random_routing(rng, r, t, k, e, mask_prob=0.1, distinct=False)
+    if kind in ROUTING_FAMILIES:
+        return random_routing(rng, r, t, k, e, **ROUTING_FAMILIES[kind])
     if kind == "skewed":  # 90 % of the tokens pick only rank 0's experts
         local = e // r
         out = []
@@ -89,7 +85,7 @@ def _run_rounds_vs_worst(r, idxs, xs, ws, layout, alignment, factor, max_rounds)
         return c, jax.tree.map(np.asarray, f(np.stack(xs), np.stack(idxs), np.stack(ws)))
 
 
-ROUTINGS = ["uniform", "skewed", "one_expert", "masks", "duplicates"]
+ROUTINGS = ["uniform", "skewed", "one_expert", "masked", "duplicates"]
 
 
 @pytest.mark.parametrize("r,layout,alignment", [(1, "expert_major", 4), (2, "expert_major", 4),

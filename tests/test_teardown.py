@@ -10,20 +10,7 @@ import warnings
 import pytest
 
 from jax_ep import _extension, runtime
-
-
-class Store:
-    def __init__(self, num_ranks):
-        self.num_ranks = num_ranks
-        self.arrived = {}
-        self.changed = threading.Condition()
-
-    def wait_at_barrier(self, name, timeout_ms):
-        with self.changed:
-            self.arrived[name] = self.arrived.get(name, 0) + 1
-            self.changed.notify_all()
-            if not self.changed.wait_for(lambda: self.arrived[name] >= self.num_ranks, timeout_ms / 1000):
-                raise RuntimeError(f"DEADLINE_EXCEEDED: barrier {name}")
+from fake_kv import FakeKV, run_threads
 
 
 class Extension:
@@ -44,17 +31,14 @@ class Extension:
 
 
 def _destroy_all(monkeypatch, num_ranks, arriving, timeout_s=20.0):
-    store, ext = Store(num_ranks), Extension()
+    store, ext = FakeKV(num_ranks), Extension()
     monkeypatch.setattr(runtime, "_kv_client", lambda: store)
     monkeypatch.setattr(_extension, "_C", ext, raising=False)
     rts = [runtime.IntranodeRuntime(9000 + r, r, num_ranks, 1 << 20, 1 << 19, seq=77) for r in range(num_ranks)]
     for rt in rts:
         runtime._live[rt.buffer_id] = rt
-    threads = [threading.Thread(target=rts[r].destroy, args=(timeout_s,)) for r in arriving]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    out = run_threads(arriving, lambda r: rts[r].destroy(timeout_s))
+    assert out == {r: None for r in arriving}, out
     for rt in rts:
         runtime._live.pop(rt.buffer_id, None)
     return [(step, bid - 9000) for step, bid in ext.events]

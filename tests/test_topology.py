@@ -2,7 +2,6 @@
 
 import dataclasses
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import jax_ep
 from jax_ep import topology as topo
 from conftest import run_ranks, random_routing
+from fake_kv import FakeKV, run_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,39 +90,11 @@ def test_virtual_nodes_must_fit_in_hosts():
         topo.make_topology(4, hosts=["a"] * 3, environ={})
 
 
-class FakeKV:
-    """The part of the jax.distributed client the exchange uses."""
-
-    def __init__(self):
-        self.data, self.cond = {}, threading.Condition()
-
-    def key_value_set(self, key, value):
-        with self.cond:
-            assert key not in self.data, f"{key} set twice"
-            self.data[key] = value
-            self.cond.notify_all()
-
-    def blocking_key_value_get(self, key, timeout_ms):
-        with self.cond:
-            if not self.cond.wait_for(lambda: key in self.data, timeout_ms / 1000):
-                raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
-            return self.data[key]
-
-
 def test_exchange_hostnames_over_kv():
     kv, r = FakeKV(), 4
     names = ["n0", "n0", "n1", "n1"]
-    got = [None] * r
-
-    def rank(i):
-        got[i] = topo.exchange_hostnames(kv, i, r, timeout_s=10, hostname=names[i], seq=7)
-
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(r)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert all(g == tuple(names) for g in got)
+    got = run_threads(r, lambda i: topo.exchange_hostnames(kv, i, r, timeout_s=10, hostname=names[i], seq=7))
+    assert got == {i: tuple(names) for i in range(r)}
     assert topo.make_topology(r, hosts=got[0], environ={}).num_nodes == 2
 
 

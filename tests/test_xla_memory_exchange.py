@@ -5,30 +5,11 @@ descriptors (temporary files standing in for the exported allocations)."""
 
 import os
 import tempfile
-import threading
 
 import pytest
 
 from jax_ep import runtime
-
-
-class FakeKeyValueStore:
-    """The two calls of the jax.distributed client that the exchange uses."""
-
-    def __init__(self):
-        self.values = {}
-        self.changed = threading.Condition()
-
-    def key_value_set_bytes(self, key, value):
-        with self.changed:
-            self.values[key] = value
-            self.changed.notify_all()
-
-    def blocking_key_value_get_bytes(self, key, timeout_ms):
-        with self.changed:
-            if not self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000):
-                raise TimeoutError(key)
-            return self.values[key]
+from fake_kv import FakeKV, run_threads
 
 
 class FakeExtension:
@@ -46,9 +27,9 @@ class FakeExtension:
 
 def run_ranks(monkeypatch, num_ranks, exported, extensions, seq):
     """Runs the exchange on every rank; exported[r] is False where rank r could not export."""
-    store = FakeKeyValueStore()
+    store = FakeKV()
     monkeypatch.setattr(runtime, "_kv_client", lambda: store)
-    results, files = {}, []
+    files = []
     for r in range(num_ranks):
         f = tempfile.TemporaryFile()
         f.write(f"pool of rank {r}".encode())
@@ -58,13 +39,9 @@ def run_ranks(monkeypatch, num_ranks, exported, extensions, seq):
     def rank(r):
         fd = files[r].fileno() if exported[r] else -1
         note = "" if exported[r] else f"rank {r}'s XLA memory cannot be exported: no handle"
-        results[r] = runtime._exchange_xla_memory(extensions[r], 5, seq, r, num_ranks, fd, 1000 + r, note, 20.0)
+        return runtime._exchange_xla_memory(extensions[r], 5, seq, r, num_ranks, fd, 1000 + r, note, 20.0)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(num_ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = run_threads(num_ranks, rank)
     for f in files:
         f.close()
     return results
@@ -117,7 +94,7 @@ def test_a_process_claiming_a_peers_rank_is_not_believed(monkeypatch, claimed):
     import subprocess
     import sys
 
-    real_set = FakeKeyValueStore.key_value_set_bytes
+    real_set = FakeKV.key_value_set_bytes
 
     def set_and_impersonate(self, key, value):
         if key.endswith("/addr/0"):  # before any peer can learn rank 0's address
@@ -125,7 +102,7 @@ def test_a_process_claiming_a_peers_rank_is_not_believed(monkeypatch, claimed):
             subprocess.run([sys.executable, "-c", IMPOSTOR, name, str(claimed)], check=True, timeout=60)
         real_set(self, key, value)
 
-    monkeypatch.setattr(FakeKeyValueStore, "key_value_set_bytes", set_and_impersonate)
+    monkeypatch.setattr(FakeKV, "key_value_set_bytes", set_and_impersonate)
     extensions = [FakeExtension() for _ in range(3)]
     results = run_ranks(monkeypatch, 3, [True, False, True], extensions, seq=3000 + claimed)
     assert all(v != "forged pool" for v, _ in extensions[0].mapped.values()), extensions[0].mapped

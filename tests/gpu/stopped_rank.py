@@ -15,21 +15,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from absent_rank import buffer_and_inputs  # noqa: E402
 
-R, ME = info.num_ranks, info.rank
-t, k, e, h = 32, 2, 2 * R, 128
+ME = info.rank
 timeout = float(os.environ.get("JAX_EP_TEST_TIMEOUT_S", "10")) if ME == 0 else 60.0
-buf = jax_ep.Buffer(num_experts=e, axis_name=None, timeout_s=timeout,
-                    num_nvl_bytes=jax_ep.intranode_buffer_bytes(t, h, R, k, e, itemsize=4),
-                    normal=jax_ep.NormalOptions(backend="cuda", num_sms=4))
-if ME == R - 1:
-    print("rank that never arrives: sleeping", flush=True)
-    time.sleep(float(os.environ.get("JAX_EP_TEST_SLEEP_S", "40")))
-    sys.exit(0)
-rng = np.random.default_rng(ME)
-x = rng.standard_normal((t, h)).astype(np.float32)
-idx = rng.integers(0, e, (t, k)).astype(np.int32)
-w = rng.random((t, k)).astype(np.float32)
+buf, x, idx, w = buffer_and_inputs(info, timeout, sleep_s="40")
 f = jax.jit(lambda x, i, w: buf.dispatch(x, i, w).recv_x)
 f.lower(x, idx, w).compile()  # compile before the call: rank 0's 10 s cover only the wait
 out = f(x, idx, w)

@@ -4,6 +4,8 @@ backend and the numpy restatement. Runs on one GPU; skipped elsewhere.
     JAX_EP_TEST_GPU=1 python -m pytest tests/gpu/test_single_device_kernels.py
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -188,17 +190,16 @@ def test_low_latency_split_in_decode_loop(rng, async_send):
         group.destroy()
 
 
-def test_abort_stops_calls_and_reaches_status_and_python(rng):
-    """The abort word (raised here through a test hook, as a failing peer
-    would): the next call's kernels return at once, the status op reports
-    "aborted" naming the raiser, the runtime's failure is a
-    CommunicationError, and later calls are refused with that message."""
+@contextlib.contextmanager
+def _one_rank_normal_group(rng, e, t=64, k=4, h=256):
+    """A one-rank intranode group on the first GPU, destroyed on exit, and the
+    inputs of a normal-mode call over it on the one-device "ep" mesh: yields
+    (group, mesh, (x bf16 [t, h], topk_idx int32 [t, k] over e experts,
+    topk_weights float32 [t, k]), NormalOptions on the group's buffer)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jax_ep import cuda_ops, faults
     from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
 
-    t, k, e, h = 64, 4, 16, 256
     dev = jax.devices()[0].local_hardware_id or 0
     group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e), timeout_s=20.0)
     try:
@@ -207,7 +208,22 @@ def test_abort_stops_calls_and_reaches_status_and_python(rng):
         x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
         w = jnp.asarray(rng.random((t, k)), jnp.float32)
         x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
-        options = jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+        yield group, mesh, (x, idx, w), jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+    finally:
+        group.destroy()
+
+
+def test_abort_stops_calls_and_reaches_status_and_python(rng):
+    """The abort word (raised here through a test hook, as a failing peer
+    would): the next call's kernels return at once, the status op reports
+    "aborted" naming the raiser, the runtime's failure is a
+    CommunicationError, and later calls are refused with that message."""
+    from jax.sharding import PartitionSpec as P
+
+    from jax_ep import cuda_ops, faults
+
+    e = 16
+    with _one_rank_normal_group(rng, e) as (group, mesh, (x, idx, w), options):
 
         def body(x, i, w):
             out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
@@ -228,8 +244,6 @@ def test_abort_stops_calls_and_reaches_status_and_python(rng):
         with pytest.raises(Exception, match="failed earlier"):  # a new program: its handler refuses the buffer
             jax.jit(jax.shard_map(lambda x, i, w: body(x, i, w)[0], mesh=mesh, in_specs=P("ep"),
                                   out_specs=P("ep")))(x, idx, w).block_until_ready()
-    finally:
-        group.destroy()
 
 
 def test_foreign_handle_is_recorded_not_followed(rng):
@@ -238,21 +252,12 @@ def test_foreign_handle_is_recorded_not_followed(rng):
     records a bad handle (status and CommunicationError) and does not trap."""
     import dataclasses
 
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     from jax_ep import cuda_ops, faults
-    from jax_ep.runtime import IntranodeRuntime, intranode_buffer_bytes
 
-    t, k, e, h = 64, 4, 16, 256
-    dev = jax.devices()[0].local_hardware_id or 0
-    group = IntranodeRuntime.create_group([dev], intranode_buffer_bytes(t, h, 1, k, e), timeout_s=20.0)
-    try:
-        mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
-        idx = random_routing(rng, 1, t, k, e)[0]
-        x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
-        w = jnp.asarray(rng.random((t, k)), jnp.float32)
-        x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in (x, jnp.asarray(idx), w))
-        options = jax_ep.NormalOptions(backend="cuda", num_sms=4, buffer_id=group.buffer_id)
+    e = 16
+    with _one_rank_normal_group(rng, e) as (group, mesh, (x, idx, w), options):
 
         def body(x, i, w):
             out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name="ep", options=options)
@@ -267,8 +272,6 @@ def test_foreign_handle_is_recorded_not_followed(rng):
         err = group.failure()
         assert isinstance(err, jax_ep.CommunicationError) and err.kind == "bad handle"
         assert "out of range" in str(err)
-    finally:
-        group.destroy()
 
 
 def test_low_latency_combine_refuses_a_negative_rank_in_a_valid_row(rng):
