@@ -49,7 +49,7 @@ __device__ __forceinline__ unsigned int* blocks_done(const PeerTable& p, int whi
 // The last call whose send this rank issued, per kind (0 dispatch, 1 combine):
 // a send finding its own call number there follows an unreceived send; a
 // receive finding another one has no send.
-constexpr std::size_t kSentMarkOffset = intranode::kSignalBytes + 60 * 1024;
+constexpr std::size_t kSentMarkOffset = intranode::kSignalBytes + workspace::kSentMarks;
 __device__ __forceinline__ unsigned long long* sent_mark(const PeerTable& p, int which) {
   return reinterpret_cast<unsigned long long*>(p.base[p.rank] + kSentMarkOffset) + which;
 }

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Local copy of this call's (expert, source) counts, written by the wait kernel.
 __device__ __forceinline__ int* received_counts(const PeerTable& p) {
-  return reinterpret_cast<int*>(p.base[p.rank] + intranode::kSignalBytes + 40 * 1024);
+  return reinterpret_cast<int*>(p.base[p.rank] + intranode::kSignalBytes + workspace::kReceivedCounts);
 }
 
 // The only waiting part of a dispatch receive: one block waits for every

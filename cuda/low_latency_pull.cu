@@ -89,7 +89,7 @@ __device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat
 
 // Rank r's staged call in every peer's workspace: serial_word(call, its token count).
 __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) {
-  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 34 * 1024) +
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + workspace::kPullFlags) +
          half * intranode::kMaxRanks;
 }
 
@@ -98,7 +98,7 @@ __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) 
 // expert e) (their first slot naming it). Only r writes them, raising them
 // with raise_in_call, so a word of another call is always of an earlier one.
 __device__ __forceinline__ unsigned long long* pull_counts(char* base, int half) {
-  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + 64 * 1024) + half * kCountSlots;
+  return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + workspace::kPullCounts) + half * kCountSlots;
 }
 
 // Raise *word to serial_word(call, value) unless it holds this call's word
