@@ -12,8 +12,7 @@ namespace {
 
 // Writes the scale of 128-channel group g: a float, or its UE8M0 exponent byte.
 __device__ __forceinline__ void write_group_scale(const Shape& s, char* scales, int g, float scale) {
-  if (s.payload == Payload::kFP8UE8M0) scales[g] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
-  else reinterpret_cast<float*>(scales)[g] = scale;
+  fp8_store_group_scale(scales, g, scale, s.payload == Payload::kFP8UE8M0);
 }
 
 // A warp copies a message's values (and, FP8, the scales after them) into
