@@ -8,26 +8,6 @@ namespace jax_ep {
 namespace low_latency {
 namespace {
 
-// The FP8 cast of one 128-channel group of a BF16 row (jax_ep.reference.fp8's
-// arithmetic), a warp per group and 4 channels per lane: returns this lane's
-// 4 FP8 bytes and, in every lane, the group's scale.
-__device__ __forceinline__ unsigned int cast_group_fp8(uint2 raw, bool pow2_scale, float* scale_out) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-  float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-  const float scale = fp8_group_scale(amax, pow2_scale);
-  const float inv = __fdiv_rn(1.0f, scale);
-  unsigned char q[4];
-  q[0] = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
-  q[1] = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
-  q[2] = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
-  q[3] = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
-  *scale_out = scale;
-  return *reinterpret_cast<const unsigned int*>(q);
-}
-
 // The payload of one message, built by the whole block from the BF16 token
 // `row`: a copy (BF16), or the per-128-channel FP8 cast of
 // jax_ep.reference.fp8 (values, then the scales) with a warp per group.
@@ -54,7 +34,7 @@ __device__ __forceinline__ void build_message(const Shape& s, const __nv_bfloat1
       if (g >= groups) break;  // uniform across the warp
       float scale;
       *reinterpret_cast<unsigned int*>(values + g * 128 + lane * 4) =
-          cast_group_fp8(raw[u], s.payload != Payload::kFP8, &scale);
+          fp8_cast_group_warp(raw[u], s.payload != Payload::kFP8, &scale);
       if (lane == 0) write_group_scale(s, scales, g, scale);
     }
   }

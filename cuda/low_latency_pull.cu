@@ -14,7 +14,7 @@ namespace {
 // leave it waiting on memory once per token. FP8: a half-warp per
 // 128-channel group, 8 channels (16 bytes) per lane, kInFlight pairs of
 // groups per warp per round (jax_ep.reference.fp8's arithmetic, as
-// cast_group_fp8). BF16: a copy, kInFlight vectors per thread per round.
+// fp8_cast_group_warp). BF16: a copy, kInFlight vectors per thread per round.
 __device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat16* x, char* stage,
                                                std::size_t stride, int my_tokens) {
   constexpr int kInFlight = 8;
