@@ -1,7 +1,7 @@
 """An executable model of the low-latency count/flag protocol with masked
-ranks (cuda/low_latency.cu: send_kernel / wait_counts_kernel for the dispatch,
-flag_combine_peers / wait_flags_kernel for the combine), explored over random
-schedules on CPU.
+ranks (cuda/low_latency_dispatch.cu: send_kernel / wait_counts_kernel for the
+dispatch; cuda/low_latency_combine.cu: flag_combine_peers / wait_flags_kernel
+for the combine), explored over random schedules on CPU.
 
 Each rank runs calls 1..N of one kind (dispatch and combine each have their
 own call counter and slots, and the same shape). A call publishes a count to

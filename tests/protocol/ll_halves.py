@@ -1,4 +1,4 @@
-"""Model of the low-latency protocol of cuda/low_latency.cu: two alternating
+"""Model of the low-latency protocol of cuda/low_latency_*.cu: two alternating
 buffer halves, per-call counts and flags (low_latency.cuh has the argument).
 
 Each rank runs `calls` calls of one kind in stream order (send n, receive n,

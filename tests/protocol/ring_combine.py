@@ -1,4 +1,4 @@
-"""Model of the rank-major ring combine of cuda/intranode.cu (one call).
+"""Model of the rank-major ring combine of cuda/intranode_combine.cu (one call).
 
 Kernel: ``combine_kernel`` runs ``blocks`` blocks per rank; groups 0 and 1 of a
 block are copiers (``ring_stage``), groups 2 and 3 reducers (``ring_reduce``),

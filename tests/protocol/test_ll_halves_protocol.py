@@ -1,4 +1,4 @@
-"""The low-latency halves (cuda/low_latency.cu) explored on CPU: every rank
+"""The low-latency halves (cuda/low_latency_*.cu) explored on CPU: every rank
 finishes every call, and no half is reused before every peer read it, with
 the call serials matched as the kernels match them, across their wrap."""
 

@@ -1,4 +1,4 @@
-"""The rank-major ring combine (cuda/intranode.cu) explored on CPU: progress
+"""The rank-major ring combine (cuda/intranode_combine.cu) explored on CPU: progress
 and no ring slot overwritten before it is read, for the launch shapes the
 kernel really uses (jax_ep._C.combine_launch_shape) and every accepted
 (chunk, ring) in a range."""
