@@ -1,6 +1,6 @@
 """Shared by the rank scripts whose last rank never makes the call
-(missing_peer_rank.py, stopped_rank.py): the buffer, the inputs, and the
-absent rank's sleep."""
+(missing_peer_rank.py, stopped_rank.py, put_stopped_rank.py): the buffer,
+the inputs, the absent rank's sleep, and how a live rank reports its exit."""
 
 import os
 import sys
@@ -33,3 +33,26 @@ def buffer_and_inputs(info, timeout_s: float, sleep_s: str):
     idx = rng.integers(0, e, (t, k)).astype(np.int32)
     w = rng.random((t, k)).astype(np.float32)
     return buf, x, idx, w
+
+
+def report_exit(buf, me: int, status, use_again, what: str):
+    """What check_stopped_rank.check_bounded_exit reads: when this rank left
+    and its `status` (the list of jax_ep.status), the CommunicationError that
+    `buf.check()` raises, and that `use_again()` (a second call on the dead
+    buffer) is refused. Exits 1 without teardown (a rank is missing); exits 0
+    with an UNEXPECTED line when nothing failed."""
+    import jax_ep
+
+    print(f"jax_ep test: rank {me} left at {time.time():.3f} status {status}", flush=True)
+    try:
+        buf.check()
+    except jax_ep.CommunicationError as err:
+        print(f"jax_ep test: rank {me} raised CommunicationError kind={err.kind} peer={err.peer}: {err}", flush=True)
+        try:
+            use_again()
+        except jax_ep.CommunicationError:
+            print(f"jax_ep test: rank {me} refuses the dead buffer", flush=True)
+        time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
+        os._exit(1)  # no collective teardown with a rank missing
+    print(f"UNEXPECTED: {what} returned without the missing rank", flush=True)
+    os._exit(0)

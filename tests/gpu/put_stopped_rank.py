@@ -7,7 +7,6 @@ node, a signal put elsewhere), so all of them must leave within a second of
 it, each with a jax_ep.CommunicationError and a status array saying why."""
 
 import os
-import sys
 import time
 
 # The put path's symmetric heap (GPU memory outside XLA's pool): these shapes need a few MiB.
@@ -21,6 +20,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
+from absent_rank import report_exit  # noqa: E402
 
 R, ME = info.num_ranks, info.rank
 RPN = int(os.environ.get("JAX_EP_TEST_RANKS_PER_NODE", "1"))
@@ -51,17 +51,4 @@ f.lower(x, idx, w).compile()  # compile before the call: rank 0's 10 s cover onl
 out = f(x, idx, w)
 out.block_until_ready()
 status = np.asarray(jax.jit(lambda o: jax_ep.status(buf, o, mode="low_latency"))(out)).tolist()
-print(f"jax_ep test: rank {ME} left at {time.time():.3f} status {status}", flush=True)
-try:
-    buf.check()
-except jax_ep.CommunicationError as err:
-    print(f"jax_ep test: rank {ME} raised CommunicationError kind={err.kind} peer={err.peer}: {err}", flush=True)
-    # The buffer is dead: the next use says so.
-    try:
-        buf.low_latency_dispatch(x, idx)
-    except jax_ep.CommunicationError:
-        print(f"jax_ep test: rank {ME} refuses the dead buffer", flush=True)
-    time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
-    os._exit(1)  # no collective teardown with a rank missing
-print("UNEXPECTED: the low-latency dispatch returned without the missing rank", flush=True)
-os._exit(0)
+report_exit(buf, ME, status, lambda: buf.low_latency_dispatch(x, idx), "the low-latency dispatch")

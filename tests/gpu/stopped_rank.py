@@ -5,8 +5,6 @@ within a second of it (not after their own 60 s), each with a
 jax_ep.CommunicationError and a status array saying why."""
 
 import os
-import sys
-import time
 
 from jax_ep.launch import initialize_distributed
 
@@ -15,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
-from absent_rank import buffer_and_inputs  # noqa: E402
+from absent_rank import buffer_and_inputs, report_exit  # noqa: E402
 
 ME = info.rank
 timeout = float(os.environ.get("JAX_EP_TEST_TIMEOUT_S", "10")) if ME == 0 else 60.0
@@ -25,17 +23,4 @@ f.lower(x, idx, w).compile()  # compile before the call: rank 0's 10 s cover onl
 out = f(x, idx, w)
 out.block_until_ready()
 status = np.asarray(jax_ep.status(buf, out)).tolist()
-print(f"jax_ep test: rank {ME} left at {time.time():.3f} status {status}", flush=True)
-try:
-    buf.check()
-except jax_ep.CommunicationError as err:
-    print(f"jax_ep test: rank {ME} raised CommunicationError kind={err.kind} peer={err.peer}: {err}", flush=True)
-    # The buffer is dead: the next use says so.
-    try:
-        buf.dispatch(x, idx, w)
-    except jax_ep.CommunicationError:
-        print(f"jax_ep test: rank {ME} refuses the dead buffer", flush=True)
-    time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
-    sys.exit(1)
-print("UNEXPECTED: dispatch returned without the missing rank", flush=True)
-sys.exit(0)
+report_exit(buf, ME, status, lambda: buf.dispatch(x, idx, w), "dispatch")
