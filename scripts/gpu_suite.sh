@@ -16,6 +16,11 @@
 #   JAX_EP_STEP_TIMEOUT=900     seconds allowed to each pytest / benchmark step
 #   JAX_EP_SKIP_BENCH=1         skip benchmarks/run_all.sh
 #   JAX_EP_TRY_UCX=1            also run the put kernels over NVSHMEM's UCX proxy transport
+#   JAX_EP_GPU_ONLY='regex'     run only the steps whose names match (bash =~)
+#   JAX_EP_GPU_SKIP='regex'     skip the steps whose names match
+#
+# A machine with no package index gets NVSHMEM, nvshmem4py and pytest from
+# .gpu/deps.tar.xz (scripts/pack_gpu_deps.sh), unpacked here into /tmp/jax_ep_site.
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -35,9 +40,12 @@ STEP_CODES=()
 STEP_SECONDS=()
 
 # step NAME LOG CMD...: run CMD, output to the terminal and appended to LOG.
+# Each finished step appends its line to OUT/steps.txt, which survives a kill.
 step() {
   local name=$1 log=$2
   shift 2
+  if [ -n "${JAX_EP_GPU_ONLY:-}" ] && ! [[ $name =~ $JAX_EP_GPU_ONLY ]]; then return 0; fi
+  if [ -n "${JAX_EP_GPU_SKIP:-}" ] && [[ $name =~ $JAX_EP_GPU_SKIP ]]; then return 0; fi
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
   local t0=$SECONDS
   "$@" 2>&1 | tee -a "$log"
@@ -46,6 +54,7 @@ step() {
   STEP_CODES+=("$code")
   STEP_SECONDS+=("$((SECONDS - t0))")
   echo "=== $name: exit $code in $((SECONDS - t0)) s" | tee -a "$log"
+  printf '%-40s %6s %8s\n' "$name" "$code" "$((SECONDS - t0))" >> "$OUT/steps.txt"
   return 0
 }
 
@@ -56,6 +65,17 @@ pytest_step() {
   [ "$code" -eq 5 ] && { echo "(no tests collected)"; return 0; }
   return "$code"
 }
+
+if [ -f .gpu/deps.tar.xz ]; then
+  SITE=/tmp/jax_ep_site
+  if [ ! -d "$SITE/site" ]; then
+    mkdir -p "$SITE" && tar -xJf .gpu/deps.tar.xz -C "$SITE"
+  fi
+  export PYTHONPATH="$PYTHONPATH:$SITE/site"
+  export JAX_EP_NVSHMEM_HOST_LIB="$SITE/site/nvidia/nvshmem/lib/libnvshmem_host.so.3"
+  export LD_LIBRARY_PATH="$SITE/site/nvidia/nvshmem/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "packages from .gpu/deps.tar.xz in $SITE/site"
+fi
 
 {
   echo "date: $(date -u)"
@@ -84,7 +104,7 @@ if [ -f "$EXT" ]; then
 else
   step build "$OUT/build.log" python3 -m pip install --no-build-isolation --no-deps -e .
 fi
-python3 -c 'import jax_ep._extension as e; print("jax_ep._C:", "available" if e.available() else e.unavailable_reason())' \
+python3 -c 'import jax_ep._extension as e, jax_ep.nvshmem as n; print("jax_ep._C:", "available" if e.available() else e.unavailable_reason()); print("jax_ep._nvshmem:", n.version() if n.available() else n.unavailable_reason())' \
   2>&1 | tee -a "$OUT/build.log"
 
 step gpu_single "$OUT/gpu_single.log" pytest_step -q tests/gpu -m "not multirank"
