@@ -134,19 +134,74 @@ def ll_dispatch(xs, idxs, num_experts, max_tokens):
     return out
 
 
-def fp8_quantize(x, round_scale=False):
-    """float32 [T, H] -> (dequantizable float32 q, scales [T, H/128]) by the documented rule."""
+def fp8_cast(x, round_scale=False, use_ue8m0=False):
+    """The CUDA kernels' per-token FP8 cast, in numpy float32 (each step
+    correctly rounded, as the docs state it).
+
+    x: float32 [T, H] (BF16 inputs as their exact float32 values), H % 128 == 0.
+    Returns (uint8 [T, H] e4m3 bytes, scales): float32 [T, H/128], or with
+    use_ue8m0 int32 [T, H/512], byte j of word w the biased exponent of group
+    4w + j. Policy on non-finite inputs (the kernels' fmaxf and saturating
+    conversion): a NaN never raises the amax; a NaN product casts to 0x7f;
+    an inf makes its group's scale inf (exponent byte 0xff) and 1/scale 0.
+    """
     import ml_dtypes
 
     t, h = x.shape
-    g = x.astype(np.float32).reshape(t, h // 128, 128)
-    amax = np.maximum(np.abs(g).max(-1), np.float32(1e-4)).astype(np.float32)
-    scale = (amax * np.float32(1.0 / 448.0)).astype(np.float32)
-    if round_scale:
-        scale = np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
-    inv = (np.float32(1.0) / scale).astype(np.float32)
-    q = np.clip(g * inv[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
-    return q.reshape(t, h), scale
+    g = np.asarray(x, np.float32).reshape(t, h // 128, 128)
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = np.fmax(np.fmax.reduce(np.abs(g), axis=-1, initial=np.float32(0)), np.float32(1e-4))
+        scale = (amax * np.float32(1.0 / 448.0)).astype(np.float32)
+        if round_scale or use_ue8m0:  # the smallest power of two >= scale, from the bits
+            bits = scale.view(np.uint32)
+            bits = np.where(bits & 0x7FFFFF, (bits & 0x7F800000) + 0x800000, bits).astype(np.uint32)
+            scale = bits.view(np.float32)
+        inv = (np.float32(1.0) / scale).astype(np.float32)
+        y = (g * inv[..., None]).astype(np.float32)
+        q = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    q = np.where(np.isnan(y), np.uint8(0x7F), q).reshape(t, h)
+    if not use_ue8m0:
+        return q, scale
+    exponent = (scale.view(np.uint32) >> 23).astype(np.uint8)
+    return q, np.ascontiguousarray(exponent).view(np.int32).reshape(t, h // 512)
+
+
+def fp8_quantize(x, round_scale=False):
+    """float32 [T, H] -> (float8_e4m3fn q [T, H], float32 scales [T, H/128]): fp8_cast."""
+    import ml_dtypes
+
+    q, scale = fp8_cast(x, round_scale)
+    return q.view(ml_dtypes.float8_e4m3fn), scale
+
+
+def fp8_edge_rows(rng, t, h, finite=False):
+    """float32 [t, h] (h % 128 == 0) of random groups with the cast's edge
+    cases among them, each exact in BF16: all-zero and all-negative-zero
+    groups, BF16/float32 denormals (alone, the 1e-4 amax floor, and beside a
+    large value, e4m3 subnormals), values at the FP8 maximum (x * (1/scale)
+    at and just past 448), ties of e4m3 rounding, and unless `finite` an inf
+    and NaNs."""
+    import ml_dtypes
+
+    x = rng.standard_normal((t, h)).astype(np.float32) * rng.uniform(1e-3, 1e3, (t, 1)).astype(np.float32)
+    cases = [
+        np.zeros(128, np.float32),
+        np.full(128, -0.0, np.float32),
+        rng.standard_normal(128).astype(np.float32) * np.float32(1e-39),   # float32 denormals only
+        np.concatenate([[np.float32(3.0)], rng.standard_normal(127).astype(np.float32) * np.float32(1e-3)]),
+        np.concatenate([[np.float32(1e30)], rng.standard_normal(127).astype(np.float32) * np.float32(1e-39)]),
+        np.full(128, 448.0, np.float32) * np.where(rng.random(128) < 0.5, -1, 1).astype(np.float32),
+        np.float32(7.0) * rng.choice([1.0, 0.999, 1.001, 0.5, -0.0625], 128).astype(np.float32),
+        np.float32(2.0) ** rng.integers(-20, 20, 128).astype(np.float32) * np.float32(1.0625),  # e4m3 ties
+    ]
+    if not finite:
+        cases.append(np.where(np.arange(128) == 5, np.float32(np.inf), x[0, :128]))
+        cases.append(np.where(np.arange(128) % 3 == 0, np.float32(np.nan), x[0, :128]))
+        cases.append(np.full(128, np.nan, np.float32))
+    flat = x.reshape(-1, 128)
+    for i, c in enumerate(cases):  # case i in row i (for t >= 11), group i of it
+        flat[(i * (h // 128 + 1)) % len(flat)] = c
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def dispatch_rounds(idxs, num_experts, capacity, alignment, layout, max_rounds):

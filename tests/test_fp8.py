@@ -21,6 +21,40 @@ def test_cast_matches_numpy_quantizer(rng, round_scale, dtype):
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want_q.view(np.uint8))
 
 
+_OPTS = [jax_ep.FP8Options(), jax_ep.FP8Options(round_scale=True), jax_ep.FP8Options(use_ue8m0=True)]
+
+
+@pytest.mark.parametrize("opts", _OPTS)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_numpy_cast_is_the_reference_on_edge_cases(rng, opts, dtype):
+    """np_reference.fp8_cast (the bytes the GPU tests hold every CUDA cast to)
+    is jax_ep.reference.fp8's cast on the edge cases, bit for bit: zero and
+    negative-zero groups, denormals, the FP8 maximum, e4m3 ties, and an inf
+    (its group's bytes are 0 or NaN in both; NaN bytes compared as NaN)."""
+    x = npr.fp8_edge_rows(rng, 12, 1024)
+    x = x[~np.isnan(x.reshape(12, 8, 128)).any(-1).any(-1)]  # NaN groups: the kernels' policy only
+    q, s = jax_ep.per_token_cast_to_fp8(x.astype(dtype), opts)
+    want_q, want_s = npr.fp8_cast(x, opts.round_scale, opts.use_ue8m0)
+    np.testing.assert_array_equal(np.asarray(s).view(np.uint32), want_s.view(np.uint32))
+    got_q = np.asarray(q).view(np.uint8)
+    nan = (got_q & 0x7F) == 0x7F
+    np.testing.assert_array_equal(nan, want_q == 0x7F)
+    np.testing.assert_array_equal(np.where(nan, 0x7F, got_q), want_q)
+    assert nan.any() and (want_q == 0x80).any() and (want_q == 0x7E).any() and (want_q == 0x01).any()
+
+
+def test_numpy_cast_nan_policy():
+    """NaN: ignored by the amax (fmaxf), cast to 0x7f; an all-NaN group takes
+    the 1e-4 floor."""
+    x = np.ones((1, 128), np.float32)
+    x[0, 3] = np.nan
+    q, s = npr.fp8_cast(x)
+    assert q[0, 3] == 0x7F and s[0, 0] == np.float32(1.0) * np.float32(1.0 / 448.0)
+    assert (np.delete(q[0], 3) == q[0, 0]).all()
+    q, s = npr.fp8_cast(np.full((1, 128), np.nan, np.float32), use_ue8m0=False)
+    assert (q == 0x7F).all() and s[0, 0] == np.float32(1e-4) * np.float32(1.0 / 448.0)
+
+
 def test_cast_error_bound_and_calc_diff(rng):
     x = rng.standard_normal((64, 1024)).astype(np.float32)
     q, s = jax_ep.per_token_cast_to_fp8(x)
