@@ -30,25 +30,60 @@ __device__ __forceinline__ float fp8_group_scale(float amax, bool power_of_two) 
   return scale;
 }
 
-// The e4m3 cast of one 128-channel group of a BF16 row, a warp per group and
-// 4 channels per lane (`raw`: this lane's 4 BF16 values): returns this lane's
-// 4 FP8 bytes in channel order and, in every lane, the group's scale
-// (fp8_group_scale of the group's amax). The arithmetic of
-// jax_ep/reference/fp8.py: x * (1 / scale), each step correctly rounded.
-__device__ __forceinline__ uint32_t fp8_cast_group_warp(uint2 raw, bool power_of_two, float* scale_out) {
+// The BF16 values of `raw` (N / 2 packed pairs, first channel in the low
+// half) as floats (exact).
+template <int N, typename Raw>
+__device__ __forceinline__ void fp8_bf16_to_float(const Raw& raw, float (&v)[N]) {
+  static_assert(sizeof(Raw) == 2 * N, "raw must hold N BF16 values");
   const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-  float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int i = 0; i < N / 2; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// The e4m3 cast of one 128-channel group held by kLanes aligned consecutive
+// lanes of a warp (32: a warp, 16: a half-warp, 8: a quarter), each lane
+// holding kFp8GroupSize / kLanes consecutive channels `v`: writes this lane's
+// FP8 bytes, in channel order, little-endian into the words `q`, and returns,
+// in every lane, the group's scale (fp8_group_scale of the group's amax). The
+// arithmetic of jax_ep/reference/fp8.py, each step correctly rounded: amax by
+// fmaxf (a NaN never raises it), inv = 1 / scale, then x * inv converted with
+// round to nearest even, saturating to ±448 (a NaN product gives 0x7f), two
+// channels per conversion. Every lane of the warp must call it together
+// (full-warp shuffles); a lane with no group passes values that cannot raise
+// its neighbours' amax (zeros) and ignores the result.
+template <int kLanes, int N = kFp8GroupSize / kLanes>
+__device__ __forceinline__ float fp8_cast_group(const float (&v)[N], bool power_of_two, uint32_t (&q)[N / 4]) {
+  static_assert(kLanes * N == kFp8GroupSize && (kLanes & (kLanes - 1)) == 0 && kLanes <= 32 && N % 4 == 0,
+                "a power-of-two number of lanes, a multiple of 4 channels each, must cover the group");
+  float amax = fabsf(v[0]);
+#pragma unroll
+  for (int i = 1; i < N; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float scale = fp8_group_scale(amax, power_of_two);
   const float inv = __fdiv_rn(1.0f, scale);
-  const uint32_t q0 = __nv_cvt_float_to_fp8(__fmul_rn(a.x, inv), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t q1 = __nv_cvt_float_to_fp8(__fmul_rn(a.y, inv), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t q2 = __nv_cvt_float_to_fp8(__fmul_rn(b.x, inv), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t q3 = __nv_cvt_float_to_fp8(__fmul_rn(b.y, inv), __NV_SATFINITE, __NV_E4M3);
-  *scale_out = scale;
-  return q0 | q1 << 8 | q2 << 16 | q3 << 24;
+#pragma unroll
+  for (int j = 0; j < N / 2; ++j) {
+    const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(v[2 * j], inv), __fmul_rn(v[2 * j + 1], inv)),
+                                                   __NV_SATFINITE, __NV_E4M3);
+    q[j / 2] = j % 2 == 0 ? pair : q[j / 2] | pair << 16;
+  }
+  return scale;
+}
+
+// fp8_cast_group with a warp per group, 4 channels per lane (`raw`: this
+// lane's 4 BF16 values): returns this lane's 4 FP8 bytes in channel order and
+// leaves the group's scale in *scale_out.
+__device__ __forceinline__ uint32_t fp8_cast_group_warp(uint2 raw, bool power_of_two, float* scale_out) {
+  float v[4];
+  fp8_bf16_to_float(raw, v);
+  uint32_t q[1];
+  *scale_out = fp8_cast_group<32>(v, power_of_two, q);
+  return q[0];
 }
 
 // A group's scale as stored: the float, or with UE8M0 its biased exponent
