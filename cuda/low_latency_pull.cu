@@ -13,8 +13,8 @@ namespace {
 // flight: a block stages a few tokens, so per-token rounds of loads would
 // leave it waiting on memory once per token. FP8: a half-warp per
 // 128-channel group, 8 channels (16 bytes) per lane, kInFlight pairs of
-// groups per warp per round (jax_ep.reference.fp8's arithmetic, as
-// fp8_cast_group_warp). BF16: a copy, kInFlight vectors per thread per round.
+// groups per warp per round (fp8.cuh's fp8_cast_group<16>). BF16: a copy,
+// kInFlight vectors per thread per round.
 __device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat16* x, char* stage,
                                                std::size_t stride, int my_tokens) {
   constexpr int kInFlight = 8;
@@ -57,28 +57,11 @@ __device__ __forceinline__ void stage_messages(const Shape& s, const __nv_bfloat
       if (2 * (p0 + u * kWarps) >= total) break;  // uniform across the warp
       const int g = 2 * (p0 + u * kWarps) + lane / 16;
       const bool valid = g < total;  // with an odd group count, the last pair's second half has none
-      const unsigned int words[4] = {static_cast<unsigned int>(raw[u].x), static_cast<unsigned int>(raw[u].y),
-                                     static_cast<unsigned int>(raw[u].z), static_cast<unsigned int>(raw[u].w)};
-      float2 f[4];
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // two BF16 channels per word, the first in the low half (exact)
-        f[i] = valid ? make_float2(__uint_as_float(words[i] << 16), __uint_as_float(words[i] & 0xffff0000u))
-                     : make_float2(0.0f, 0.0f);
-        amax = fmaxf(amax, fmaxf(fabsf(f[i].x), fabsf(f[i].y)));
-      }
-#pragma unroll
-      for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
+      float v[8];
+      fp8_bf16_to_float(valid ? raw[u] : int4{}, v);  // a half-warp with no group casts zeros
+      uint32_t q[2];  // 8 FP8 bytes, channel order
+      const float scale = fp8_cast_group<16>(v, pow2_scale, q);
       if (!valid) continue;
-      const float scale = fp8_group_scale(amax, pow2_scale);
-      const float inv = __fdiv_rn(1.0f, scale);
-      unsigned int q[2] = {0, 0};  // 8 FP8 bytes, channel order
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const unsigned int lo = __nv_cvt_float_to_fp8(__fmul_rn(f[i].x, inv), __NV_SATFINITE, __NV_E4M3);
-        const unsigned int hi = __nv_cvt_float_to_fp8(__fmul_rn(f[i].y, inv), __NV_SATFINITE, __NV_E4M3);
-        q[i / 2] |= (lo | hi << 8) << (16 * (i % 2));
-      }
       char* values = stage + token_of(g / groups) * stride + kHeaderBytes;
       const int gg = g % groups;
       *reinterpret_cast<uint2*>(values + gg * 128 + hl * 8) = make_uint2(q[0], q[1]);
