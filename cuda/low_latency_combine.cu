@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kThreads)
                 (static_cast<std::size_t>(src_token[row]) * s.num_topk + src_slot[row]) * s.combine_row_bytes();
     if (s.combine_fp8) {
       // FP8 values then one float scale per 128 channels: a half-warp per
-      // group, 8 channels per lane (one 16-byte load), two groups per step and
-      // `kSteps` steps' loads in flight.
+      // group (fp8_cast_group<16>), 8 channels per lane (one 16-byte load),
+      // two groups per step and `kSteps` steps' loads in flight.
       const __nv_bfloat16* from = y + row * s.hidden;
       const int groups = s.hidden / 128, half = lane / 16, sub = lane % 16;
       constexpr int kSteps = 4;
@@ -99,27 +99,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int u = 0; u < kSteps; ++u) {
           if (g0 + 2 * u >= groups) break;  // uniform across the warp (groups is even)
           const int g = g0 + 2 * u + half;
-          const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-          float2 f[4];
-          float amax = 0.0f;
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            f[q] = __bfloat1622float2(h[q]);
-            amax = fmaxf(amax, fmaxf(fabsf(f[q].x), fabsf(f[q].y)));
-          }
-#pragma unroll
-          for (int off = 8; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, off));
-          const float scale = fp8_group_scale(amax, false);
-          const float inv = __fdiv_rn(1.0f, scale);
-          __nv_fp8x2_storage_t q2[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            q2[q] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[q].x, inv), __fmul_rn(f[q].y, inv)),
-                                             __NV_SATFINITE, __NV_E4M3);
-          }
-          *reinterpret_cast<uint2*>(dst + g * 128 + sub * 8) =
-              make_uint2(q2[0] | (static_cast<unsigned int>(q2[1]) << 16),
-                         q2[2] | (static_cast<unsigned int>(q2[3]) << 16));
+          float v[8];
+          fp8_bf16_to_float(raw[u], v);
+          uint32_t q[2];
+          const float scale = fp8_cast_group<16>(v, false, q);
+          *reinterpret_cast<uint2*>(dst + g * 128 + sub * 8) = make_uint2(q[0], q[1]);
           if (sub == 0) reinterpret_cast<float*>(dst + s.hidden)[g] = scale;
         }
       }
