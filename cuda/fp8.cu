@@ -1,10 +1,11 @@
 // Per-token FP8 cast kernels.
 //
 // Each thread owns 16 consecutive channels of one token (16-byte loads and
-// stores), so the 8 lanes of a 128-channel group reduce their amax with warp
-// shuffles, and with UE8M0 the 4 groups of a warp pack their exponents into
-// one int32 word. Only IEEE-rounded float32 operations are used, so results
-// match the float32 reference (jax_ep/reference/fp8.py) bit for bit.
+// stores), so the 8 lanes of a 128-channel group cast it together
+// (fp8.cuh's fp8_cast_group<8>), and with UE8M0 the 4 groups of a warp pack
+// their exponents into one int32 word. Only IEEE-rounded float32 operations
+// are used, so results match the float32 reference (jax_ep/reference/fp8.py)
+// bit for bit.
 #include "fp8.cuh"
 
 #include "utils.cuh"
@@ -83,33 +84,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const bool valid = chunk < num_chunks;
   const int lane = threadIdx.x % kWarpSize;
 
-  float v[kChannelsPerThread];
-  float amax = 0.0f;
-  if (valid) {
-    load_channels(x + chunk * kChannelsPerThread, v);
-#pragma unroll
-    for (int i = 0; i < kChannelsPerThread; ++i) amax = fmaxf(amax, fabsf(v[i]));
-  }
-  // Every lane takes part in the shuffles: a group's 8 lanes are all valid or
-  // all past the end, since num_chunks is a multiple of 8.
-#pragma unroll
-  for (int offset = kThreadsPerGroup / 2; offset > 0; offset /= 2) {
-    amax = fmaxf(amax, __shfl_xor_sync(kFullWarpMask, amax, offset));
-  }
-  const float scale = fp8_group_scale(amax, kUe8m0 || round_scale);
-  const float inv_scale = __fdiv_rn(1.0f, scale);
-
-  if (valid) {
-    uint4 packed;
-    __nv_fp8x2_storage_t* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(&packed);
-#pragma unroll
-    for (int j = 0; j < kChannelsPerThread / 2; ++j) {
-      const float2 q = make_float2(__fmul_rn(v[2 * j], inv_scale),
-                                   __fmul_rn(v[2 * j + 1], inv_scale));
-      pairs[j] = __nv_cvt_float2_to_fp8x2(q, __NV_SATFINITE, __NV_E4M3);
-    }
-    reinterpret_cast<uint4*>(out)[chunk] = packed;
-  }
+  float v[kChannelsPerThread] = {};
+  if (valid) load_channels(x + chunk * kChannelsPerThread, v);
+  // Every lane takes part in the cast's shuffles: a group's 8 lanes are all
+  // valid or all past the end (casting zeros), since num_chunks is a
+  // multiple of 8.
+  uint32_t q[kChannelsPerThread / 4];
+  const float scale = fp8_cast_group<kThreadsPerGroup>(v, kUe8m0 || round_scale, q);
+  if (valid) reinterpret_cast<uint4*>(out)[chunk] = make_uint4(q[0], q[1], q[2], q[3]);
 
   const int64_t group = chunk / kThreadsPerGroup;
   if constexpr (kUe8m0) {
