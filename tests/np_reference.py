@@ -188,7 +188,8 @@ def fp8_edge_rows(rng, t, h, finite=False):
         np.zeros(128, np.float32),
         np.full(128, -0.0, np.float32),
         rng.standard_normal(128).astype(np.float32) * np.float32(1e-39),   # float32 denormals only
-        np.concatenate([[np.float32(3.0)], rng.standard_normal(127).astype(np.float32) * np.float32(1e-3)]),
+        np.concatenate([[np.float32(3.0)], np.float32(3.0 / 448 / 512) * np.arange(-7, 8, dtype=np.float32),
+                        rng.standard_normal(112).astype(np.float32) * np.float32(1e-3)]),  # e4m3 subnormals
         np.concatenate([[np.float32(1e30)], rng.standard_normal(127).astype(np.float32) * np.float32(1e-39)]),
         np.full(128, 448.0, np.float32) * np.where(rng.random(128) < 0.5, -1, 1).astype(np.float32),
         np.float32(7.0) * rng.choice([1.0, 0.999, 1.001, 0.5, -0.0625], 128).astype(np.float32),
