@@ -12,17 +12,13 @@
 // the barrier kernel (one block) ever waits, so kernels of many ranks sharing
 // one GPU cannot starve each other.
 //
-// Registered buffer of each rank:
-//   [0, kSignalBytes)               Signals: epoch counter, one arrival
-//                                   slot per peer, the abort word and the
-//                                   call signatures (docs/faults.md)
-//   [kSignalBytes, +kWorkspaceBytes) workspace: routing prefix sums (local
-//                                   only) in the first 64 KiB, then the
-//                                   combine's chunk flags (read by peers)
-//   then two staging halves; call n uses half (n % 2). A rank stages call n
-//   only after the barrier of call n-1, which every peer passed after it
-//   finished reading call n-2 (the same half), so staging is never overwritten
-//   while a peer reads it.
+// Registered buffer of each rank (cuda/workspace.cuh has the map): the
+// signal block (epoch counter, one arrival slot per peer, the abort word and
+// the call signatures, docs/faults.md), the workspace (routing prefix sums,
+// local only, then the combine's flags, read by peers), then two staging
+// halves; call n uses half (n % 2). A rank stages call n only after the
+// barrier of call n-1, which every peer passed after it finished reading call
+// n-2 (the same half), so staging is never overwritten while a peer reads it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,25 +30,12 @@
 #include "serial.cuh"
 #include "sync.cuh"
 #endif
+#include "workspace.cuh"
 
 namespace jax_ep {
 namespace intranode {
 
-inline constexpr int kMaxRanks = 64;
 inline constexpr int kMaxTopk = 16;
-inline constexpr std::size_t kSignalBytes = 4096;
-// Workspace: routing prefix sums first (local only), then the combine's
-// protocol words at fixed offsets (never inside a staging half, whose contents
-// depend on the shapes of earlier calls and could otherwise pass for a flag).
-inline constexpr std::size_t kChunkFlagOffset = 64 * 1024;    // [2][kMaxChunks]
-inline constexpr std::size_t kRingFlagOffset = 96 * 1024;     // [2][kMaxRanks][kMaxRingChunks]
-inline constexpr std::size_t kProgressOffset = 128 * 1024;    // [kMaxCombineBlocks]
-inline constexpr std::size_t kRegionStartOffset = 132 * 1024; // [2][kMaxRanks]
-inline constexpr std::size_t kWorkspaceBytes = 144 * 1024;
-inline constexpr int kMaxChunks = 2048;
-inline constexpr int kMaxRingChunks = 32;
-inline constexpr int kMaxCombineBlocks = 512;
-inline constexpr std::size_t kAlign = 256;
 
 __host__ __device__ inline std::size_t align_up(std::size_t v, std::size_t a) {
   return (v + a - 1) / a * a;
@@ -324,7 +307,7 @@ __device__ __forceinline__ void publish_signature(const PeerTable& peers, int ki
 #endif
 
 __host__ __device__ inline char* staging_half(char* base, int half, std::size_t half_bytes) {
-  return base + kSignalBytes + kWorkspaceBytes + static_cast<std::size_t>(half) * half_bytes;
+  return base + workspace::kStagingOffset + static_cast<std::size_t>(half) * half_bytes;
 }
 
 // Offsets inside one staging half for a dispatch of T tokens, K slots, R
@@ -358,21 +341,21 @@ __host__ __device__ inline unsigned long long* workspace_words(char* base, std::
 // serial and a value.
 // Full-staging combine: flag of chunk k of a rank's staging (serial_word(epoch, 0)).
 __host__ __device__ inline unsigned long long* chunk_flags(char* base, int half) {
-  return workspace_words(base, kChunkFlagOffset) + static_cast<std::size_t>(half) * kMaxChunks;
+  return workspace_words(base, workspace::kChunkFlags) + static_cast<std::size_t>(half) * kMaxChunks;
 }
 // Ring combine, all in the owner's buffer: flag of each ring chunk of the
 // ring from `source` (serial_word(epoch, chunk index)), ...
 __host__ __device__ inline unsigned long long* ring_flags(char* base, int half, int source) {
-  return workspace_words(base, kRingFlagOffset) +
+  return workspace_words(base, workspace::kRingFlags) +
          (static_cast<std::size_t>(half) * kMaxRanks + source) * kMaxRingChunks;
 }
 // ... the next token each of the owner's reducer blocks will sum (serial_word(epoch, token)), ...
 __host__ __device__ inline unsigned long long* reduce_progress(char* base) {
-  return workspace_words(base, kProgressOffset);
+  return workspace_words(base, workspace::kProgress);
 }
 // ... and where the owner's rows start in each source's y (serial_word(epoch, row)).
 __host__ __device__ inline unsigned long long* region_starts(char* base, int half) {
-  return workspace_words(base, kRegionStartOffset) + static_cast<std::size_t>(half) * kMaxRanks;
+  return workspace_words(base, workspace::kRegionStarts) + static_cast<std::size_t>(half) * kMaxRanks;
 }
 
 // Staging of a combine (or any pull of C rows of `row_bytes`).

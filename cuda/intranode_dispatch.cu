@@ -190,6 +190,9 @@ struct RouteWorkspace {
   __device__ int* group_count(int E) { return data + 2 * E; }
   __device__ int* src_base(int E) { return data + 3 * E; }
 };
+// group_start, prefix_me, group_count ([E] each) and src_base ([R][E/R]).
+static_assert(offsetof(RouteWorkspace, data) + 4 * kMaxExperts * sizeof(int) <= workspace::kRouteBytes,
+              "RouteWorkspace must fit its workspace region");
 
 __device__ __forceinline__ const int* peer_ints(const PeerTable& peers, int s, int half,
                                                 std::size_t offset) {
@@ -439,7 +442,7 @@ cudaError_t launch_dispatch(const PeerTable& peers, const DispatchArgs& args,
   const int R = peers.num_ranks, T = args.num_tokens, C = args.capacity;
   const DispatchStaging layout =
       DispatchStaging::make(T, args.num_topk, R, args.num_experts, parts.row_bytes());
-  auto* ws = reinterpret_cast<RouteWorkspace*>(peers.base[peers.rank] + kSignalBytes);
+  auto* ws = reinterpret_cast<RouteWorkspace*>(peers.base[peers.rank] + kSignalBytes + workspace::kRoute);
 
   stage_routing_kernel<<<R + args.num_experts, kScanThreads, 0, cfg.stream>>>(
       peers, args, layout, out.is_token_in_rank);

@@ -9,7 +9,7 @@ namespace jax_ep {
 namespace low_latency {
 
 std::vector<unsigned long long> fresh_header(unsigned long long start) {
-  std::vector<unsigned long long> words((intranode::kSignalBytes + intranode::kWorkspaceBytes) / 8, 0);
+  std::vector<unsigned long long> words(workspace::kStagingOffset / 8, 0);
   auto* signals = reinterpret_cast<Signals*>(words.data());
   signals->epoch = start;
   for (auto& a : signals->arrived) a = start;
@@ -22,8 +22,7 @@ std::vector<unsigned long long> fresh_header(unsigned long long start) {
 }
 
 std::size_t buffer_bytes(const Shape& s, int num_ranks) {
-  return intranode::kSignalBytes + intranode::kWorkspaceBytes + 2 * Layout::make(s, num_ranks).half_bytes +
-         intranode::kAlign;
+  return workspace::kStagingOffset + 2 * Layout::make(s, num_ranks).half_bytes + intranode::kAlign;
 }
 
 }  // namespace low_latency

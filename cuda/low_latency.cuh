@@ -76,31 +76,11 @@ struct Shape {
   }
 };
 
-// Count slots and flags sit at fixed offsets of the buffer's workspace, not
-// in the shape-dependent halves, so a call with other shapes never reads an
-// earlier call's payload as a count. Their values carry the call number.
-inline constexpr std::size_t kCountSlots = 2048;  // >= (E/R) * R
-
-// The low-latency map of a buffer's workspace: byte offsets after the signal
-// block (intranode::kSignalBytes), one region each, never overlapping.
-namespace workspace {
-inline constexpr std::size_t kDispatchCounts = 0;         // u64 [2][kCountSlots]: dispatch_counts
-inline constexpr std::size_t kCombineFlags = 32 * 1024;   // u64 [2][kMaxRanks]: combine_flags
-inline constexpr std::size_t kPullFlags = 34 * 1024;      // u64 [2][kMaxRanks]: pull_flags
-inline constexpr std::size_t kCombineDone = 36 * 1024;    // u64 [2][kMaxRanks]: combine_done
-inline constexpr std::size_t kReceivedCounts = 40 * 1024; // int [kCountSlots]: received_counts
-inline constexpr std::size_t kSentMarks = 60 * 1024;      // u64 [2]: sent_mark
-inline constexpr std::size_t kPullCounts = 64 * 1024;     // u64 [2][kCountSlots]: pull_counts
-inline constexpr std::size_t kEnd = kPullCounts + 2 * kCountSlots * 8;
-static_assert(kDispatchCounts + 2 * kCountSlots * 8 <= kCombineFlags, "dispatch counts overlap combine flags");
-static_assert(kCombineFlags + 2 * intranode::kMaxRanks * 8 <= kPullFlags, "combine flags overlap pull flags");
-static_assert(kPullFlags + 2 * intranode::kMaxRanks * 8 <= kCombineDone, "pull flags overlap combine done");
-static_assert(kCombineDone + 2 * intranode::kMaxRanks * 8 <= kReceivedCounts, "combine done overlaps received counts");
-static_assert(kReceivedCounts + kCountSlots * 4 <= kSentMarks, "received counts overlap the sent marks");
-static_assert(kSentMarks + 2 * 8 <= kPullCounts, "sent marks overlap pull counts");
-static_assert(kEnd <= intranode::kWorkspaceBytes, "the low-latency words must fit the workspace");
-}  // namespace workspace
-
+// Count slots and flags sit at fixed offsets of the buffer's workspace
+// (cuda/workspace.cuh: workspace::kDispatchCounts and the rest, sized by
+// kCountSlots >= (E/R) * R), not in the shape-dependent halves, so a call with
+// other shapes never reads an earlier call's payload as a count. Their values
+// carry the call number.
 __host__ __device__ inline unsigned long long* dispatch_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + workspace::kDispatchCounts) +
          half * kCountSlots;

@@ -81,9 +81,10 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
   const int R = buf->num_ranks();
   if (K < 1 || K > intranode::kMaxTopk) return invalid_argument(target, "num_topk must be in [1, 16]");
-  if (num_experts < R || num_experts % R != 0 || num_experts > 1024) {
+  if (num_experts < R || num_experts % R != 0 || num_experts > intranode::kMaxExperts) {
     return invalid_argument(target, "num_experts must be a positive multiple of the rank count " + std::to_string(R) +
-                                        " and at most 1024, got " + std::to_string(num_experts));
+                                        " and at most " + std::to_string(intranode::kMaxExperts) + ", got " +
+                                        std::to_string(num_experts));
   }
   if (expert_alignment < 1 || !fits_int(expert_alignment)) {
     return invalid_argument(target, "expert_alignment must be a positive int, got " + std::to_string(expert_alignment));

@@ -61,7 +61,7 @@ IntranodeBuffer::IntranodeBuffer(int device, int rank, int num_ranks, std::size_
     throw std::invalid_argument("jax_ep runtime: need 0 <= rank < num_ranks <= 64, got rank " +
                                 std::to_string(rank) + " of " + std::to_string(num_ranks));
   }
-  const std::size_t minimum = intranode::kSignalBytes + intranode::kWorkspaceBytes + 2 * intranode::kAlign;
+  const std::size_t minimum = workspace::kMinBufferBytes;
   if (num_bytes < minimum) {
     throw std::invalid_argument("jax_ep runtime: num_bytes must be at least " +
                                 std::to_string(minimum));
@@ -326,8 +326,7 @@ bool IntranodeBuffer::ready() const {
 }
 
 std::size_t IntranodeBuffer::staging_half_bytes() const {
-  const std::size_t rest = num_bytes_ - intranode::kSignalBytes - intranode::kWorkspaceBytes;
-  return rest / 2 / intranode::kAlign * intranode::kAlign;
+  return workspace::staging_half_bytes(num_bytes_);
 }
 
 intranode::PeerTable IntranodeBuffer::peer_table() const {
