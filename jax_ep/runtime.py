@@ -467,7 +467,8 @@ def intranode_buffer_bytes(
         C.row_staging_bytes(num_tokens, row),
         C.row_staging_bytes(num_ranks * combine_ring_rows, row),
     )
-    return int(C.intranode_overhead_bytes + 2 * half + 512)
+    ws = C.workspace_map  # cuda/workspace.cuh: signal block and workspace, then the two halves
+    return int(ws["staging_offset"] + 2 * half + 2 * ws["staging_align"])
 
 
 def low_latency_buffer_bytes(

@@ -256,3 +256,39 @@ def test_combine_zero_copy_option_is_checked():
     assert jax_ep.LowLatencyOptions().combine_zero_copy is True
     with pytest.raises(TypeError, match="combine_zero_copy must be True or False"):
         jax_ep.LowLatencyOptions(combine_zero_copy=1)
+
+
+@needs_extension
+def test_workspace_map_is_one_layout_for_both_modes_and_the_docs():
+    """cuda/workspace.cuh as the extension exports it: regions of one mode
+    disjoint and inside the workspace, the staging halves after it, the
+    Python sizes built on it, and docs/architecture.md's table the same."""
+    import os
+    import re
+
+    from jax_ep.runtime import intranode_buffer_bytes, low_latency_buffer_bytes
+
+    ws = _extension._C.workspace_map
+    assert ws["staging_offset"] == ws["signal_bytes"] + ws["workspace_bytes"]
+    assert ws["staging_offset"] % ws["staging_align"] == 0
+    assert ws["min_buffer_bytes"] == ws["staging_offset"] + 2 * ws["staging_align"]
+    regions = ws["regions"]
+    for name, (mode, offset, size) in regions.items():
+        assert mode in ("normal", "low_latency") and offset % 8 == 0 and offset + size <= ws["workspace_bytes"], name
+        for other, (mode2, offset2, size2) in regions.items():
+            if other != name and mode2 == mode:
+                assert offset + size <= offset2 or offset2 + size2 <= offset, (name, other)
+
+    # Python's sizes: the map's staging offset, two halves, the alignment slack.
+    C = _extension._C
+    half = max(C.dispatch_staging_bytes(64, 4, 8, 64, 7168 * 2), C.row_staging_bytes(512, 7168 * 2),
+               C.row_staging_bytes(64, 7168 * 2), C.row_staging_bytes(8 * 64, 7168 * 2))
+    assert intranode_buffer_bytes(64, 7168, 8, 4, 64) == ws["staging_offset"] + 2 * half + 2 * ws["staging_align"]
+    assert low_latency_buffer_bytes(128, 7168, 8, 8, 64) > ws["min_buffer_bytes"]
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "architecture.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `(\w+)` \| (normal|low latency) \| (\d+)( KiB)? \| (\d+)( KiB)? \|", f.read(), re.M)
+    kib = lambda n, unit: int(n) * (1024 if unit else 1)  # noqa: E731
+    documented = {name: (mode.replace(" ", "_"), kib(o, ou), kib(b, bu)) for name, mode, o, ou, b, bu in rows}
+    assert documented == {name: tuple(v) for name, v in regions.items()}

@@ -2,6 +2,7 @@
 //
 //   registrations()   dict target name -> PyCapsule of the handler
 //   cuda_arch_list()  CUDA architectures the kernels were compiled for
+//   workspace_map     the registered buffer's map (cuda/workspace.cuh)
 //   __version__       package version the module was built from
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -33,6 +34,23 @@ namespace {
 template <typename Fn>
 nb::capsule handler_capsule(Fn* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+// cuda/workspace.cuh as a dict: the sizes, and each workspace region's
+// (mode, offset after the signal block, bytes).
+nb::dict workspace_map() {
+  namespace ws = jax_ep::workspace;
+  nb::dict map, regions;
+  map["signal_bytes"] = jax_ep::intranode::kSignalBytes;
+  map["workspace_bytes"] = jax_ep::intranode::kWorkspaceBytes;
+  map["staging_offset"] = ws::kStagingOffset;
+  map["staging_align"] = jax_ep::intranode::kAlign;
+  map["min_buffer_bytes"] = ws::kMinBufferBytes;
+  for (const ws::Region& r : ws::kRegions) {
+    regions[r.name] = nb::make_tuple(r.mode == 0 ? "normal" : "low_latency", r.offset, r.bytes);
+  }
+  map["regions"] = regions;
+  return map;
 }
 
 nb::dict registrations() {
@@ -235,8 +253,7 @@ NB_MODULE(_C, m) {
         nb::arg("num_tokens"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("num_experts"),
         nb::arg("hidden"), nb::arg("payload"), nb::arg("num_ranks"),
         "Bytes a low-latency buffer needs for calls of these shapes.");
-  m.attr("intranode_overhead_bytes") =
-      jax_ep::intranode::kSignalBytes + jax_ep::intranode::kWorkspaceBytes;
+  m.attr("workspace_map") = workspace_map();
   m.def("cuda_arch_list", &cuda_arch_list,
         "CUDA architectures the kernels were compiled for, e.g. ['90a'].");
 }
