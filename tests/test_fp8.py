@@ -127,3 +127,25 @@ def test_cast_back_pair_errors():
         jax_ep.per_token_cast_back(q)
     with pytest.raises(TypeError, match=r"options must be a jax_ep.FP8Options"):
         jax_ep.per_token_cast_back(q, s, "ue8m0")
+
+
+@pytest.mark.parametrize("opts", _OPTS)
+def test_entry_point_checks_hold_for_the_reference(rng, opts):
+    """tests/fp8_entry_points.py, which the GPU tests run on every CUDA cast,
+    run with the xla backend on finite edge rows: its row bookkeeping and its
+    numpy expectations hold for the reference."""
+    import fp8_entry_points as fep
+
+    q, s, want_q, want_s = fep.cast_op(rng, jnp.bfloat16, opts, "xla", finite=True)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(q, want_q)
+    m = fep.DISPATCH_SHAPE[1]
+    q, s, want_q, want_s = fep.ll_dispatch(rng, jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=opts),
+                                           finite=True)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(q, want_q)
+    if opts == jax_ep.FP8Options():
+        m = fep.COMBINE_SHAPE[1]
+        got, want = fep.ll_combine_fp8(rng, jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m,
+                                                                      combine_fp8=True), finite=True)
+        np.testing.assert_array_equal(got, want)  # (the reference may keep a -0 the kernel sums to +0)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import jax_ep
 from jax_ep import _extension
+import fp8_entry_points
 import np_reference as npr
 from conftest import random_routing
 
@@ -67,40 +68,36 @@ def test_fp8_cast_kernel_bitwise(rng, dtype, opts, shape):
 _FP8_OPTS = [jax_ep.FP8Options(), jax_ep.FP8Options(round_scale=True), jax_ep.FP8Options(use_ue8m0=True)]
 
 
-def _assert_same_bytes(got_q, got_s, want_q, want_s, what):
-    """FP8 bytes and scales (float32 bit patterns, or packed UE8M0 words) equal."""
-    np.testing.assert_array_equal(np.asarray(got_s).view(np.uint32), np.asarray(want_s).view(np.uint32),
-                                  err_msg=f"{what}: scales")
-    np.testing.assert_array_equal(np.asarray(got_q).view(np.uint8), want_q, err_msg=f"{what}: e4m3 bytes")
-
-
 # Every CUDA FP8 cast (cuda/fp8.cuh's one group cast) on the edge cases of
-# np_reference.fp8_edge_rows, byte for byte against np_reference.fp8_cast
-# (itself checked against jax_ep.reference.fp8 on the CPU, tests/test_fp8.py).
+# np_reference.fp8_edge_rows (NaN and inf included), byte for byte against
+# np_reference.fp8_cast (itself checked against jax_ep.reference.fp8 on the
+# CPU, as is tests/fp8_entry_points.py's logic: tests/test_fp8.py).
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("opts", _FP8_OPTS)
 def test_fp8_cast_op_edge_cases_bitwise(rng, dtype, opts):
     """The standalone op (cuda/fp8.cu): 8 lanes per group."""
-    x = npr.fp8_edge_rows(rng, 40, 2048)
-    if dtype == jnp.float32:  # values BF16 cannot hold too
-        x[20:] += rng.standard_normal((20, 2048)).astype(np.float32) * np.float32(1e-6) * np.abs(x[20:])
-    q, s = jax.jit(lambda v: jax_ep.per_token_cast_to_fp8(v, opts, backend="cuda"))(jnp.asarray(x, dtype))
-    _assert_same_bytes(q, s, *npr.fp8_cast(x, opts.round_scale, opts.use_ue8m0), "per_token_cast_to_fp8")
+    q, s, want_q, want_s = fp8_entry_points.cast_op(rng, dtype, opts, "cuda")
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(q, want_q)
 
 
-def _one_rank_low_latency(m, h, k, e, fp8, **options):
-    """A one-rank group on the first GPU, its one-device "ep" mesh and
-    LowLatencyOptions over it (the caller destroys the group)."""
+@contextlib.contextmanager
+def _one_rank_low_latency(shape, **options):
+    """LowLatencyOptions over a one-rank group on the first GPU sized for
+    `shape` (T, M, K, E, H), destroyed on exit."""
     from jax_ep.runtime import IntranodeRuntime, low_latency_buffer_bytes
 
+    _, m, k, e, h = shape
     dev = jax.devices()[0].local_hardware_id or 0
-    group = IntranodeRuntime.create_group([dev], low_latency_buffer_bytes(m, h, 1, k, e, fp8), timeout_s=20.0)
-    mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
-    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, fp8=fp8, backend="cuda", num_sms=4,
-                                    buffer_id=group.buffer_id, **options)
-    return group, mesh, opts
+    nbytes = low_latency_buffer_bytes(m, h, 1, k, e, options.get("fp8"))
+    group = IntranodeRuntime.create_group([dev], nbytes, timeout_s=20.0)
+    try:
+        yield jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m, backend="cuda", num_sms=4,
+                                       buffer_id=group.buffer_id, **options)
+    finally:
+        group.destroy()
 
 
 @pytest.mark.parametrize("pull", [True, False], ids=["pull", "push"])
@@ -109,73 +106,20 @@ def test_low_latency_dispatch_fp8_edge_cases_bitwise(rng, pull, opts):
     """The low-latency dispatch's casts: the pulled stage (a half-warp per
     group, cuda/low_latency_pull.cu) and the push send (a warp per group,
     cuda/low_latency_dispatch.cu). Each received row is its token's cast."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    t, m, k, e, h = 24, 32, 2, 8, 2048
-    group, mesh, lo = _one_rank_low_latency(m, h, k, e, opts, dispatch_pull=pull)
-    try:
-        x = npr.fp8_edge_rows(rng, t, h)
-        idx = random_routing(rng, 1, t, k, e, mask_prob=0.05)[0]
-        xs, ids = (jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep")))
-                   for a in (x.astype(jnp.bfloat16), idx))
-
-        def body(x, i):
-            o = jax_ep.low_latency_dispatch(x, i, num_experts=e, axis_name="ep", options=lo)
-            return o.recv_x, o.handle.recv_src_rank, o.handle.recv_src_token
-
-        (q, s), src_rank, src_token = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"),
-                                                            out_specs=P("ep")))(xs, ids)
-        want_q, want_s = npr.fp8_cast(x, opts.round_scale, opts.use_ue8m0)
-        valid = np.asarray(src_rank) >= 0
-        tokens = np.asarray(src_token)[valid]
-        assert len(tokens) == (idx >= 0).sum()
-        _assert_same_bytes(np.asarray(q)[valid], np.asarray(s)[valid], want_q[tokens], want_s[tokens],
-                           "low-latency dispatch " + ("pull" if pull else "push"))
-    finally:
-        group.destroy()
+    with _one_rank_low_latency(fp8_entry_points.DISPATCH_SHAPE, fp8=opts, dispatch_pull=pull) as options:
+        q, s, want_q, want_s = fp8_entry_points.ll_dispatch(rng, options)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(q, want_q)
 
 
 def test_low_latency_combine_fp8_rows_edge_cases_bitwise(rng):
-    """combine_fp8 (cuda/low_latency_combine.cu's send: a half-warp per
-    group): with one slot per token and weight 1 the combined token is
-    bf16(float32(scale * e4m3) + 0), which pins every cast byte (an e4m3 step
-    is far above a BF16 rounding)."""
-    import ml_dtypes
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    t, m, k, e, h = 24, 24, 1, 8, 2048
-    group, mesh, lo = _one_rank_low_latency(m, h, k, e, None, combine_fp8=True)
-    try:
-        x = rng.standard_normal((t, h)).astype(np.float32)
-        idx = (np.arange(t) % e).astype(np.int32)[:, None]  # expert ee's valid rows: 0, 1, 2
-        y = rng.standard_normal((e, m, h)).astype(np.float32)  # the expert outputs, edge cases in the valid rows
-        y[:, : t // e] = npr.fp8_edge_rows(rng, t, h).reshape(e, t // e, h)
-        w = np.ones((t, k), np.float32)
-        put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("ep")))  # noqa: E731
-
-        def body(x, i, y, w):
-            o = jax_ep.low_latency_dispatch(x, i, num_experts=e, axis_name="ep", options=lo)
-            return jax_ep.low_latency_combine(y, w, o.handle), o.handle.recv_src_rank, o.handle.recv_src_token
-
-        out, src_rank, src_token = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(
-            put(x.astype(jnp.bfloat16)), put(idx), put(y.astype(jnp.bfloat16)), put(w))
-        src_rank, src_token = np.asarray(src_rank), np.asarray(src_token)
-        want = np.zeros((t, h), np.float32)
-        rows = [(ee, j) for ee in range(e) for j in range(m) if src_rank[ee, j] >= 0]
-        assert len(rows) == t
-        q, sc = npr.fp8_cast(np.stack([y[ee, j] for ee, j in rows]))
-        f = q.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            summed = (np.repeat(sc, 128, axis=1) * f).astype(np.float32) + np.float32(0)
-        for n, (ee, j) in enumerate(rows):
-            want[src_token[ee, j]] = summed[n]
-        got = np.asarray(out).astype(np.float32)
-        want = want.astype(ml_dtypes.bfloat16).astype(np.float32)
-        nan = np.isnan(want)
-        np.testing.assert_array_equal(np.isnan(got), nan)
-        np.testing.assert_array_equal(np.where(nan, 0, got).view(np.uint32), np.where(nan, 0, want).view(np.uint32))
-    finally:
-        group.destroy()
+    """combine_fp8's rows (cuda/low_latency_combine.cu's send: a half-warp
+    per group), seen through the combine of one slot of weight 1."""
+    with _one_rank_low_latency(fp8_entry_points.COMBINE_SHAPE, combine_fp8=True) as options:
+        got, want = fp8_entry_points.ll_combine_fp8(rng, options)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(np.where(nan, 0, got).view(np.uint32), np.where(nan, 0, want).view(np.uint32))
 
 
 def test_kernels_in_fori_loop(rng):
