@@ -2,10 +2,9 @@
 //
 // Each thread owns 16 consecutive channels of one token (16-byte loads and
 // stores), so the 8 lanes of a 128-channel group cast it together
-// (fp8.cuh's fp8_cast_group<8>), and with UE8M0 the 4 groups of a warp pack
-// their exponents into one int32 word. Only IEEE-rounded float32 operations
-// are used, so results match the float32 reference (jax_ep/reference/fp8.py)
-// bit for bit.
+// (fp8.cuh's fp8_cast_group<8>) and its first lane stores the scale
+// (fp8_store_group_scale). Only IEEE-rounded float32 operations are used, so
+// results match the float32 reference (jax_ep/reference/fp8.py) bit for bit.
 #include "fp8.cuh"
 
 #include "utils.cuh"
@@ -15,9 +14,6 @@ namespace {
 
 constexpr int kChannelsPerThread = 16;
 constexpr int kThreadsPerGroup = kFp8GroupSize / kChannelsPerThread;  // 8
-
-static_assert(kThreadsPerGroup * kUe8m0ScalesPerWord == kWarpSize,
-              "one warp must cover one packed UE8M0 word");
 
 // The float32 whose exponent field is the UE8M0 byte (0 for a zero byte).
 __device__ __forceinline__ float ue8m0_to_float(uint32_t biased_exponent) {
@@ -93,21 +89,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const float scale = fp8_cast_group<kThreadsPerGroup>(v, kUe8m0 || round_scale, q);
   if (valid) reinterpret_cast<uint4*>(out)[chunk] = make_uint4(q[0], q[1], q[2], q[3]);
 
-  const int64_t group = chunk / kThreadsPerGroup;
-  if constexpr (kUe8m0) {
-    // Lanes 0, 8, 16 and 24 hold the scales of the word's 4 groups.
-    const uint32_t exponent = __float_as_uint(scale) >> 23;
-    uint32_t word = 0;
-#pragma unroll
-    for (int j = 0; j < kUe8m0ScalesPerWord; ++j) {
-      word |= __shfl_sync(kFullWarpMask, exponent, j * kThreadsPerGroup) << (8 * j);
-    }
-    if (valid && lane == 0) {
-      static_cast<int32_t*>(scales)[group / kUe8m0ScalesPerWord] =
-          static_cast<int32_t>(word);
-    }
-  } else {
-    if (valid && lane % kThreadsPerGroup == 0) static_cast<float*>(scales)[group] = scale;
+  // The group's first lane stores its scale (fp8.cuh's store: with UE8M0
+  // the exponent byte, byte group % 4 of the packed int32 word).
+  if (valid && lane % kThreadsPerGroup == 0) {
+    fp8_store_group_scale(static_cast<char*>(scales), chunk / kThreadsPerGroup, scale, kUe8m0);
   }
 }
 

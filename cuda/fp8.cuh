@@ -87,8 +87,11 @@ __device__ __forceinline__ uint32_t fp8_cast_group_warp(uint2 raw, bool power_of
 }
 
 // A group's scale as stored: the float, or with UE8M0 its biased exponent
-// byte (the scale is a power of two then, so the byte is exact).
-__device__ __forceinline__ void fp8_store_group_scale(char* scales, int group, float scale, bool ue8m0) {
+// byte (the scale is a power of two then, so the byte is exact; four groups'
+// bytes make the little-endian int32 words of the packed layout). `group`:
+// an int or int64_t index.
+template <typename Index>
+__device__ __forceinline__ void fp8_store_group_scale(char* scales, Index group, float scale, bool ue8m0) {
   if (ue8m0) scales[group] = static_cast<char>((__float_as_uint(scale) >> 23) & 0xffu);
   else reinterpret_cast<float*>(scales)[group] = scale;
 }
