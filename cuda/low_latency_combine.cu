@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads)
           uint32_t q[2];
           const float scale = fp8_cast_group<16>(v, false, q);
           *reinterpret_cast<uint2*>(dst + g * 128 + sub * 8) = make_uint2(q[0], q[1]);
-          if (sub == 0) reinterpret_cast<float*>(dst + s.hidden)[g] = scale;
+          if (sub == 0) fp8_store_group_scale(dst + s.hidden, g, scale, false);
         }
       }
       continue;
