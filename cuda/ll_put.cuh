@@ -18,8 +18,13 @@
 // [token][first top-k slot naming the expert], adding 1 to the owner's
 // (source) word, then the final add per owner; rows for put peers are first
 // copied into this rank's staging (a put source must be symmetric memory).
-// The receive waits for every source's word and sums the rows with the top-k
-// weights in float32 (the arithmetic of low_latency.cu's combine receive).
+// With FP8 rows (Shape::combine_fp8) every row is cast into the staging with
+// fp8.cuh's group cast (values, then a float scale per 128 channels: the
+// pointer path's row). The receive waits for every source's word and sums
+// the rows with the top-k weights in float32 (the arithmetic of
+// low_latency.cu's combine receive), or, for gradients, returns them
+// unsummed [T, K, H] (launch_combine_gather). A dispatch send with per-slot
+// rows (the backward of a combine) stages one message per top-k slot.
 //
 // Call signatures (docs/faults.md). Every send also puts this rank's
 // signature of the call (intranode::CallSignature: op, shapes, options) into

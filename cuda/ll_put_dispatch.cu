@@ -125,7 +125,6 @@ __global__ void __launch_bounds__(kThreads)
     __threadfence_system();  // the staged messages, before any warp's puts read them
     __syncthreads();
     put_token(a, l, half, topk_idx, t, [&](int k) { return msgs + (per_slot ? k * stride : 0); });
-    __syncthreads();  // every put of this token issued before the block builds the next one's (per slot)
   }
 }
 
