@@ -18,8 +18,25 @@
 // [token][first top-k slot naming the expert], adding 1 to the owner's
 // (source) word, then the final add per owner; rows for put peers are first
 // copied into this rank's staging (a put source must be symmetric memory).
-// The receive waits for every source's word and sums the rows with the top-k
-// weights in float32 (the arithmetic of low_latency.cu's combine receive).
+// With FP8 rows (Shape::combine_fp8) every row is cast into the staging with
+// fp8.cuh's group cast (values, then a float scale per 128 channels: the
+// pointer path's row). The receive waits for every source's word and sums
+// the rows with the top-k weights in float32 (the arithmetic of
+// low_latency.cu's combine receive), or, for gradients, returns them
+// unsummed [T, K, H] (launch_combine_gather). A dispatch send with per-slot
+// rows (the backward of a combine) stages one message per top-k slot.
+//
+// Call signatures (docs/faults.md). Every send also puts this rank's
+// signature of the call (intranode::CallSignature: op, shapes, options) into
+// a fixed slot of every peer, [kind][half][source] (kind 0 dispatch, 1
+// combine), with a signal of its own on a fixed word. Fixed: at offsets that
+// no call's shapes move, so a peer that calls with other shapes still lands
+// it where the receiver looks. The receive first waits for each source's
+// signature word, compares the hash with its own call's and, on a
+// difference, records both signatures (kFailMismatch: the host names the
+// first field that differs) and raises the abort; only then does it trust
+// the source's data words. Hash 0 (JAX_EP_CALL_SIGNATURES=0): neither sent
+// nor checked.
 //
 // Calls alternate between two halves (call % 2); a rank writes half h of a
 // peer only after its own receive of the previous call, which needed that
@@ -62,6 +79,13 @@ __host__ __device__ inline std::size_t header_bytes(const Shape& s) {
 __host__ __device__ inline std::size_t message_stride(const Shape& s) {
   return intranode::align_up(header_bytes(s) + s.value_bytes() + (s.fp8() ? s.scale_bytes() : 0), 16);
 }
+// The largest message of these shapes, the BF16 one: the regions are sized
+// by it (and combine rows by BF16 rows), so that calls with other payloads
+// (an FP8 dispatch, then the BF16 dispatch of a backward pass; FP8 combine
+// rows, then BF16) find every half at the same offsets.
+__host__ __device__ inline std::size_t max_message_stride(const Shape& s) {
+  return intranode::align_up(header_bytes(s) + static_cast<std::size_t>(s.hidden) * 2, 16);
+}
 
 inline constexpr int kMaxWords = 2048;  // dispatch signal words per half: (E/R) * R = E
 
@@ -80,23 +104,46 @@ struct Control {
 inline constexpr std::size_t kControlBytes = 256;
 static_assert(sizeof(Control) <= kControlBytes);
 
+// The signature region, after the control words at offsets independent of
+// every call's shapes: words [kind][half][source] (uint64, written by
+// sources), this rank's own record [kind][half] (the put source) and the
+// received records [kind][half][source]. A record is a CallSignature.
+inline constexpr int kSigKinds = 2;  // 0 dispatch, 1 combine
+inline constexpr std::size_t kSigRecordBytes = 64;
+static_assert(sizeof(intranode::CallSignature) <= kSigRecordBytes);
+inline constexpr std::size_t kSigWords = kControlBytes;
+inline constexpr std::size_t kSigOwn = kSigWords + kSigKinds * 2 * transport::kMaxPeers * 8;
+inline constexpr std::size_t kSigRecords = kSigOwn + kSigKinds * 2 * kSigRecordBytes;
+inline constexpr std::size_t kSigEnd = kSigRecords + kSigKinds * 2 * transport::kMaxPeers * kSigRecordBytes;
+__host__ __device__ constexpr std::size_t sig_word(int kind, int half, int src) {
+  return kSigWords + ((static_cast<std::size_t>(kind) * 2 + half) * transport::kMaxPeers + src) * 8;
+}
+__host__ __device__ constexpr std::size_t sig_own(int kind, int half) {
+  return kSigOwn + (static_cast<std::size_t>(kind) * 2 + half) * kSigRecordBytes;
+}
+__host__ __device__ constexpr std::size_t sig_record(int kind, int half, int src) {
+  return kSigRecords + ((static_cast<std::size_t>(kind) * 2 + half) * transport::kMaxPeers + src) * kSigRecordBytes;
+}
+
 // Regions of every rank's symmetric buffer (identical on every rank), each
 // [2] halves; offsets from the buffer's start.
 struct Layout {
   std::size_t dispatch_words, dispatch_words_half;  // [E/R][R] uint64, written by sources
   std::size_t combine_words, combine_words_half;    // [R] uint64, written by expert ranks
-  std::size_t dispatch_stage, dispatch_stage_half;  // [M] messages: this rank's tokens (put source)
+  std::size_t dispatch_stage, dispatch_stage_half;  // [M][K] messages: this rank's tokens (put source;
+                                                    // [t][0] per token, [t][k] per slot)
   std::size_t dispatch_rows, dispatch_rows_half;    // [E/R][R][M] messages, written by sources
-  std::size_t combine_stage, combine_stage_half;    // [E/R][R*M] rows of H bf16: y's rows for put peers
-  std::size_t combine_rows, combine_rows_half;      // [M][K] rows of H bf16, written by expert ranks
+  std::size_t combine_stage, combine_stage_half;    // [E/R][R*M] rows: y's rows for put peers (FP8: all)
+  std::size_t combine_rows, combine_rows_half;      // [M][K] rows, written by expert ranks
   std::size_t total;
 
   __host__ __device__ static Layout make(const Shape& s, int R) {
     using intranode::align_up;
     using intranode::kAlign;
     const std::size_t le = s.local_experts(R), m = s.max_tokens, row = static_cast<std::size_t>(s.hidden) * 2;
+    const std::size_t stride = max_message_stride(s), k = s.num_topk;
     Layout l{};
-    std::size_t o = kControlBytes;
+    std::size_t o = kSigEnd;
     auto region = [&](std::size_t& at, std::size_t& half, std::size_t bytes) {
       at = align_up(o, kAlign);
       half = align_up(bytes, kAlign);
@@ -104,10 +151,10 @@ struct Layout {
     };
     region(l.dispatch_words, l.dispatch_words_half, le * R * 8);
     region(l.combine_words, l.combine_words_half, static_cast<std::size_t>(R) * 8);
-    region(l.dispatch_stage, l.dispatch_stage_half, m * message_stride(s));
-    region(l.dispatch_rows, l.dispatch_rows_half, le * R * m * message_stride(s));
+    region(l.dispatch_stage, l.dispatch_stage_half, m * k * stride);
+    region(l.dispatch_rows, l.dispatch_rows_half, le * R * m * stride);
     region(l.combine_stage, l.combine_stage_half, le * R * m * row);
-    region(l.combine_rows, l.combine_rows_half, m * s.num_topk * row);
+    region(l.combine_rows, l.combine_rows_half, m * k * row);
     l.total = o;
     return l;
   }
@@ -122,6 +169,7 @@ struct Args {
   // direct calls): the pointer path's record and codes, first failure wins.
   intranode::TimeoutRecord* record;
   const bool* rank_mask;          // device bool[R], true: a masked rank (never written to nor waited for); null: none
+  intranode::CallSignature call;  // the call's signature (hash 0: neither sent nor checked)
 };
 
 // Operation codes of the put path's failure records: those of the pointer
@@ -131,12 +179,14 @@ inline constexpr int kOpCombineRecv = 4;
 
 // Bytes of the symmetric buffer for these shapes (both halves of everything).
 std::size_t buffer_bytes(const Shape& s, int num_ranks);
-// Whether these shapes fit the kernels (E <= kMaxWords, K <= kMaxTopk, BF16 combine).
+// Whether these shapes fit the kernels (E <= kMaxWords, K <= kMaxTopk, H % 128 == 0).
 bool supported(const Shape& s, int num_ranks);
 
-// x [T, H] bf16, topk_idx [T, K] int32 (-1 masks a slot).
+// x [T, H] bf16, topk_idx [T, K] int32 (-1 masks a slot). With `per_slot`
+// (BF16 payload only) x is [T, K, H] and each slot sends its own row (the
+// backward of a combine), from the first slot naming its expert.
 cudaError_t launch_dispatch_send(const Args& a, const void* x, const int* topk_idx, int num_blocks,
-                                 cudaStream_t stream);
+                                 cudaStream_t stream, bool per_slot = false);
 // recv_x [E/R, R*M, H] (bf16, or fp8 values); recv_scales [E/R, R*M, G] (fp8
 // only: float32 G = H/128, or UE8M0 bytes packed 4 to an int32); recv_count
 // [E/R]; recv_src_{rank,token,slot} [E/R, R*M] (-1 on padding rows).
@@ -147,8 +197,14 @@ cudaError_t launch_dispatch_recv(const Args& a, void* recv_x, void* recv_scales,
 cudaError_t launch_combine_send(const Args& a, const void* y, const int* recv_src_rank, const int* recv_src_token,
                                 const int* recv_src_slot, int num_blocks, cudaStream_t stream);
 // out [T, H] bf16 = sum_k w[t, k] * row(t, first slot naming topk_idx[t, k]).
+// With shape.combine_fp8 the rows travel as FP8 values and a float scale per
+// 128 channels (fp8.cuh's group cast), dequantized in the sum.
 cudaError_t launch_combine_recv(const Args& a, const int* topk_idx, const float* topk_weights, void* out,
                                 int num_blocks, cudaStream_t stream);
+// out [T, K, H] bf16: row(t, first slot naming topk_idx[t, k]) unsummed, zeros
+// on masked slots (the backward of dispatch and combine; BF16 rows only).
+cudaError_t launch_combine_gather(const Args& a, const int* topk_idx, void* out, int num_blocks,
+                                  cudaStream_t stream);
 // out s32[4] = {code, rank at fault, this rank, op} of the buffer's record,
 // on `stream` after the calls before it (intranode::launch_read_status's
 // encoding; code -1, a record being written, reads as aborted).
@@ -189,10 +245,12 @@ __device__ __forceinline__ void raise_abort(const Args& a, int code) {
 // A call failed here: record it (code, this rank, the peer, op, call) and,
 // unless a peer's abort is what stopped it, raise the abort in every rank.
 // The caller returns; so do the call's later kernels (`block_aborted`).
+// A mismatch passes both signatures (this rank's call, and the peer's record).
 __device__ __forceinline__ void fail(const Args& a, int code, int peer, int op, unsigned long long call,
-                                     unsigned long long seen) {
+                                     unsigned long long seen, const intranode::CallSignature* mine = nullptr,
+                                     const intranode::CallSignature* theirs = nullptr) {
   if (a.record != nullptr) {
-    intranode::record_failure(a.record, code, a.peers.rank, peer, op, call, seen, a.timeout_ns, nullptr, nullptr);
+    intranode::record_failure(a.record, code, a.peers.rank, peer, op, call, seen, a.timeout_ns, mine, theirs);
   }
   if (code != intranode::kFailAborted) raise_abort(a, code);
 }
@@ -237,6 +295,56 @@ __device__ __forceinline__ bool wait_done(const Args& a, const unsigned long lon
     fail(a, intranode::kFailTimeout, peer, op, call, call);
   }
   return false;
+}
+
+// Block 0 of a send, before any of its rows: this rank's signature of the
+// call into its own record of `kind` and `half` (the put source, rewritten
+// two calls later, after delivery), then, one thread per peer that is not
+// skipped, a put of it into the peer's slot [kind][half][this rank] with the
+// final add on the matching signature word. Every thread of the block calls it.
+__device__ __forceinline__ void send_signature(const Args& a, int kind, int half) {
+  if (a.call.hash == 0) return;
+  auto* own = reinterpret_cast<intranode::CallSignature*>(a.peers.local + sig_own(kind, half));
+  if (threadIdx.x == 0) *own = a.call;
+  __threadfence_system();
+  __syncthreads();
+  for (int r = threadIdx.x; r < a.peers.num_ranks; r += blockDim.x) {
+    if (skips(a, r)) continue;
+    transport::thread_put_signal(a.peers, r, sig_record(kind, half, a.peers.rank), own, kSigRecordBytes,
+                                 sig_word(kind, half, a.peers.rank), transport::signal_final_value(0));
+  }
+}
+
+// A receive, for source `src`: wait for its signature of this call, compare
+// it with this call's, and reset the word. False when the wait failed or
+// the signatures differ (recorded, abort raised): the calling thread stops.
+__device__ __forceinline__ bool signature_agrees(const Args& a, int kind, int half, int src, int op,
+                                                 unsigned long long call) {
+  if (a.call.hash == 0) return true;
+  auto* word = reinterpret_cast<unsigned long long*>(a.peers.local + sig_word(kind, half, src));
+  if (!wait_done(a, word, src, op, call)) return false;
+  const auto* theirs = reinterpret_cast<const intranode::CallSignature*>(a.peers.local + sig_record(kind, half, src));
+  const unsigned long long hash = ld_volatile(&theirs->hash);
+  *word = 0;  // read: no source writes it again before this rank's next call of this kind
+  if (hash == a.call.hash) return true;
+  fail(a, intranode::kFailMismatch, src, op, call, hash, &a.call, theirs);
+  return false;
+}
+
+// signature_agrees for every source that is not skipped, a thread per
+// source; the same answer in every thread of the block (which all call it).
+__device__ __forceinline__ bool signatures_agree(const Args& a, int kind, int half, int op, unsigned long long call) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  for (int src = threadIdx.x; src < a.peers.num_ranks; src += blockDim.x) {
+    if (!skips(a, src) && !signature_agrees(a, kind, half, src, op, call)) {
+      failed = 1;
+      break;
+    }
+  }
+  __syncthreads();
+  return failed == 0;
 }
 
 // True in every thread of the block that finished last (and resets the counter).

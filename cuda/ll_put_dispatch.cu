@@ -60,7 +60,28 @@ __device__ int earlier_tokens_naming(const int* topk_idx, int token, int K, int 
   return n;
 }
 
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const __nv_bfloat16* x, const int* topk_idx) {
+// Sends token t's messages, one per expert it names (its first slot naming
+// it), from `msg(k)`: the staged message of slot k.
+template <class Msg>
+__device__ void put_token(const Args& a, const Layout& l, int half, const int* topk_idx, int t, Msg msg) {
+  const Shape& s = a.shape;
+  const int R = a.peers.num_ranks, me = a.peers.rank, K = s.num_topk, le = s.local_experts(R);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int* ids = topk_idx + static_cast<long long>(t) * K;
+  const std::size_t stride = message_stride(s);
+  for (int k = warp; k < K; k += kWarps) {
+    const int e = ids[k];
+    if (e < 0 || !first_slot(ids, k) || detail::skips(a, e / le)) continue;
+    const int index = earlier_tokens_naming(topk_idx, t, K, e, lane);
+    const int dst = e / le, li = e % le;
+    const std::size_t slot = l.dispatch_rows + half * l.dispatch_rows_half +
+                             ((static_cast<std::size_t>(li) * R + me) * s.max_tokens + index) * stride;
+    transport::warp_put_signal(a.peers, dst, slot, msg(k), stride, dispatch_word(l, half, li, me, R), 1, lane);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    dispatch_send_kernel(Args a, const __nv_bfloat16* x, const int* topk_idx, bool per_slot) {
   if (detail::block_aborted(a, kOpDispatchRecv)) return;  // a dead buffer: send nothing
   const Shape s = a.shape;
   const int R = a.peers.num_ranks, me = a.peers.rank, K = s.num_topk, le = s.local_experts(R);
@@ -68,11 +89,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const _
   const int half = static_cast<int>(ld_volatile(&detail::control(a)->dispatch_call) & 1ull);
   const std::size_t stride = message_stride(s);
   char* stage = a.peers.local + l.dispatch_stage + half * l.dispatch_stage_half;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-  // Block 0 first issues every expert's final add: arrival counting needs no
-  // order between it and the rows, so it goes out before them.
+  // Block 0 first sends the call's signature and every expert's final add:
+  // arrival counting needs no order between them and the rows, so they go
+  // out before them.
   if (blockIdx.x == 0) {
+    detail::send_signature(a, 0, half);
     __shared__ int count[kMaxWords];
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) count[e] = 0;
     __syncthreads();
@@ -88,21 +110,21 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(Args a, const _
     }
   }
 
+  // Staging: [t][0] holds token t's message, or per slot [t][k] slot k's.
   for (int t = blockIdx.x; t < s.num_tokens; t += gridDim.x) {
     const int* ids = topk_idx + static_cast<long long>(t) * K;
-    char* msg = stage + t * stride;
-    build_message(s, x + static_cast<long long>(t) * s.hidden, ids, t, msg);
-    __threadfence_system();  // the staged message, before any warp's puts read it
-    __syncthreads();
-    for (int k = warp; k < K; k += kWarps) {
-      const int e = ids[k];
-      if (e < 0 || !first_slot(ids, k) || detail::skips(a, e / le)) continue;
-      const int index = earlier_tokens_naming(topk_idx, t, K, e, lane);
-      const int dst = e / le, li = e % le;
-      const std::size_t slot = l.dispatch_rows + half * l.dispatch_rows_half +
-                               ((static_cast<std::size_t>(li) * R + me) * s.max_tokens + index) * stride;
-      transport::warp_put_signal(a.peers, dst, slot, msg, stride, dispatch_word(l, half, li, me, R), 1, lane);
+    char* msgs = stage + static_cast<std::size_t>(t) * K * stride;
+    if (per_slot) {
+      for (int k = 0; k < K; ++k) {  // uniform across the block
+        if (ids[k] < 0 || !first_slot(ids, k)) continue;
+        build_message(s, x + (static_cast<long long>(t) * K + k) * s.hidden, ids, t, msgs + k * stride);
+      }
+    } else {
+      build_message(s, x + static_cast<long long>(t) * s.hidden, ids, t, msgs);
     }
+    __threadfence_system();  // the staged messages, before any warp's puts read them
+    __syncthreads();
+    put_token(a, l, half, topk_idx, t, [&](int k) { return msgs + (per_slot ? k * stride : 0); });
   }
 }
 
@@ -116,6 +138,9 @@ __global__ void __launch_bounds__(1024) dispatch_wait_kernel(Args a) {
   const Layout l = Layout::make(a.shape, R);
   const unsigned long long call = ld_volatile(&detail::control(a)->dispatch_call);
   const int half = static_cast<int>(call & 1ull);
+  // Each source's signature first: a source that made another call may
+  // have put its rows elsewhere, so its data words are trusted only after.
+  if (!detail::signatures_agree(a, 0, half, kOpDispatchRecv, call + 1)) return;
   for (int i = threadIdx.x; i < le * R; i += blockDim.x) {
     if (detail::skips(a, i % R)) continue;
     const auto* word = reinterpret_cast<const unsigned long long*>(a.peers.local + dispatch_word(l, half, i / R, i % R, R));
@@ -213,14 +238,15 @@ std::size_t buffer_bytes(const Shape& s, int num_ranks) { return Layout::make(s,
 
 bool supported(const Shape& s, int num_ranks) {
   return num_ranks >= 1 && num_ranks <= transport::kMaxPeers && s.num_experts % num_ranks == 0 &&
-         s.num_experts <= kMaxWords && s.num_topk <= intranode::kMaxTopk && !s.combine_fp8 &&
-         s.num_tokens <= s.max_tokens && s.hidden % 128 == 0;
+         s.num_experts <= kMaxWords && s.num_topk <= intranode::kMaxTopk && s.num_tokens <= s.max_tokens &&
+         s.hidden % 128 == 0;
 }
 
 cudaError_t launch_dispatch_send(const Args& a, const void* x, const int* topk_idx, int num_blocks,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, bool per_slot) {
+  if (per_slot && a.shape.fp8()) return cudaErrorInvalidValue;  // per-slot rows are BF16
   const int blocks = std::max(1, std::min(num_blocks, a.shape.num_tokens));
-  dispatch_send_kernel<<<blocks, kThreads, 0, stream>>>(a, static_cast<const __nv_bfloat16*>(x), topk_idx);
+  dispatch_send_kernel<<<blocks, kThreads, 0, stream>>>(a, static_cast<const __nv_bfloat16*>(x), topk_idx, per_slot);
   return cudaGetLastError();
 }
 

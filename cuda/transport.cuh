@@ -106,6 +106,23 @@ __device__ __forceinline__ void warp_put_signal(const Peers& p, int peer, std::s
                                   peer);
 }
 
+// One thread's warp_put_signal: `bytes` (a multiple of 16, a few of them)
+// from `src` to `offset` of `peer`'s copy, then `add` on the signal word.
+__device__ __forceinline__ void thread_put_signal(const Peers& p, int peer, std::size_t offset, const void* src,
+                                                  std::size_t bytes, std::size_t signal_offset,
+                                                  unsigned long long add) {
+  if (p.path[peer] == PeerPath::kPointer) {
+    auto* to = reinterpret_cast<int4*>(p.mapped[peer] + offset);
+    const auto* from = reinterpret_cast<const int4*>(src);
+    for (std::size_t v = 0; v < bytes / 16; ++v) to[v] = from[v];
+    __threadfence_system();
+    red_add_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), add);
+    return;
+  }
+  nvshmem_putmem_signal_nbi(p.local + offset, src, bytes, reinterpret_cast<std::uint64_t*>(p.local + signal_offset),
+                            add, NVSHMEM_SIGNAL_ADD, peer);
+}
+
 // One thread adds `value` to the signal word at `signal_offset` of `peer`'s
 // copy, unordered with this rank's earlier rows (arrival counting does not
 // need an order).

@@ -361,8 +361,3 @@ def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOp
             f"jax_ep: low_latency.backend='cuda' with {where} needs ll_transport='nvshmem' (peers in another node "
             f"are reached by NVSHMEM puts), got ll_transport={ll_transport!r}"
         )
-    if low_latency.combine_fp8:
-        raise NotImplementedError(
-            f"jax_ep: LowLatencyOptions(combine_fp8=True) with {where}: the put path's combine returns BF16 rows; "
-            f"use combine_fp8=False"
-        )

@@ -381,12 +381,12 @@ def ll_gather_back(y: jax.Array, handle) -> jax.Array:
     first slot naming its expert), zeros on masked slots. A combine without
     the sum: the rows travel back as in ``ll_combine``."""
     spec = handle.spec
-    if _put_path(spec):
-        _put_ops().no_gradient("ll_gather_back")
     if spec.options.combine_fp8:  # the unsummed rows travel as BF16
         spec = dataclasses.replace(spec, options=dataclasses.replace(spec.options, combine_fp8=False))
         handle = dataclasses.replace(handle, spec=spec)
     token = ll_combine_send(y.astype(jnp.bfloat16), handle)
+    if _put_path(spec):
+        return _put_ops().ll_combine_gather(token, handle).astype(jnp.float32)
     call = jax.ffi.ffi_call(
         "jax_ep_ll_combine_gather_recv",
         jax.ShapeDtypeStruct((spec.num_tokens, spec.num_topk, spec.hidden), jnp.bfloat16), **_COMM
@@ -402,8 +402,6 @@ def ll_scatter_out(v: jax.Array, handle) -> jax.Array:
     travels like a BF16 low-latency dispatch (one row per slot instead of one
     per token). Padding rows are zero."""
     spec = handle.spec
-    if _put_path(spec):
-        _put_ops().no_gradient("ll_scatter_out")
     idx = handle.topk_idx
     same = (idx[:, :, None] == idx[:, None, :]).astype(jnp.float32)  # [T, K, K]
     rows = jnp.einsum("tkj,tjh->tkh", same, v.astype(jnp.float32), precision="highest").astype(jnp.bfloat16)

@@ -89,7 +89,8 @@ class PutRuntime:
 def error_from_put_record(record: dict) -> faults.CommunicationError | None:
     """The ``CommunicationError`` of a put buffer's failure record
     (``jax_ep._nvshmem.put_buffer_failure``: code, rank, peer, op, call,
-    peer_call, seconds), or None when its code is 0. The record is the
+    peer_call, seconds, and a mismatch's signatures ``mine`` / ``theirs``),
+    or None when its code is 0. The record is the
     pointer path's, and so is the message (``jax_ep._C.failure_message``)."""
     code = int(record.get("code", 0))
     if code == 0:
@@ -100,7 +101,8 @@ def error_from_put_record(record: dict) -> faults.CommunicationError | None:
 
         record["message"] = _C.failure_message(
             code, int(record.get("rank", -1)), int(record.get("peer", -1)), int(record.get("op", -1)),
-            int(record.get("call", 0)), int(record.get("peer_call", 0)), [], [],
+            int(record.get("call", 0)), int(record.get("peer_call", 0)), list(record.get("mine", ())),
+            list(record.get("theirs", ())),
             seconds=float(record.get("seconds", 0.0)))
     else:  # -1: a kernel is still writing it
         record["message"] = "jax_ep: a kernel is recording a failure (put path)"

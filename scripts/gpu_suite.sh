@@ -159,6 +159,12 @@ step put_stopped_rank_2x1 "$OUT/put_stopped_rank_2x1.log" \
 step put_stopped_rank_2x2 "$OUT/put_stopped_rank_2x2.log" \
   timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 4 2
 step mismatch "$OUT/mismatch.log" timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 2
+# The same on the low-latency put path (signatures over puts): R = 2 in two
+# virtual nodes, R = 4 in nodes of two (a store to one peer, puts to the others).
+step put_mismatch_2x1 "$OUT/put_mismatch_2x1.log" \
+  timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 2 put 1
+step put_mismatch_2x2 "$OUT/put_mismatch_2x2.log" \
+  timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 4 put 2
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
   step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"

@@ -240,3 +240,46 @@ def dispatch_rounds(idxs, num_experts, capacity, alignment, layout, max_rounds):
     for s in range(r):
         slot_round[s] = np.where(slot_round[s] == -2, rounds - 1, slot_round[s])
     return slot_round, rounds, dropped
+
+
+def ll_combine_grads(xs, idxs, ws, gs, num_experts, max_tokens):
+    """Gradients of ``low_latency_combine(recv_x, w, handle)`` after a
+    low-latency dispatch of ``xs`` whose experts return their input: per
+    rank (d/dy float64 [E/R, R*M, H], d/dw float64 [T, K]) for the output
+    cotangents ``gs`` (float [T, H] per rank). d/dw[t, k] = g[t] . x[t] on a
+    valid slot (its expert's row is the token's), 0 on a masked one; d/dy of
+    a received row: the sum of its token's weights naming that expert, times
+    the token's cotangent; 0 on padding rows."""
+    r = len(xs)
+    le = num_experts // r
+    recv = ll_dispatch(xs, idxs, num_experts, max_tokens)
+    out = []
+    for d in range(r):
+        valid = idxs[d] >= 0
+        gw = np.where(valid, (np.asarray(gs[d], np.float64) * xs[d].astype(np.float64)).sum(1)[:, None], 0.0)
+        src = recv[d]["src"]
+        gy = np.zeros((le, r * max_tokens, xs[0].shape[1]))
+        for loc in range(le):
+            for j in np.nonzero(src[loc, :, 0] >= 0)[0]:
+                s, t = src[loc, j, 0], src[loc, j, 1]
+                gy[loc, j] = ws[s][t][idxs[s][t] == d * le + loc].sum() * np.asarray(gs[s][t], np.float64)
+        out.append((gy, gw))
+    return out
+
+
+def ll_dispatch_grad(idxs, gds, num_experts, max_tokens):
+    """Gradient of ``low_latency_dispatch(x, idx).recv_x`` (BF16) for the
+    cotangents ``gds`` (float [E/R, R*M, H] per rank): per rank float64
+    [T, H], each token's sum of the cotangent rows its messages were packed
+    into (one per distinct expert it names)."""
+    r = len(idxs)
+    le = num_experts // r
+    h = gds[0].shape[-1]
+    fake = [np.zeros((idx.shape[0], 1), np.float32) for idx in idxs]
+    src = [d["src"] for d in ll_dispatch(fake, idxs, num_experts, max_tokens)]
+    out = [np.zeros((idx.shape[0], h)) for idx in idxs]
+    for d in range(r):
+        for loc in range(le):
+            for j in np.nonzero(src[d][loc, :, 0] >= 0)[0]:
+                out[src[d][loc, j, 0]][src[d][loc, j, 1]] += np.asarray(gds[d][loc, j], np.float64)
+    return out

@@ -105,23 +105,101 @@ def test_put_dispatch_fp8_outputs(put_buffer, use_ue8m0, round_scale, payload, s
 
 @needs_extension
 def test_put_path_refusals(put_buffer):
-    """What the put path does not take: FP8 combine rows, H % 128 != 0, gradients."""
+    """What the put path does not take: H % 128 != 0; per-slot rows with an
+    FP8 payload; the gradient of an FP8 dispatch (as on the pointer path)."""
+    from jax_ep import cuda_put_ops
+
     def combine(x, idx, w, opts):
         o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts)
         return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
 
-    with pytest.raises(NotImplementedError, match=r"combine_fp8=True\) is not implemented on the put path"):
-        jax.jit(combine, static_argnums=3).trace(X, IDX, W, _options(combine_fp8=True))
     x8 = jax.ShapeDtypeStruct((T, 136), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"put path needs hidden % 128 == 0, got H=136"):
         jax.jit(combine, static_argnums=3).trace(x8, IDX, W, _options())
+    spec = jax_ep.handle.LowLatencySpec(num_ranks=R, num_experts=E, num_tokens=T, num_topk=K, hidden=H,
+                                        axis_name=None, options=_options(fp8=jax_ep.FP8Options()))
+    with pytest.raises(ValueError, match=r"per-slot rows must be bfloat16 \[T, K, H\].*BF16 dispatch"):
+        cuda_put_ops.ll_dispatch_send(jnp.zeros((T, K, H), jnp.bfloat16), jnp.zeros((T, K), jnp.int32), spec)
+
+    def fp8_loss(x, idx):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=_options(fp8=jax_ep.FP8Options()))
+        return jnp.sum(o.recv_x[0].astype(jnp.float32))
+
+    with pytest.raises(NotImplementedError, match=r"low_latency_dispatch with FP8 has no gradient"):
+        jax.jit(jax.grad(fp8_loss)).trace(X, IDX)
+
+
+@needs_extension
+def test_put_combine_fp8_lowers(put_buffer):
+    """combine_fp8=True over puts: the combine's targets take combine_payload = 1
+    (every target carries it, as on the pointer path), same operands and output."""
+    opts = _options(combine_fp8=True)
+
+    def fn(x, idx, w):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts)
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+
+    lines = _lower(fn, X, IDX, W)
+    for op in PUT_TARGETS:
+        assert "combine_payload = 1 : i64" in _line(lines, f"jax_ep_ll_put_{op}"), op
+    assert f"tensor<{T}x{H}xbf16>" in _line(lines, "jax_ep_ll_put_combine_recv").split("->")[-1]
+    assert not [line for line in lines if "@jax_ep_ll_" in line and "@jax_ep_ll_put_" not in line], lines
+    plain = _lower(lambda x, i, w: jax_ep.low_latency_combine(
+        *(lambda o: (o.recv_x, w, o.handle))(jax_ep.low_latency_dispatch(x, i, num_experts=E, axis_name=None,
+                                                                        options=_options()))), X, IDX, W)
+    assert "combine_payload = 0 : i64" in _line(plain, "jax_ep_ll_put_combine_send")
+
+
+@needs_extension
+@pytest.mark.parametrize("combine_fp8", [False, True])
+def test_put_gradients_lower(put_buffer, combine_fp8):
+    """Gradients over puts, as on the pointer path: the backward of combine
+    gathers y's rows back unsummed (a combine send with BF16 rows, then
+    jax_ep_ll_put_combine_gather_recv [T, K, H]) and dispatches per-slot rows
+    (a dispatch send of bf16 [T, K, H]); the backward of dispatch gathers the
+    cotangent's rows back. Only put targets, each with its attributes."""
+    opts = _options(combine_fp8=combine_fp8)
 
     def loss(x, idx, w):
-        return jnp.sum(combine(x, idx, w, _options()).astype(jnp.float32))
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=opts)
+        y = o.recv_x.astype(jnp.float32) * 2.0
+        out = jax_ep.low_latency_combine(y.astype(jnp.bfloat16), w, o.handle)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    with pytest.raises(NotImplementedError, match=r"gradients of the low-latency calls are not implemented on the "
-                                                  r"put path"):
-        jax.jit(jax.grad(loss, argnums=(0, 2))).trace(X, IDX, W)
+    if combine_fp8:  # as on the pointer path: the cast has no gradient
+        with pytest.raises(NotImplementedError, match=r"combine_fp8=True has no gradient"):
+            _lower(jax.grad(loss, argnums=(0, 2)), X, IDX, W)
+        return
+    lines = _lower(jax.grad(loss, argnums=(0, 2)), X, IDX, W)
+    assert not [line for line in lines if "@jax_ep_ll_" in line and "@jax_ep_ll_put_" not in line], lines
+    count = lambda op: len([line for line in lines if f"@jax_ep_ll_put_{op}(" in line])  # noqa: E731
+    # forward: dispatch + combine; backward of combine: gather back + per-slot dispatch;
+    # backward of dispatch: gather back.
+    assert (count("dispatch_send"), count("dispatch_recv")) == (2, 2), lines
+    assert (count("combine_send"), count("combine_recv"), count("combine_gather_recv")) == (3, 1, 2), lines
+    per_slot = [line for line in lines if "@jax_ep_ll_put_dispatch_send(" in line and f"tensor<{T}x{K}x{H}xbf16>" in line]
+    assert len(per_slot) == 1 and "payload = 0 : i64" in per_slot[0], lines
+    for line in lines:
+        if "@jax_ep_ll_put_combine_gather_recv(" in line:
+            assert "combine_payload = 0 : i64" in line and f"tensor<{T}x{K}x{H}xbf16>" in line.split("->")[-1], line
+            assert len(_operands(line)) == 3, line  # rank mask, token, topk_idx
+    sends = [line for line in lines if "@jax_ep_ll_put_combine_send(" in line]
+    assert all("combine_payload = 0 : i64" in line for line in sends), sends
+
+
+@needs_extension
+def test_put_gradients_of_the_split_and_fused_ops_trace(put_buffer):
+    """jax.vjp through the one-call ops with a rank mask traces on the put path."""
+    def fn(x, w, idx, mask):
+        o = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name=None, options=_options(), rank_mask=mask)
+        return jax_ep.low_latency_combine(o.recv_x, w, o.handle)
+
+    def grads(x, w, idx, mask):
+        out, vjp = jax.vjp(lambda x, w: fn(x, w, idx, mask), x, w)
+        return vjp(jnp.ones_like(out))
+
+    lines = _lower(grads, X, W, IDX, jax.ShapeDtypeStruct((R,), jnp.bool_))
+    assert any("@jax_ep_ll_put_combine_gather_recv(" in line for line in lines), lines
 
 
 @needs_extension
@@ -140,7 +218,8 @@ def test_pointer_buffer_keeps_the_pointer_targets(monkeypatch):
 
 @needs_nvshmem
 def test_put_targets_registered_for_cuda():
-    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in PUT_TARGETS + ("status",)))
+    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in
+                                                      PUT_TARGETS + ("combine_gather_recv", "status")))
     assert nvshmem.register_targets() is nvshmem.register_targets()  # once
 
 
@@ -151,7 +230,9 @@ def test_put_buffer_bytes():
     bf16 = jax_ep.low_latency_buffer_bytes(128, 7168, 16, 8, 256, ranks_per_node=8)
     fp8 = jax_ep.low_latency_buffer_bytes(128, 7168, 16, 8, 256, fp8=jax_ep.FP8Options(), ranks_per_node=8)
     assert bf16 == fp8 > 0
-    assert nvshmem._module().put_buffer_bytes(128, 128, 8, 256, 7168, 1, 16) < bf16
+    # The regions are sized by the BF16 message, whatever the payload: an FP8
+    # dispatch and the BF16 dispatch of a backward pass share the halves.
+    assert nvshmem._module().put_buffer_bytes(128, 128, 8, 256, 7168, 1, 16) == bf16
     with pytest.raises(ValueError, match=r"E a multiple of R"):
         jax_ep.low_latency_buffer_bytes(8, 512, 3, 2, 8, ranks_per_node=1)
 
@@ -172,7 +253,30 @@ def test_create_put_buffer_argument_errors():
     ]:
         with pytest.raises(RuntimeError, match=message):
             N.create_put_buffer(**{**good, **change})
-    assert dict(N.put_buffer_failure(12345)) == dict(code=0, rank=0, peer=0, op=0, call=0, peer_call=0, seconds=0.0)
+    assert dict(N.put_buffer_failure(12345)) == dict(code=0, rank=0, peer=0, op=0, call=0, peer_call=0, seconds=0.0,
+                                                     mine=[0] * 12, theirs=[0] * 12)
+
+
+@needs_extension
+def test_put_mismatch_record_names_the_field_and_rank():
+    """A put buffer's mismatch record (both signatures) reads as the pointer
+    path's: a CommunicationError of kind "mismatch" naming the first field
+    that differs and both ranks."""
+    from jax_ep.ll_put_runtime import error_from_put_record
+
+    # intranode::SigField order: op, T, M, row bytes, K, E, num_sms, chunk, ring, layout, payload, mode
+    mine = [3, 0, 32, 1024, 2, 4, 4, 0, 0, 0, 0, 0]
+    theirs = list(mine)
+    theirs[6] = 8
+    err = error_from_put_record(dict(code=3, rank=0, peer=1, op=3, call=1, peer_call=5, seconds=60.0, mine=mine,
+                                     theirs=theirs))
+    assert isinstance(err, jax_ep.CommunicationError) and err.kind == "mismatch" and err.peer == 1, err
+    assert "rank 0 and rank 1 made different calls in the low-latency dispatch (call 1): num_sms is 4 on rank 0 " \
+           "and 8 on rank 1" in str(err), err
+    theirs = list(mine)
+    theirs[11] = 1
+    err = error_from_put_record(dict(code=3, rank=1, peer=0, op=4, call=2, mine=mine[:10] + [0, 0], theirs=theirs))
+    assert "low-latency combine (call 2): mode" in str(err), err
 
 
 def test_plan_peers():
@@ -280,3 +384,39 @@ def test_put_runtime_failure_messages(monkeypatch):
     assert "recording a failure" in str(rt.failure())
 
 
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_numpy_gradient_reference_matches_the_reference_backend(rng, r):
+    """np_reference.ll_combine_grads / ll_dispatch_grad, which the GPU test of
+    the put path's gradients (tests/gpu/multirank_put_path.py) checks against,
+    agree with the reference backend's VJPs (duplicated ids, masked slots)."""
+    import ml_dtypes
+    import np_reference as npr
+    from conftest import random_routing, run_ranks
+
+    t, k, e, h, m = 6, 3, 2 * r, 16, 8
+    le = e // r
+    idxs = random_routing(rng, r, t, k, e, mask_prob=0.2, distinct=False)
+    bf = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+    xs = [bf(rng.standard_normal((t, h))) for _ in range(r)]
+    ws = [rng.random((t, k)).astype(np.float32) for _ in range(r)]
+    gs = [bf(rng.standard_normal((t, h))) for _ in range(r)]
+    gds = [bf(rng.standard_normal((le, r * m, h))) for _ in range(r)]
+    opts = jax_ep.LowLatencyOptions(num_max_dispatch_tokens_per_rank=m)
+
+    def f(x, i, w, g, gd):
+        o = jax_ep.low_latency_dispatch(x, i, num_experts=e, options=opts)
+        _, vjp = jax.vjp(lambda y, w: jax_ep.low_latency_combine(y, w, o.handle), o.recv_x, w)
+        gy, gw = vjp(g)
+        _, vjp_x = jax.vjp(lambda x: jax_ep.low_latency_dispatch(x, i, num_experts=e, options=opts).recv_x, x)
+        return gy, gw, vjp_x(gd)[0], o.handle.recv_src_rank
+
+    gy, gw, gx, src_rank = run_ranks(f, r, xs, idxs, ws, gs, gds)
+    want_c = npr.ll_combine_grads(xs, idxs, ws, gs, e, m)
+    want_x = npr.ll_dispatch_grad(idxs, gds, e, m)
+    for d in range(r):
+        valid = np.asarray(src_rank[d]) >= 0  # rows past the count: zero here, unspecified on GPUs
+        np.testing.assert_allclose(np.where(valid[..., None], gy[d], 0), want_c[d][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gw[d], want_c[d][1], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(gx[d], want_x[d], rtol=1e-5, atol=1e-5)

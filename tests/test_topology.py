@@ -1,6 +1,5 @@
 """Nodes, virtual nodes and per-peer transports (jax_ep.topology), on CPU."""
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -167,16 +166,13 @@ def test_virtual_nodes_change_nothing_on_xla(rng):
 
 def test_cuda_buffer_across_nodes_needs_the_put_path():
     """Across (virtual) nodes a CUDA low-latency Buffer runs over NVSHMEM puts
-    (ll_transport='nvshmem'): other transports, FP8 combine rows and the
-    normal mode's CUDA kernels are refused with what would work."""
+    (ll_transport='nvshmem'): other transports and the normal mode's CUDA
+    kernels are refused with what would work (FP8 combine rows and
+    gradients run over puts too: tests/test_ll_put_ops.py)."""
     opts = jax_ep.LowLatencyOptions(backend="cuda", num_max_dispatch_tokens_per_rank=8)
     with pytest.raises(NotImplementedError, match=r"low_latency.backend='cuda' with 4 virtual nodes of 2 ranks "
                                                   r"\(R = 8\) needs ll_transport='nvshmem'.*got ll_transport='ipc'"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=opts, num_ll_bytes=1 << 20)
-    fp8_rows = dataclasses.replace(opts, combine_fp8=True)
-    with pytest.raises(NotImplementedError, match=r"combine_fp8=True\) with 4 virtual nodes.*BF16 rows"):
-        jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=fp8_rows, num_ll_bytes=1 << 20,
-                      ll_transport="nvshmem")
     with pytest.raises(NotImplementedError, match=r"normal.backend='cuda' with 8 virtual nodes.*internode normal "
                                                   r"mode does not exist yet"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=1, normal=jax_ep.NormalOptions(backend="cuda"))

@@ -14,6 +14,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutDispatchRecvHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineSendHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler);
+// "jax_ep_ll_put_combine_gather_recv": the combine's rows unsummed (gradients)
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutCombineGatherRecvHandler);
 // "jax_ep_ll_put_status": the buffer's failure record as s32[4]
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowLatencyPutStatusHandler);
 

@@ -19,7 +19,8 @@
 //   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
 //   destroy_put_buffer(id)
 //   put_buffer_failure(id) -> dict           the failure record: code (0: none), rank, peer, op,
-//                                            call, peer_call, seconds (all zero for an unknown id)
+//                                            call, peer_call, seconds, and a mismatch's signatures
+//                                            mine, theirs (all zero for an unknown id)
 //   put_buffer_bytes(T, M, K, E, H, payload, num_ranks) -> int   0: shapes the put kernels refuse
 //
 // Blocking calls release the GIL.
@@ -59,6 +60,7 @@ nb::dict registrations() {
   targets["jax_ep_ll_put_dispatch_recv"] = handler_capsule(jax_ep::LowLatencyPutDispatchRecvHandler);
   targets["jax_ep_ll_put_combine_send"] = handler_capsule(jax_ep::LowLatencyPutCombineSendHandler);
   targets["jax_ep_ll_put_combine_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineRecvHandler);
+  targets["jax_ep_ll_put_combine_gather_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineGatherRecvHandler);
   targets["jax_ep_ll_put_status"] = handler_capsule(jax_ep::LowLatencyPutStatusHandler);
   return targets;
 }
@@ -139,6 +141,13 @@ NB_MODULE(_nvshmem, m) {
         d["call"] = rec.epoch;
         d["peer_call"] = rec.peer_epoch;
         d["seconds"] = rec.seconds;
+        nb::list mine, theirs;  // a mismatch's signatures (intranode::SigField order)
+        for (int i = 0; i < jax_ep::intranode::kSigFields; ++i) {
+          mine.append(rec.mine[i]);
+          theirs.append(rec.theirs[i]);
+        }
+        d["mine"] = mine;
+        d["theirs"] = theirs;
         return d;
       },
       nb::arg("id"));

@@ -43,6 +43,18 @@ entry. Checked: no rank stays blocked, every running rank ends with a
 record, nobody completes the stopped call, an "aborted" record names a rank
 that timed out. ``use_abort=False`` (nobody told) blocks.
 
+Call signatures (ll_put.cuh: detail::send_signature, signature_agrees).
+Before its messages a sender puts its signature of the call into a slot of
+every peer that no call's shapes move, with a signal of its own on a fixed
+word (``final(0)``); the receiver waits for that word first, reads the
+signature, resets the word and compares. ``mismatch=(rank, call)`` makes
+that rank sign that call differently: every running rank must end with a
+record (a mismatch, or "aborted" naming a rank that recorded a failure),
+nobody completes the call, and no receiver reads a stale signature (one of
+an earlier call in the same half). ``signal_signature=False`` (the
+signature put without a signal, read once the data words are done) reads
+stale signatures.
+
 ``final`` and ``decode`` are the arithmetic of cuda/transport.cuh
 (signal_final_value, signal_done / signal_count).
 """
@@ -55,7 +67,7 @@ from explore import wait
 
 MASK = (1 << 64) - 1
 DONE = 1 << 63
-TIMEOUT, ABORTED = "timeout", "aborted"
+TIMEOUT, ABORTED, MISMATCH = "timeout", "aborted", "mismatch"
 
 
 def final(count: int) -> int:
@@ -77,7 +89,7 @@ def count_of(src: int, dst: int, call: int, max_msgs: int) -> int:
 
 def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, count_arrivals=True,
                reset_words=True, masked=(), masked_alive=False, skip_masked=True, stop=None, timeouts=0,
-               use_abort=True):
+               use_abort=True, mismatch=None, signal_signature=True, signatures=True):
     """(shared, processes) for the explorer.
 
     Broken variants for the tests: ``halves=1`` (no alternation),
@@ -85,7 +97,10 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
     after the data, as it would with ordered delivery), ``reset_words=False``,
     ``skip_masked=False`` (the survivors still wait for a masked rank).
     ``masked``: the masked ranks, which run only with ``masked_alive``.
-    ``stop``, ``timeouts``, ``use_abort``: the faults above.
+    ``stop``, ``timeouts``, ``use_abort``: the faults above; ``mismatch``,
+    ``signal_signature``: the call signatures above; ``signatures=False``:
+    none sent or checked (hash 0, JAX_EP_CALL_SIGNATURES=0), which keeps the
+    exhaustive explorations of the other rules small.
     """
     r_ = range(num_ranks)
     s = types.SimpleNamespace(
@@ -93,6 +108,9 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         slots=[[[[None] * max_msgs for _ in r_] for _ in range(halves)] for _ in r_],
         words=[[[0] * num_ranks for _ in range(halves)] for _ in r_],  # words[dst][half][src]
         stage=[[[None] * max_msgs for _ in range(halves)] for _ in r_],  # stage[src][half][k]: the put source
+        sig_slots=[[[None] * num_ranks for _ in range(halves)] for _ in r_],  # [dst][half][src]: (src, call, sig)
+        sig_words=[[[0] * num_ranks for _ in range(halves)] for _ in r_],     # [dst][half][src]
+        sig_stage=[[None] * halves for _ in r_],                              # [src][half]: the put source
         issued=set(),       # ops handed to the network: (src, dst, call, k) or (..., "F")
         received=[0] * num_ranks,  # calls each rank has received
         abort=[None] * num_ranks,   # (code, raiser) in each rank's abort word
@@ -137,6 +155,32 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         yield from run_calls(me)
         s.finished[me] = True
 
+    def signature(me, call):
+        return "other" if mismatch == (me, call) else "same"
+
+    def receive_signature(me, call, half, src):
+        """detail::signature_agrees: wait for src's signature word (with the
+        signal), read the signature, reset the word, compare. False: failed."""
+        if signal_signature:
+            yield wait(lambda: (decode(s.sig_words[me][half][src])[0] or s.abort[me] is not None
+                                or s.timeouts > 0), f"rank {me} call {call} signature of {src}")
+            if not decode(s.sig_words[me][half][src])[0]:
+                if s.abort[me] is not None:
+                    yield from fail(me, ABORTED, s.abort[me][1])
+                else:
+                    s.timeouts -= 1
+                    yield from fail(me, TIMEOUT, src)
+                return False
+        got = s.sig_slots[me][half][src]
+        assert got is not None and got[:2] == (src, call), (
+            f"rank {me} call {call}: stale signature from {src}: {got}")
+        s.sig_words[me][half][src] = 0
+        yield
+        if got[2] != signature(me, call):
+            yield from fail(me, MISMATCH, src)
+            return False
+        return True
+
     def run_calls(me):
         for call in range(calls):
             half = call % halves
@@ -144,7 +188,19 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
                 return
             if entry_aborted(me):
                 return
-            # Send: build messages in the own staging half, then hand them out.
+            # Send: the signature first (block 0 of the send kernel), then the
+            # messages, built in the own staging half and handed out.
+            s.sig_stage[me][half] = (me, call, signature(me, call))
+            for dst in r_:
+                if skips(me, dst) or not signatures:
+                    continue
+                if same_node(me, dst):  # stores, then the release add
+                    s.sig_slots[dst][half][me] = s.sig_stage[me][half]
+                    if signal_signature:
+                        s.sig_words[dst][half][me] = (s.sig_words[dst][half][me] + final(0)) & MASK
+                else:
+                    s.issued.add((me, dst, call, "S"))
+                yield
             for dst in r_:
                 if skips(me, dst):
                     continue
@@ -162,9 +218,15 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
                 else:
                     s.issued.add((me, dst, call, "F"))
                 yield
-            # Receive: wait for every source's word, then read, then reset.
+            # Receive: every source's signature (unless it is read after the
+            # data, the broken variant), then wait for every source's word,
+            # then read, then reset.
             if entry_aborted(me):
                 return
+            for src in r_:
+                if signatures and signal_signature and not skips(me, src) and not (
+                        yield from receive_signature(me, call, half, src)):
+                    return
             for src in r_:
                 if skips(me, src):
                     continue
@@ -178,6 +240,10 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
                     s.timeouts -= 1
                     yield from fail(me, TIMEOUT, src)
                 return
+            for src in r_:
+                if signatures and not signal_signature and not skips(me, src) and not (
+                        yield from receive_signature(me, call, half, src)):
+                    return
             for src in r_:
                 if skips(me, src):
                     continue
@@ -201,6 +267,12 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
         yield wait(lambda: (src, dst, call, k) in s.issued or s.finished[src], "not issued")
         if (src, dst, call, k) not in s.issued:
             return
+        if k == "S":  # the signature, then (with it) its signal
+            s.sig_slots[dst][half][src] = s.sig_stage[src][half]
+            yield
+            if signal_signature:
+                s.sig_words[dst][half][src] = (s.sig_words[dst][half][src] + final(0)) & MASK
+            return
         if k == "F":
             n = count_of(src, dst, call, max_msgs)
             add(dst, half, src, final(n) if count_arrivals else DONE | n << 32)
@@ -218,17 +290,19 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
 
     def check():
         yield wait(lambda: all(s.finished[r] for r in running), "every rank finished")
-        if stop is None:
+        fault = stop or mismatch
+        if fault is None:
             return
         for r in running:
-            if r == stop[0]:
+            if stop is not None and r == stop[0]:
                 continue
             assert s.record[r] is not None, f"rank {r} finished without a record: {s.record}"
-            assert s.received[r] <= stop[1], f"rank {r} completed call {stop[1]}, which rank {stop[0]} never sent"
+            assert s.received[r] <= fault[1], f"rank {r} completed call {fault[1]}, which rank {fault[0]} " \
+                                              f"{'never sent' if stop else 'made differently'}"
             code, peer = s.record[r]
             if code == ABORTED:
-                assert s.record[peer] is not None and s.record[peer][0] == TIMEOUT, (
-                    f"rank {r}'s abort names rank {peer}, which did not time out: {s.record}")
+                assert s.record[peer] is not None and s.record[peer][0] in (TIMEOUT, MISMATCH), (
+                    f"rank {r}'s abort names rank {peer}, which did not fail: {s.record}")
 
     running = [r for r in r_ if masked_alive or r not in masked]
     for r in r_:
@@ -239,9 +313,9 @@ def make_model(num_ranks=2, calls=3, ranks_per_node=1, max_msgs=1, halves=2, cou
             if same_node(src, dst) or skips(src, dst):
                 continue
             for call in range(calls):
-                for k in list(range(count_of(src, dst, call, max_msgs))) + ["F"]:
+                for k in list(range(count_of(src, dst, call, max_msgs))) + ["F"] + ["S"] * signatures:
                     procs[f"net{src}>{dst}.{call}.{k}"] = deliver(src, dst, call, k)
-            if timeouts and use_abort:
+            if (timeouts or mismatch) and use_abort:
                 procs[f"abort{src}>{dst}"] = deliver_abort(src, dst)
     procs["check"] = check()
     return s, procs

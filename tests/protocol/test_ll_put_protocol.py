@@ -21,8 +21,9 @@ def test_signal_word_arithmetic():
 
 
 def test_exhaustive_two_ranks_across_nodes():
-    """R = 2 in two nodes, two calls (one per half), every delivery order."""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=2, ranks_per_node=1, max_msgs=1))
+    """R = 2 in two nodes, two calls (one per half), every delivery order
+    (signatures off; with them: the tests at the end, and the random ones)."""
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=2, calls=2, ranks_per_node=1, max_msgs=1))
     assert r.ok, r
     assert r.states > 1000
 
@@ -37,7 +38,7 @@ def test_random_halves_reused(num_ranks, ranks_per_node, max_msgs):
 
 def test_trusting_the_final_signal_reads_missing_data():
     """Without counting arrivals, the final signal may overtake the data."""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=1, max_msgs=1, count_arrivals=False))
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=2, calls=1, max_msgs=1, count_arrivals=False))
     assert r.kind == "violation" and "holds None" in r.message, r
     assert explore_random(functools.partial(make_model, num_ranks=3, calls=4, max_msgs=2, count_arrivals=False),
                           runs=100).kind == "violation"
@@ -45,12 +46,12 @@ def test_trusting_the_final_signal_reads_missing_data():
 
 def test_one_half_fails():
     """With one half, a fast peer's next call lands before the reader reset its words."""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=2, max_msgs=1, halves=1))
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=2, calls=2, max_msgs=1, halves=1))
     assert not r.ok, r
 
 
 def test_words_must_be_reset():
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=3, max_msgs=1, reset_words=False))
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=2, calls=3, max_msgs=1, reset_words=False))
     assert r.kind == "deadlock", r  # the reused half's words never read "done" again
 
 
@@ -58,7 +59,7 @@ def test_dead_masked_rank_exhaustive():
     """R = 3, nodes {0, 1} and {2}, rank 0 masked and gone: ranks 1 and 2
     finish both halves over puts, reading exactly their messages. (A masked
     rank that still runs: the random schedules below.)"""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=2, ranks_per_node=2, max_msgs=1,
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=3, calls=2, ranks_per_node=2, max_msgs=1,
                                              masked=(0,)))
     assert r.ok, r
 
@@ -72,7 +73,7 @@ def test_masked_ranks_random(masked, masked_alive):
 
 
 def test_waiting_for_a_dead_masked_rank_deadlocks():
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=1, max_msgs=1, masked=(2,),
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=3, calls=1, max_msgs=1, masked=(2,),
                                              skip_masked=False))
     assert r.kind == "deadlock", r
 
@@ -85,7 +86,7 @@ def test_a_stopped_rank_stops_everyone_after_one_timeout_exhaustive(stop, ranks_
     """R = 2, one call, the abort reaching the peer by a put (two nodes) or a
     store (one node): one timeout in the whole system, and every running rank
     leaves with a record."""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=1, ranks_per_node=ranks_per_node,
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=2, calls=1, ranks_per_node=ranks_per_node,
                                              max_msgs=1, stop=stop, timeouts=1))
     assert r.ok, r
     assert r.states > (1000 if ranks_per_node == 1 else 20)
@@ -104,9 +105,45 @@ def test_a_stopped_rank_random(num_ranks, calls, stop, masked):
 def test_without_the_abort_word_the_others_block():
     """One timeout is not enough when nobody tells the peers (each would
     wait out its own timeout)."""
-    r = explore_exhaustive(functools.partial(make_model, num_ranks=3, calls=1, ranks_per_node=2, max_msgs=1,
+    r = explore_exhaustive(functools.partial(make_model, signatures=False, num_ranks=3, calls=1, ranks_per_node=2, max_msgs=1,
                                              stop=(2, 0), timeouts=1, use_abort=False))
     assert r.kind == "deadlock", r
     r = explore_random(functools.partial(make_model, num_ranks=4, calls=3, ranks_per_node=2, max_msgs=1,
                                          stop=(3, 1), timeouts=1, use_abort=False), runs=50)
     assert r.kind == "deadlock", r
+
+
+# --- call signatures (ll_put.cuh: send_signature, signature_agrees) ------------------------------------------
+
+
+@pytest.mark.parametrize("mismatch,ranks_per_node", [((1, 0), 1), ((1, 0), 2)])
+def test_a_different_call_stops_everyone_exhaustive(mismatch, ranks_per_node):
+    """R = 2, the signature reaching the peer by a put (two nodes) or a
+    store (one node): both ranks record the mismatch (or the abort), nobody
+    completes the call, no timeout is needed, no signature is read stale."""
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=1, ranks_per_node=ranks_per_node,
+                                             max_msgs=1, mismatch=mismatch))
+    assert r.ok, r
+
+
+@pytest.mark.parametrize("num_ranks,calls,mismatch,masked", [
+    (3, 3, (2, 2), ()), (4, 3, (0, 1), ()), (4, 4, (3, 3), (1,))])
+def test_a_different_call_random(num_ranks, calls, mismatch, masked):
+    """Nodes of two, halves reused before the different call (a stale
+    signature of the same half would be read there), a dead masked rank too."""
+    r = explore_random(functools.partial(make_model, num_ranks=num_ranks, calls=calls, ranks_per_node=2,
+                                         max_msgs=1, mismatch=mismatch, masked=masked), runs=60, seed=num_ranks)
+    assert r.ok, r
+
+
+def test_signatures_stay_checked_in_every_call():
+    """Without a difference the signatures pass in every call of both halves."""
+    r = explore_random(functools.partial(make_model, num_ranks=4, calls=4, ranks_per_node=2, max_msgs=2),
+                       runs=40, seed=7)
+    assert r.ok, r
+
+
+def test_a_signature_without_its_signal_is_read_stale():
+    """Read once the data words are done, a signature put may not have landed."""
+    r = explore_exhaustive(functools.partial(make_model, num_ranks=2, calls=3, max_msgs=1, signal_signature=False))
+    assert r.kind == "violation" and "stale signature" in r.message, r
