@@ -14,7 +14,9 @@ per round ``dispatch`` (expert-major) -> ``ragged_dot`` SwiGLU experts ->
 w.r.t. the expert weights and ``x``. The router is left out (its cost does
 not depend on the capacity). DeepEP's shape by default: T = 4096 tokens per
 rank, H = 7168, K = 8 of E = 256 experts, BF16, uniform random routing, expert
-FFN width F = 2048, alignment 128.
+FFN width F = 1024, alignment 128. Every rank shares one GPU under MPS: the
+worst case at R = 2 holds about 15 GB per rank; at R = 4, twice the rows per
+rank, it may not fit beside the other ranks on an 80 GB GPU.
 
 Reports, for rank 0 (the ranks are symmetric): the receive rows ``C``, the
 rounds run, the registered buffer's bytes (``num_nvl_bytes``: cudaMalloc'd
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", default="worst", help="'worst' (worst-case capacity) or a number, e.g. 1.25")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--alignment", type=int, default=128)
@@ -54,6 +56,35 @@ def parse_args(argv=None):
 
 def label(factor) -> str:
     return "worst" if factor is None else f"f{factor:g}"
+
+
+def make_loss(cfg, opts, axis_name):
+    """``loss(params, x, topk_idx, topk_weights) -> (sum(y**2), rounds run)``
+    of normal mode's expert block with ``opts`` (its capacity; rounds when
+    ``cfg.capacity_factor`` is set), over ``axis_name`` (``None``: the CUDA
+    backend's one process per rank)."""
+    import jax.numpy as jnp
+
+    import jax_ep
+    from jax_ep import moe
+
+    e = cfg.num_experts
+
+    def one_round(p, x, i, w):
+        out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name=axis_name, options=opts)
+        y = moe.expert_mlp_ragged(out.recv_x, p, out.expert_group_sizes, cfg)
+        y = y * jnp.sum(out.recv_topk_weights, axis=-1, keepdims=True).astype(y.dtype)
+        return jax_ep.combine(y, out.handle)
+
+    def loss(p, x, i, w):
+        if cfg.capacity_factor is None:
+            y, n = one_round(p, x, i, w), jnp.int32(1)
+        else:
+            plan = jax_ep.plan_rounds(i, num_experts=e, axis_name=axis_name, options=opts)
+            y, n = jax_ep.sum_over_rounds(one_round, p, x, i, w, plan), plan.num_rounds
+        return jnp.sum(y.astype(jnp.float32) ** 2), n
+
+    return loss
 
 
 def main(argv=None):
@@ -84,28 +115,15 @@ def main(argv=None):
     idx = np.argsort(rng.random((t, e)), axis=-1)[:, :k].astype(np.int32)
     w = (rng.random((t, k)) / k).astype(np.float32)
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
-    full = moe.init_params(jax.random.key(0), cfg, dtype=jnp.bfloat16)
+    # Only this rank's experts (E/R of them), drawn on the device: the global
+    # weights would not fit beside R ranks' activations.
     local = e // r
-    params = {n: full[n][me * local:(me + 1) * local] for n in cfg.expert_param_names}
-    del full
+    shapes = moe.param_shapes(cfg)
+    params = {n: jax.random.normal(jax.random.fold_in(jax.random.key(j), me), (local,) + shapes[n][1:],
+                                   jnp.bfloat16) * (1.0 / float(np.sqrt(shapes[n][-2])))
+              for j, n in enumerate(cfg.expert_param_names)}
 
-    def one_round(p, x, i, w):
-        out = jax_ep.dispatch(x, i, w, num_experts=e, axis_name=None, options=opts)
-        y = moe.expert_mlp_ragged(out.recv_x, p, out.expert_group_sizes, cfg)
-        y = y * jnp.sum(out.recv_topk_weights, axis=-1, keepdims=True).astype(y.dtype)
-        return jax_ep.combine(y, out.handle)
-
-    def experts(p, x, i, w):
-        if args.factor is None:
-            return one_round(p, x, i, w), jnp.int32(1)
-        plan = jax_ep.plan_rounds(i, num_experts=e, axis_name=None, options=opts)
-        return jax_ep.sum_over_rounds(one_round, p, x, i, w, plan), plan.num_rounds
-
-    def loss(p, x, i, w):
-        y, n = experts(p, x, i, w)
-        return jnp.sum(y.astype(jnp.float32) ** 2), n
-
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    step = jax.jit(jax.value_and_grad(make_loss(cfg, opts, None), argnums=(0, 1), has_aux=True))
     dev = jax.local_devices()[0]
     result = dict(R=r, rank=me, device=dev.device_kind, T=t, H=h, F=args.ffn, K=k, E=e, dtype="bfloat16",
                   alignment=args.alignment, capacity_factor=args.factor, capacity=capacity, worst_capacity=worst,

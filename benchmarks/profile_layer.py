@@ -15,7 +15,8 @@ warm-up; ``bwd`` is their difference. Variants:
   mode takes the local path (``jax_ep.moe_local``);
 * ``local``: that path's pieces: route, the permutation (argsort + gather of
   the ``T*K`` rows), the experts on exactly the kept rows, the weighted
-  scatter-add back;
+  scatter-add back; for scale, the experts as a matmul batched over every
+  (expert, token) pair (the low-latency layer's MLP, ``E/K`` times the FLOPs);
 * ``dispatch/xla`` and ``dispatch/cuda`` (GPU, with the kernels): the
   communicating path (``jax_ep.dispatch`` -> experts on the ``C`` capacity
   rows -> ``jax_ep.combine``) with the reference backend and with the CUDA
@@ -156,6 +157,9 @@ def main(argv=None):
         xs = jnp.take(x, token, axis=0)
         row("local", f"experts on the {t * k} exact rows", lambda p, xs: moe.expert_mlp_ragged(xs, p, sizes, cfg),
             (experts, xs), (0, 1))
+        # For scale: every local expert on every token, as the low-latency layer's packed MLP.
+        row("local", f"(for scale) experts batched over [{e}, {t}, H]: {e // k}x the FLOPs",
+            lambda p, xb: moe.expert_mlp_batched(xb, p, cfg), (experts, jnp.broadcast_to(x, (e,) + x.shape)), (0, 1))
         row("local", "weighted scatter-add back",
             lambda ys, wr: jnp.zeros((t, args.hidden), jnp.float32).at[token].add(
                 (ys * wr[:, None].astype(ys.dtype)).astype(jnp.float32)).astype(dtype),

@@ -9,7 +9,7 @@
 #     piece (profile_layer.py; JAX_EP_PROFILE_LAYER="" skips it)
 #   * only with JAX_EP_DROPLESS_BENCH=1: dropless rounds with the kernels (dropless_gpu.py), peak
 #     memory and step time per capacity in JAX_EP_DROPLESS_FACTORS (default "worst 2.0 1.25 1.0")
-#     at R in JAX_EP_DROPLESS_RANKS (default 4); JAX_EP_DROPLESS_ARGS adds arguments (e.g. "--tokens 2048")
+#     at R in JAX_EP_DROPLESS_RANKS (default 2); JAX_EP_DROPLESS_ARGS adds arguments (e.g. "--tokens 2048")
 # Set a variable to "" to skip that part.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_all.sh OUT_DIR}
@@ -54,7 +54,7 @@ if [ -n "${JAX_EP_PROFILE_LAYER-1}" ]; then
 fi
 if [ -n "${JAX_EP_DROPLESS_BENCH:-}" ]; then
   # Dropless rounds with the kernels: one run per capacity (each process's peak is its own).
-  for R in ${JAX_EP_DROPLESS_RANKS-4}; do
+  for R in ${JAX_EP_DROPLESS_RANKS-2}; do
     for f in ${JAX_EP_DROPLESS_FACTORS-worst 2.0 1.25 1.0}; do
       XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m jax_ep.launch -n "$R" --timeout 500 \
         benchmarks/dropless_gpu.py --capacity-factor "$f" --out "$OUT/bench" ${JAX_EP_DROPLESS_ARGS:-} || status=1
