@@ -26,7 +26,9 @@
 #                               synccheck on the single-device tests; logs in OUT_DIR/sanitize/ (the
 #                               ranks' reports in sanitize/logs_*/rank<i>.log)
 #                               (JAX_EP_SANITIZER: the tool's path; JAX_EP_SANITIZE_MPS: the launcher's
-#                               --mps for those runs, default auto)
+#                               --mps for those runs, default auto; JAX_EP_SANITIZE_SKIP_CHECKS: checks
+#                               of the rank scripts left out, default 'deepep|nvshmem', the slow shapes
+#                               and NVSHMEM)
 #
 # A machine with no package index gets NVSHMEM, nvshmem4py and pytest from
 # .gpu/deps.tar.xz (scripts/pack_gpu_deps.sh), unpacked here into /tmp/jax_ep_site.
@@ -179,6 +181,7 @@ if [ -n "${JAX_EP_SANITIZE:-}" ]; then
   for f in multirank_intranode multirank_low_latency; do
     if [ -z "$SANITIZER" ]; then step "sanitize_memcheck_${f#multirank_}_R2" "$OUT/sanitize/memcheck.log" sanitize_missing; continue; fi
     JAX_EP_RANK_WRAPPER="$SANITIZER --tool memcheck --error-exitcode 9 --print-limit 50" \
+    JAX_EP_SKIP_CHECKS="${JAX_EP_SANITIZE_SKIP_CHECKS-deepep|nvshmem}" \
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
       step "sanitize_memcheck_${f#multirank_}_R2" "$OUT/sanitize/memcheck.log" \
         timeout --kill-after=30 "$STEP_TIMEOUT" python3 -m jax_ep.launch -n 2 --mps "${JAX_EP_SANITIZE_MPS:-auto}" \

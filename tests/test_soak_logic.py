@@ -98,3 +98,19 @@ def test_parse_args_defaults():
     assert (ll.pairs, ll.tokens, ll.experts) == (10000, 128, 288)
     n = soak.parse_args(["--pairs", "5"])
     assert (n.pairs, n.tokens, n.experts, n.mode) == (5, 4096, 256, "normal")
+
+
+def test_check_filters_of_the_multirank_scripts(capsys):
+    """JAX_EP_CHECKS / JAX_EP_SKIP_CHECKS pick the checks a multi-rank script
+    runs (the sanitizer steps leave out the slow DeepEP shapes and NVSHMEM)."""
+    from gpu.rank_checks import Checks
+
+    ran = []
+    checks = Checks({"JAX_EP_SKIP_CHECKS": "nvshmem|deepep"})
+    for name in ("ll_bf16_small", "ll_fp8_deepep_shape", "ll_over_nvshmem_symmetric_memory"):
+        checks(name)(lambda name=name: ran.append(name))
+    assert ran == ["ll_bf16_small"] and checks.all_passed and len(checks.results) == 1
+    assert "SKIP ll_fp8_deepep_shape" in capsys.readouterr().out
+    only = Checks({"JAX_EP_CHECKS": "^rank_major"})
+    assert only.selected("rank_major_small_uneven") and not only.selected("expert_major_aligned")
+    assert Checks({}).selected("anything")
