@@ -136,12 +136,12 @@ def main(argv=None):
                           compiled_output_bytes=m.output_size_in_bytes)
         stats = dev.memory_stats() or {}
         result["bytes_in_use_before"] = stats.get("bytes_in_use")
-        (_, rounds), grads = step(params, x, idx, w)
+        (_, rounds), grads = compiled(params, x, idx, w)
         jax.block_until_ready(grads)
         times = []
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            jax.block_until_ready(step(params, x, idx, w))
+            jax.block_until_ready(compiled(params, x, idx, w))
             times.append(time.perf_counter() - t0)
         stats = dev.memory_stats() or {}
         result.update(rounds=int(rounds), step_ms=round(statistics.median(times) * 1e3, 2),
