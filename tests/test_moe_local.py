@@ -1,7 +1,8 @@
 """The one-rank expert block (jax_ep.moe_local) against the reference
 backend's dispatch -> experts -> combine at R = 1: identical outputs and drop
 counts (worst-case capacity, a capacity that drops, repeated and masked
-slots), the same gradients, and the layer with overflow rounds at R = 1."""
+slots), the same gradients, the layer with overflow rounds at R = 1, and the
+CUDA configuration's lowering at R = 1 (no kernel)."""
 
 import dataclasses
 
@@ -110,3 +111,46 @@ def test_one_rank_layer_matches_dense_reference(factor):
                 lambda p, x: moe.normal_experts(x, p, moe.route(x, p["router"], cfg), cfg, with_rounds=True)[1],
                 mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=P(), check_vma=False))(params, x)
         assert int(plan.num_rounds) >= 2 and int(plan.num_dropped) == 0
+
+
+def _lowered_calls(monkeypatch, layer_fn, cfg, twice):
+    """The jax_ep custom calls in the CUDA lowering of a loss's gradient
+    (lowered on CPU; a stand-in for the one-rank buffer)."""
+    import re
+    import types
+
+    from jax_ep import _extension, runtime
+
+    if not _extension.available():
+        pytest.skip("needs the jax_ep._C extension (its FFI targets) to lower the CUDA backend")
+    monkeypatch.setattr(runtime, "lookup", lambda buffer_id: types.SimpleNamespace(num_ranks=1, put_path=False))
+    mesh = make_mesh(1)
+    specs = moe.param_specs(cfg)
+    fwd = jax.shard_map(layer_fn, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(P(AXIS), P()))
+    if twice:  # y and aux from two calls, as compare_moe.py once did
+        loss = lambda p, x: jnp.sum(fwd(p, x)[0] ** 2) + fwd(p, x)[1]  # noqa: E731
+    else:
+        loss = lambda p, x: (lambda y, aux: jnp.sum(y ** 2) + aux)(*fwd(p, x))  # noqa: E731
+    params = moe.init_params(jax.random.key(0), cfg)
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, jnp.ones((T, cfg.hidden))).lower(
+            lowering_platforms=("cuda",)).as_text()
+    return sorted(re.findall(r'custom_call @(jax_ep_\w+)', text) + re.findall(r'call_target_name = "(jax_ep_\w+)"', text))
+
+
+def test_cuda_layer_at_one_rank_launches_no_kernel(monkeypatch):
+    """With backend='cuda' at R = 1 the layer lowers to no jax_ep custom call;
+    the dispatch/combine path it replaces keeps its calls (side effects: XLA
+    neither merges nor drops them), so a loss calling it twice runs it twice."""
+    cfg = dataclasses.replace(CFG, backend="cuda", buffer_id=0)
+    assert _lowered_calls(monkeypatch, lambda p, x: moe.moe_layer(p, x, cfg), cfg, twice=True) == []
+
+    def kernels_path(p, x):
+        r = moe.route(x, p["router"], cfg)
+        ex = {n: p[n] for n in cfg.expert_param_names}
+        y = moe._expert_round_counted(cfg, cfg.normal_options(), ex, x, r.idx, r.weights)[0]
+        return y, moe.load_balancing_loss(r.probs, r.idx, cfg.num_experts, AXIS)
+
+    once = _lowered_calls(monkeypatch, kernels_path, cfg, twice=False)
+    assert once.count("jax_ep_intranode_dispatch") == 1 and "jax_ep_intranode_cached_dispatch" in once
+    assert _lowered_calls(monkeypatch, kernels_path, cfg, twice=True).count("jax_ep_intranode_dispatch") == 2
