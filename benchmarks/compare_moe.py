@@ -8,7 +8,9 @@ On CPU it runs on virtual devices (``--xla_force_host_platform_device_count``):
 the numbers say how the programs compare under XLA:CPU's emulated
 collectives, not how they compare on GPUs. With ``--platform gpu`` it uses the
 local GPUs of one process (NCCL refuses several ranks on one GPU, so on one
-GPU this is the one-rank case) and adds the CUDA kernels' row. Each row is the median over
+GPU this is the one-rank case) and adds a ``backend="cuda"`` row (at R = 1 the
+normal-mode layer takes its local path, ``jax_ep.moe_local``, with either
+backend; ``profile_layer.py`` times the kernels' path there). Each row is the median over
 ``--iters`` runs of one compiled program (forward, or forward + backward of a
 scalar loss w.r.t. params and input), after a warm-up call.
 """
@@ -66,13 +68,13 @@ def main():
         "baseline (argsort + all_to_all + ragged_dot)": lambda p, x: baseline_moe.baseline_moe_layer(p, x, cfg),
     }
     buffer = None
-    if args.platform == "gpu" and r == 1:  # the CUDA kernels' local path
+    if args.platform == "gpu" and r == 1:  # backend="cuda": at R = 1 the layer's local path (jax_ep.moe_local)
         buffer = jax_ep.Buffer(num_experts=args.experts, normal=jax_ep.NormalOptions(backend="cuda"),
                                num_nvl_bytes=jax_ep.intranode_buffer_bytes(
                                    args.tokens, args.hidden, 1, args.topk, args.experts,
                                    capacity=args.tokens * args.topk + args.experts * 8, itemsize=4))
         cuda_cfg = dataclasses.replace(cfg, backend="cuda", buffer_id=buffer.normal.buffer_id)
-        layers["jax_ep normal, CUDA kernels"] = lambda p, x: moe.moe_layer(p, x, cuda_cfg)
+        layers["jax_ep normal, backend='cuda'"] = lambda p, x: moe.moe_layer(p, x, cuda_cfg)
 
     def timed(f, *a):
         jax.block_until_ready(f(*a))
@@ -89,7 +91,9 @@ def main():
         x = jax.device_put(x, NamedSharding(mesh, P("ep")))
         for name, layer in layers.items():
             fwd = jax.shard_map(layer, mesh=mesh, in_specs=(specs, P("ep")), out_specs=(P("ep"), P()))
-            loss = lambda p, x, fwd=fwd: jnp.sum(fwd(p, x)[0] ** 2) + fwd(p, x)[1]
+            # One call for y and aux: XLA does not merge two calls of the CUDA
+            # kernels (they have side effects), so calling twice runs the layer twice.
+            loss = lambda p, x, fwd=fwd: (lambda y, aux: jnp.sum(y ** 2) + aux)(*fwd(p, x))
             rows.append((name, timed(jax.jit(lambda p, x, fwd=fwd: fwd(p, x)[0]), params, x),
                          timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)))
 

@@ -5,7 +5,11 @@
 #   * low-latency mode at R = JAX_EP_LL_BENCH_RANKS (default 8), DeepEP's LL configuration
 #   * the same over NVSHMEM puts, two virtual nodes of R/2 ranks, at R = JAX_EP_LL_PUT_BENCH_RANKS
 #     (default "2 4 8"), beside a flat run at the same R (JSON low_latency_R{R}_rpn{R/2}.json)
-#   * the MoE layer against the all_to_all baseline on one GPU (compare_moe.py)
+#   * the MoE layer against the all_to_all baseline on one GPU (compare_moe.py), and piece by
+#     piece (profile_layer.py; JAX_EP_PROFILE_LAYER="" skips it)
+#   * only with JAX_EP_DROPLESS_BENCH=1: dropless rounds with the kernels (dropless_gpu.py), peak
+#     memory and step time per capacity in JAX_EP_DROPLESS_FACTORS (default "worst 2.0 1.25 1.0")
+#     at R in JAX_EP_DROPLESS_RANKS (default 2); JAX_EP_DROPLESS_ARGS adds arguments (e.g. "--tokens 2048")
 # Set a variable to "" to skip that part.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_all.sh OUT_DIR}
@@ -43,6 +47,20 @@ for R in ${JAX_EP_LL_PUT_BENCH_RANKS-2 4 8}; do
     python3 -m jax_ep.launch -n "$R" --timeout 400 benchmarks/bench_low_latency.py \
       --sms "${JAX_EP_LL_SMS:-4,8,16}" --ranks-per-node $((R / 2)) --out "$OUT/bench" || status=1
 done
+if [ -n "${JAX_EP_PROFILE_LAYER-1}" ]; then
+  # The layer's pieces against the baseline's on one GPU (one process, R = 1).
+  python3 benchmarks/profile_layer.py --platform gpu --json "$OUT/bench/profile_layer.json" \
+    2>&1 | tee "$OUT/bench/profile_layer.txt" || status=1
+fi
+if [ -n "${JAX_EP_DROPLESS_BENCH:-}" ]; then
+  # Dropless rounds with the kernels: one run per capacity (each process's peak is its own).
+  for R in ${JAX_EP_DROPLESS_RANKS-2}; do
+    for f in ${JAX_EP_DROPLESS_FACTORS-worst 2.0 1.25 1.0}; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m jax_ep.launch -n "$R" --timeout 500 \
+        benchmarks/dropless_gpu.py --capacity-factor "$f" --out "$OUT/bench" ${JAX_EP_DROPLESS_ARGS:-} || status=1
+    done
+  done
+fi
 if [ -n "${JAX_EP_COMPARE-1}" ]; then
   python3 benchmarks/compare_moe.py --platform gpu --ranks 1 --tokens 2048 --hidden 1024 --ffn 2048 \
     --experts 32 --topk 4 --iters 10 2>&1 | tee "$OUT/bench/compare_moe_gpu.txt" || status=1

@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -42,7 +43,7 @@ from typing import IO, Callable, Sequence
 
 __all__ = [
     "RankInfo", "rank_info", "initialize_distributed", "main",
-    "visible_gpus", "child_environment", "MPSDaemon",
+    "visible_gpus", "child_environment", "rank_command", "MPSDaemon",
 ]
 
 # --------------------------------------------------------------------------
@@ -251,6 +252,21 @@ def child_environment(
 # --------------------------------------------------------------------------
 # CUDA MPS
 # --------------------------------------------------------------------------
+
+
+ENV_RANK_WRAPPER = "JAX_EP_RANK_WRAPPER"
+
+
+def rank_command(cmd: Sequence[str], rank: int, environ: dict | None = None) -> list[str]:
+    """The command that starts rank ``rank``: ``cmd``, behind the wrapper that
+    ``JAX_EP_RANK_WRAPPER`` names, if set (split as a shell would; ``{rank}``
+    in it becomes the rank), e.g. ``compute-sanitizer --tool memcheck
+    --error-exitcode 9``, so that a tool runs each rank process."""
+    env = os.environ if environ is None else environ
+    wrapper = env.get(ENV_RANK_WRAPPER, "").strip()
+    if not wrapper:
+        return list(cmd)
+    return [a.replace("{rank}", str(rank)) for a in shlex.split(wrapper)] + list(cmd)
 
 
 def mps_start_command() -> list[str]:
@@ -619,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             mode = f"on {len(gpus)} GPU(s) [{','.join(gpus)}]" if gpus else "on CPU"
             say(f"{n} rank(s) of {what} {mode}, MPS {'on' if use_mps else 'off'}, coordinator {coordinator}"
                 + (f", starting only rank(s) {','.join(map(str, to_start))}" if len(to_start) < n else ""))
+            if os.environ.get(ENV_RANK_WRAPPER, "").strip():
+                say(f"each rank runs under {ENV_RANK_WRAPPER}={os.environ[ENV_RANK_WRAPPER].strip()!r}")
             if args.log_dir:
                 os.makedirs(args.log_dir, exist_ok=True)
             deadline = time.monotonic() + args.timeout
@@ -629,8 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.log_dir:
                     r.log_file = open(os.path.join(args.log_dir, f"rank{i}.log"), "wb")
                 try:
-                    r.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, start_new_session=True)
+                    r.proc = subprocess.Popen(rank_command(cmd, i), env=env, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
                 except OSError as e:
                     say(f"error: could not start rank {i}: {e}")
                     launch_error = True

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_ep import validation
 from jax_ep.fp8 import per_token_cast_back
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
+from jax_ep.moe_local import local_round
 from jax_ep.normal import combine, dispatch
 from jax_ep.options import BACKENDS, FP8Options, LowLatencyOptions, NormalOptions, check_bool
 from jax_ep.rounds import DispatchRounds, capacity_for_factor, plan_rounds, sum_over_rounds
@@ -447,6 +448,10 @@ def _expert_round(config, options, params, x, topk_idx, topk_weights) -> jax.Arr
     return _expert_round_counted(config, options, params, x, topk_idx, topk_weights)[0]
 
 
+def _local_round(config, options, params, x, topk_idx, topk_weights) -> jax.Array:
+    return local_round(config, options, params, x, topk_idx, topk_weights)[0]
+
+
 def normal_rounds(topk_idx: jax.Array, config: MoEConfig) -> tuple[NormalOptions, DispatchRounds]:
     """Normal mode's options for a call with ``topk_idx [T, K]`` and its
     round plan (``jax_ep.rounds.plan_rounds``); inside ``shard_map``."""
@@ -460,7 +465,9 @@ def normal_rounds(topk_idx: jax.Array, config: MoEConfig) -> tuple[NormalOptions
 def normal_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConfig, *, with_rounds: bool = False):
     """Normal mode: expert-major ``dispatch`` -> ``ragged_dot`` MLP -> ``combine``.
 
-    Call inside ``shard_map`` over ``config.axis_name``. With
+    Call inside ``shard_map`` over ``config.axis_name``. With one rank on the
+    axis the same result comes from a local permutation, with no dispatch
+    (``jax_ep.moe_local.local_round``). With
     ``config.capacity_factor`` (or ``max_rounds`` > 1) the rows that do not
     fit the buffer run in further rounds (``jax_ep.rounds.sum_over_rounds``).
 
@@ -476,12 +483,16 @@ def normal_experts(x: jax.Array, params: dict, routing: Routing, config: MoEConf
       (``(y, DispatchRounds)`` with ``with_rounds``).
     """
     experts = {n: params[n] for n in config.expert_param_names}
+    # One rank: the dispatch is a local permutation (jax_ep.moe_local), no exchange.
+    one_rank = validation.num_ranks_for(config.axis_name, config.backend, config.buffer_id) == 1
+    round_counted = local_round if one_rank else _expert_round_counted
     if config.uses_rounds:
         options, plan = normal_rounds(routing.idx, config)
-        y = sum_over_rounds(functools.partial(_expert_round, config, options), experts, x, routing.idx,
+        round_fn = _local_round if one_rank else _expert_round
+        y = sum_over_rounds(functools.partial(round_fn, config, options), experts, x, routing.idx,
                             routing.weights, plan)
         return (y, plan) if with_rounds else y
-    y, dropped = _expert_round_counted(config, config.normal_options(), experts, x, routing.idx, routing.weights)
+    y, dropped = round_counted(config, config.normal_options(), experts, x, routing.idx, routing.weights)
     if not with_rounds:
         return y
     slots = jnp.where(routing.idx >= 0, 0, -1).astype(jnp.int32)

@@ -214,6 +214,8 @@ def _all_counts(local_counts: jax.Array, num_experts: int, num_ranks: int, axis_
     ``dispatch`` of one token that names one expert of every rank, carrying
     the counts as its float32 row (exact below 2**24), gathers them.
     """
+    if num_ranks == 1:  # nothing to gather (and no kernel to launch)
+        return jnp.int32(0), local_counts[None, :]
     if axis_name is not None:
         me = lax.axis_index(axis_name)
         mine = (jnp.arange(num_ranks) == me)[:, None]

@@ -18,6 +18,17 @@
 #   JAX_EP_TRY_UCX=1            also run the put kernels over NVSHMEM's UCX proxy transport
 #   JAX_EP_GPU_ONLY='regex'     run only the steps whose names match (bash =~)
 #   JAX_EP_GPU_SKIP='regex'     skip the steps whose names match
+#   JAX_EP_SOAK=1               also the soak_* steps (tests/gpu/soak.py): 1,000 dispatch+combine pairs
+#                               per layout at R = 4, 10,000 low-latency pairs at R = 8, each step hashed;
+#                               JAX_EP_SOAK_ARGS adds soak.py arguments (e.g. "--pairs 100")
+#   JAX_EP_SANITIZE=1           also the sanitize_* steps: compute-sanitizer memcheck on every rank of the
+#                               R = 2 intranode and low-latency scripts (JAX_EP_RANK_WRAPPER), racecheck and
+#                               synccheck on the single-device tests; logs in OUT_DIR/sanitize/ (the
+#                               ranks' reports in sanitize/logs_*/rank<i>.log)
+#                               (JAX_EP_SANITIZER: the tool's path; JAX_EP_SANITIZE_MPS: the launcher's
+#                               --mps for those runs, default auto; JAX_EP_SANITIZE_SKIP_CHECKS: checks
+#                               of the rank scripts left out, default 'deepep|nvshmem', the slow shapes
+#                               and NVSHMEM)
 #
 # A machine with no package index gets NVSHMEM, nvshmem4py and pytest from
 # .gpu/deps.tar.xz (scripts/pack_gpu_deps.sh), unpacked here into /tmp/jax_ep_site.
@@ -145,6 +156,44 @@ if [ -n "${JAX_EP_TRY_UCX:-}" ]; then
     step virtual_nodes_ucx_R2 "$OUT/virtual_nodes_ucx.log" \
       timeout --kill-after=30 300 python3 -m jax_ep.launch -n 2 --timeout 240 \
         --log-dir "$OUT/logs_ucx_vn" tests/gpu/multirank_virtual_nodes.py
+fi
+
+# Opt-in soak: many pairs in a row, every step's outputs hashed against its
+# input set's first step (a mismatch or a kernel timeout names the step).
+if [ -n "${JAX_EP_SOAK:-}" ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 \
+    step soak_normal_R4 "$OUT/soak.log" \
+      timeout --kill-after=30 500 python3 -m jax_ep.launch -n 4 --timeout 470 --log-dir "$OUT/logs_soak/normal_R4" \
+        tests/gpu/soak.py --mode normal --pairs 1000 --budget-s 180 ${JAX_EP_SOAK_ARGS:-}
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
+    step soak_low_latency_R8 "$OUT/soak.log" \
+      timeout --kill-after=30 500 python3 -m jax_ep.launch -n 8 --timeout 470 --log-dir "$OUT/logs_soak/ll_R8" \
+        tests/gpu/soak.py --mode low_latency --pairs 10000 --budget-s 360 ${JAX_EP_SOAK_ARGS:-}
+fi
+
+# Opt-in compute-sanitizer runs: memcheck wraps every rank process of the R = 2
+# scripts (through the launcher's JAX_EP_RANK_WRAPPER); racecheck and synccheck
+# run the single-device kernel tests. Exit 9 = the tool found errors.
+if [ -n "${JAX_EP_SANITIZE:-}" ]; then
+  SANITIZER=${JAX_EP_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}
+  mkdir -p "$OUT/sanitize"
+  sanitize_missing() { echo "compute-sanitizer not found (set JAX_EP_SANITIZER)"; return 127; }
+  for f in multirank_intranode multirank_low_latency; do
+    if [ -z "$SANITIZER" ]; then step "sanitize_memcheck_${f#multirank_}_R2" "$OUT/sanitize/memcheck.log" sanitize_missing; continue; fi
+    JAX_EP_RANK_WRAPPER="$SANITIZER --tool memcheck --error-exitcode 9 --print-limit 50" \
+    JAX_EP_SKIP_CHECKS="${JAX_EP_SANITIZE_SKIP_CHECKS-deepep|nvshmem}" \
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
+      step "sanitize_memcheck_${f#multirank_}_R2" "$OUT/sanitize/memcheck.log" \
+        timeout --kill-after=30 "$STEP_TIMEOUT" python3 -m jax_ep.launch -n 2 --mps "${JAX_EP_SANITIZE_MPS:-auto}" \
+          --timeout "$((STEP_TIMEOUT - 60))" --log-dir "$OUT/sanitize/logs_${f#multirank_}" "tests/gpu/$f.py"
+  done
+  for tool in racecheck synccheck; do
+    if [ -z "$SANITIZER" ]; then step "sanitize_${tool}_single" "$OUT/sanitize/$tool.log" sanitize_missing; continue; fi
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" \
+      step "sanitize_${tool}_single" "$OUT/sanitize/$tool.log" \
+        timeout --kill-after=30 "$STEP_TIMEOUT" "$SANITIZER" --tool "$tool" --error-exitcode 9 --print-limit 50 \
+          python3 -m pytest -q tests/gpu/test_single_device_kernels.py
+  done
 fi
 
 step missing_peer "$OUT/missing_peer.log" timeout --kill-after=10 200 python3 tests/gpu/check_missing_peer.py 2

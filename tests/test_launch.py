@@ -196,6 +196,30 @@ def test_module_mode(launcher):
     assert _lines(out, 0) == ["module rank 0 ['a']"] and _lines(out, 1) == ["module rank 1 ['a']"]
 
 
+def test_rank_wrapper_runs_each_rank_behind_a_tool(launcher):
+    """JAX_EP_RANK_WRAPPER prefixes every rank's command ({rank} = the rank),
+    as compute-sanitizer wraps each rank in the GPU suite."""
+    script = launcher.script("""
+        print("WRAPPED", os.environ.get("WRAPPED_AS"), rank)
+    """)
+    rc, out, _ = launcher.run("-n", 2, "--gpus", 0, script, env={"JAX_EP_RANK_WRAPPER": "env WRAPPED_AS=r{rank}"})
+    assert rc == 0, out
+    assert "JAX_EP_RANK_WRAPPER='env WRAPPED_AS=r{rank}'" in out
+    for r in range(2):
+        assert f"WRAPPED r{r} {r}" in _lines(out, r)
+    # The wrapper's own exit code is the rank's (compute-sanitizer --error-exitcode).
+    rc, out, _ = launcher.run("-n", 2, "--gpus", 0, script, env={"JAX_EP_RANK_WRAPPER": "sh -c 'exit 9' x"})
+    assert rc == 9, out
+
+
+def test_rank_command():
+    cmd = ["python", "s.py", "--a"]
+    assert launch.rank_command(cmd, 3, {}) == cmd
+    assert launch.rank_command(cmd, 3, {"JAX_EP_RANK_WRAPPER": "  "}) == cmd
+    assert launch.rank_command(cmd, 3, {"JAX_EP_RANK_WRAPPER": "tool --log 'a b/{rank}.log'"}) == [
+        "tool", "--log", "a b/3.log", "python", "s.py", "--a"]
+
+
 def test_distributed_key_value_exchange_on_cpu(launcher):
     script = launcher.script("""
         import jax_ep.launch as L

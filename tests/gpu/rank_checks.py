@@ -1,18 +1,37 @@
 """PASS/FAIL bookkeeping for the multi-rank GPU scripts (run under jax_ep.launch)."""
 
+import os
+import re
 import time
 import traceback
 
 
 class Checks:
     """``@checks("name")`` runs the function now and records PASS/FAIL;
-    ``checks.exit_code()`` is 1 when any failed."""
+    ``checks.exit_code()`` is 1 when any failed.
 
-    def __init__(self):
+    ``JAX_EP_CHECKS`` / ``JAX_EP_SKIP_CHECKS`` (regular expressions, searched
+    in the name) run only the matching checks / skip the matching ones; every
+    rank must see the same values (a check one rank skips, its peers would
+    wait for)."""
+
+    def __init__(self, environ=None):
         self.results = []
+        env = os.environ if environ is None else environ
+        self.only = env.get("JAX_EP_CHECKS") or None
+        self.skip = env.get("JAX_EP_SKIP_CHECKS") or None
+
+    def selected(self, name: str) -> bool:
+        """Whether the check ``name`` runs under the filters."""
+        if self.only and not re.search(self.only, name):
+            return False
+        return not (self.skip and re.search(self.skip, name))
 
     def __call__(self, name):
         def wrap(fn):
+            if not self.selected(name):
+                print(f"SKIP {name} (JAX_EP_CHECKS / JAX_EP_SKIP_CHECKS)", flush=True)
+                return fn
             t0 = time.time()
             try:
                 fn()
