@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_finish(Args a, Dispatch
     io.fwd_src_node[i] = meta.src_rank / L;
     io.fwd_src_token[i] = meta.token;
     for (int j = 0; j < L; ++j) {
-      io.fwd_dst_row[static_cast<std::size_t>(i) * L + j] =
-          reinterpret_cast<const int*>(node_half(a, l, call, j) + l.out_pos)[static_cast<std::size_t>(l_me) * Cn + i];
+      io.fwd_dst_row[static_cast<std::size_t>(i) * L + j] = *reinterpret_cast<const volatile int*>(
+          node_half(a, l, call, j) + l.out_pos + 4 * (static_cast<std::size_t>(l_me) * Cn + i));
     }
   }
   __syncthreads();
