@@ -71,6 +71,7 @@ using intranode::align_up;
 inline constexpr int kMaxRanks = transport::kMaxPeers;  // 64: the source meta's rank mask is a uint64
 inline constexpr int kMaxLocal = 8;                      // ranks per node
 inline constexpr int kMaxExperts = 2048;                 // shared-memory counters of the notify kernel
+inline constexpr int kMaxLocalExperts = 1024;            // shared-memory counters of the expert-major placement
 inline constexpr int kMaxTopk = intranode::kMaxTopk;
 static_assert(kMaxRanks <= 64, "the source meta's rank mask is one uint64");
 
@@ -112,9 +113,14 @@ struct Shape {
   int capacity;        // C, output rows per rank
   int row_bytes;       // payload bytes of one row (a multiple of 16): dispatch parts together, or y's row
   int cols;            // combine: elements of one row (float32 partials of cols * 4 bytes)
+  int layout = 0;      // dispatch: 0 rank-major, 1 expert-major
+  int alignment = 1;   // dispatch, expert-major: groups start at multiples of this
 
   __host__ __device__ int num_ranks() const { return num_nodes * ranks_per_node; }
   __host__ __device__ int local_experts() const { return num_ranks() > 0 ? num_experts / num_ranks() : 0; }
+  // Output rows per table row and destination: 1 rank-major, K expert-major
+  // (one per top-k slot; the first slot naming a local expert holds its row).
+  __host__ __device__ int slots() const { return layout == 1 ? num_topk : 1; }
 };
 
 // Offsets inside one half (identical on every rank), from the half's start.
@@ -123,7 +129,8 @@ struct Layout {
   std::size_t notify_src, notify_in;  // [N] count messages: this rank's (put source), and from its rail
   std::size_t locals;                 // int [N] table starts on each node, [L] forwarders' valid rows
   std::size_t tmask, send_pos;        // u64 [T] rank mask; int [T, N] index in the stream to node m
-  std::size_t out_pos;                // int [L, Cn]: this rank's output row of each row of its node's tables
+  std::size_t out_pos;                // int [L, Cn, S]: this rank's output row of each row of its node's tables
+  std::size_t local_ids;              // int [L, Cn, K] (expert-major): each row's first-slot local experts here, -1
   std::size_t stage, table;           // [T] / [Cn] tokens of tok_stride: put source; forwarder table
   std::size_t y_stage;                // [C] rows of y (combine)
   std::size_t partial, recv;          // [Cn] float32 partials (put source); [N, T] partials from each node
@@ -154,7 +161,8 @@ struct Layout {
     region(l.locals, 4 * (N + L));
     region(l.tmask, dispatch ? 8 * T : 0);
     region(l.send_pos, dispatch ? 4 * T * N : 0);
-    region(l.out_pos, dispatch ? 4 * L * Cn : 0);
+    region(l.out_pos, dispatch ? 4 * L * Cn * s.slots() : 0);
+    region(l.local_ids, dispatch && s.layout == 1 ? 4 * L * Cn * s.num_topk : 0);
     region(l.stage, moves ? T * l.tok_stride : 0);
     region(l.table, moves ? Cn * l.tok_stride : 0);
     region(l.y_stage, moves ? 0 : static_cast<std::size_t>(s.capacity) * align_up(s.row_bytes, 16));
@@ -195,6 +203,7 @@ struct DispatchIO {
   int* recv_topk_idx;         // [C, K]
   float* recv_topk_weights;   // [C, K]
   int* num_recv_per_expert;   // [E/R]
+  int* expert_group_sizes;    // [E/R] (expert-major; zeros rank-major)
   int* num_kept;              // []
   int* num_needed;            // []
   int* recv_src_rank;         // [C]
@@ -204,7 +213,7 @@ struct DispatchIO {
   int* rdma_slot;             // [T, N] table row of the token on node m's forwarder, -1: none
   int* fwd_src_node;          // [Cn] this rank's table: each row's source node, -1 on empty rows
   int* fwd_src_token;         // [Cn]
-  int* fwd_dst_row;           // [Cn, L] output row on each rank of this node, -1: none
+  int* fwd_dst_row;           // [Cn, L, S] output row on each rank of this node (per slot), -1: none
   int* recv_table_row;        // [C] table row (on the forwarder of the row's source rail) of each output row
 };
 
@@ -216,7 +225,8 @@ cudaError_t launch_dispatch(const Args& a, const DispatchIO& io, int num_blocks,
 // x [T, row_bytes] -> out [C, row_bytes] along a handle (zero padding rows).
 cudaError_t launch_cached_dispatch(const Args& a, const char* x, const int* rdma_slot, const int* recv_src_rank,
                                    const int* recv_table_row, char* out, int num_blocks, cudaStream_t stream);
-// y [C, cols] of `dtype` -> out [T, cols]: float32 sum per node, then over nodes.
+// y [C, cols] of `dtype` -> out [T, cols]: float32 sum per node, then over nodes;
+// fwd_dst_row [Cn, L, S] (a.shape.layout says S).
 cudaError_t launch_combine(const Args& a, DType dtype, const void* y, const int* recv_src_rank,
                            const int* rdma_slot, const int* fwd_src_node, const int* fwd_src_token,
                            const int* fwd_dst_row, void* out, int num_blocks, cudaStream_t stream);

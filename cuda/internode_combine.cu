@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce(Args a, const int* fw
   char* half = my_half(a, l, call);
   const int N = s.num_nodes, L = s.ranks_per_node, Cn = s.node_capacity, T = s.num_tokens, C = s.capacity;
   const int me = a.put.peers.rank, n_me = me / L, h = static_cast<int>(call & 1ull), lane = threadIdx.x % 32;
+  const int S = s.slots();
   const std::size_t half_off = kHeaderBytes + static_cast<std::size_t>(h) * l.half_bytes;
   if (blockIdx.x == 0) {
     __shared__ int count[kMaxRanks];
@@ -114,16 +115,15 @@ __global__ void __launch_bounds__(kThreads) combine_reduce(Args a, const int* fw
       if (lane == 0) ll_put::detail::fail(a.put, intranode::kFailBadHandle, -1, kOpCombineRail, i, t);
       continue;
     }
-    int dst[kMaxLocal];
-    for (int j = 0; j < L; ++j) {
-      const int o = fwd_dst_row[static_cast<std::size_t>(i) * L + j];
-      dst[j] = o < C ? o : -1;
-    }
+    const int* dst = fwd_dst_row + static_cast<std::size_t>(i) * L * S;  // [L, S]
     char* partial = half + l.partial + static_cast<std::size_t>(i) * l.partial_stride;
     for (int c = 4 * lane; c < s.cols; c += 128) {
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int j = 0; j < L; ++j) {
-        if (dst[j] >= 0) add4(acc, load4<D>(rows[j] + static_cast<std::size_t>(dst[j]) * s.row_bytes, c));
+      for (int j = 0; j < L; ++j) {  // ascending local rank, then slot
+        for (int slot = 0; slot < S; ++slot) {
+          const int o = dst[j * S + slot];
+          if (o >= 0 && o < C) add4(acc, load4<D>(rows[j] + static_cast<std::size_t>(o) * s.row_bytes, c));
+        }
       }
       store4<DType::kF32>(partial, c, acc);
     }

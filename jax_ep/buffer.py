@@ -57,7 +57,7 @@ class Buffer:
         no FP8 combine rows. Across nodes the CUDA normal mode runs internode
         mode (docs/internode.md: each token crosses to a node once, then
         NVLink): ``num_nvl_bytes`` sizes its NVSHMEM symmetric buffer
-        (``jax_ep.internode_buffer_bytes``), rank-major layout only.
+        (``jax_ep.internode_buffer_bytes``).
       internode: ``InternodeOptions`` of internode mode (the forwarders'
         table capacity ``num_max_rdma_recv_tokens``).
 
@@ -96,8 +96,7 @@ class Buffer:
         self._nodes = self.ranks_per_node or _topology.ranks_per_node_from_env()
         if "cuda" in (self.normal.backend, self.low_latency.backend):
             self._topo = _topology.discover(self._nodes, timeout_s=120.0)
-            _check_node_support(self._topo, self.normal.backend, self.low_latency, self.ll_transport,
-                                self.normal.layout)
+            _check_node_support(self._topo, self.normal.backend, self.low_latency, self.ll_transport)
             from jax_ep.runtime import agree_on_buffer
 
             agree_on_buffer(self._agreed_config())
@@ -356,8 +355,7 @@ def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
     from jax_ep import cuda_ops
 
     return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)
-def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOptions, ll_transport: str,
-                        normal_layout: str = "rank_major") -> None:
+def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOptions, ll_transport: str) -> None:
     """Across several (virtual) nodes the CUDA normal mode runs internode
     mode's kernels (jax_ep.internode_ops) and the low-latency mode the put
     path: refuse what neither takes, with what would work."""
@@ -367,7 +365,7 @@ def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOp
     if normal_backend == "cuda":
         from jax_ep import internode_ops
 
-        internode_ops.check_supported(topology, normal_layout)
+        internode_ops.check_supported(topology)
     if low_latency.backend != "cuda":
         return
     if ll_transport != "nvshmem":

@@ -11,8 +11,8 @@ operands, outputs and ``DispatchHandle`` fields as within a node; the
 handle's ``extra`` holds the internode plan's arrays (``rdma_slot``,
 ``fwd_src_node``, ``fwd_src_token``, ``fwd_dst_row``, ``recv_table_row``), so
 the gradients go through the same ``custom_vjp``. Built: the rank-major
-layout, BF16/FP16/FP32 rows and FP8 pairs (dispatch), float32 sums per node
-(combine). Not built: the expert-major layout.
+and expert-major layouts, BF16/FP16/FP32 rows and FP8 pairs (dispatch),
+float32 sums per node (combine).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from jax_ep.internode_config import MAX_RANKS_PER_NODE, resolve_internode
 from jax_ep.options import InternodeOptions
 
 __all__ = ["InternodeRuntime", "internode_buffer_bytes", "call_bytes", "check_supported", "node_capacity_for",
-           "MAX_RANKS", "TARGETS"]
+           "MAX_RANKS", "MAX_LOCAL_EXPERTS", "TARGETS"]
 
 MAX_RANKS = 64  # the source meta's rank mask is one uint64 (cuda/internode.cuh)
 MAX_EXPERTS = 2048
+MAX_LOCAL_EXPERTS = 1024
 TARGETS = ("jax_ep_internode_dispatch", "jax_ep_internode_dispatch_fp8", "jax_ep_internode_cached_dispatch",
            "jax_ep_internode_combine")
 _OPS = {"dispatch": 0, "cached_dispatch": 1, "combine": 2}
@@ -63,7 +64,7 @@ class InternodeRuntime(ll_put_runtime.PutRuntime):
         return rt
 
 
-def check_supported(topology: _topology.Topology, layout: str = "rank_major") -> None:
+def check_supported(topology: _topology.Topology) -> None:
     """Raise a clear error for what internode mode's kernels do not take."""
     where = topology.describe()
     if topology.ranks_per_node > MAX_RANKS_PER_NODE:
@@ -74,10 +75,6 @@ def check_supported(topology: _topology.Topology, layout: str = "rank_major") ->
         raise NotImplementedError(
             f"jax_ep: normal.backend='cuda' with {where}: internode mode takes at most {MAX_RANKS} ranks "
             f"(the source meta's rank mask is 64 bits)")
-    if layout != "rank_major":
-        raise NotImplementedError(
-            f"jax_ep: NormalOptions(layout={layout!r}) with {where}: internode mode's kernels build the "
-            f"rank-major layout only; use layout='rank_major' or backend='xla'")
 
 
 def node_capacity_for(options: InternodeOptions, num_nodes: int, num_tokens: int) -> int:
@@ -90,7 +87,8 @@ def _align(v: int, a: int) -> int:
 
 
 def call_bytes(op: str, *, num_tokens: int, num_nodes: int, ranks_per_node: int, node_capacity: int,
-               capacity: int, row_bytes: int, num_topk: int = 0, num_experts: int = 0, cols: int = 0) -> int:
+               capacity: int, row_bytes: int, num_topk: int = 0, num_experts: int = 0, cols: int = 0,
+               layout: str = "rank_major") -> int:
     """Bytes of the buffer one call of ``op`` ("dispatch", "cached_dispatch",
     "combine") needs: the header and two halves (cuda/internode.cuh's
     ``Layout``, restated; tests hold the two together)."""
@@ -104,8 +102,11 @@ def call_bytes(op: str, *, num_tokens: int, num_nodes: int, ranks_per_node: int,
     meta = _align(16 + 8 * num_topk, 16) if dispatch else 0
     tok = meta + _align(row_bytes, 16)
     partial = 4 * cols
+    expert_major = dispatch and layout == "expert_major"
+    slots = num_topk if expert_major else 1
     sizes = [n * msg_stride if dispatch else 0, n * msg_stride if dispatch else 0, 4 * (n + el),
-             8 * t if dispatch else 0, 4 * t * n if dispatch else 0, 4 * el * cn if dispatch else 0,
+             8 * t if dispatch else 0, 4 * t * n if dispatch else 0, 4 * el * cn * slots if dispatch else 0,
+             4 * el * cn * num_topk if expert_major else 0,
              t * tok if moves else 0, cn * tok if moves else 0,
              0 if moves else capacity * _align(row_bytes, 16), 0 if moves else cn * partial,
              0 if moves else n * t * partial]
@@ -117,23 +118,27 @@ def call_bytes(op: str, *, num_tokens: int, num_nodes: int, ranks_per_node: int,
 
 def internode_buffer_bytes(num_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int, *,
                            ranks_per_node: int, capacity: int | None = None, node_capacity: int | None = None,
-                           itemsize: int = 2, fp8: bool = False) -> int:
+                           itemsize: int = 2, fp8: bool = False, layout: str = "rank_major",
+                           expert_alignment: int = 1) -> int:
     """``num_nvl_bytes`` an internode CUDA Buffer needs for dispatch (of
     ``itemsize``-byte rows, or FP8 pairs), cached dispatch and combine of
-    these shapes (``capacity`` default ``R*T``, ``node_capacity`` default
-    ``N*T``). The buffer is NVSHMEM symmetric memory: ``NVSHMEM_SYMMETRIC_SIZE``
+    these shapes in ``layout`` (``capacity`` default the flat dispatch's,
+    ``node_capacity`` default ``N*T``). The buffer is NVSHMEM symmetric memory: ``NVSHMEM_SYMMETRIC_SIZE``
     must hold it (and any other symmetric buffer of the process)."""
     if num_ranks % ranks_per_node:
         raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
     n = num_ranks // ranks_per_node
-    c = capacity or max(num_ranks * num_tokens, 1)
+    from jax_ep.internode_plan import default_output_capacity
+
+    c = capacity or default_output_capacity(layout, num_ranks, num_tokens, num_topk, num_experts // num_ranks,
+                                            expert_alignment)
     cn = node_capacity or max(n * num_tokens, 1)
     row = _align(hidden * itemsize, 16)
     fp8_row = _align(hidden, 16) + _align(4 * (hidden // 128), 16)
     common = dict(num_tokens=num_tokens, num_nodes=n, ranks_per_node=ranks_per_node, node_capacity=cn, capacity=c)
-    sizes = [call_bytes("dispatch", row_bytes=fp8_row if fp8 else row, num_topk=num_topk, num_experts=num_experts,
-                        **common),
-             call_bytes("dispatch", row_bytes=row, num_topk=num_topk, num_experts=num_experts, **common),
+    moves = dict(num_topk=num_topk, num_experts=num_experts, layout=layout)
+    sizes = [call_bytes("dispatch", row_bytes=fp8_row if fp8 else row, **moves, **common),
+             call_bytes("dispatch", row_bytes=row, **moves, **common),
              call_bytes("cached_dispatch", row_bytes=row, **common),
              call_bytes("cached_dispatch", row_bytes=_align(4 * num_topk, 16), **common),
              call_bytes("combine", row_bytes=row, cols=row // itemsize, **common),
@@ -174,7 +179,10 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
     from jax_ep.handle import DispatchHandle
 
     rt = _runtime(spec)
-    check_supported(rt.topology, spec.options.layout)
+    check_supported(rt.topology)
+    if spec.num_local_experts > MAX_LOCAL_EXPERTS:
+        raise ValueError(f"internode mode takes at most {MAX_LOCAL_EXPERTS} experts per rank, got "
+                         f"{spec.num_local_experts}")
     if spec.num_experts > MAX_EXPERTS:
         raise ValueError(f"internode mode takes at most {MAX_EXPERTS} experts, got {spec.num_experts}")
     ops = _ops()
@@ -195,10 +203,12 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
         jax.ShapeDtypeStruct((t, n), jnp.int32),  # rdma_slot
         jax.ShapeDtypeStruct((cn,), jnp.int32),  # fwd_src_node
         jax.ShapeDtypeStruct((cn,), jnp.int32),  # fwd_src_token
-        jax.ShapeDtypeStruct((cn, el), jnp.int32),  # fwd_dst_row
+        jax.ShapeDtypeStruct((cn, el, k if spec.options.layout == "expert_major" else 1), jnp.int32),  # fwd_dst_row
         jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_table_row
     )
-    attrs = dict(_attrs(spec, cn), num_experts=np.int64(spec.num_experts), capacity=np.int64(c), layout=np.int64(0))
+    expert_major = spec.options.layout == "expert_major"
+    attrs = dict(_attrs(spec, cn), num_experts=np.int64(spec.num_experts), capacity=np.int64(c),
+                 layout=np.int64(int(expert_major)), expert_alignment=np.int64(spec.options.expert_alignment))
     if isinstance(x, tuple):
         q, scales = x
         if q.shape[1] % 16 or (scales.shape[1] * scales.dtype.itemsize) % 16:
@@ -215,12 +225,14 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
                                 (jax.ShapeDtypeStruct((c, rows.shape[1]), rows.dtype),) + meta, **ops._COMM)
         res = call(rows, topk_idx, topk_weights, **attrs)
         recv_x, rest = undo(res[0]), res[1:]
-    (idx, w, counts, _group_sizes, kept, needed, src_rank, src_token, in_rank, rdma_slot, fwd_src_node,
+    (idx, w, counts, group_sizes, kept, needed, src_rank, src_token, in_rank, rdma_slot, fwd_src_node,
      fwd_src_token, fwd_dst_row, recv_table_row) = rest
     extra = {"rdma_slot": rdma_slot, "fwd_src_node": fwd_src_node, "fwd_src_token": fwd_src_token,
              "fwd_dst_row": fwd_dst_row, "recv_table_row": recv_table_row}
     handle = DispatchHandle(src_rank, src_token, in_rank, extra=extra, spec=spec)
-    return ops._varying((recv_x, idx, w, counts, None, kept, needed, handle), spec.axis_name)
+    if not expert_major:
+        group_sizes = None
+    return ops._varying((recv_x, idx, w, counts, group_sizes, kept, needed, handle), spec.axis_name)
 
 
 def cached_dispatch(payload: jax.Array, handle) -> jax.Array:

@@ -25,17 +25,18 @@ T, K, E, H, R, L = 8, 2, 8, 256, 4, 2
 
 
 @needs_nvshmem
+@pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
 @pytest.mark.parametrize("op", ["dispatch", "cached_dispatch", "combine"])
 @pytest.mark.parametrize("t,n,el,cn,c", [(4096, 2, 4, 8192, 32768), (37, 2, 2, 74, 148), (5, 4, 1, 3, 20),
                                          (0, 2, 1, 1, 1)])
-def test_python_sizes_equal_the_kernels_layout(op, t, n, el, cn, c):
+def test_python_sizes_equal_the_kernels_layout(op, t, n, el, cn, c, layout):
     """internode_ops.call_bytes restates cuda/internode.cuh's Layout: equal bytes."""
     kw = dict(row_bytes=7168 * 2, num_topk=8 if op == "dispatch" else 0, num_experts=256 if op == "dispatch" else 0,
               cols=7168 if op == "combine" else 0)
     py = internode_ops.call_bytes(op, num_tokens=t, num_nodes=n, ranks_per_node=el, node_capacity=cn, capacity=c,
-                                  **kw)
+                                  layout=layout, **kw)
     cc = nvshmem._module().internode_buffer_bytes(internode_ops._OPS[op], t, kw["num_topk"], kw["num_experts"], n,
-                                                  el, cn, c, kw["row_bytes"], kw["cols"])
+                                                  el, cn, c, kw["row_bytes"], kw["cols"], int(layout == "expert_major"))
     assert py == cc
 
 
@@ -48,6 +49,8 @@ def test_buffer_bytes_cover_every_call_and_grow_with_capacity():
     assert big >= internode_ops.call_bytes("dispatch", row_bytes=1024, num_topk=4, num_experts=32, **common)
     fp8 = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, fp8=True)
     assert fp8 == big  # the combine's BF16 rows need more than FP8 dispatch rows
+    em = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, layout="expert_major")
+    assert em > big  # K rows per token at most, and the placements per slot
     with pytest.raises(ValueError, match="must divide num_ranks"):
         jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=3)
 
@@ -58,8 +61,6 @@ def test_check_supported_names_the_limit():
         internode_ops.check_supported(topo.Topology(32, 16, virtual=True))
     with pytest.raises(NotImplementedError, match="at most 64 ranks"):
         internode_ops.check_supported(topo.Topology(128, 8, virtual=True))
-    with pytest.raises(NotImplementedError, match="rank-major layout only"):
-        internode_ops.check_supported(topo.Topology(8, 4, virtual=True), "expert_major")
 
 
 def test_node_capacity_default_never_drops():
@@ -75,22 +76,24 @@ def test_buffer_rejects_bad_internode_options():
 
 @pytest.mark.parametrize("node_capacity,capacity", [(None, None), (5, None), (None, 9), (3, 6)])
 @pytest.mark.parametrize("el", [1, 2, 4])
-def test_handle_arrays_equal_the_plan(rng, node_capacity, capacity, el):
+@pytest.mark.parametrize("layout,alignment", [("rank_major", 1), ("expert_major", 1), ("expert_major", 4)])
+def test_handle_arrays_equal_the_plan(rng, node_capacity, capacity, el, layout, alignment):
     """The GPU test's numpy handle arrays (np_internode.handle_arrays) equal
     internode_plan.plan_dispatch's, drops at a forwarder and past C included."""
     r, t, k, e = 8, 6, 3, 16
     idxs = [np.where(rng.random((t, k)) < 0.1, -1, rng.integers(0, e, (t, k))).astype(np.int32) for _ in range(r)]
     nn = r // el
     cn = node_capacity or nn * t
-    c = capacity or r * t
+    c = capacity or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
     plan = ip.plan_dispatch(jnp.asarray(np.stack(idxs)), num_experts=e, ranks_per_node=el, capacity=c,
-                            node_capacity=cn)
-    got = npi.handle_arrays(idxs, e, el, c, cn)
+                            node_capacity=cn, layout=layout, expert_alignment=alignment)
+    got = npi.handle_arrays(idxs, e, el, c, cn, layout=layout, alignment=alignment)
     for rank in range(r):
         np.testing.assert_array_equal(got[rank]["rdma_slot"], np.asarray(plan.rdma_slot[rank]))
         np.testing.assert_array_equal(got[rank]["fwd_src_node"], np.asarray(plan.fwd_src_node[rank]))
         np.testing.assert_array_equal(got[rank]["fwd_src_token"], np.asarray(plan.fwd_src_token[rank]))
-        np.testing.assert_array_equal(got[rank]["fwd_dst_row"], np.asarray(plan.fwd_dst_row[rank, :, :, 0]))
+        want_rows = np.asarray(plan.fwd_dst_row[rank])
+        np.testing.assert_array_equal(got[rank]["fwd_dst_row"], want_rows[..., 0] if layout == "rank_major" else want_rows)
         src = np.asarray(plan.recv_src_rank[rank])
         table = np.where(src >= 0, np.asarray(plan.rdma_slot)[np.maximum(src, 0),
                                                                np.maximum(np.asarray(plan.recv_src_token[rank]), 0),
@@ -158,8 +161,95 @@ def test_fp8_dispatch_lowers_to_the_fp8_target(internode_buffer):
 
 
 @needs_extension
-def test_expert_major_is_refused_at_trace_time(internode_buffer):
-    opts = jax_ep.NormalOptions(backend="cuda", buffer_id=7, layout="expert_major")
-    with pytest.raises(NotImplementedError, match="rank-major layout only"):
-        _lower(lambda x, i, w: jax_ep.dispatch(x, i, w, num_experts=E, axis_name=None, options=opts).recv_x,
-               X, IDX, W)
+def test_expert_major_lowers_with_its_slots(internode_buffer):
+    """Expert-major: layout and alignment attributes, fwd_dst_row [Cn, L, K]
+    in the handle and as the combine's operand."""
+    opts = jax_ep.NormalOptions(backend="cuda", buffer_id=7, layout="expert_major", expert_alignment=4)
+
+    def step(x, i, w):
+        o = jax_ep.dispatch(x, i, w, num_experts=E, axis_name=None, options=opts)
+        assert o.expert_group_sizes.shape == (E // R,)
+        assert o.handle.extra["fwd_dst_row"].shape == (2 * T, L, K)
+        return jax_ep.combine(o.recv_x, o.handle)
+
+    lines = _lower(step, X, IDX, W)
+    dispatch = [line for line in lines if "@jax_ep_internode_dispatch(" in line][0]
+    assert "layout = 1" in dispatch and "expert_alignment = 4" in dispatch, dispatch
+    combine = [line for line in lines if "@jax_ep_internode_combine(" in line][0]
+    assert f"tensor<{2 * T}x{L}x{K}xi32>" in combine, combine
+
+
+# --- the kernels' placement, restated step by step --------------------------------
+
+
+def _kernel_placement(idxs, e, el, c, cn, layout, alignment):
+    """What dispatch_scan computes on every rank (cuda/internode_dispatch.cu),
+    restated with its loops: per destination, {output row: (source rank,
+    token, slot)}, the group sizes and the rows kept."""
+    r = len(idxs)
+    nn, le = r // el, e // r
+    tables, _, _ = npi.forwarder_tables(idxs, e, el, cn)  # rows in (source node, token) order
+    out = []
+    for d in range(r):
+        m = d // el
+        segments = [[(n, f, i, tok) for i, (sn, tok, _) in enumerate(tables[m * el + f]) if sn == n]
+                    for n in range(nn) for f in range(el)]  # (source node, rail) order
+        placed, sizes, kept = {}, None, 0
+        if layout == "rank_major":
+            running = 0
+            for seg in segments:
+                for n, f, i, tok in seg:
+                    ids = idxs[n * el + f][tok]
+                    if any(0 <= x < e and x // le == d for x in ids):
+                        if running < c:
+                            placed[running] = (n * el + f, tok, 0)
+                        running += 1
+            kept = min(running, c)
+        else:
+            def first_local(ids):
+                return {int(x) - d * le: k for k, x in enumerate(ids)
+                        if 0 <= x < e and x // le == d and x not in ids[:k]}
+            count = [0] * le
+            for seg in segments:
+                for n, f, i, tok in seg:
+                    for x in first_local(idxs[n * el + f][tok]):
+                        count[x] += 1
+            start, at, sizes = [], 0, []
+            for x in range(le):
+                aligned = -(-count[x] // alignment) * alignment
+                start.append(at)
+                sizes.append(min(at + aligned, c) - min(at, c))
+                at += aligned
+            for x in range(le):
+                running = start[x]
+                for seg in segments:
+                    for n, f, i, tok in seg:
+                        k = first_local(idxs[n * el + f][tok]).get(x)
+                        if k is not None:
+                            if running < c:
+                                placed[running] = (n * el + f, tok, k)
+                            running += 1
+                kept += max(0, min(c - start[x], count[x]))
+        out.append((placed, sizes, kept))
+    return out
+
+
+@pytest.mark.parametrize("layout,alignment", [("rank_major", 1), ("expert_major", 1), ("expert_major", 4)])
+@pytest.mark.parametrize("el,node_capacity,capacity", [(2, None, None), (4, 7, None), (1, None, 20), (2, 5, 17)])
+def test_kernel_placement_equals_the_reference(rng, layout, alignment, el, node_capacity, capacity):
+    """The placement the scan kernel computes (segments in (source node,
+    rail) order, expert-major groups from the delivered counts) equals the
+    numpy reference's rows, group sizes and kept rows."""
+    r, t, k, e = 8, 7, 3, 16
+    idxs = [np.where(rng.random((t, k)) < 0.1, -1, rng.integers(0, e, (t, k))).astype(np.int32) for _ in range(r)]
+    cn = node_capacity or (r // el) * t
+    c = capacity or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
+    xs = [np.arange(t, dtype=np.float32)[:, None] + 100 * s for s in range(r)]
+    ws = [np.ones((t, k), np.float32) for _ in range(r)]
+    refs = npi.dispatch(xs, idxs, ws, e, el, c, cn, layout, alignment)
+    for d, (placed, sizes, kept) in enumerate(_kernel_placement(idxs, e, el, c, cn, layout, alignment)):
+        assert sorted(placed) == sorted(refs[d]["pos"]), d
+        assert [placed[o][:2] for o in refs[d]["pos"]] == refs[d]["src"], d
+        assert kept == len(refs[d]["src"])
+        if layout == "expert_major":
+            np.testing.assert_array_equal(sizes, refs[d]["group_sizes"])

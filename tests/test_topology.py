@@ -167,9 +167,9 @@ def test_virtual_nodes_change_nothing_on_xla(rng):
 
 def test_cuda_buffer_across_nodes_needs_the_put_path():
     """Across (virtual) nodes a CUDA low-latency Buffer runs over NVSHMEM puts
-    (ll_transport='nvshmem'): other transports, FP8 combine rows and the
-    expert-major layout of internode normal mode are refused with what would
-    work."""
+    (ll_transport='nvshmem'): other transports and FP8 combine rows are
+    refused with what would work (internode normal mode's limits:
+    tests/test_internode_ops.py)."""
     opts = jax_ep.LowLatencyOptions(backend="cuda", num_max_dispatch_tokens_per_rank=8)
     with pytest.raises(NotImplementedError, match=r"low_latency.backend='cuda' with 4 virtual nodes of 2 ranks "
                                                   r"\(R = 8\) needs ll_transport='nvshmem'.*got ll_transport='ipc'"):
@@ -178,10 +178,6 @@ def test_cuda_buffer_across_nodes_needs_the_put_path():
     with pytest.raises(NotImplementedError, match=r"combine_fp8=True\) with 4 virtual nodes.*BF16 rows"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=fp8_rows, num_ll_bytes=1 << 20,
                       ll_transport="nvshmem")
-    with pytest.raises(NotImplementedError, match=r"layout='expert_major'\) with 8 virtual nodes.*rank-major "
-                                                  r"layout only"):
-        jax_ep.Buffer(num_experts=E, ranks_per_node=1,
-                      normal=jax_ep.NormalOptions(backend="cuda", layout="expert_major"))
 
 
 def test_discover_over_jax_distributed(tmp_path):

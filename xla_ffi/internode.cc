@@ -7,16 +7,16 @@
 //   jax_ep_internode_dispatch_fp8  (x_fp8 [T, H], scales [T, G], topk_idx, topk_weights) ->
 //       recv_x [C, B] (fp8: recv_x, recv_scales), recv_topk_idx s32[C, K],
 //       recv_topk_weights f32[C, K], num_recv_per_expert s32[E/R], expert_group_sizes
-//       s32[E/R] (zeros), num_kept s32[], num_needed s32[], recv_src_rank s32[C],
+//       s32[E/R] (expert-major; zeros rank-major), num_kept s32[], num_needed s32[], recv_src_rank s32[C],
 //       recv_src_token s32[C], is_token_in_rank pred[T, R], rdma_slot s32[T, N],
-//       fwd_src_node s32[Cn], fwd_src_token s32[Cn], fwd_dst_row s32[Cn, L],
-//       recv_table_row s32[C]
+//       fwd_src_node s32[Cn], fwd_src_token s32[Cn], fwd_dst_row s32[Cn, L, S],
+//       recv_table_row s32[C]   (S = 1 rank-major, K expert-major)
 //   jax_ep_internode_cached_dispatch  x [T, B], rdma_slot, recv_src_rank, recv_table_row -> [C, B]
 //   jax_ep_internode_combine       y [C, B] (bf16/f16/f32), recv_src_rank, rdma_slot,
 //                                  fwd_src_node, fwd_src_token, fwd_dst_row -> [T, B]
 //
 //   attrs: buffer_id, ranks_per_node (L), node_capacity (Cn), num_sms; dispatch also
-//   num_experts, capacity (C), layout (0: rank-major, the only one built).
+//   num_experts, capacity (C), layout (0 rank-major, 1 expert-major), expert_alignment.
 //
 // Row bytes are multiples of 16 (jax_ep.cuda_ops pads them).
 #include <string>
@@ -32,6 +32,7 @@ namespace {
 using I32_0 = ffi::Buffer<ffi::S32, 0>;
 using I32_1 = ffi::Buffer<ffi::S32, 1>;
 using I32_2 = ffi::Buffer<ffi::S32, 2>;
+using I32_3 = ffi::Buffer<ffi::S32, 3>;
 using F32_2 = ffi::Buffer<ffi::F32, 2>;
 using Pred2 = ffi::Buffer<ffi::PRED, 2>;
 
@@ -84,15 +85,19 @@ int blocks(int64_t num_sms) { return static_cast<int>(num_sms > 0 ? num_sms : 1)
 ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, DispatchIO io, int64_t rows,
                     I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id, int64_t ranks_per_node,
                     int64_t node_capacity, int64_t num_sms, int64_t num_experts, int64_t capacity, int64_t layout,
+                    int64_t expert_alignment,
                     ffi::Result<I32_2>& recv_topk_idx, ffi::Result<F32_2>& recv_topk_weights,
                     ffi::Result<I32_1>& num_recv_per_expert, ffi::Result<I32_1>& expert_group_sizes,
                     ffi::Result<I32_0>& num_kept, ffi::Result<I32_0>& num_needed, ffi::Result<I32_1>& recv_src_rank,
                     ffi::Result<I32_1>& recv_src_token, ffi::Result<Pred2>& is_token_in_rank,
                     ffi::Result<I32_2>& rdma_slot, ffi::Result<I32_1>& fwd_src_node,
-                    ffi::Result<I32_1>& fwd_src_token, ffi::Result<I32_2>& fwd_dst_row,
+                    ffi::Result<I32_1>& fwd_src_token, ffi::Result<I32_3>& fwd_dst_row,
                     ffi::Result<I32_1>& recv_table_row) {
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
-  if (layout != 0) return invalid_argument(target, "only the rank-major layout is built for internode mode");
+  if (layout != 0 && layout != 1) return invalid_argument(target, "layout must be 0 (rank-major) or 1 (expert-major)");
+  if (expert_alignment < 1 || !fits_int(expert_alignment)) {
+    return invalid_argument(target, "expert_alignment must be a positive int");
+  }
   if (K < 1 || K > kMaxTopk) return invalid_argument(target, "num_topk must be in [1, 16]");
   if (rows != T) return invalid_argument(target, "x must have one row per token of topk_idx");
   if (!has_shape(topk_weights.dimensions(), {T, K})) {
@@ -103,16 +108,18 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
   }
   Shape shape{Op::kDispatch, static_cast<int>(T), static_cast<int>(K), static_cast<int>(num_experts), 0,
               static_cast<int>(ranks_per_node), static_cast<int>(node_capacity), static_cast<int>(capacity),
-              io.part_bytes[0] + (io.num_parts > 1 ? io.part_bytes[1] : 0), 0};
+              io.part_bytes[0] + (io.num_parts > 1 ? io.part_bytes[1] : 0), 0, static_cast<int>(layout),
+              static_cast<int>(expert_alignment)};
   Call c;
   if (auto err = prepare(target, device, buffer_id, shape, &c); err.failure()) return err;
   const int R = c.buf->num_ranks(), N = c.args.shape.num_nodes, L = c.args.shape.ranks_per_node;
-  if (num_experts < R || num_experts % R != 0 || num_experts > kMaxExperts) {
+  if (num_experts < R || num_experts % R != 0 || num_experts > kMaxExperts || num_experts / R > kMaxLocalExperts) {
     return invalid_argument(target, "num_experts must be a multiple of the rank count " + std::to_string(R) +
                                         " and at most " + std::to_string(kMaxExperts) + ", got " +
                                         std::to_string(num_experts));
   }
-  if (!has_shape(rdma_slot->dimensions(), {T, N}) || !has_shape(fwd_dst_row->dimensions(), {node_capacity, L})) {
+  const int64_t S = layout == 1 ? K : 1;
+  if (!has_shape(rdma_slot->dimensions(), {T, N}) || !has_shape(fwd_dst_row->dimensions(), {node_capacity, L, S})) {
     return invalid_argument(target, "the handle's internode arrays have the wrong shape");
   }
   io.topk_idx = topk_idx.typed_data();
@@ -120,6 +127,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
   io.recv_topk_idx = recv_topk_idx->typed_data();
   io.recv_topk_weights = recv_topk_weights->typed_data();
   io.num_recv_per_expert = num_recv_per_expert->typed_data();
+  io.expert_group_sizes = expert_group_sizes->typed_data();
   io.num_kept = num_kept->typed_data();
   io.num_needed = num_needed->typed_data();
   io.recv_src_rank = recv_src_rank->typed_data();
@@ -147,22 +155,23 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
   set(io.rdma_slot, 0xff, static_cast<std::size_t>(T) * N * 4);
   set(io.fwd_src_node, 0xff, Cn * 4);
   set(io.fwd_src_token, 0xff, Cn * 4);
-  set(io.fwd_dst_row, 0xff, Cn * L * 4);
+  set(io.fwd_dst_row, 0xff, Cn * L * S * 4);
   if (err == cudaSuccess) err = launch_dispatch(c.args, io, blocks(num_sms), stream);
   return launch_status(target, err);
 }
 
 #define JAX_EP_INTERNODE_DISPATCH_PARAMS                                                                          \
   I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity,           \
-      int64_t num_sms, int64_t num_experts, int64_t capacity, int64_t layout
+      int64_t num_sms, int64_t num_experts, int64_t capacity, int64_t layout, int64_t expert_alignment
 #define JAX_EP_INTERNODE_DISPATCH_RESULTS                                                                         \
   ffi::Result<I32_2> recv_topk_idx, ffi::Result<F32_2> recv_topk_weights, ffi::Result<I32_1> num_recv_per_expert, \
       ffi::Result<I32_1> expert_group_sizes, ffi::Result<I32_0> num_kept, ffi::Result<I32_0> num_needed,          \
       ffi::Result<I32_1> recv_src_rank, ffi::Result<I32_1> recv_src_token, ffi::Result<Pred2> is_token_in_rank,   \
       ffi::Result<I32_2> rdma_slot, ffi::Result<I32_1> fwd_src_node, ffi::Result<I32_1> fwd_src_token,            \
-      ffi::Result<I32_2> fwd_dst_row, ffi::Result<I32_1> recv_table_row
+      ffi::Result<I32_3> fwd_dst_row, ffi::Result<I32_1> recv_table_row
 #define JAX_EP_INTERNODE_DISPATCH_FORWARD                                                                         \
   topk_idx, topk_weights, buffer_id, ranks_per_node, node_capacity, num_sms, num_experts, capacity, layout,       \
+      expert_alignment,                                                                                           \
       recv_topk_idx, recv_topk_weights, num_recv_per_expert, expert_group_sizes, num_kept, num_needed,            \
       recv_src_rank, recv_src_token, is_token_in_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,       \
       recv_table_row
@@ -230,7 +239,7 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
 }
 
 ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_src_rank,
-                            I32_2 rdma_slot, I32_1 fwd_src_node, I32_1 fwd_src_token, I32_2 fwd_dst_row,
+                            I32_2 rdma_slot, I32_1 fwd_src_node, I32_1 fwd_src_token, I32_3 fwd_dst_row,
                             int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity, int64_t num_sms,
                             ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_internode_combine";
@@ -251,11 +260,15 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   }
   if (recv_src_rank.dimensions()[0] != C || rdma_slot.dimensions()[0] != T ||
       fwd_src_node.dimensions()[0] != node_capacity || fwd_src_token.dimensions()[0] != node_capacity ||
-      !has_shape(fwd_dst_row.dimensions(), {node_capacity, ranks_per_node})) {
+      fwd_dst_row.dimensions()[0] != node_capacity || fwd_dst_row.dimensions()[1] != ranks_per_node ||
+      fwd_dst_row.dimensions()[2] < 1 || fwd_dst_row.dimensions()[2] > kMaxTopk) {
     return invalid_argument(kTarget, "the handle's arrays disagree with y, out or the node capacity");
   }
-  Shape shape{Op::kCombine, static_cast<int>(T), 0, 0, 0, static_cast<int>(ranks_per_node),
-              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(B * item), static_cast<int>(B)};
+  // num_topk carries the handle's slots S (expert-major: K) for Shape::slots.
+  const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
+  Shape shape{Op::kCombine, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node),
+              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(B * item), static_cast<int>(B),
+              S > 1 ? 1 : 0, 1};
   Call c;
   if (auto err = prepare(kTarget, device, buffer_id, shape, &c); err.failure()) return err;
   if (rdma_slot.dimensions()[1] != c.args.shape.num_nodes) {
@@ -277,7 +290,7 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   .Ret<internode::I32_2>().Ret<internode::F32_2>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
       .Ret<internode::I32_0>().Ret<internode::I32_0>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
       .Ret<internode::Pred2>().Ret<internode::I32_2>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
-      .Ret<internode::I32_2>().Ret<internode::I32_1>()
+      .Ret<internode::I32_3>().Ret<internode::I32_1>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchHandler, internode::InternodeDispatch,
                               ffi::Ffi::Bind()
@@ -289,6 +302,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchHandler, internode::InternodeDisp
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("expert_alignment")
                                   .Ret<ffi::AnyBuffer>() JAX_EP_INTERNODE_DISPATCH_RETS,
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchFp8Handler, internode::InternodeDispatchFp8,
@@ -302,6 +316,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchFp8Handler, internode::InternodeD
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("expert_alignment")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() JAX_EP_INTERNODE_DISPATCH_RETS,
                               {ffi::Traits::kCmdBufferCompatible});
@@ -324,7 +339,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombi
                                   .Arg<internode::I32_2>()
                                   .Arg<internode::I32_1>()
                                   .Arg<internode::I32_1>()
-                                  .Arg<internode::I32_2>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<internode::I32_3>() JAX_EP_INTERNODE_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -16,7 +16,7 @@
 //   self_test_bytes(num_pes), self_test(id, round=1) -> str   "" when it passed
 //   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
 //   registrations() -> dict                  FFI target name -> handler capsule (the put path, internode)
-//   internode_buffer_bytes(op, T, K, E, N, L, Cn, C, row_bytes, cols) -> bytes an internode call needs
+//   internode_buffer_bytes(op, T, K, E, N, L, Cn, C, row_bytes, cols, layout=0) -> bytes an internode call needs
 //   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
 //   destroy_put_buffer(id)
 //   put_buffer_failure(id) -> dict           the failure record: code (0: none), rank, peer, op,
@@ -158,14 +158,14 @@ NB_MODULE(_nvshmem, m) {
       nb::arg("payload"), nb::arg("num_ranks"));
   m.def(
       "internode_buffer_bytes",
-      [](int op, int t, int k, int e, int n, int l, int cn, int c, int row_bytes, int cols) -> std::size_t {
+      [](int op, int t, int k, int e, int n, int l, int cn, int c, int row_bytes, int cols, int layout) -> std::size_t {
         const jax_ep::internode::Shape s{static_cast<jax_ep::internode::Op>(op), t, k, e, n, l, cn, c, row_bytes,
-                                         cols};
+                                         cols, layout, 1};
         return jax_ep::internode::buffer_bytes(s);
       },
       nb::arg("op"), nb::arg("num_tokens"), nb::arg("num_topk"), nb::arg("num_experts"), nb::arg("num_nodes"),
       nb::arg("ranks_per_node"), nb::arg("node_capacity"), nb::arg("capacity"), nb::arg("row_bytes"),
-      nb::arg("cols"));
+      nb::arg("cols"), nb::arg("layout") = 0);
   m.def(
       "copy_to_device",
       [](std::uintptr_t dst, nb::bytes data) {

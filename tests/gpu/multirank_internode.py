@@ -12,8 +12,9 @@ bitwise for every moved row and every handle array (the internode plan's
 ``rdma_slot``, ``fwd_src_node``, ``fwd_src_token``, ``fwd_dst_row``, and
 ``recv_table_row``), DeepEP's calc_diff for sums. Cases: uneven sizes, DeepEP's
 hidden 7168 with top-8, one hot rank, duplicate ids and masks, drops past the
-output capacity and at a forwarder's table, FP8 dispatch, cached dispatch and
-back-to-back routings (both buffer halves), gradients. Other R: skipped.
+output capacity and at a forwarder's table, the expert-major layout (aligned,
+with drops), FP8 dispatch, cached dispatch and back-to-back routings (both
+buffer halves), gradients. Other R: skipped.
 """
 
 import os
@@ -68,12 +69,14 @@ def global_inputs(seed, t, k, e, h, dtype=ml_dtypes.bfloat16, mask_prob=0.05, sk
     return xs, idxs, ws
 
 
-def make_buffer(el, t, h, k, e, capacity=None, node_capacity=None, itemsize=2):
+def make_buffer(el, t, h, k, e, capacity=None, node_capacity=None, itemsize=2, layout="rank_major", alignment=1):
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
-                                           node_capacity=node_capacity, itemsize=itemsize)
+                                           node_capacity=node_capacity, itemsize=itemsize, layout=layout,
+                                           expert_alignment=alignment)
     return jax_ep.Buffer(num_experts=e, axis_name=None, num_nvl_bytes=nbytes, ranks_per_node=el,
                          normal=jax_ep.NormalOptions(backend="cuda", num_sms=max(2, 64 // R),
-                                                     num_max_recv_tokens=capacity),
+                                                     num_max_recv_tokens=capacity, layout=layout,
+                                                     expert_alignment=alignment),
                          internode=jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_capacity),
                          timeout_s=60.0)
 
@@ -93,7 +96,7 @@ def expected_combine(rows_per_rank, refs, t, h):
     return out
 
 
-def check_dispatch(out, refs, flat, handle_ref, name):
+def check_dispatch(out, refs, flat, handle_ref, name, expert_major=False):
     ref = refs[ME]
     np.testing.assert_array_equal(bits(out.recv_x), bits(ref["x"]), err_msg=f"{name}: recv_x")
     np.testing.assert_array_equal(np.asarray(out.recv_topk_idx), ref["idx"], err_msg=f"{name}: recv_topk_idx")
@@ -106,15 +109,21 @@ def check_dispatch(out, refs, flat, handle_ref, name):
     src = [(int(a), int(b)) for a, b in zip(np.asarray(out.handle.recv_src_rank),
                                             np.asarray(out.handle.recv_src_token)) if a >= 0]
     assert src == ref["src"], f"{name}: receive order differs"
+    if expert_major:
+        np.testing.assert_array_equal(np.asarray(out.expert_group_sizes), ref["group_sizes"],
+                                      err_msg=f"{name}: group sizes")
     for key, want in handle_ref[ME].items():
         np.testing.assert_array_equal(np.asarray(out.handle.extra[key]), want, err_msg=f"{name}: handle {key}")
 
 
-def run_case(el, name, seed, t, k, e, h, capacity=None, node_capacity=None, skew=None, distinct=True):
+def run_case(el, name, seed, t, k, e, h, capacity=None, node_capacity=None, skew=None, distinct=True,
+             layout="rank_major", alignment=1):
     xs, idxs, ws = global_inputs(seed, t, k, e, h, skew=skew, distinct=distinct)
-    cap = capacity or R * t
+    em = layout == "expert_major"
+    cap = capacity or (R * t * min(k, e // R) + (e // R) * (alignment - 1) if em else R * t)
     cn = node_capacity or (R // el) * t
-    buf = make_buffer(el, t, h, k, e, capacity=capacity, node_capacity=node_capacity)
+    buf = make_buffer(el, t, h, k, e, capacity=capacity, node_capacity=node_capacity, layout=layout,
+                      alignment=alignment)
 
     @jax.jit
     def step(x, i, w):
@@ -122,9 +131,11 @@ def run_case(el, name, seed, t, k, e, h, capacity=None, node_capacity=None, skew
         return o, buf.combine(o.recv_x, o.handle)
 
     o, back = step(xs[ME], idxs[ME], ws[ME])
-    refs = npi.dispatch(xs, idxs, ws, e, el, cap, cn)
-    flat = npr.dispatch_rank_major(xs, idxs, ws, e, cap)
-    check_dispatch(o, refs, flat, npi.handle_arrays(idxs, e, el, cap, cn, refs), name)
+    refs = npi.dispatch(xs, idxs, ws, e, el, cap, cn, layout, alignment)
+    flat = (npr.dispatch_expert_major(xs, idxs, ws, e, cap, alignment) if em
+            else npr.dispatch_rank_major(xs, idxs, ws, e, cap))
+    handles = npi.handle_arrays(idxs, e, el, cap, cn, refs, layout=layout, alignment=alignment)
+    check_dispatch(o, refs, flat, handles, name, expert_major=em)
     diff = calc_diff(np.asarray(back, np.float32), expected_combine([r["x"] for r in refs], refs, t, h))
     assert diff < 5e-6, f"{name}: combine calc_diff {diff}"
     assert int(buf.status(back)[0]) == 0, f"{name}: status {np.asarray(buf.status(back))}"
@@ -157,6 +168,15 @@ for EL in SHAPES:
     @checks(f"{tag}_forwarder_table_drops")
     def _():
         run_case(EL, "table_drops", 5, 64, 4, 4 * R, 128, node_capacity=70)
+
+    @checks(f"{tag}_expert_major_aligned")
+    def _():
+        run_case(EL, "expert_major", 3, 100, 4, 4 * R, 512, layout="expert_major", alignment=8)
+
+    @checks(f"{tag}_expert_major_drops")
+    def _():
+        run_case(EL, "expert_major_drops", 10, 64, 4, 4 * R, 128, capacity=50, node_capacity=70,
+                 layout="expert_major", alignment=4)
 
     @checks(f"{tag}_fp8_dispatch")
     def _():
