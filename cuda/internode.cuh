@@ -46,8 +46,11 @@
 // Faults (docs/faults.md): every wait goes through sync.cuh's wait_until
 // with the abort word; a failed wait records (code, rank, peer, op, call) in
 // the buffer's record, raises the abort in every rank and returns; every
-// kernel returns at entry once the abort is raised. The buffer is a put-path
-// buffer (xla_ffi/ll_put_buffers.h) and shares its Control header.
+// kernel returns at entry once the abort is raised. Every node barrier
+// compares the call's signature (Shape::signature) with the node's ranks,
+// and a dispatch's rail messages carry it to the rail's: a rank that made a
+// different call is named (kFailMismatch). The buffer is a put-path buffer
+// (xla_ffi/ll_put_buffers.h) and shares its Control header.
 //
 // These kernels link NVSHMEM device code: they live in jax_ep._nvshmem.
 #pragma once
@@ -80,8 +83,9 @@ static_assert(kMaxRanks <= 64, "the source meta's rank mask is one uint64");
 enum RailKind : int { kRailNotify = 0, kRailRows = 1, kRailPartials = 2, kRailKinds = 3 };
 inline constexpr std::size_t kRailWordsOffset = ll_put::kControlBytes;  // u64 [2][kRailKinds][kMaxRanks]
 inline constexpr std::size_t kNodeFlagsOffset = kRailWordsOffset + 2 * kRailKinds * kMaxRanks * 8;  // u64 [2][kMaxLocal]
+inline constexpr std::size_t kNodeSigOffset = kNodeFlagsOffset + 2 * kMaxLocal * 8;  // u64 [2][kMaxLocal]
 inline constexpr std::size_t kHeaderBytes = 4096;
-static_assert(kNodeFlagsOffset + 2 * kMaxLocal * 8 <= kHeaderBytes, "header overflow");
+static_assert(kNodeSigOffset + 2 * kMaxLocal * 8 <= kHeaderBytes, "header overflow");
 static_assert(offsetof(ll_put::Control, abort) + 8 <= ll_put::kControlBytes, "Control must fit its block");
 
 // Source meta of a token in a forwarder's table (16 bytes).
@@ -121,6 +125,20 @@ struct Shape {
   // Output rows per table row and destination: 1 rank-major, K expert-major
   // (one per top-k slot; the first slot naming a local expert holds its row).
   __host__ __device__ int slots() const { return layout == 1 ? num_topk : 1; }
+  // What every rank of a call must agree on (FNV-1a of the fields, never 0):
+  // compared at every node barrier and, in a dispatch, in every rail message.
+  __host__ __device__ unsigned long long signature() const {
+    const int f[12] = {static_cast<int>(op), num_tokens, num_topk, num_experts, num_nodes, ranks_per_node,
+                       node_capacity, capacity, row_bytes, cols, layout, alignment};
+    unsigned long long h = 1469598103934665603ull;
+    for (int i = 0; i < 12; ++i) {
+      for (int b = 0; b < 4; ++b) {
+        h ^= (static_cast<unsigned>(f[i]) >> (8 * b)) & 0xffu;
+        h *= 1099511628211ull;
+      }
+    }
+    return h | 1ull;
+  }
 };
 
 // Offsets inside one half (identical on every rank), from the half's start.
@@ -137,9 +155,10 @@ struct Layout {
   std::size_t half_bytes;
 
   // Message of a source to a forwarder of node m: counts to every node [N],
-  // to each rank of m [L], to each local expert of m's ranks [L * E/R].
+  // to each rank of m [L], to each local expert of m's ranks [L * E/R], and
+  // the call's signature (two ints).
   __host__ __device__ static int msg_ints(const Shape& s) {
-    return s.num_nodes + s.ranks_per_node + s.ranks_per_node * s.local_experts();
+    return s.num_nodes + s.ranks_per_node + s.ranks_per_node * s.local_experts() + 2;
   }
 
   __host__ __device__ static Layout make(const Shape& s) {
@@ -181,6 +200,10 @@ __host__ __device__ inline std::size_t rail_word(int half, int kind, int src_nod
 }
 __host__ __device__ inline std::size_t node_flag(int phase, int src_local) {
   return kNodeFlagsOffset + (static_cast<std::size_t>(phase) * kMaxLocal + src_local) * 8;
+}
+// The signature node peer `src_local` published with its flag of `phase`.
+__host__ __device__ inline std::size_t node_sig(int phase, int src_local) {
+  return kNodeSigOffset + (static_cast<std::size_t>(phase) * kMaxLocal + src_local) * 8;
 }
 
 // What every kernel takes: the put path's arguments (peers, timeout, record;
@@ -286,14 +309,27 @@ __device__ __forceinline__ bool wait_rail(const Args& a, int kind, unsigned long
   return failed == 0;
 }
 
+// A peer's signature differs from this call's: record and raise the abort.
+__device__ __forceinline__ void mismatch(const Args& a, int peer, int op, unsigned long long call,
+                                         unsigned long long theirs) {
+  ll_put::detail::fail(a.put, intranode::kFailMismatch, peer, op, call, theirs);
+}
+
 // One-block kernels: node barrier `phase` (0: data ready, 1: reads done) of
-// the call: store the call's number + 1 into every node peer's flag (its
-// own included, after a system fence), then wait for each peer's.
+// the call: store the call's signature and then (after a system fence) its
+// number + 1 into every node peer's header (its own included), then wait
+// for each peer's flag and compare its signature. A peer rewrites its slot
+// of `phase` only in the next call's barrier of that phase, which it reaches
+// after this rank passed the barrier in between.
 __device__ __forceinline__ bool node_barrier(const Args& a, int phase, unsigned long long call, int op) {
   __shared__ int failed;
   const int L = a.shape.ranks_per_node, me = a.put.peers.rank, first = me / L * L;
+  const unsigned long long sig = a.shape.signature();
   if (threadIdx.x == 0) {
     failed = 0;
+    for (int j = 0; j < L; ++j) {
+      *reinterpret_cast<volatile unsigned long long*>(a.put.peers.mapped[first + j] + node_sig(phase, me % L)) = sig;
+    }
     __threadfence_system();
     for (int j = 0; j < L; ++j) {
       st_release_sys(reinterpret_cast<unsigned long long*>(a.put.peers.mapped[first + j] + node_flag(phase, me % L)),
@@ -307,6 +343,11 @@ __device__ __forceinline__ bool node_barrier(const Args& a, int phase, unsigned 
         wait_until([&] { return ld_acquire_sys(flag) >= call + 1; }, &control(a)->abort, a.put.timeout_ns);
     if (w != kWaitReady) {
       wait_failed(a, w, first + threadIdx.x, op, call + 1);
+      failed = 1;
+    } else if (const unsigned long long theirs = ld_volatile(reinterpret_cast<const unsigned long long*>(
+                   a.put.peers.local + node_sig(phase, threadIdx.x)));
+               theirs != sig) {
+      mismatch(a, first + threadIdx.x, op, call + 1, theirs);
       failed = 1;
     }
   }

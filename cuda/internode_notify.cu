@@ -69,11 +69,14 @@ __global__ void __launch_bounds__(kThreads) notify_send(Args a, const int* topk_
   __syncthreads();
 
   const int mi = Layout::msg_ints(s);
+  const unsigned long long sig = s.signature();
   for (int v = threadIdx.x; v < N * mi; v += blockDim.x) {
     const int m = v / mi, x = v % mi;
-    const int value = x < N       ? cnt_node[x]
-                      : x < N + L ? cnt_rank[m * L + (x - N)]
-                                  : cnt_expert[m * L * le + (x - N - L)];
+    const int value = x < N            ? cnt_node[x]
+                      : x < N + L      ? cnt_rank[m * L + (x - N)]
+                      : x < mi - 2     ? cnt_expert[m * L * le + (x - N - L)]
+                      : x == mi - 2    ? static_cast<int>(sig & 0xffffffffull)
+                                       : static_cast<int>(sig >> 32);
     msg_ints_at(half, l, l.notify_src, m)[x] = value;
   }
   __syncthreads();
@@ -89,15 +92,30 @@ __global__ void __launch_bounds__(kThreads) notify_send(Args a, const int* topk_
   }
 }
 
-// One block: wait for the rail's messages; the row where this rank's stream
-// starts in each forwarder's table (the tokens of earlier source nodes).
+// One block: wait for the rail's messages and compare their signatures; the
+// row where this rank's stream starts in each forwarder's table (the tokens
+// of earlier source nodes).
 __global__ void __launch_bounds__(kThreads) notify_wait(Args a) {
   if (ll_put::detail::block_aborted(a.put, kOpDispatchRail)) return;
   const Layout l = Layout::make(a.shape);
   const unsigned long long call = call_number(a);
   if (!detail::wait_rail(a, kRailNotify, call, kOpDispatchRail)) return;
   char* half = my_half(a, l, call);
-  const int N = a.shape.num_nodes, n_me = a.put.peers.rank / a.shape.ranks_per_node;
+  const int N = a.shape.num_nodes, L = a.shape.ranks_per_node, n_me = a.put.peers.rank / L;
+  const int mi = Layout::msg_ints(a.shape);
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    const auto* msg = reinterpret_cast<volatile const unsigned*>(msg_ints_at(half, l, l.notify_in, n));
+    const unsigned long long theirs = msg[mi - 2] | static_cast<unsigned long long>(msg[mi - 1]) << 32;
+    if (theirs != a.shape.signature()) {
+      detail::mismatch(a, n * L + a.put.peers.rank % L, kOpDispatchRail, call + 1, theirs);
+      failed = 1;
+    }
+  }
+  __syncthreads();
+  if (failed) return;
   auto* start = reinterpret_cast<int*>(half + l.locals);
   for (int m = threadIdx.x; m < N; m += blockDim.x) {
     int sum = 0;

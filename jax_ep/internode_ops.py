@@ -98,7 +98,7 @@ def call_bytes(op: str, *, num_tokens: int, num_nodes: int, ranks_per_node: int,
     r = n * el
     le = num_experts // r if r else 0
     dispatch, moves = op == "dispatch", op != "combine"
-    msg_stride = _align(4 * (n + el + el * le), 16)
+    msg_stride = _align(4 * (n + el + el * le + 2), 16)  # counts and the call's signature
     meta = _align(16 + 8 * num_topk, 16) if dispatch else 0
     tok = meta + _align(row_bytes, 16)
     partial = 4 * cols
