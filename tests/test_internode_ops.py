@@ -253,3 +253,19 @@ def test_kernel_placement_equals_the_reference(rng, layout, alignment, el, node_
         assert kept == len(refs[d]["src"])
         if layout == "expert_major":
             np.testing.assert_array_equal(sizes, refs[d]["group_sizes"])
+
+
+def test_gpu_scripts_compile_and_are_wired(tmp_path):
+    """The GPU test, the fault check and the benchmark byte-compile, and the
+    GPU suite and benchmark runner reach them (multirank_*.py are picked up
+    by name)."""
+    import pathlib
+    import py_compile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in ("tests/gpu/multirank_internode.py", "tests/gpu/internode_stopped_rank.py",
+                 "tests/gpu/check_internode_stopped_rank.py", "benchmarks/bench_internode.py"):
+        py_compile.compile(str(root / path), doraise=True, cfile=str(tmp_path / "check.pyc"))
+    suite = (root / "scripts/gpu_suite.sh").read_text()
+    assert "tests/gpu/multirank_*.py" in suite and "check_internode_stopped_rank.py" in suite
+    assert "bench_internode.py" in (root / "benchmarks/run_all.sh").read_text()
