@@ -269,3 +269,54 @@ def test_gpu_scripts_compile_and_are_wired(tmp_path):
     suite = (root / "scripts/gpu_suite.sh").read_text()
     assert "tests/gpu/multirank_*.py" in suite and "check_internode_stopped_rank.py" in suite
     assert "bench_internode.py" in (root / "benchmarks/run_all.sh").read_text()
+
+
+@pytest.mark.parametrize("el,layout,alignment,capacity,node_capacity",
+                         [(2, "rank_major", 1, 40, 35), (4, "expert_major", 4, 50, 40)])
+def test_gpu_test_checks_accept_the_plan(el, layout, alignment, capacity, node_capacity):
+    """The GPU test's reference and checks (its helpers, run here without a
+    GPU) accept outputs made from internode_plan for every rank: rows, top-k,
+    counts, drops, group sizes, every handle array, and the combine."""
+    import pathlib
+    import types as _types
+
+    import ml_dtypes
+
+    import np_reference as npr
+    from gpu.rank_checks import calc_diff
+
+    src = (pathlib.Path(__file__).parent / "gpu" / "multirank_internode.py").read_text()
+    helpers = src[src.index("def global_inputs"):src.index("for EL in SHAPES:")]
+    r, t, k, e, h = 8, 32, 4, 32, 128
+    em = layout == "expert_major"
+    c = capacity or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
+    cn = node_capacity or (r // el) * t
+    def helpers_of(me):
+        ns = dict(R=r, ME=me, np=np, ml_dtypes=ml_dtypes, npi=npi, npr=npr, calc_diff=calc_diff, jax=jax, jnp=jnp)
+        exec(helpers, ns)  # noqa: S102 - the GPU script's own helpers
+        return ns
+
+    xs, idxs, ws = helpers_of(0)["global_inputs"](5, t, k, e, h)
+    plan = ip.plan_dispatch(jnp.asarray(np.stack(idxs)), num_experts=e, ranks_per_node=el, layout=layout,
+                            capacity=c, node_capacity=cn, expert_alignment=alignment)
+    refs = npi.dispatch(xs, idxs, ws, e, el, c, cn, layout, alignment)
+    flat = (npr.dispatch_expert_major(xs, idxs, ws, e, c, alignment) if em
+            else npr.dispatch_rank_major(xs, idxs, ws, e, c))
+    handles = npi.handle_arrays(idxs, e, el, c, cn, refs, layout=layout, alignment=alignment)
+    rxs = np.asarray(ip.dispatch_two_legs(jnp.asarray(np.stack([x.astype(np.float32) for x in xs])), plan))
+    backs = np.asarray(ip.combine_two_legs(jnp.asarray(np.stack([ref["x"].astype(np.float32) for ref in refs])), plan))
+    rdma_slot = np.asarray(plan.rdma_slot)
+    for me in range(r):
+        ns = helpers_of(me)
+        src_rank, src_tok = np.asarray(plan.recv_src_rank[me]), np.asarray(plan.recv_src_token[me])
+        table_row = np.where(src_rank >= 0, rdma_slot[np.maximum(src_rank, 0), np.maximum(src_tok, 0), me // el], -1)
+        extra = dict(rdma_slot=plan.rdma_slot[me], fwd_src_node=plan.fwd_src_node[me],
+                     fwd_src_token=plan.fwd_src_token[me], fwd_dst_row=plan.fwd_dst_row[me], recv_table_row=table_row)
+        out = _types.SimpleNamespace(
+            recv_x=rxs[me].astype(ml_dtypes.bfloat16), recv_topk_idx=refs[me]["idx"],
+            recv_topk_weights=refs[me]["w"], num_recv_tokens_per_expert=flat[me]["counts"],
+            num_dropped=int(plan.num_dropped[me]), num_recv_rows=int(plan.num_recv_rows[me]),
+            expert_group_sizes=plan.expert_group_sizes[me] if em else None,
+            handle=_types.SimpleNamespace(recv_src_rank=src_rank, recv_src_token=src_tok, extra=extra))
+        ns["check_dispatch"](out, refs, flat, handles, "plan", expert_major=em)
+        assert calc_diff(backs[me], ns["expected_combine"]([ref["x"] for ref in refs], refs, t, h)) < 5e-6
