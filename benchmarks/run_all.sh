@@ -5,6 +5,8 @@
 #   * low-latency mode at R = JAX_EP_LL_BENCH_RANKS (default 8), DeepEP's LL configuration
 #   * the same over NVSHMEM puts, two virtual nodes of R/2 ranks, at R = JAX_EP_LL_PUT_BENCH_RANKS
 #     (default "2 4 8"), beside a flat run at the same R (JSON low_latency_R{R}_rpn{R/2}.json)
+#   * internode normal mode on two virtual nodes of R/2 ranks at R = JAX_EP_INTERNODE_BENCH_RANKS
+#     (default "4 8"), DeepEP's internode configuration (JSON internode_R{R}_rpn{R/2}.json)
 #   * the MoE layer against the all_to_all baseline on one GPU (compare_moe.py), and piece by
 #     piece (profile_layer.py; JAX_EP_PROFILE_LAYER="" skips it)
 #   * only with JAX_EP_DROPLESS_BENCH=1: dropless rounds with the kernels (dropless_gpu.py), peak
@@ -46,6 +48,13 @@ for R in ${JAX_EP_LL_PUT_BENCH_RANKS-2 4 8}; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.3 / $R:.3f}')") \
     python3 -m jax_ep.launch -n "$R" --timeout 400 benchmarks/bench_low_latency.py \
       --sms "${JAX_EP_LL_SMS:-4,8,16}" --ranks-per-node $((R / 2)) --out "$OUT/bench" || status=1
+done
+for R in ${JAX_EP_INTERNODE_BENCH_RANKS-4 8}; do
+  # Its buffer at DeepEP's shape (staged, both halves) is about 2 GiB per rank: a symmetric heap above it.
+  NVSHMEM_SYMMETRIC_SIZE=${JAX_EP_INTERNODE_HEAP:-3221225472} \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.3 / $R:.3f}')") \
+    python3 -m jax_ep.launch -n "$R" --timeout 500 benchmarks/bench_internode.py \
+      --ranks-per-node $((R / 2)) --out "$OUT/bench" || status=1
 done
 if [ -n "${JAX_EP_PROFILE_LAYER-1}" ]; then
   # The layer's pieces against the baseline's on one GPU (one process, R = 1).

@@ -114,8 +114,12 @@ nanobind_add_module(_nvshmem NB_STATIC
   "${_jax_ep_nvshmem_src}/cuda/ll_put_dispatch.cu"
   "${_jax_ep_nvshmem_src}/cuda/ll_put_combine.cu"
   "${_jax_ep_nvshmem_src}/cuda/ll_put_direct.cu"
+  "${_jax_ep_nvshmem_src}/cuda/internode_notify.cu"
+  "${_jax_ep_nvshmem_src}/cuda/internode_dispatch.cu"
+  "${_jax_ep_nvshmem_src}/cuda/internode_combine.cu"
   # Their XLA FFI handlers and buffer registry (plain C++).
   "${_jax_ep_nvshmem_src}/xla_ffi/ll_put.cc"
+  "${_jax_ep_nvshmem_src}/xla_ffi/internode.cc"
   "${_jax_ep_nvshmem_src}/xla_ffi/ll_put_buffers.cc")
 target_include_directories(_nvshmem PRIVATE "${_jax_ep_nvshmem_src}/cuda")
 target_compile_definitions(_nvshmem PRIVATE JAX_EP_WITH_NVSHMEM=1)

@@ -136,7 +136,8 @@ struct PeerTable {
 // Operation codes of timeout records: 0 dispatch, 1 cached dispatch, 2
 // combine (barriers); 3 low-latency dispatch receive, 4 low-latency combine
 // receive; combine waits: 5 for a peer's call to start, 6 for a peer's rows,
-// 7 for ring space.
+// 7 for ring space; internode (cuda/internode.cuh): 10/11 dispatch and
+// 12/13 combine waits on a rank of the rail / of the node.
 inline const char* op_name(int op) {
   switch (op) {
     case 0: return "dispatch";
@@ -147,6 +148,10 @@ inline const char* op_name(int op) {
     case 5: return "combine (waiting for the peer to start the call)";
     case 6: return "combine (waiting for the peer's rows)";
     case 8: return "low-latency combine (waiting for the peer to finish reading this rank's rows)";
+    case 10: return "internode dispatch (waiting for a rank of the rail)";
+    case 11: return "internode dispatch (waiting for a rank of the node)";
+    case 12: return "internode combine (waiting for a rank of the rail)";
+    case 13: return "internode combine (waiting for a rank of the node)";
     default: return "combine (waiting for the peer's sums to free ring space)";
   }
 }

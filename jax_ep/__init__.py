@@ -26,7 +26,8 @@ from jax_ep.low_latency import (
     low_latency_dispatch_send,
 )
 from jax_ep.normal import DispatchOutput, cached_dispatch, combine, dispatch
-from jax_ep.options import FP8Options, LowLatencyOptions, NormalOptions
+from jax_ep.internode_ops import internode_buffer_bytes
+from jax_ep.options import FP8Options, InternodeOptions, LowLatencyOptions, NormalOptions
 from jax_ep.rank_mask import rank_mask_of
 from jax_ep.rounds import DispatchRounds, capacity_for_factor, plan_rounds, sum_over_rounds
 from jax_ep.runtime import intranode_buffer_bytes, low_latency_buffer_bytes
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "BufferMismatchError", "CapacityOverflowError", "checked_errors", "CommunicationError", "DispatchHandle", "DispatchLayout", "DispatchOutput",
-    "FP8Options", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions", "LowLatencyPending",
+    "FP8Options", "InternodeOptions", "internode_buffer_bytes", "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyOptions", "LowLatencyPending",
     "NormalOptions", "RoutingError", "cached_dispatch", "combine", "dispatch",
     "get_dispatch_layout", "intranode_buffer_bytes", "low_latency_buffer_bytes", "low_latency_combine",
     "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch", "low_latency_dispatch_recv",

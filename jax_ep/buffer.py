@@ -24,7 +24,7 @@ from jax_ep import normal as _normal
 from jax_ep import rank_mask as _masks
 from jax_ep import topology as _topology
 from jax_ep import validation
-from jax_ep.options import BACKENDS, LowLatencyOptions, NormalOptions
+from jax_ep.options import BACKENDS, InternodeOptions, LowLatencyOptions, NormalOptions
 
 
 @dataclasses.dataclass
@@ -54,8 +54,12 @@ class Buffer:
         (virtual) nodes the CUDA low-latency mode runs over NVSHMEM puts
         (``ll_transport="nvshmem"``; peers of a rank's own node still through
         pointers, in the same kernels): same outputs and handle, no gradient,
-        no FP8 combine rows. The CUDA normal mode reaches only peers of its
-        own node: across nodes it raises NotImplementedError.
+        no FP8 combine rows. Across nodes the CUDA normal mode runs internode
+        mode (docs/internode.md: each token crosses to a node once, then
+        NVLink): ``num_nvl_bytes`` sizes its NVSHMEM symmetric buffer
+        (``jax_ep.internode_buffer_bytes``).
+      internode: ``InternodeOptions`` of internode mode (the forwarders'
+        table capacity ``num_max_rdma_recv_tokens``).
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.
@@ -70,6 +74,7 @@ class Buffer:
     timeout_s: float = 100.0
     ll_transport: str = "ipc"
     ranks_per_node: int | None = None
+    internode: InternodeOptions = InternodeOptions()
     _destroyed: bool = dataclasses.field(default=False, init=False, repr=False)
     _runtime: object = dataclasses.field(default=None, init=False, repr=False)
     _ll_runtime: object = dataclasses.field(default=None, init=False, repr=False)
@@ -82,6 +87,8 @@ class Buffer:
             raise TypeError(f"normal must be a NormalOptions, got {type(self.normal).__name__}")
         if not isinstance(self.low_latency, LowLatencyOptions):
             raise TypeError(f"low_latency must be a LowLatencyOptions, got {type(self.low_latency).__name__}")
+        if not isinstance(self.internode, InternodeOptions):
+            raise TypeError(f"internode must be an InternodeOptions, got {type(self.internode).__name__}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
         if self.ranks_per_node is not None:
@@ -93,7 +100,13 @@ class Buffer:
             from jax_ep.runtime import agree_on_buffer
 
             agree_on_buffer(self._agreed_config())
-        if self.normal.backend == "cuda":
+        if self.normal.backend == "cuda" and not self._topo.single_node:
+            from jax_ep.internode_ops import InternodeRuntime
+
+            self._runtime = InternodeRuntime.create(self.num_nvl_bytes, self._topo, timeout_s=self.timeout_s,
+                                                    internode=self.internode)
+            self.normal = dataclasses.replace(self.normal, buffer_id=self._runtime.buffer_id)
+        elif self.normal.backend == "cuda":
             from jax_ep.runtime import IntranodeRuntime
 
             self._runtime = IntranodeRuntime.create(self.num_nvl_bytes, timeout_s=self.timeout_s)
@@ -125,7 +138,8 @@ class Buffer:
                   "axis_name": repr(self.axis_name), "num_nvl_bytes": self.num_nvl_bytes,
                   "num_ll_bytes": self.num_ll_bytes, "ll_transport": self.ll_transport,
                   "ranks_per_node": self._nodes}
-        for prefix, options in (("normal", self.normal), ("low_latency", self.low_latency)):
+        for prefix, options in (("normal", self.normal), ("low_latency", self.low_latency),
+                                ("internode", self.internode)):
             for f in dataclasses.fields(options):
                 if f.name != "buffer_id":
                     value = getattr(options, f.name)
@@ -342,18 +356,16 @@ def status(buffer: Buffer, *after, mode: str = "normal") -> jax.Array:
 
     return cuda_ops.status(rt.buffer_id, after, buffer.axis_name)
 def _check_node_support(topology, normal_backend: str, low_latency: LowLatencyOptions, ll_transport: str) -> None:
-    """Across several (virtual) nodes only the low-latency mode has CUDA
-    kernels (over NVSHMEM puts): refuse the rest with what would work."""
+    """Across several (virtual) nodes the CUDA normal mode runs internode
+    mode's kernels (jax_ep.internode_ops) and the low-latency mode the put
+    path: refuse what neither takes, with what would work."""
     if topology.single_node:
         return
     where = topology.describe()
     if normal_backend == "cuda":
-        raise NotImplementedError(
-            f"jax_ep: normal.backend='cuda' with {where}: the normal mode's CUDA kernels reach only peers of "
-            f"their own node (internode normal mode does not exist yet). Use normal.backend='xla' across nodes, "
-            f"or every rank on one host with ranks_per_node unset or {topology.num_ranks} "
-            f"(and {_topology.RANKS_PER_NODE_ENV} unset)"
-        )
+        from jax_ep import internode_ops
+
+        internode_ops.check_supported(topology)
     if low_latency.backend != "cuda":
         return
     if ll_transport != "nvshmem":

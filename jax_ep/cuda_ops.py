@@ -109,9 +109,24 @@ def _buffer_attrs(spec):
     return dict(buffer_id=np.int64(spec.options.buffer_id), num_sms=np.int64(spec.options.num_sms))
 
 
+def _internode_ops(spec):
+    """``jax_ep.internode_ops`` when the call's buffer spans several (virtual)
+    nodes (an ``InternodeRuntime``), else None."""
+    from jax_ep import runtime
+
+    if getattr(runtime.lookup(spec.options.buffer_id), "internode", None) is None:
+        return None
+    from jax_ep import internode_ops
+
+    return internode_ops
+
+
 def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
     """Fused routing + payload dispatch; same outputs as the reference's route + cached_dispatch."""
     from jax_ep.handle import DispatchHandle
+
+    if (inter := _internode_ops(spec)) is not None:
+        return inter.dispatch(x, topk_idx, topk_weights, spec)
 
     r, t, k, c = spec.num_ranks, spec.num_tokens, spec.num_topk, spec.capacity
     local_experts = spec.num_local_experts
@@ -158,6 +173,8 @@ def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
 def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
     """[T, ...] -> [C, ...] along the handle's routing."""
     spec = handle.spec
+    if (inter := _internode_ops(spec)) is not None:
+        return inter.cached_dispatch(payload, handle)
     rows, undo = _rows(payload)
     call = jax.ffi.ffi_call(
         "jax_ep_intranode_cached_dispatch",
@@ -169,6 +186,8 @@ def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
 def combine(y: jax.Array, handle) -> jax.Array:
     """[C, ...] -> [T, ...]: float32 sum of every row into its source token."""
     spec = handle.spec
+    if (inter := _internode_ops(spec)) is not None:
+        return inter.combine(y, handle)
     dtype = y.dtype
     if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         y = y.astype(jnp.float32)  # e.g. FP8 cotangents: sum in float32, round once

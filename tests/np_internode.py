@@ -85,3 +85,51 @@ def dispatch(xs, idxs, ws, num_experts, ranks_per_node, capacity, node_capacity,
             res[d]["dropped"] += lost[d]
             out.append(res[d])
     return out
+
+
+def handle_arrays(idxs, num_experts, ranks_per_node, capacity, node_capacity, refs=None, layout="rank_major",
+                  alignment=1):
+    """Per rank, the internode handle's arrays with loops: rdma_slot [T, N],
+    fwd_src_node / fwd_src_token [Cn], fwd_dst_row [Cn, L] (rank-major) or
+    [Cn, L, K] (expert-major: at the first top-k slot naming the row's
+    expert), recv_table_row [C] (-1 where none). ``refs``: ``dispatch``'s
+    output for the same layout (made here when None)."""
+    r = len(idxs)
+    el = ranks_per_node
+    nn = r // el
+    tables, _, _ = forwarder_tables(idxs, num_experts, el, node_capacity)
+    if refs is None:
+        ws = [np.zeros(i.shape, np.float32) for i in idxs]
+        xs = [np.zeros((i.shape[0], 1), np.float32) for i in idxs]
+        refs = dispatch(xs, idxs, ws, num_experts, el, capacity, node_capacity, layout, alignment)
+    k = idxs[0].shape[1]
+    where = []  # per forwarder: (source node, token) -> table row
+    for f in range(r):
+        where.append({(n, i): row for row, (n, i, _) in enumerate(tables[f])})
+    out = []
+    for rank in range(r):
+        m, l = divmod(rank, el)
+        t = idxs[rank].shape[0]
+        rdma_slot = np.full((t, nn), -1, np.int32)
+        for i in range(t):
+            for mm in range(nn):
+                rdma_slot[i, mm] = where[mm * el + l].get((m, i), -1)
+        fwd_src_node = np.full(node_capacity, -1, np.int32)
+        fwd_src_token = np.full(node_capacity, -1, np.int32)
+        for row, (n, i, _) in enumerate(tables[rank]):
+            fwd_src_node[row], fwd_src_token[row] = n, i
+        fwd_dst_row = np.full((node_capacity, el) + ((k,) if layout == "expert_major" else ()), -1, np.int32)
+        recv_table_row = np.full(capacity, -1, np.int32)
+        out.append(dict(rdma_slot=rdma_slot, fwd_src_node=fwd_src_node, fwd_src_token=fwd_src_token,
+                        fwd_dst_row=fwd_dst_row, recv_table_row=recv_table_row))
+    for d in range(r):
+        m, j = divmod(d, el)
+        for o, (s, i) in zip(refs[d]["pos"], refs[d]["src"]):
+            f = m * el + s % el
+            row = where[f][(s // el, i)]
+            out[d]["recv_table_row"][o] = row
+            if layout == "expert_major":  # the row's first slot holding its expert
+                out[f]["fwd_dst_row"][row, j, int(np.argmax(refs[d]["idx"][o] >= 0))] = o
+            else:
+                out[f]["fwd_dst_row"][row, j] = o
+    return out

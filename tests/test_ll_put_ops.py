@@ -218,8 +218,11 @@ def test_pointer_buffer_keeps_the_pointer_targets(monkeypatch):
 
 @needs_nvshmem
 def test_put_targets_registered_for_cuda():
-    assert nvshmem.register_targets() == tuple(sorted(f"jax_ep_ll_put_{op}" for op in
-                                                      PUT_TARGETS + ("combine_gather_recv", "status")))
+    """jax_ep._nvshmem registers the put path's and internode mode's targets, once."""
+    from jax_ep.internode_ops import TARGETS as INTERNODE_TARGETS
+
+    put = [f"jax_ep_ll_put_{op}" for op in PUT_TARGETS + ("combine_gather_recv", "status")]
+    assert nvshmem.register_targets() == tuple(sorted(put + list(INTERNODE_TARGETS)))
     assert nvshmem.register_targets() is nvshmem.register_targets()  # once
 
 

@@ -166,16 +166,13 @@ def test_virtual_nodes_change_nothing_on_xla(rng):
 
 def test_cuda_buffer_across_nodes_needs_the_put_path():
     """Across (virtual) nodes a CUDA low-latency Buffer runs over NVSHMEM puts
-    (ll_transport='nvshmem'): other transports and the normal mode's CUDA
-    kernels are refused with what would work (FP8 combine rows and
-    gradients run over puts too: tests/test_ll_put_ops.py)."""
+    (ll_transport='nvshmem'): other transports are refused with what would
+    work (FP8 combine rows and gradients run over puts: tests/test_ll_put_ops.py;
+    internode normal mode's limits: tests/test_internode_ops.py).
     opts = jax_ep.LowLatencyOptions(backend="cuda", num_max_dispatch_tokens_per_rank=8)
     with pytest.raises(NotImplementedError, match=r"low_latency.backend='cuda' with 4 virtual nodes of 2 ranks "
                                                   r"\(R = 8\) needs ll_transport='nvshmem'.*got ll_transport='ipc'"):
         jax_ep.Buffer(num_experts=E, ranks_per_node=2, low_latency=opts, num_ll_bytes=1 << 20)
-    with pytest.raises(NotImplementedError, match=r"normal.backend='cuda' with 8 virtual nodes.*internode normal "
-                                                  r"mode does not exist yet"):
-        jax_ep.Buffer(num_experts=E, ranks_per_node=1, normal=jax_ep.NormalOptions(backend="cuda"))
 
 
 def test_discover_over_jax_distributed(tmp_path):

@@ -15,7 +15,8 @@
 //   build_version() -> str                   headers / device library of this build
 //   self_test_bytes(num_pes), self_test(id, round=1) -> str   "" when it passed
 //   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
-//   registrations() -> dict                  FFI target name -> handler capsule (the put path)
+//   registrations() -> dict                  FFI target name -> handler capsule (the put path, internode)
+//   internode_buffer_bytes(op, T, K, E, N, L, Cn, C, row_bytes, cols, layout=0) -> bytes an internode call needs
 //   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
 //   destroy_put_buffer(id)
 //   put_buffer_failure(id) -> dict           the failure record: code (0: none), rank, peer, op,
@@ -32,6 +33,7 @@
 
 #include "handlers_nvshmem.h"
 #include "ll_put_buffers.h"
+#include "../cuda/internode.cuh"
 #include "nvshmem_runtime.h"
 
 #ifndef JAX_EP_VERSION
@@ -62,6 +64,10 @@ nb::dict registrations() {
   targets["jax_ep_ll_put_combine_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineRecvHandler);
   targets["jax_ep_ll_put_combine_gather_recv"] = handler_capsule(jax_ep::LowLatencyPutCombineGatherRecvHandler);
   targets["jax_ep_ll_put_status"] = handler_capsule(jax_ep::LowLatencyPutStatusHandler);
+  targets["jax_ep_internode_dispatch"] = handler_capsule(jax_ep::InternodeDispatchHandler);
+  targets["jax_ep_internode_dispatch_fp8"] = handler_capsule(jax_ep::InternodeDispatchFp8Handler);
+  targets["jax_ep_internode_cached_dispatch"] = handler_capsule(jax_ep::InternodeCachedDispatchHandler);
+  targets["jax_ep_internode_combine"] = handler_capsule(jax_ep::InternodeCombineHandler);
   return targets;
 }
 
@@ -159,6 +165,16 @@ NB_MODULE(_nvshmem, m) {
       },
       nb::arg("num_tokens"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("num_experts"), nb::arg("hidden"),
       nb::arg("payload"), nb::arg("num_ranks"));
+  m.def(
+      "internode_buffer_bytes",
+      [](int op, int t, int k, int e, int n, int l, int cn, int c, int row_bytes, int cols, int layout) -> std::size_t {
+        const jax_ep::internode::Shape s{static_cast<jax_ep::internode::Op>(op), t, k, e, n, l, cn, c, row_bytes,
+                                         cols, layout, 1};
+        return jax_ep::internode::buffer_bytes(s);
+      },
+      nb::arg("op"), nb::arg("num_tokens"), nb::arg("num_topk"), nb::arg("num_experts"), nb::arg("num_nodes"),
+      nb::arg("ranks_per_node"), nb::arg("node_capacity"), nb::arg("capacity"), nb::arg("row_bytes"),
+      nb::arg("cols"), nb::arg("layout") = 0);
   m.def(
       "copy_to_device",
       [](std::uintptr_t dst, nb::bytes data) {

@@ -1,0 +1,267 @@
+"""Internode normal mode on the CUDA backend: the buffer, its sizing, and the
+``jax.ffi.ffi_call`` wrappers of the targets ``jax_ep._nvshmem`` registers
+(xla_ffi/internode.cc, kernels in cuda/internode*.cu).
+
+A ``Buffer(num_experts, normal=NormalOptions(backend="cuda"))`` whose ranks
+span several (virtual) nodes creates an ``InternodeRuntime``: an NVSHMEM
+symmetric buffer of ``num_nvl_bytes`` (peers of this rank's node through
+``nvshmem_ptr``, the rest through NVSHMEM puts), and ``jax_ep.cuda_ops``
+sends its ``dispatch``, ``cached_dispatch`` and ``combine`` here. Same
+operands, outputs and ``DispatchHandle`` fields as within a node; the
+handle's ``extra`` holds the internode plan's arrays (``rdma_slot``,
+``fwd_src_node``, ``fwd_src_token``, ``fwd_dst_row``, ``recv_table_row``), so
+the gradients go through the same ``custom_vjp``. Built: the rank-major
+and expert-major layouts, BF16/FP16/FP32 rows and FP8 pairs (dispatch),
+float32 sums per node (combine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import ll_put_runtime
+from jax_ep import topology as _topology
+from jax_ep.internode_config import MAX_RANKS_PER_NODE, resolve_internode
+from jax_ep.options import InternodeOptions
+
+__all__ = ["InternodeRuntime", "internode_buffer_bytes", "call_bytes", "check_supported", "node_capacity_for",
+           "MAX_RANKS", "MAX_LOCAL_EXPERTS", "TARGETS"]
+
+MAX_RANKS = 64  # the source meta's rank mask is one uint64 (cuda/internode.cuh)
+MAX_EXPERTS = 2048
+MAX_LOCAL_EXPERTS = 1024
+TARGETS = ("jax_ep_internode_dispatch", "jax_ep_internode_dispatch_fp8", "jax_ep_internode_cached_dispatch",
+           "jax_ep_internode_combine")
+_OPS = {"dispatch": 0, "cached_dispatch": 1, "combine": 2}
+_HEADER_BYTES = 4096
+_ALIGN = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class InternodeRuntime(ll_put_runtime.PutRuntime):
+    """One rank's internode buffer: a put-path buffer (``buffer_id`` in
+    ``jax_ep._nvshmem``'s id space) and the ``InternodeOptions`` it was made
+    with."""
+
+    internode: InternodeOptions = InternodeOptions()
+    xla_memory_note = "internode normal mode stages every row in its symmetric buffer"
+
+    @staticmethod
+    def create(num_bytes: int, topology: _topology.Topology, *, timeout_s: float = 100.0,
+               internode: InternodeOptions = InternodeOptions()) -> "InternodeRuntime":
+        """Allocate and register the buffer (collective: every rank, same order)."""
+        from jax_ep import runtime
+
+        put = ll_put_runtime.PutRuntime.create(num_bytes, topology, timeout_s=timeout_s)
+        fields = {f.name: getattr(put, f.name) for f in dataclasses.fields(ll_put_runtime.PutRuntime)}
+        rt = InternodeRuntime(**fields, internode=internode)
+        with runtime._lock:
+            runtime._live[rt.buffer_id] = rt
+        return rt
+
+
+def check_supported(topology: _topology.Topology) -> None:
+    """Raise a clear error for what internode mode's kernels do not take."""
+    where = topology.describe()
+    if topology.ranks_per_node > MAX_RANKS_PER_NODE:
+        raise NotImplementedError(
+            f"jax_ep: normal.backend='cuda' with {where}: internode mode takes at most {MAX_RANKS_PER_NODE} ranks "
+            f"per node (one forwarder warp per NVLink peer); set ranks_per_node <= {MAX_RANKS_PER_NODE}")
+    if topology.num_ranks > MAX_RANKS:
+        raise NotImplementedError(
+            f"jax_ep: normal.backend='cuda' with {where}: internode mode takes at most {MAX_RANKS} ranks "
+            f"(the source meta's rank mask is 64 bits)")
+
+
+def node_capacity_for(options: InternodeOptions, num_nodes: int, num_tokens: int) -> int:
+    """``Cn``: ``options.num_max_rdma_recv_tokens``, else ``N * T`` (never drops)."""
+    return options.num_max_rdma_recv_tokens or max(num_nodes * num_tokens, 1)
+
+
+def _align(v: int, a: int) -> int:
+    return -(-v // a) * a
+
+
+def call_bytes(op: str, *, num_tokens: int, num_nodes: int, ranks_per_node: int, node_capacity: int,
+               capacity: int, row_bytes: int, num_topk: int = 0, num_experts: int = 0, cols: int = 0,
+               layout: str = "rank_major") -> int:
+    """Bytes of the buffer one call of ``op`` ("dispatch", "cached_dispatch",
+    "combine") needs: the header and two halves (cuda/internode.cuh's
+    ``Layout``, restated; tests hold the two together)."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
+    t, n, el, cn = num_tokens, num_nodes, ranks_per_node, node_capacity
+    r = n * el
+    le = num_experts // r if r else 0
+    dispatch, moves = op == "dispatch", op != "combine"
+    msg_stride = _align(4 * (n + el + el * le + 2), 16)  # counts and the call's signature
+    meta = _align(16 + 8 * num_topk, 16) if dispatch else 0
+    tok = meta + _align(row_bytes, 16)
+    partial = 4 * cols
+    expert_major = dispatch and layout == "expert_major"
+    slots = num_topk if expert_major else 1
+    sizes = [n * msg_stride if dispatch else 0, n * msg_stride if dispatch else 0, 4 * (n + el),
+             8 * t if dispatch else 0, 4 * t * n if dispatch else 0, 4 * el * cn * slots if dispatch else 0,
+             4 * el * cn * num_topk if expert_major else 0,
+             t * tok if moves else 0, cn * tok if moves else 0,
+             0 if moves else capacity * _align(row_bytes, 16), 0 if moves else cn * partial,
+             0 if moves else n * t * partial]
+    half = 0
+    for s in sizes:
+        half = _align(half + s, _ALIGN)
+    return _HEADER_BYTES + 2 * half
+
+
+def internode_buffer_bytes(num_tokens: int, hidden: int, num_ranks: int, num_topk: int, num_experts: int, *,
+                           ranks_per_node: int, capacity: int | None = None, node_capacity: int | None = None,
+                           itemsize: int = 2, fp8: bool = False, layout: str = "rank_major",
+                           expert_alignment: int = 1) -> int:
+    """``num_nvl_bytes`` an internode CUDA Buffer needs for dispatch (of
+    ``itemsize``-byte rows, or FP8 pairs), cached dispatch and combine of
+    these shapes in ``layout`` (``capacity`` default the flat dispatch's,
+    ``node_capacity`` default ``N*T``). The buffer is NVSHMEM symmetric memory: ``NVSHMEM_SYMMETRIC_SIZE``
+    must hold it (and any other symmetric buffer of the process)."""
+    if num_ranks % ranks_per_node:
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
+    n = num_ranks // ranks_per_node
+    from jax_ep.internode_plan import default_output_capacity
+
+    c = capacity or default_output_capacity(layout, num_ranks, num_tokens, num_topk, num_experts // num_ranks,
+                                            expert_alignment)
+    cn = node_capacity or max(n * num_tokens, 1)
+    row = _align(hidden * itemsize, 16)
+    fp8_row = _align(hidden, 16) + _align(4 * (hidden // 128), 16)
+    common = dict(num_tokens=num_tokens, num_nodes=n, ranks_per_node=ranks_per_node, node_capacity=cn, capacity=c)
+    moves = dict(num_topk=num_topk, num_experts=num_experts, layout=layout)
+    sizes = [call_bytes("dispatch", row_bytes=fp8_row if fp8 else row, **moves, **common),
+             call_bytes("dispatch", row_bytes=row, **moves, **common),
+             call_bytes("cached_dispatch", row_bytes=row, **common),
+             call_bytes("cached_dispatch", row_bytes=_align(4 * num_topk, 16), **common),
+             call_bytes("combine", row_bytes=row, cols=row // itemsize, **common),
+             call_bytes("combine", row_bytes=_align(4 * num_topk, 16), cols=_align(4 * num_topk, 16) // 4, **common)]
+    return max(sizes)
+
+
+# --- the calls ---------------------------------------------------------------------
+
+
+def _runtime(spec) -> InternodeRuntime:
+    from jax_ep import runtime
+
+    return runtime.lookup(spec.options.buffer_id)
+
+
+def _attrs(spec, node_capacity: int) -> dict:
+    rt = _runtime(spec)
+    return dict(buffer_id=np.int64(rt.buffer_id), ranks_per_node=np.int64(rt.topology.ranks_per_node),
+                node_capacity=np.int64(node_capacity), num_sms=np.int64(spec.options.num_sms))
+
+
+def _node_capacity(spec) -> int:
+    rt = _runtime(spec)
+    return node_capacity_for(rt.internode, rt.topology.num_nodes, spec.num_tokens)
+
+
+def _ops():
+    from jax_ep import cuda_ops
+
+    return cuda_ops
+
+
+def dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array, spec):
+    """Fused routing + payload dispatch across nodes; the outputs of
+    ``cuda_ops.dispatch`` (rank-major), the handle's ``extra`` the internode
+    arrays."""
+    from jax_ep.handle import DispatchHandle
+
+    rt = _runtime(spec)
+    check_supported(rt.topology)
+    if spec.num_local_experts > MAX_LOCAL_EXPERTS:
+        raise ValueError(f"internode mode takes at most {MAX_LOCAL_EXPERTS} experts per rank, got "
+                         f"{spec.num_local_experts}")
+    if spec.num_experts > MAX_EXPERTS:
+        raise ValueError(f"internode mode takes at most {MAX_EXPERTS} experts, got {spec.num_experts}")
+    ops = _ops()
+    r, t, k, c = spec.num_ranks, spec.num_tokens, spec.num_topk, spec.capacity
+    n, el = rt.topology.num_nodes, rt.topology.ranks_per_node
+    cn = _node_capacity(spec)
+    le = spec.num_local_experts
+    meta = (
+        jax.ShapeDtypeStruct((c, k), jnp.int32),  # recv_topk_idx
+        jax.ShapeDtypeStruct((c, k), jnp.float32),  # recv_topk_weights
+        jax.ShapeDtypeStruct((le,), jnp.int32),  # num_recv_tokens_per_expert
+        jax.ShapeDtypeStruct((le,), jnp.int32),  # expert_group_sizes
+        jax.ShapeDtypeStruct((), jnp.int32),  # kept
+        jax.ShapeDtypeStruct((), jnp.int32),  # needed
+        jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_src_rank
+        jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_src_token
+        jax.ShapeDtypeStruct((t, r), jnp.bool_),  # is_token_in_rank
+        jax.ShapeDtypeStruct((t, n), jnp.int32),  # rdma_slot
+        jax.ShapeDtypeStruct((cn,), jnp.int32),  # fwd_src_node
+        jax.ShapeDtypeStruct((cn,), jnp.int32),  # fwd_src_token
+        jax.ShapeDtypeStruct((cn, el, k if spec.options.layout == "expert_major" else 1), jnp.int32),  # fwd_dst_row
+        jax.ShapeDtypeStruct((c,), jnp.int32),  # recv_table_row
+    )
+    expert_major = spec.options.layout == "expert_major"
+    attrs = dict(_attrs(spec, cn), num_experts=np.int64(spec.num_experts), capacity=np.int64(c),
+                 layout=np.int64(int(expert_major)), expert_alignment=np.int64(spec.options.expert_alignment))
+    if isinstance(x, tuple):
+        q, scales = x
+        if q.shape[1] % 16 or (scales.shape[1] * scales.dtype.itemsize) % 16:
+            raise ValueError(f"internode FP8 dispatch needs rows of 16-byte multiples: hidden % 512 == 0 with float32 "
+                             f"scales, got x_fp8 {q.shape}, scales {scales.shape} {scales.dtype}")
+        outs = (jax.ShapeDtypeStruct((c,) + q.shape[1:], q.dtype),
+                jax.ShapeDtypeStruct((c,) + scales.shape[1:], scales.dtype))
+        call = jax.ffi.ffi_call("jax_ep_internode_dispatch_fp8", outs + meta, **ops._COMM)
+        res = call(q, scales, topk_idx, topk_weights, **attrs)
+        recv_x, rest = (res[0], res[1]), res[2:]
+    else:
+        rows, undo = ops._rows(x)
+        call = jax.ffi.ffi_call("jax_ep_internode_dispatch",
+                                (jax.ShapeDtypeStruct((c, rows.shape[1]), rows.dtype),) + meta, **ops._COMM)
+        res = call(rows, topk_idx, topk_weights, **attrs)
+        recv_x, rest = undo(res[0]), res[1:]
+    (idx, w, counts, group_sizes, kept, needed, src_rank, src_token, in_rank, rdma_slot, fwd_src_node,
+     fwd_src_token, fwd_dst_row, recv_table_row) = rest
+    extra = {"rdma_slot": rdma_slot, "fwd_src_node": fwd_src_node, "fwd_src_token": fwd_src_token,
+             "fwd_dst_row": fwd_dst_row, "recv_table_row": recv_table_row}
+    handle = DispatchHandle(src_rank, src_token, in_rank, extra=extra, spec=spec)
+    if not expert_major:
+        group_sizes = None
+    return ops._varying((recv_x, idx, w, counts, group_sizes, kept, needed, handle), spec.axis_name)
+
+
+def cached_dispatch(payload: jax.Array, handle) -> jax.Array:
+    """[T, ...] -> [C, ...] along the handle's routing, across nodes."""
+    spec = handle.spec
+    ops = _ops()
+    rows, undo = ops._rows(payload)
+    cn = handle.extra["fwd_src_node"].shape[0]
+    call = jax.ffi.ffi_call("jax_ep_internode_cached_dispatch",
+                            jax.ShapeDtypeStruct((spec.capacity, rows.shape[1]), rows.dtype), **ops._COMM)
+    out = call(rows, handle.extra["rdma_slot"], handle.recv_src_rank, handle.extra["recv_table_row"],
+               **_attrs(spec, cn))
+    return ops._varying(undo(out), spec.axis_name)
+
+
+def combine(y: jax.Array, handle) -> jax.Array:
+    """[C, ...] -> [T, ...]: each node's rows of a token summed in float32 at
+    its forwarder, then one partial per node summed at the source (float32,
+    rounded once to y's dtype)."""
+    spec = handle.spec
+    ops = _ops()
+    dtype = y.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        y = y.astype(jnp.float32)
+    rows, undo = ops._rows(y)  # 16-byte rows: whole float4 groups of bf16/f16/f32
+    cols = rows.shape[1]
+    cn = handle.extra["fwd_src_node"].shape[0]
+    call = jax.ffi.ffi_call("jax_ep_internode_combine",
+                            jax.ShapeDtypeStruct((spec.num_tokens, cols), rows.dtype), **ops._COMM)
+    out = call(rows, handle.recv_src_rank, handle.extra["rdma_slot"], handle.extra["fwd_src_node"],
+               handle.extra["fwd_src_token"], handle.extra["fwd_dst_row"], **_attrs(spec, cn))
+    return ops._varying(undo(out).astype(dtype), spec.axis_name)
