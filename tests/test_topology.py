@@ -168,7 +168,7 @@ def test_cuda_buffer_across_nodes_needs_the_put_path():
     """Across (virtual) nodes a CUDA low-latency Buffer runs over NVSHMEM puts
     (ll_transport='nvshmem'): other transports are refused with what would
     work (FP8 combine rows and gradients run over puts: tests/test_ll_put_ops.py;
-    internode normal mode's limits: tests/test_internode_ops.py).
+    internode normal mode's limits: tests/test_internode_ops.py)."""
     opts = jax_ep.LowLatencyOptions(backend="cuda", num_max_dispatch_tokens_per_rank=8)
     with pytest.raises(NotImplementedError, match=r"low_latency.backend='cuda' with 4 virtual nodes of 2 ranks "
                                                   r"\(R = 8\) needs ll_transport='nvshmem'.*got ll_transport='ipc'"):
