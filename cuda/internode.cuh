@@ -33,11 +33,17 @@
 // call has a rail exchange in which each rank signals and waits for every
 // rank of its rail, and a node barrier pair (A: data ready; B: reads done)
 // in which each rank signals and waits for every rank of its node; a rank
-// reads its node peers' memory only between A and B, or memory that only its
-// owner writes. So a peer writes half h of call n + 2 only after this rank
-// signalled it in call n + 1, i.e. after this rank's call n ended, and this
-// rank's call n ended only after its node peers passed barrier B of call n:
-// no one rewrites memory still being read. Puts read their source (this
+// reads its node peers' memory between A and B (and, in dispatch_finish,
+// their placements after B). So a peer writes half h of call n + 2 only
+// after this rank signalled it in call n + 1, i.e. after this rank's call n
+// ended, and this rank's call n ended only after its node peers passed
+// barrier B of call n. The reads after B are safe too, although each op
+// lays its half out differently (a later call's puts may land on any
+// region): a rank ends call n + 1 only after every rank entered it (its
+// node's barrier A follows each node rank's rail wait in a dispatch or
+// cached dispatch; in a combine its rail wait needs each forwarder's
+// partials, sent after that forwarder's barrier A), so no put of call n + 2
+// lands before every rank left call n. Puts read their source (this
 // rank's symmetric staging) until delivered; it is rewritten two calls later,
 // after its receivers signalled call n + 1, which they did after waiting for
 // the put. Rail signal words count arrivals (transport.cuh) and are reset by

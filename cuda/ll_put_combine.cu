@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < intranode::kMaxTopk; ++k) {
       w[k] = 0.0f;
       raw[k] = Raw{};
-      if (k < K && ids[k] >= 0) {
+      if (k < K && ids[k] >= 0 && ids[k] < s.num_experts) {
         int f = 0;
         while (ids[f] != ids[k]) ++f;  // the first slot naming the expert holds its row
         const char* row = rows + (static_cast<std::size_t>(t) * K + f) * row_bytes;

@@ -71,7 +71,7 @@ __device__ void put_token(const Args& a, const Layout& l, int half, const int* t
   const std::size_t stride = message_stride(s);
   for (int k = warp; k < K; k += kWarps) {
     const int e = ids[k];
-    if (e < 0 || !first_slot(ids, k) || detail::skips(a, e / le)) continue;
+    if (e < 0 || e >= s.num_experts || !first_slot(ids, k) || detail::skips(a, e / le)) continue;
     const int index = earlier_tokens_naming(topk_idx, t, K, e, lane);
     const int dst = e / le, li = e % le;
     const std::size_t slot = l.dispatch_rows + half * l.dispatch_rows_half +
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int i = threadIdx.x; i < s.num_tokens * K; i += blockDim.x) {
       const int e = topk_idx[i];
-      if (e >= 0 && first_slot(topk_idx + i / K * K, i % K)) atomicAdd(&count[e], 1);
+      if (e >= 0 && e < s.num_experts && first_slot(topk_idx + i / K * K, i % K)) atomicAdd(&count[e], 1);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < s.num_experts; e += blockDim.x) {
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
     char* msgs = stage + static_cast<std::size_t>(t) * K * stride;
     if (per_slot) {
       for (int k = 0; k < K; ++k) {  // uniform across the block
-        if (ids[k] < 0 || !first_slot(ids, k)) continue;
+        if (ids[k] < 0 || ids[k] >= s.num_experts || !first_slot(ids, k)) continue;
         build_message(s, x + (static_cast<long long>(t) * K + k) * s.hidden, ids, t, msgs + k * stride);
       }
     } else {

@@ -122,6 +122,14 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
   if (!has_shape(rdma_slot->dimensions(), {T, N}) || !has_shape(fwd_dst_row->dimensions(), {node_capacity, L, S})) {
     return invalid_argument(target, "the handle's internode arrays have the wrong shape");
   }
+  // The memsets and kernels write C, Cn, T and E/R rows of these.
+  if (!has_shape(recv_topk_idx->dimensions(), {capacity, K}) || !has_shape(recv_topk_weights->dimensions(), {capacity, K}) ||
+      recv_src_rank->dimensions()[0] != capacity || recv_src_token->dimensions()[0] != capacity ||
+      recv_table_row->dimensions()[0] != capacity || fwd_src_node->dimensions()[0] != node_capacity ||
+      fwd_src_token->dimensions()[0] != node_capacity || !has_shape(is_token_in_rank->dimensions(), {T, R}) ||
+      num_recv_per_expert->dimensions()[0] != num_experts / R || expert_group_sizes->dimensions()[0] != num_experts / R) {
+    return invalid_argument(target, "the outputs disagree with T, C, node_capacity, K or E/R");
+  }
   io.topk_idx = topk_idx.typed_data();
   io.topk_weights = topk_weights.typed_data();
   io.recv_topk_idx = recv_topk_idx->typed_data();
@@ -187,6 +195,9 @@ ffi::Error InternodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   if (io.part_bytes[0] % 16 != 0 || io.part_bytes[0] == 0) {
     return invalid_argument(kTarget, "rows of x must be a nonzero multiple of 16 bytes");
   }
+  if (rows_of(*recv_x) != capacity || static_cast<int64_t>(x.size_bytes()) != rows_of(x) * io.part_bytes[0]) {
+    return invalid_argument(kTarget, "recv_x must be [capacity, ...] with the rows of x");
+  }
   return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
@@ -209,6 +220,11 @@ ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuf
     }
   }
   if (rows_of(scales) != rows_of(x)) return invalid_argument(kTarget, "scales must have one row per row of x");
+  if (rows_of(*recv_x) != capacity || rows_of(*recv_scales) != capacity ||
+      static_cast<int64_t>(x.size_bytes()) != rows_of(x) * io.part_bytes[0] ||
+      static_cast<int64_t>(scales.size_bytes()) != rows_of(x) * io.part_bytes[1]) {
+    return invalid_argument(kTarget, "recv_x and recv_scales must be [capacity, ...] with the rows of x and scales");
+  }
   return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
@@ -219,8 +235,9 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
   constexpr const char* kTarget = "jax_ep_internode_cached_dispatch";
   const int64_t T = rows_of(x), C = rows_of(*out), row = row_bytes_of(*out);
   if (row % 16 != 0 || row == 0) return invalid_argument(kTarget, "rows must be a nonzero multiple of 16 bytes");
-  if (rdma_slot.dimensions()[0] != T || recv_src_rank.dimensions()[0] != C || recv_table_row.dimensions()[0] != C) {
-    return invalid_argument(kTarget, "x, the handle and the output disagree on T or C");
+  if (rdma_slot.dimensions()[0] != T || recv_src_rank.dimensions()[0] != C || recv_table_row.dimensions()[0] != C ||
+      static_cast<int64_t>(x.size_bytes()) != T * row) {
+    return invalid_argument(kTarget, "x, the handle and the output disagree on T, C or the row bytes");
   }
   Shape shape{Op::kCachedDispatch, static_cast<int>(T), 0, 0, 0, static_cast<int>(ranks_per_node),
               static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(row), 0};

@@ -178,6 +178,14 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32
   if (!has_shape(src_rank->dimensions(), {le, rows})) {
     return shape_error(kTarget, "recv_src_rank", src_rank->dimensions(), {le, rows});
   }
+  // The pack kernel writes every row of these.
+  if (!has_shape(src_token->dimensions(), {le, rows}) || !has_shape(src_slot->dimensions(), {le, rows}) ||
+      !has_shape(recv_count->dimensions(), {le}) ||
+      (c.args.shape.fp8() &&
+       recv_scales->size_bytes() != static_cast<std::size_t>(le * rows) * c.args.shape.scale_bytes())) {
+    return invalid_argument(kTarget, "recv_src_token/slot must be [E/R, R*M], recv_count [E/R], and FP8 "
+                                     "recv_scales [E/R, R*M, G]");
+  }
   return launch_status(kTarget, ll_put::launch_dispatch_recv(c.args, recv_x->untyped_data(), recv_scales->untyped_data(),
                                                      recv_count->typed_data(), src_rank->typed_data(),
                                                      src_token->typed_data(), src_slot->typed_data(),
