@@ -53,8 +53,8 @@ class Buffer:
         must divide the EP ranks and each host's ranks. Across several
         (virtual) nodes the CUDA low-latency mode runs over NVSHMEM puts
         (``ll_transport="nvshmem"``; peers of a rank's own node still through
-        pointers, in the same kernels): same outputs and handle, no gradient,
-        no FP8 combine rows. Across nodes the CUDA normal mode runs internode
+        pointers, in the same kernels): same outputs, handle and gradients,
+        FP8 combine rows included. Across nodes the CUDA normal mode runs internode
         mode (docs/internode.md: each token crosses to a node once, then
         NVLink): ``num_nvl_bytes`` sizes its NVSHMEM symmetric buffer
         (``jax_ep.internode_buffer_bytes``).

@@ -31,15 +31,23 @@ import dataclasses
 import math
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import IO, Callable, Sequence
+from typing import Callable, Sequence
+
+# The MPS daemon and the rank-process helpers live in their own modules; their
+# names stay importable from jax_ep.launch.
+from jax_ep._rank_procs import (  # noqa: F401
+    _describe, _exit_code, _forward, _Interrupted, _killpg, _Output, _Rank, _terminate,
+)
+from jax_ep.mps import (  # noqa: F401
+    DEFAULT_MPS_PIPE_DIR, MPS_CONTROL, MPSDaemon, _pid_alive, mps_daemon_running, mps_start_command,
+    mps_stop_command,
+)
 
 __all__ = [
     "RankInfo", "rank_info", "initialize_distributed", "main",
@@ -55,8 +63,6 @@ ENV_NUM_RANKS = "JAX_EP_NUM_RANKS"
 ENV_COORDINATOR = "JAX_EP_COORDINATOR"
 ENV_LOCAL_GPU = "JAX_EP_LOCAL_GPU"
 
-MPS_CONTROL = "nvidia-cuda-mps-control"
-DEFAULT_MPS_PIPE_DIR = "/tmp/nvidia-mps"
 EXIT_TIMEOUT = 124
 
 
@@ -249,11 +255,6 @@ def child_environment(
     return env
 
 
-# --------------------------------------------------------------------------
-# CUDA MPS
-# --------------------------------------------------------------------------
-
-
 ENV_RANK_WRAPPER = "JAX_EP_RANK_WRAPPER"
 
 
@@ -269,228 +270,9 @@ def rank_command(cmd: Sequence[str], rank: int, environ: dict | None = None) -> 
     return [a.replace("{rank}", str(rank)) for a in shlex.split(wrapper)] + list(cmd)
 
 
-def mps_start_command() -> list[str]:
-    """Command that starts the MPS control daemon (it forks and returns)."""
-    return [MPS_CONTROL, "-d"]
-
-
-def mps_stop_command() -> tuple[list[str], str]:
-    """Command and stdin that make the MPS control daemon (and its server) exit."""
-    return [MPS_CONTROL], "quit\n"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def mps_daemon_running(pipe_dir: str, run: Callable | None = None) -> bool:
-    """Whether an MPS control daemon serves ``pipe_dir``."""
-    run = run or subprocess.run
-    pidfile = os.path.join(pipe_dir, "nvidia-cuda-mps-control.pid")
-    try:
-        with open(pidfile) as f:
-            if _pid_alive(int(f.read().strip())):
-                return True
-    except (OSError, ValueError):
-        pass
-    if not os.path.exists(os.path.join(pipe_dir, "control")):
-        return False
-    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe_dir)
-    try:
-        res = run([MPS_CONTROL], input="get_server_list\n", env=env, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return res.returncode == 0
-
-
-class MPSDaemon:
-    """The CUDA MPS control daemon of one launcher run.
-
-    :meth:`start` reuses a daemon already serving the caller's
-    ``CUDA_MPS_PIPE_DIRECTORY`` (or the default ``/tmp/nvidia-mps``); otherwise
-    it makes fresh pipe and log folders and starts ``nvidia-cuda-mps-control -d``
-    there. :meth:`stop` quits only a daemon it started and removes its folders.
-    No active-thread cap is set. ``run`` is ``subprocess.run`` (tests replace it).
-    """
-
-    def __init__(self, environ: dict | None = None, run: Callable | None = None, log: Callable = print):
-        self.base = dict(os.environ if environ is None else environ)
-        self.base.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
-        self.run = run or subprocess.run
-        self.log = log
-        self.pipe_dir: str | None = None
-        self.log_dir: str | None = None
-        self.owned = False
-
-    @property
-    def env(self) -> dict:
-        """The variables the ranks inherit."""
-        return {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
-
-    def _daemon_env(self) -> dict:
-        return dict(self.base, **self.env)
-
-    def start(self) -> dict:
-        """Reuse a running daemon or start one; returns the environment the
-        rank processes need to reach it (``CUDA_MPS_PIPE_DIRECTORY``, ...)."""
-        existing = self.base.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_MPS_PIPE_DIR
-        if mps_daemon_running(existing, self.run):
-            self.pipe_dir = existing
-            self.log_dir = self.base.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps"
-            self.owned = False
-            self.log(f"MPS: using the daemon already running with pipe dir {existing}")
-            return self.env
-        self.pipe_dir = tempfile.mkdtemp(prefix="jax_ep_mps_pipe_")
-        self.log_dir = tempfile.mkdtemp(prefix="jax_ep_mps_log_")
-        # The daemon forks and may keep the output open: send it to a file, not a pipe.
-        try:
-            with tempfile.TemporaryFile("w+") as output:
-                res = self.run(mps_start_command(), env=self._daemon_env(), stdin=subprocess.DEVNULL,
-                               stdout=output, stderr=subprocess.STDOUT, text=True, timeout=60)
-                output.seek(0)
-                message = output.read().strip()
-        except (OSError, subprocess.SubprocessError) as e:
-            self._remove_dirs()
-            raise RuntimeError(f"could not start CUDA MPS ({MPS_CONTROL} -d): {e}") from e
-        if res.returncode != 0:
-            self._remove_dirs()
-            message = message or (res.stderr or res.stdout or "").strip()
-            raise RuntimeError(f"could not start CUDA MPS ({MPS_CONTROL} -d exited {res.returncode}): {message}")
-        self.owned = True
-        self.log(f"MPS: started the control daemon (pipe dir {self.pipe_dir})")
-        return self.env
-
-    def stop(self) -> None:
-        """Quit the daemon if :meth:`start` started it and remove its folders."""
-        if not self.owned:
-            return
-        self.owned = False
-        cmd, stdin = mps_stop_command()
-        try:
-            res = self.run(cmd, input=stdin, env=self._daemon_env(), capture_output=True, text=True, timeout=60)
-            if res.returncode != 0:
-                self.log(f"MPS: quit exited {res.returncode}: {(res.stderr or res.stdout or '').strip()}")
-        except (OSError, subprocess.SubprocessError) as e:
-            self.log(f"MPS: quit failed: {e}")
-        # The daemon removes its pid file when it has exited; wait a little for it.
-        pidfile = os.path.join(self.pipe_dir, "nvidia-cuda-mps-control.pid")
-        deadline = time.monotonic() + 10
-        while os.path.exists(pidfile) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self._remove_dirs()
-        self.log("MPS: stopped")
-
-    def _remove_dirs(self) -> None:
-        for d in (self.pipe_dir, self.log_dir):
-            if d:
-                shutil.rmtree(d, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------
 # Running the ranks
 # --------------------------------------------------------------------------
-
-
-class _Output:
-    """Serialises whole lines onto the launcher's stdout."""
-
-    def __init__(self, stream: IO[bytes]):
-        self.stream = stream
-        self.lock = threading.Lock()
-
-    def write(self, data: bytes) -> None:
-        with self.lock:
-            try:
-                self.stream.write(data)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-
-def _forward(pipe: IO[bytes], prefix: bytes, out: _Output, log_file: IO[bytes] | None) -> None:
-    try:
-        for line in iter(pipe.readline, b""):
-            if not line.endswith(b"\n"):
-                line += b"\n"
-            out.write(prefix + line)
-            if log_file is not None:
-                try:
-                    log_file.write(line)
-                    log_file.flush()
-                except (OSError, ValueError):
-                    pass
-    finally:
-        pipe.close()
-
-
-class _Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@dataclasses.dataclass
-class _Rank:
-    rank: int
-    proc: subprocess.Popen | None = None
-    reader: threading.Thread | None = None
-    log_file: IO[bytes] | None = None
-    killed: str | None = None  # "SIGTERM" / "SIGKILL" when the launcher stopped it
-
-
-def _killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(ranks: list[_Rank], grace: float, say: Callable) -> None:
-    """SIGTERM every running child's process group, SIGKILL after ``grace`` s, reap all."""
-    live = [r for r in ranks if r.proc is not None and r.proc.poll() is None]
-    if not live:
-        return
-    say(f"stopping rank(s) {', '.join(str(r.rank) for r in live)}")
-    for r in live:
-        r.killed = "SIGTERM"
-        _killpg(r.proc, signal.SIGTERM)
-    deadline = time.monotonic() + max(grace, 0.0)
-    while time.monotonic() < deadline and any(r.proc.poll() is None for r in live):
-        time.sleep(0.02)
-    for r in live:
-        if r.proc.poll() is None:
-            r.killed = "SIGKILL"
-            _killpg(r.proc, signal.SIGKILL)
-    for r in live:
-        try:
-            r.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            say(f"rank {r.rank} (pid {r.proc.pid}) did not exit after SIGKILL")
-
-
-def _describe(r: _Rank) -> str:
-    if r.proc is None:
-        return "not started"
-    rc = r.proc.returncode
-    if rc is None:
-        return "still running"
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
-        return f"killed ({name})" if r.killed else f"died ({name})"
-    return f"exit {rc}" + (" (after the launcher's SIGTERM)" if r.killed else "")
-
-
-def _exit_code(rc: int) -> int:
-    return 128 - rc if rc < 0 else rc
 
 
 def _split_argv(argv: list[str], value_opts: set[str]) -> tuple[list[str], list[str], str | None]:

@@ -101,8 +101,8 @@ _N, _IMPORT_ERROR = _load()
 
 def register_targets() -> tuple:
     """Register the FFI targets of ``jax_ep._nvshmem`` (the low-latency put
-    path, xla_ffi/ll_put.cc) with XLA for CUDA, once; their names (empty
-    without the module). Done at import."""
+    path, xla_ffi/ll_put.cc; internode mode, xla_ffi/internode.cc) with XLA
+    for CUDA, once; their names (empty without the module). Done at import."""
     if _N is None:
         return ()
     import jax

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from jax_ep import launch
+from jax_ep import mps as mps_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -405,7 +406,7 @@ def test_main_runs_mps_when_ranks_share_gpus(tmp_path, monkeypatch, capfd):
     script = tmp_path / "s.py"
     script.write_text("import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['CUDA_MPS_PIPE_DIRECTORY'],"
                       " os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n")
-    monkeypatch.setattr(launch, "DEFAULT_MPS_PIPE_DIR", str(tmp_path / "no_default_daemon"))
+    monkeypatch.setattr(mps_module, "DEFAULT_MPS_PIPE_DIR", str(tmp_path / "no_default_daemon"))  # MPSDaemon reads it there
     rc = launch.main(["-n", "3", "--gpus", "2", "--timeout", "30", str(script)])
     out = capfd.readouterr().out
     assert rc == 0, out
