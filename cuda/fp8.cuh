@@ -86,6 +86,32 @@ __device__ __forceinline__ uint32_t fp8_cast_group_warp(uint2 raw, bool power_of
   return q[0];
 }
 
+// acc[c] = sum over k of w[k] * row k's channel c, for the 8 channels of one
+// vector per row: 8 BF16 values (Raw = int4) or, with kFp8, 8 e4m3 bytes
+// (Raw = uint2). fmaf in k order from zero, so every combine sums alike; a
+// row left out has w[k] = 0 and zero raw[k].
+template <bool kFp8, int K, typename Raw>
+__device__ __forceinline__ void weighted_sum8(const Raw (&raw)[K], const float (&w)[K], float (&acc)[8]) {
+  static_assert(sizeof(Raw) == (kFp8 ? 8 : 16), "raw must hold 8 channels");
+#pragma unroll
+  for (int c = 0; c < 8; ++c) acc[c] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float2 f;
+      if constexpr (kFp8) {
+        const auto pair = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[k])[q];
+        f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+      } else {
+        f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&raw[k])[q]);
+      }
+      acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
+      acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
+    }
+  }
+}
+
 // A group's scale as stored: the float, or with UE8M0 its biased exponent
 // byte (the scale is a power of two then, so the byte is exact; four groups'
 // bytes make the little-endian int32 words of the packed layout). `group`:

@@ -161,22 +161,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    float acc[8] = {};
-#pragma unroll
-    for (int k = 0; k < intranode::kMaxTopk; ++k) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float2 f;
-        if constexpr (kFp8) {
-          const auto pair = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[k])[q];
-          f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-        } else {
-          f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&raw[k])[q]);
-        }
-        acc[2 * q] = fmaf(w[k], f.x, acc[2 * q]);
-        acc[2 * q + 1] = fmaf(w[k], f.y, acc[2 * q + 1]);
-      }
-    }
+    float acc[8];
+    weighted_sum8<kFp8>(raw, w, acc);
     int4 packed;
     auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
