@@ -17,6 +17,16 @@ namespace jax_ep {
 
 namespace ffi = xla::ffi;
 
+// The handlers' typed buffers: int32 of rank 0-3, float32 [rows, cols], and
+// boolean [n] and [rows, cols].
+using I32_0 = ffi::Buffer<ffi::S32, 0>;
+using I32_1 = ffi::Buffer<ffi::S32, 1>;
+using I32_2 = ffi::Buffer<ffi::S32, 2>;
+using I32_3 = ffi::Buffer<ffi::S32, 3>;
+using F32_2 = ffi::Buffer<ffi::F32, 2>;
+using Mask = ffi::Buffer<ffi::PRED, 1>;
+using Pred2 = ffi::Buffer<ffi::PRED, 2>;
+
 // "[4096, 8]"
 inline std::string shape_string(ffi::AnyBuffer::Dimensions dims) {
   std::string s = "[";

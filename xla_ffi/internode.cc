@@ -29,13 +29,6 @@ namespace jax_ep {
 namespace internode {
 namespace {
 
-using I32_0 = ffi::Buffer<ffi::S32, 0>;
-using I32_1 = ffi::Buffer<ffi::S32, 1>;
-using I32_2 = ffi::Buffer<ffi::S32, 2>;
-using I32_3 = ffi::Buffer<ffi::S32, 3>;
-using F32_2 = ffi::Buffer<ffi::F32, 2>;
-using Pred2 = ffi::Buffer<ffi::PRED, 2>;
-
 int64_t rows_of(const ffi::AnyBuffer& b) { return b.dimensions().size() == 0 ? 1 : b.dimensions()[0]; }
 int64_t row_bytes_of(const ffi::AnyBuffer& b) {
   const int64_t rows = rows_of(b);
@@ -304,18 +297,18 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   .Attr<int64_t>("buffer_id").Attr<int64_t>("ranks_per_node").Attr<int64_t>("node_capacity")        \
       .Attr<int64_t>("num_sms")
 #define JAX_EP_INTERNODE_DISPATCH_RETS                                                              \
-  .Ret<internode::I32_2>().Ret<internode::F32_2>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
-      .Ret<internode::I32_0>().Ret<internode::I32_0>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
-      .Ret<internode::Pred2>().Ret<internode::I32_2>().Ret<internode::I32_1>().Ret<internode::I32_1>() \
-      .Ret<internode::I32_3>().Ret<internode::I32_1>()
+  .Ret<I32_2>().Ret<F32_2>().Ret<I32_1>().Ret<I32_1>() \
+      .Ret<I32_0>().Ret<I32_0>().Ret<I32_1>().Ret<I32_1>() \
+      .Ret<Pred2>().Ret<I32_2>().Ret<I32_1>().Ret<I32_1>() \
+      .Ret<I32_3>().Ret<I32_1>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchHandler, internode::InternodeDispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<internode::I32_2>()
-                                  .Arg<internode::F32_2>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_2>()
+                                  .Arg<F32_2>() JAX_EP_INTERNODE_ATTRS
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("layout")
@@ -328,8 +321,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchFp8Handler, internode::InternodeD
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<internode::I32_2>()
-                                  .Arg<internode::F32_2>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_2>()
+                                  .Arg<F32_2>() JAX_EP_INTERNODE_ATTRS
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("layout")
@@ -342,9 +335,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCachedDispatchHandler, internode::Interno
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<internode::I32_2>()
-                                  .Arg<internode::I32_1>()
-                                  .Arg<internode::I32_1>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_2>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_1>() JAX_EP_INTERNODE_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombine,
@@ -352,11 +345,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombi
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<internode::I32_1>()
-                                  .Arg<internode::I32_2>()
-                                  .Arg<internode::I32_1>()
-                                  .Arg<internode::I32_1>()
-                                  .Arg<internode::I32_3>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_1>()
+                                  .Arg<I32_2>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_3>() JAX_EP_INTERNODE_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -27,12 +27,6 @@ namespace {
 
 using intranode::RowParts;
 
-using I32_1 = ffi::Buffer<ffi::S32, 1>;
-using I32_2 = ffi::Buffer<ffi::S32, 2>;
-using F32_2 = ffi::Buffer<ffi::F32, 2>;
-using I32_0 = ffi::Buffer<ffi::S32, 0>;
-using Pred2 = ffi::Buffer<ffi::PRED, 2>;
-
 constexpr int kBlocksPerSm = 4;  // copy-kernel blocks (256 threads) per SM of the budget
 
 ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, std::shared_ptr<IntranodeBuffer>* out) {

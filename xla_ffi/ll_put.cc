@@ -47,12 +47,6 @@ namespace jax_ep {
 namespace ll_put {
 namespace {
 
-using I32_0 = ffi::Buffer<ffi::S32, 0>;
-using I32_1 = ffi::Buffer<ffi::S32, 1>;
-using I32_2 = ffi::Buffer<ffi::S32, 2>;
-using F32_2 = ffi::Buffer<ffi::F32, 2>;
-using Mask = ffi::Buffer<ffi::PRED, 1>;
-
 struct Call {
   std::shared_ptr<PutBuffer> buf;  // held for the handler's duration
   Args args{};
@@ -299,42 +293,42 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutDispatchSendHandler, ll_put::Dispatch
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ll_put::Mask>()
+                                  .Arg<Mask>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ll_put::I32_2>() JAX_EP_LL_PUT_ATTRS.Ret<ll_put::I32_0>(),
+                                  .Arg<I32_2>() JAX_EP_LL_PUT_ATTRS.Ret<I32_0>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutDispatchRecvHandler, ll_put::DispatchRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ll_put::Mask>()
-                                  .Arg<ll_put::I32_0>()
+                                  .Arg<Mask>()
+                                  .Arg<I32_0>()
                                   .RemainingArgs() JAX_EP_LL_PUT_ATTRS_T
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ll_put::I32_1>()
-                                  .Ret<ll_put::I32_2>()
-                                  .Ret<ll_put::I32_2>()
-                                  .Ret<ll_put::I32_2>(),
+                                  .Ret<I32_1>()
+                                  .Ret<I32_2>()
+                                  .Ret<I32_2>()
+                                  .Ret<I32_2>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineSendHandler, ll_put::CombineSend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ll_put::Mask>()
+                                  .Arg<Mask>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ll_put::I32_2>()
-                                  .Arg<ll_put::I32_2>()
-                                  .Arg<ll_put::I32_2>() JAX_EP_LL_PUT_ATTRS_T.Ret<ll_put::I32_0>(),
+                                  .Arg<I32_2>()
+                                  .Arg<I32_2>()
+                                  .Arg<I32_2>() JAX_EP_LL_PUT_ATTRS_T.Ret<I32_0>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler, ll_put::CombineRecv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ll_put::Mask>()
-                                  .Arg<ll_put::I32_0>()
-                                  .Arg<ll_put::I32_2>()
-                                  .Arg<ll_put::F32_2>()
+                                  .Arg<Mask>()
+                                  .Arg<I32_0>()
+                                  .Arg<I32_2>()
+                                  .Arg<F32_2>()
                                   .RemainingArgs() JAX_EP_LL_PUT_ATTRS_T
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
@@ -342,9 +336,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineGatherRecvHandler, ll_put::Com
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ll_put::Mask>()
-                                  .Arg<ll_put::I32_0>()
-                                  .Arg<ll_put::I32_2>() JAX_EP_LL_PUT_ATTRS_T
+                                  .Arg<Mask>()
+                                  .Arg<I32_0>()
+                                  .Arg<I32_2>() JAX_EP_LL_PUT_ATTRS_T
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutStatusHandler, ll_put::Status,
@@ -353,7 +347,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutStatusHandler, ll_put::Status,
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .RemainingArgs()
                                   .Attr<int64_t>("buffer_id")
-                                  .Ret<ll_put::I32_1>(),
+                                  .Ret<I32_1>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_ep

@@ -45,13 +45,6 @@
 namespace jax_ep {
 namespace {
 
-using I32_0 = ffi::Buffer<ffi::S32, 0>;
-using I32_1 = ffi::Buffer<ffi::S32, 1>;
-using I32_2 = ffi::Buffer<ffi::S32, 2>;
-using I32_3 = ffi::Buffer<ffi::S32, 3>;
-using F32_2 = ffi::Buffer<ffi::F32, 2>;
-using Mask = ffi::Buffer<ffi::PRED, 1>;
-
 constexpr int kBlocksPerSm = 1;  // 512-thread blocks
 
 struct Call {
