@@ -209,9 +209,9 @@ step put_stopped_rank_2x2 "$OUT/put_stopped_rank_2x2.log" \
   timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 4 2
 # The same in internode normal mode: R = 2 in two nodes of one, R = 4 in nodes of two.
 step internode_stopped_rank_2x1 "$OUT/internode_stopped_rank_2x1.log" \
-  timeout --kill-after=10 200 python3 tests/gpu/check_internode_stopped_rank.py 2 1
+  timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 2 1 internode
 step internode_stopped_rank_2x2 "$OUT/internode_stopped_rank_2x2.log" \
-  timeout --kill-after=10 200 python3 tests/gpu/check_internode_stopped_rank.py 4 2
+  timeout --kill-after=10 200 python3 tests/gpu/check_put_stopped_rank.py 4 2 internode
 step mismatch "$OUT/mismatch.log" timeout --kill-after=10 300 python3 tests/gpu/check_mismatch.py 2
 # The same on the low-latency put path (signatures over puts): R = 2 in two
 # virtual nodes, R = 4 in nodes of two (a store to one peer, puts to the others).

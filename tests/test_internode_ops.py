@@ -263,11 +263,11 @@ def test_gpu_scripts_compile_and_are_wired(tmp_path):
     import py_compile
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    for path in ("tests/gpu/multirank_internode.py", "tests/gpu/internode_stopped_rank.py",
-                 "tests/gpu/check_internode_stopped_rank.py", "benchmarks/bench_internode.py"):
+    for path in ("tests/gpu/multirank_internode.py", "tests/gpu/put_stopped_rank.py",
+                 "tests/gpu/check_put_stopped_rank.py", "benchmarks/bench_internode.py"):
         py_compile.compile(str(root / path), doraise=True, cfile=str(tmp_path / "check.pyc"))
     suite = (root / "scripts/gpu_suite.sh").read_text()
-    assert "tests/gpu/multirank_*.py" in suite and "check_internode_stopped_rank.py" in suite
+    assert "tests/gpu/multirank_*.py" in suite and "check_put_stopped_rank.py 4 2 internode" in suite
     assert "bench_internode.py" in (root / "benchmarks/run_all.sh").read_text()
 
 
