@@ -116,6 +116,7 @@ nanobind_add_module(_nvshmem NB_STATIC
   "${_jax_ep_nvshmem_src}/cuda/ll_put_direct.cu"
   "${_jax_ep_nvshmem_src}/cuda/internode_notify.cu"
   "${_jax_ep_nvshmem_src}/cuda/internode_dispatch.cu"
+  "${_jax_ep_nvshmem_src}/cuda/internode_pipeline.cu"
   "${_jax_ep_nvshmem_src}/cuda/internode_combine.cu"
   # Their XLA FFI handlers and buffer registry (plain C++).
   "${_jax_ep_nvshmem_src}/xla_ffi/ll_put.cc"

@@ -22,12 +22,16 @@
 //             float32 and puts the partial to the token's source, which sums
 //             one partial per node (float32, rounded once).
 //
-// This first version stages whole streams (tables of `node_capacity` rows)
-// instead of pipelining chunks through rings: every wait is a count that is
-// known in advance, nothing waits for ring space, and only one-block kernels
-// spin (the copy kernels never wait), so ranks sharing a GPU cannot starve
-// each other. The ring pipeline of docs/internode.md is the next step; its
-// flow control is modelled in tests/protocol/internode_model.py.
+// Rows move through bounded rings (docs/internode.md, "Rings and flow
+// control"): the RDMA leg of each (channel, source, forwarder) stream goes in
+// chunks through a send ring here and a receive ring on the forwarder, with
+// per-chunk flags and credits; a dispatch's NVLink leg is the node's ranks
+// reading the forwarder's receive ring (each row straight into its output),
+// a combine's goes through NVLink rings to the forwarder. Only the tokens'
+// small metas are staged whole (the placement needs all of them), so the
+// buffer is the rings, the metas and the placements, not the rows.
+// internode_ring.cuh has the ring words; tests/protocol/internode_ring.py
+// models the pipeline.
 //
 // Reuse (every call): calls alternate between two halves (call % 2). Every
 // call has a rail exchange in which each rank signals and waits for every
@@ -82,17 +86,49 @@ inline constexpr int kMaxLocal = 8;                      // ranks per node
 inline constexpr int kMaxExperts = 2048;                 // shared-memory counters of the notify kernel
 inline constexpr int kMaxLocalExperts = 1024;            // shared-memory counters of the expert-major placement
 inline constexpr int kMaxTopk = intranode::kMaxTopk;
+inline constexpr int kMaxChannels = 12;    // jax_ep.internode_config.MAX_CHANNELS
+inline constexpr int kMaxRingChunks = 16;  // chunks per RDMA ring: its flags and counters are fixed arrays
 static_assert(kMaxRanks <= 64, "the source meta's rank mask is one uint64");
 
 // Header of the buffer: ll_put::Control (abort word, the call counter in
-// Control::dispatch_call), then the rail signal words and node flags.
+// Control::dispatch_call), the rail signal words and node flags, then the
+// ring words of each half (RingWords), at offsets that no op or shape
+// changes: a tagged word read by a later call is an older tag, never the
+// bytes of another op's rows.
 enum RailKind : int { kRailNotify = 0, kRailRows = 1, kRailPartials = 2, kRailKinds = 3 };
 inline constexpr std::size_t kRailWordsOffset = ll_put::kControlBytes;  // u64 [2][kRailKinds][kMaxRanks]
 inline constexpr std::size_t kNodeFlagsOffset = kRailWordsOffset + 2 * kRailKinds * kMaxRanks * 8;  // u64 [2][kMaxLocal]
 inline constexpr std::size_t kNodeSigOffset = kNodeFlagsOffset + 2 * kMaxLocal * 8;  // u64 [2][kMaxLocal]
-inline constexpr std::size_t kHeaderBytes = 4096;
-static_assert(kNodeSigOffset + 2 * kMaxLocal * 8 <= kHeaderBytes, "header overflow");
+inline constexpr std::size_t kRingWordsOffset = 4096;
+static_assert(kNodeSigOffset + 2 * kMaxLocal * 8 <= kRingWordsOffset, "header overflow");
 static_assert(offsetof(ll_put::Control, abort) + 8 <= ll_put::kControlBytes, "Control must fit its block");
+
+// The ring words of one half (docs/internode.md). A tag is (call + 1) << 32
+// | value: chunk flags carry k + 1 of chunk k, heads and tails a row count;
+// a word of an older call reads as an older tag.
+struct RingWords {
+  // RDMA chunk flags, in the receiving rank: [channel][sending node][chunk slot].
+  unsigned long long flag[kMaxChannels][kMaxRanks][kMaxRingChunks];
+  // Dispatch: receivers' heads of each stream, in the forwarder: [channel][source node][receiver].
+  unsigned long long head[kMaxChannels][kMaxRanks][kMaxLocal];
+  // Combine NVLink rings: tails in the forwarder [channel][sender], heads in the sender [channel][forwarder].
+  unsigned long long nvl_tail[kMaxChannels][kMaxLocal];
+  unsigned long long nvl_head[kMaxChannels][kMaxLocal];
+  // RDMA credits, in the sending rank: [channel][receiving node], cumulative over every call of this
+  // half (signal adds of whole chunks); base: the tokens of the calls before this one (this rank's).
+  unsigned long long credit[kMaxChannels][kMaxRanks];
+  unsigned long long base[kMaxChannels][kMaxRanks];
+  // This rank's chunk counters (rows written / consumed per chunk slot); each returns to 0 when its
+  // chunk is issued / credited.
+  int filled[kMaxChannels][kMaxRanks][kMaxRingChunks];
+  int consumed[kMaxChannels][kMaxRanks][kMaxRingChunks];
+};
+inline constexpr std::size_t kHeaderBytes = kRingWordsOffset + 2 * sizeof(RingWords);
+static_assert(sizeof(RingWords) % 16 == 0, "ring words keep 16-byte alignment");
+
+__host__ __device__ inline std::size_t ring_words_offset(int half) {
+  return kRingWordsOffset + static_cast<std::size_t>(half) * sizeof(RingWords);
+}
 
 // Source meta of a token in a forwarder's table (16 bytes).
 struct Meta {
@@ -125,19 +161,30 @@ struct Shape {
   int cols;            // combine: elements of one row (float32 partials of cols * 4 bytes)
   int layout = 0;      // dispatch: 0 rank-major, 1 expert-major
   int alignment = 1;   // dispatch, expert-major: groups start at multiples of this
+  // The rings (jax_ep.internode_config.resolve_internode): channels, tokens per RDMA chunk and
+  // ring (ring % chunk == 0, ring / chunk <= kMaxRingChunks), per NVLink chunk and ring (combine).
+  int channels = 1;
+  int rdma_chunk = 1;
+  int rdma_ring = 1;
+  int nvl_chunk = 1;
+  int nvl_ring = 1;
 
   __host__ __device__ int num_ranks() const { return num_nodes * ranks_per_node; }
   __host__ __device__ int local_experts() const { return num_ranks() > 0 ? num_experts / num_ranks() : 0; }
   // Output rows per table row and destination: 1 rank-major, K expert-major
   // (one per top-k slot; the first slot naming a local expert holds its row).
   __host__ __device__ int slots() const { return layout == 1 ? num_topk : 1; }
+  // Tokens per channel: channel c holds tokens [c * Tc, min((c + 1) * Tc, T)).
+  __host__ __device__ int channel_tokens() const { return channels > 0 ? (num_tokens + channels - 1) / channels : 0; }
+  __host__ __device__ int ring_chunks() const { return rdma_chunk > 0 ? rdma_ring / rdma_chunk : 0; }
   // What every rank of a call must agree on (FNV-1a of the fields, never 0):
   // compared at every node barrier and, in a dispatch, in every rail message.
   __host__ __device__ unsigned long long signature() const {
-    const int f[12] = {static_cast<int>(op), num_tokens, num_topk, num_experts, num_nodes, ranks_per_node,
-                       node_capacity, capacity, row_bytes, cols, layout, alignment};
+    const int f[17] = {static_cast<int>(op), num_tokens, num_topk, num_experts, num_nodes, ranks_per_node,
+                       node_capacity, capacity, row_bytes, cols, layout, alignment,
+                       channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
     unsigned long long h = 1469598103934665603ull;
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < 17; ++i) {
       for (int b = 0; b < 4; ++b) {
         h ^= (static_cast<unsigned>(f[i]) >> (8 * b)) & 0xffu;
         h *= 1099511628211ull;
@@ -149,33 +196,37 @@ struct Shape {
 
 // Offsets inside one half (identical on every rank), from the half's start.
 struct Layout {
-  std::size_t msg_stride, meta_bytes, tok_stride, partial_stride;
+  std::size_t msg_stride, meta_bytes, ring_stride;
   std::size_t notify_src, notify_in;  // [N] count messages: this rank's (put source), and from its rail
   std::size_t locals;                 // int [N] table starts on each node, [L] forwarders' valid rows
+  std::size_t ranges;                 // int [2][channels][N][2]: streams' table rows [r0, r1), as forwarder
+                                      // (by source node; node peers read it) and as source (by node)
   std::size_t tmask, send_pos;        // u64 [T] rank mask; int [T, N] index in the stream to node m
   std::size_t out_pos;                // int [L, Cn, S]: this rank's output row of each row of its node's tables
   std::size_t local_ids;              // int [L, Cn, K] (expert-major): each row's first-slot local experts here, -1
-  std::size_t stage, table;           // [T] / [Cn] tokens of tok_stride: put source; forwarder table
-  std::size_t y_stage;                // [C] rows of y (combine)
-  std::size_t partial, recv;          // [Cn] float32 partials (put source); [N, T] partials from each node
+  std::size_t stage, table;           // [T] / [Cn] metas (dispatch): put source; forwarder's meta table
+  std::size_t send_ring, recv_ring;   // [channels][N][rdma_ring] rows of ring_stride: RDMA send / receive rings
+  std::size_t nvl_ring;               // [channels][L][nvl_ring] rows (combine, in the forwarder, by sender)
   std::size_t half_bytes;
 
   // Message of a source to a forwarder of node m: counts to every node [N],
-  // to each rank of m [L], to each local expert of m's ranks [L * E/R], and
-  // the call's signature (two ints).
+  // to each rank of m [L], to each local expert of m's ranks [L * E/R], to m
+  // per channel [channels], and the call's signature (two ints).
   __host__ __device__ static int msg_ints(const Shape& s) {
-    return s.num_nodes + s.ranks_per_node + s.ranks_per_node * s.local_experts() + 2;
+    return s.num_nodes + s.ranks_per_node + s.ranks_per_node * s.local_experts() + s.channels + 2;
+  }
+  __host__ __device__ static int msg_channel(const Shape& s, int c) {
+    return s.num_nodes + s.ranks_per_node + s.ranks_per_node * s.local_experts() + c;
   }
 
   __host__ __device__ static Layout make(const Shape& s) {
     Layout l{};
     const std::size_t T = s.num_tokens, N = s.num_nodes, L = s.ranks_per_node, Cn = s.node_capacity;
-    const std::size_t A = intranode::kAlign;
-    const bool dispatch = s.op == Op::kDispatch, moves = s.op != Op::kCombine;
+    const std::size_t ch = s.channels, A = intranode::kAlign;
+    const bool dispatch = s.op == Op::kDispatch, combine = s.op == Op::kCombine;
     l.msg_stride = align_up(4 * static_cast<std::size_t>(msg_ints(s)), 16);
     l.meta_bytes = dispatch ? align_up(sizeof(Meta) + 8 * static_cast<std::size_t>(s.num_topk), 16) : 0;
-    l.tok_stride = l.meta_bytes + align_up(static_cast<std::size_t>(s.row_bytes), 16);
-    l.partial_stride = 4 * static_cast<std::size_t>(s.cols);
+    l.ring_stride = align_up(static_cast<std::size_t>(s.row_bytes), 16);
     std::size_t o = 0;
     auto region = [&](std::size_t& at, std::size_t bytes) {
       at = o;
@@ -184,17 +235,30 @@ struct Layout {
     region(l.notify_src, dispatch ? N * l.msg_stride : 0);
     region(l.notify_in, dispatch ? N * l.msg_stride : 0);
     region(l.locals, 4 * (N + L));
+    region(l.ranges, 4 * 2 * ch * N * 2);
     region(l.tmask, dispatch ? 8 * T : 0);
     region(l.send_pos, dispatch ? 4 * T * N : 0);
-    region(l.out_pos, dispatch ? 4 * L * Cn * s.slots() : 0);
+    region(l.out_pos, 4 * L * Cn * s.slots());
     region(l.local_ids, dispatch && s.layout == 1 ? 4 * L * Cn * s.num_topk : 0);
-    region(l.stage, moves ? T * l.tok_stride : 0);
-    region(l.table, moves ? Cn * l.tok_stride : 0);
-    region(l.y_stage, moves ? 0 : static_cast<std::size_t>(s.capacity) * align_up(s.row_bytes, 16));
-    region(l.partial, moves ? 0 : Cn * l.partial_stride);
-    region(l.recv, moves ? 0 : N * T * l.partial_stride);
+    region(l.stage, dispatch ? T * l.meta_bytes : 0);
+    region(l.table, dispatch ? Cn * l.meta_bytes : 0);
+    region(l.send_ring, ch * N * s.rdma_ring * l.ring_stride);
+    region(l.recv_ring, ch * N * s.rdma_ring * l.ring_stride);
+    region(l.nvl_ring, combine ? ch * L * s.nvl_ring * l.ring_stride : 0);
     l.half_bytes = o;
     return l;
+  }
+  // Row q of the RDMA ring (channel c, node n): slot q % rdma_ring.
+  __host__ __device__ std::size_t rdma_row(std::size_t ring, const Shape& s, int c, int n, int q) const {
+    return ring + ((static_cast<std::size_t>(c) * s.num_nodes + n) * s.rdma_ring + q % s.rdma_ring) * ring_stride;
+  }
+  __host__ __device__ std::size_t nvl_row(const Shape& s, int c, int j, int p) const {
+    return nvl_ring + ((static_cast<std::size_t>(c) * s.ranks_per_node + j) * s.nvl_ring + p % s.nvl_ring) * ring_stride;
+  }
+  // The stream range [r0, r1) of (channel c, node n): side 0 as forwarder (n: source node), 1 as source
+  // (n: destination node).
+  __host__ __device__ std::size_t range(const Shape& s, int side, int c, int n) const {
+    return ranges + 4 * 2 * ((static_cast<std::size_t>(side) * s.channels + c) * s.num_nodes + n);
   }
 };
 
@@ -246,19 +310,39 @@ struct DispatchIO {
   int* recv_table_row;        // [C] table row (on the forwarder of the row's source rail) of each output row
 };
 
+// A handle's arrays (device pointers), for a cached dispatch or a combine.
+struct HandleIO {
+  const int* rdma_slot;       // [T, N]
+  const int* recv_src_rank;   // [C]
+  const int* recv_table_row;  // [C]
+  const int* fwd_src_node;    // [Cn]
+  const int* fwd_src_token;   // [Cn]
+  const int* fwd_dst_row;     // [Cn, L, S]
+};
+
 // Every launcher enqueues the whole call on `stream` (no host sync).
-// launch_dispatch = launch_dispatch_source (notify and RDMA leg,
-// internode_notify.cu) then the destination's kernels.
+// launch_dispatch = launch_dispatch_source (notify and the metas' leg,
+// internode_notify.cu), the placement, the rows' rings (launch_payload),
+// the handle's forwarder arrays.
 cudaError_t launch_dispatch_source(const Args& a, const DispatchIO& io, int num_blocks, cudaStream_t stream);
 cudaError_t launch_dispatch(const Args& a, const DispatchIO& io, int num_blocks, cudaStream_t stream);
+// internode_pipeline.cu: the rows' rings of a dispatch, 2 blocks per channel:
+// io.x's rows along io.rdma_slot to the forwarders, placed at each
+// destination by its out_pos (with_meta: the top-k and source outputs too).
+cudaError_t launch_payload(const Args& a, const DispatchIO& io, bool with_meta, cudaStream_t stream);
+// A cached dispatch's or a combine's start (internode_pipeline.cu): a rail
+// exchange on `rail_kind`, out_pos and the forwarder's stream ranges from the
+// handle, node barrier A; and its end: barrier B, the end of the call.
+cudaError_t launch_handle_start(const Args& a, const HandleIO& h, int rail_kind, int op, int num_blocks,
+                                cudaStream_t stream);
+cudaError_t launch_handle_end(const Args& a, int rail_kind, int op, cudaStream_t stream);
 // x [T, row_bytes] -> out [C, row_bytes] along a handle (zero padding rows).
-cudaError_t launch_cached_dispatch(const Args& a, const char* x, const int* rdma_slot, const int* recv_src_rank,
-                                   const int* recv_table_row, char* out, int num_blocks, cudaStream_t stream);
-// y [C, cols] of `dtype` -> out [T, cols]: float32 sum per node, then over nodes;
-// fwd_dst_row [Cn, L, S] (a.shape.layout says S).
-cudaError_t launch_combine(const Args& a, DType dtype, const void* y, const int* recv_src_rank,
-                           const int* rdma_slot, const int* fwd_src_node, const int* fwd_src_token,
-                           const int* fwd_dst_row, void* out, int num_blocks, cudaStream_t stream);
+cudaError_t launch_cached_dispatch(const Args& a, const char* x, const HandleIO& h, char* out, int num_blocks,
+                                   cudaStream_t stream);
+// y [C, cols] of `dtype` -> out [T, cols] (internode_combine.cu): rows of a
+// token summed per node at its forwarder, then over nodes at the source.
+cudaError_t launch_combine(const Args& a, DType dtype, const void* y, const HandleIO& h, void* out, int num_blocks,
+                           cudaStream_t stream);
 
 #ifdef __CUDACC__
 namespace detail {

@@ -1,13 +1,25 @@
-// Internode combine: the dispatch run backwards. Each rank stages its rows;
-// after barrier A each forwarder sums, in float32, the rows of each of its
-// table tokens over the ranks of its node (ascending local rank) and puts the
-// partial to the token's source; after barrier B and the rail wait each
-// source sums one partial per node (ascending node) and rounds once. See
-// internode.cuh for the protocol.
+// Internode combine: the dispatch's rings run backwards (docs/internode.md,
+// "Rings and flow control (combine)"), three blocks per channel:
+//
+//   NVLink senders  each rank sends, per forwarder f of its node, one row per
+//                   row of f's table it holds (its rows of the token summed in
+//                   float32, rounded to y's dtype), in table order, through
+//                   the NVLink ring (c, this rank) in f's memory;
+//   reducer         each forwarder walks its table rows in order (batches of
+//                   warps), sums the node's rows of each token in float32
+//                   (ascending local rank), rounds to y's dtype into the RDMA
+//                   send ring to the token's source node; warp 0 puts whole
+//                   chunks (ring::rdma_coordinator);
+//   RDMA receivers  each source sums, per token, one partial per node
+//                   (ascending node) in float32 and rounds once; warp 0
+//                   returns the credits of whole consumed chunks, in order.
+//
+// A token with one row (rank-major, one rank of one node) comes back
+// bitwise; sums round once per node and once at the source.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "internode.cuh"
+#include "internode_ring.cuh"
 
 namespace jax_ep {
 namespace internode {
@@ -56,151 +68,317 @@ __device__ __forceinline__ void add4(float4& acc, float4 v) {
   acc.w += v.w;
 }
 
-// Stage the rows of y that hold a token (a warp per row). No waits.
-__global__ void __launch_bounds__(kThreads) combine_stage(Args a, const char* y, const int* recv_src_rank) {
-  if (ll_put::detail::block_aborted(a.put, kOpCombineNode)) return;
-  const Shape s = a.shape;
-  const Layout l = Layout::make(s);
-  char* half = my_half(a, l, call_number(a));
-  const int lane = threadIdx.x % 32, warps = gridDim.x * (blockDim.x / 32);
-  for (int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; o < s.capacity; o += warps) {
-    if (recv_src_rank[o] < 0) continue;
-    detail::warp_copy(half + l.y_stage + static_cast<std::size_t>(o) * s.row_bytes,
-                      y + static_cast<std::size_t>(o) * s.row_bytes, s.row_bytes, lane);
+
+inline constexpr int kReducerBarrier = 1;  // named barrier of the reducer's row warps (warp 0 coordinates)
+
+__device__ __forceinline__ void reducer_sync(int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(kReducerBarrier), "r"(threads) : "memory");
+}
+
+// This rank's output rows of forwarder f's table row i, ascending (out_pos
+// holds them in any order): count of them.
+__device__ __forceinline__ int my_rows(const int* out_pos, int S, std::size_t at, int* rows) {
+  int n = 0;
+  for (int k = 0; k < S; ++k) {
+    const int o = out_pos[at * S + k];
+    if (o < 0) continue;
+    int j = n++;
+    for (; j > 0 && rows[j - 1] > o; --j) rows[j] = rows[j - 1];
+    rows[j] = o;
   }
+  return n;
 }
 
-// One block: barrier A (every rank of the node staged its rows).
-__global__ void __launch_bounds__(kThreads) combine_ready(Args a) {
-  if (ll_put::detail::block_aborted(a.put, kOpCombineNode)) return;
-  detail::node_barrier(a, 0, call_number(a), kOpCombineNode);
-}
-
-// The forwarder: a warp per table row sums the node's rows of the token and
-// puts the float32 partial into the source's receive rows [node][token];
-// block 0 adds each source node's final count. No waits.
+// NVLink senders (rank j): warp f sends to forwarder f of the node the rows
+// of f's table in channel c that j holds, in table order: slot p % nvl_ring
+// of the ring (c, j) in f, once the reducer's head allows; the tail (in f)
+// is published every nvl_chunk rows, before any wait, and at the end.
 template <DType D>
-__global__ void __launch_bounds__(kThreads) combine_reduce(Args a, const int* fwd_src_node, const int* fwd_src_token,
-                                                           const int* fwd_dst_row) {
-  if (ll_put::detail::block_aborted(a.put, kOpCombineRail)) return;
-  const Shape s = a.shape;
-  const Layout l = Layout::make(s);
-  const unsigned long long call = call_number(a);
-  char* half = my_half(a, l, call);
-  const int N = s.num_nodes, L = s.ranks_per_node, Cn = s.node_capacity, T = s.num_tokens, C = s.capacity;
-  const int me = a.put.peers.rank, n_me = me / L, h = static_cast<int>(call & 1ull), lane = threadIdx.x % 32;
-  const int S = s.slots();
-  const std::size_t half_off = kHeaderBytes + static_cast<std::size_t>(h) * l.half_bytes;
-  if (blockIdx.x == 0) {
-    __shared__ int count[kMaxRanks];
-    for (int n = threadIdx.x; n < N; n += blockDim.x) count[n] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < Cn; i += blockDim.x) {
-      const int n = fwd_src_node[i];
-      if (n >= 0 && n < N && fwd_src_token[i] >= 0 && fwd_src_token[i] < T) atomicAdd(&count[n], 1);
-    }
-    __syncthreads();
-    for (int n = threadIdx.x; n < N; n += blockDim.x) {
-      transport::signal_add(a.put.peers, n * L + me % L, rail_word(h, kRailPartials, n_me),
-                            transport::signal_final_value(static_cast<unsigned>(count[n])));
-    }
-  }
-  const char* rows[kMaxLocal];
-  for (int j = 0; j < L; ++j) rows[j] = node_half(a, l, call, j) + l.y_stage;
-  const int warps = gridDim.x * (blockDim.x / 32);
-  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < Cn; i += warps) {
-    const int n = fwd_src_node[i], t = fwd_src_token[i];
-    if (n < 0) continue;
-    if (n >= N || t < 0 || t >= T) {
-      if (lane == 0) ll_put::detail::fail(a.put, intranode::kFailBadHandle, -1, kOpCombineRail, i, t);
-      continue;
-    }
-    const int* dst = fwd_dst_row + static_cast<std::size_t>(i) * L * S;  // [L, S]
-    char* partial = half + l.partial + static_cast<std::size_t>(i) * l.partial_stride;
-    for (int c = 4 * lane; c < s.cols; c += 128) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int j = 0; j < L; ++j) {  // ascending local rank, then slot
-        for (int slot = 0; slot < S; ++slot) {
-          const int o = dst[j * S + slot];
-          if (o >= 0 && o < C) add4(acc, load4<D>(rows[j] + static_cast<std::size_t>(o) * s.row_bytes, c));
+__device__ void nvl_senders(const Args& a, const Layout& l, unsigned long long call, int c, const char* y) {
+  const Shape& s = a.shape;
+  const int N = s.num_nodes, L = s.ranks_per_node, Cn = s.node_capacity, S = s.slots();
+  const int me = a.put.peers.rank, l_me = me % L, lane = threadIdx.x % 32, f = threadIdx.x / 32;
+  const int h = static_cast<int>(call & 1ull);
+  if (f >= L) return;
+  const char* half = my_half(a, l, call);
+  const auto* out_pos = reinterpret_cast<const int*>(half + l.out_pos);
+  const RingWords* w = ring::words(a.put.peers.local, h);
+  char* fh = node_half(a, l, call, f);
+  RingWords* fw = ring::words(a.put.peers.mapped[me / L * L + f], h);
+  int p = 0, published = 0;
+  auto publish = [&] {
+    if (published == p) return;
+    __syncwarp();
+    __threadfence_system();  // the rows, before the tail
+    __syncwarp();
+    if (lane == 0) st_release_sys(&fw->nvl_tail[c][l_me], ring::tag(call, static_cast<unsigned>(p)));
+    published = p;
+  };
+  for (int n = 0; n < N; ++n) {
+    const auto* r = reinterpret_cast<const volatile int*>(fh + l.range(s, 0, c, n));
+    const int r0 = r[0], r1 = r[1];
+    for (int i = r0; i < r1; ++i) {
+      int rows[kMaxTopk];
+      const int count = my_rows(out_pos, S, static_cast<std::size_t>(f) * Cn + i, rows);
+      if (count == 0) continue;
+      const long long need = static_cast<long long>(p) - s.nvl_ring;
+      if (__shfl_sync(kFullWarpMask, static_cast<long long>(ring::tagged_value(ld_acquire_sys(&w->nvl_head[c][f]), call)) <= need, 0)) {
+        publish();
+        if (!ring::warp_wait(
+                a, [&] { return __shfl_sync(kFullWarpMask, static_cast<long long>(ring::tagged_value(
+                                                                ld_acquire_sys(&w->nvl_head[c][f]), call)) > need, 0); },
+                me / L * L + f, kOpCombineNode, call)) {
+          return;
         }
       }
-      store4<DType::kF32>(partial, c, acc);
-    }
-    __syncwarp();
-    __threadfence_system();  // the partial, before a put reads it
-    __syncwarp();
-    transport::warp_put_signal(a.put.peers, n * L + me % L,
-                               half_off + l.recv + (static_cast<std::size_t>(n_me) * T + t) * l.partial_stride,
-                               partial, l.partial_stride, rail_word(h, kRailPartials, n_me), 1, lane);
-  }
-}
-
-// One block: barrier B (the node finished reading this rank's rows), then
-// wait for every node's partials of this rank's tokens.
-__global__ void __launch_bounds__(kThreads) combine_wait(Args a) {
-  if (ll_put::detail::block_aborted(a.put, kOpCombineNode)) return;
-  const unsigned long long call = call_number(a);
-  if (!detail::node_barrier(a, 1, call, kOpCombineNode)) return;
-  detail::wait_rail(a, kRailPartials, call, kOpCombineRail);
-}
-
-// A warp per token: the sum of its partials (ascending node), rounded once.
-template <DType D>
-__global__ void __launch_bounds__(kThreads) combine_sum(Args a, const int* rdma_slot, char* out) {
-  if (ll_put::detail::block_aborted(a.put, kOpCombineRail)) return;
-  const Shape s = a.shape;
-  const Layout l = Layout::make(s);
-  const char* half = my_half(a, l, call_number(a));
-  const int N = s.num_nodes, T = s.num_tokens, lane = threadIdx.x % 32;
-  const std::size_t out_row = static_cast<std::size_t>(s.cols) * (D == DType::kF32 ? 4 : 2);
-  const int warps = gridDim.x * (blockDim.x / 32);
-  for (int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < T; t += warps) {
-    for (int c = 4 * lane; c < s.cols; c += 128) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int n = 0; n < N; ++n) {
-        if (rdma_slot[static_cast<std::size_t>(t) * N + n] < 0) continue;
-        add4(acc, load4<DType::kF32>(half + l.recv + (static_cast<std::size_t>(n) * T + t) * l.partial_stride, c));
+      char* dst = fh + l.nvl_row(s, c, l_me, p);
+      for (int col = 4 * lane; col < s.cols; col += 128) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int k = 0; k < count; ++k) add4(acc, load4<D>(y + static_cast<std::size_t>(rows[k]) * s.row_bytes, col));
+        store4<D>(dst, col, acc);
       }
-      store4<D>(out + t * out_row, c, acc);
+      ++p;
+      if (p % s.nvl_chunk == 0) publish();
+    }
+  }
+  publish();
+}
+
+// The reducer (this rank as forwarder): warps 1.. take the table rows of
+// channel c in order, a batch of min(warps - 1, nvl_ring) rows at a time;
+// a row's position in each sender's ring counts that sender's earlier rows.
+// After each batch the heads go back to the senders.
+template <DType D>
+__device__ void reducer(const Args& a, const Layout& l, unsigned long long call, int c, const HandleIO& hio,
+                        const unsigned long long* base) {
+  const Shape& s = a.shape;
+  const int N = s.num_nodes, L = s.ranks_per_node, C = s.capacity, S = s.slots();
+  const int me = a.put.peers.rank, n_me = me / L, l_me = me % L, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32 - 1, warps = blockDim.x / 32 - 1, h = static_cast<int>(call & 1ull);
+  const int batch = min(warps, s.nvl_ring);
+  char* half = my_half(a, l, call);
+  RingWords* w = ring::words(a.put.peers.local, h);
+  __shared__ int has[32][kMaxLocal];  // rows of the batch: which senders hold them
+  __shared__ int count[kMaxLocal];    // rows taken from each sender's ring before this batch
+  __shared__ int failed;
+  if (threadIdx.x == 32) failed = 0;
+  if (warp == 0 && lane < L) count[lane] = 0;
+  for (int v = threadIdx.x - 32; v < 32 * kMaxLocal; v += warps * 32) has[v / kMaxLocal][v % kMaxLocal] = 0;
+  reducer_sync(warps * 32);
+  for (int n = 0; n < N; ++n) {
+    const auto* r = reinterpret_cast<const int*>(half + l.range(s, 0, c, n));
+    const int r0 = r[0], r1 = max(r[1], r[0]);
+    for (int b0 = r0; b0 < r1; b0 += batch) {
+      const int i = b0 + warp;
+      const bool mine = warp < batch && i < r1;
+      if (mine && lane < L) {
+        bool any = false;
+        for (int k = 0; k < S; ++k) {
+          const int o = hio.fwd_dst_row[(static_cast<std::size_t>(i) * L + lane) * S + k];
+          any |= o >= 0 && o < C;
+        }
+        has[warp][lane] = any;
+      }
+      reducer_sync(warps * 32);
+      if (mine && !failed) {
+        // Every wait first (a whole warp each), then the sum: ascending local rank.
+        const int q = i - r0;
+        int pos[kMaxLocal];
+        bool ok = true;
+        for (int j = 0; j < L; ++j) {
+          pos[j] = -1;
+          if (!has[warp][j] || !ok) continue;
+          int at = count[j];
+          for (int b = 0; b < warp; ++b) at += has[b][j];
+          pos[j] = at;
+          ok = ring::warp_wait(
+              a,
+              [&] {
+                return __shfl_sync(kFullWarpMask,
+                                   ring::tagged_value(ld_acquire_sys(&w->nvl_tail[c][j]), call) > static_cast<unsigned>(at), 0);
+              },
+              n_me * L + j, kOpCombineNode, call);
+        }
+        const long long need = static_cast<long long>(q) - s.rdma_ring;
+        ok = ok && ring::warp_wait(
+                       a, [&] { return __shfl_sync(kFullWarpMask, ring::credit(w, c, n, base[n]) > need, 0); },
+                       n * L + l_me, kOpCombineRail, call);
+        if (!ok) {
+          failed = 1;
+        } else {
+          char* dst = half + l.rdma_row(n == n_me ? l.recv_ring : l.send_ring, s, c, n, q);
+          for (int col = 4 * lane; col < s.cols; col += 128) {
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int j = 0; j < L; ++j) {
+              if (pos[j] >= 0) add4(acc, load4<D>(half + l.nvl_row(s, c, j, pos[j]), col));
+            }
+            store4<D>(dst, col, acc);
+          }
+          __syncwarp();
+          __threadfence_system();  // the partial, before its count
+          __syncwarp();
+          if (lane == 0) atomicAdd(&w->filled[c][n][(q / s.rdma_chunk) % s.ring_chunks()], 1);
+        }
+      }
+      reducer_sync(warps * 32);
+      if (failed) return;
+      if (warp == 0 && lane < L) {
+        int taken = 0;
+        for (int b = 0; b < batch && b0 + b < r1; ++b) taken += has[b][lane];
+        count[lane] += taken;
+        for (int b = 0; b < batch; ++b) has[b][lane] = 0;
+        // The batch's reads of sender `lane`'s ring are done (the barrier above): pass them.
+        RingWords* jw = ring::words(a.put.peers.mapped[n_me * L + lane], h);
+        st_release_sys(&jw->nvl_head[c][l_me], ring::tag(call, static_cast<unsigned>(count[lane])));
+      }
+      reducer_sync(warps * 32);
     }
   }
 }
 
-// One thread: the end of the call.
-__global__ void combine_finish(Args a) {
+// RDMA receivers (this rank as source): warps 1.. take the tokens of
+// channel c (striding); each sums the partial of every node it went to
+// (ascending node) and counts the chunk consumed; warp 0 returns the credits
+// of whole consumed chunks, in order.
+template <DType D>
+__device__ void rdma_receivers(const Args& a, const Layout& l, unsigned long long call, int c, const int* rdma_slot,
+                               const int* r0, const int* len, char* out) {
+  const Shape& s = a.shape;
+  const int N = s.num_nodes, L = s.ranks_per_node, Cn = s.node_capacity, T = s.num_tokens;
+  const int me = a.put.peers.rank, n_me = me / L, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int h = static_cast<int>(call & 1ull);
+  const char* half = my_half(a, l, call);
+  RingWords* w = ring::words(a.put.peers.local, h);
+  const std::size_t out_row = static_cast<std::size_t>(s.cols) * (D == DType::kF32 ? 4 : 2);
+  if (warp == 0) {  // credits
+    __shared__ int next[kMaxRanks];
+    for (int m = lane; m < N; m += 32) next[m] = 0;
+    __syncwarp();
+    ring::PollClock clock;
+    for (;;) {
+      bool pending = false, progressed = false;
+      int waiting_on = -1;
+      for (int m = 0; m < N; ++m) {
+        const int k = next[m];
+        if (k >= ring::num_chunks(s, len[m])) continue;
+        pending = true;
+        const int rows = ring::chunk_rows(s, len[m], k), slot = k % s.ring_chunks();
+        int* used = &w->consumed[c][m][slot];
+        if (!__shfl_sync(kFullWarpMask, lane == 0 && *reinterpret_cast<volatile int*>(used) == rows, 0)) {
+          if (waiting_on < 0) waiting_on = m * L + me % L;
+          continue;
+        }
+        if (lane == 0) {
+          *used = 0;
+          transport::signal_add(a.put.peers, m * L + me % L, ring::credit_offset(h, c, n_me),
+                                static_cast<unsigned long long>(rows));
+          next[m] = k + 1;
+        }
+        __syncwarp();
+        progressed = true;
+      }
+      if (!pending) break;
+      const WaitOutcome o = clock.tick(a, progressed);
+      if (__shfl_sync(kFullWarpMask, static_cast<int>(o), 0) != kWaitReady) {
+        if (lane == 0) detail::wait_failed(a, o, waiting_on < 0 ? me : waiting_on, kOpCombineRail, call + 1);
+        return;
+      }
+    }
+    return;
+  }
+  const int t0 = min(c * s.channel_tokens(), T), t1 = min(t0 + s.channel_tokens(), T);
+  const int warps = blockDim.x / 32 - 1;
+  for (int t = t0 + warp - 1; t < t1; t += warps) {
+    // Wait for every partial of the token first (a lane per node), then sum.
+    for (int m = 0; m < N; ++m) {
+      const int row = rdma_slot[static_cast<std::size_t>(t) * N + m];
+      if (row < 0 || row >= Cn) continue;
+      const int q = row - r0[m];
+      const unsigned long long want = ring::tag(call, q / s.rdma_chunk + 1);
+      const unsigned long long* flag = &w->flag[c][m][(q / s.rdma_chunk) % s.ring_chunks()];
+      if (!ring::warp_wait(a, [&] { return __shfl_sync(kFullWarpMask, ld_acquire_sys(flag) >= want, 0); },
+                           m * L + me % L, kOpCombineRail, call)) {
+        return;
+      }
+    }
+    for (int col = 4 * lane; col < s.cols; col += 128) {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int m = 0; m < N; ++m) {
+        const int row = rdma_slot[static_cast<std::size_t>(t) * N + m];
+        if (row < 0 || row >= Cn) continue;
+        add4(acc, load4<D>(half + l.rdma_row(l.recv_ring, s, c, m, row - r0[m]), col));
+      }
+      store4<D>(out + t * out_row, col, acc);
+    }
+    __syncwarp();  // every lane's reads, before the slots count as consumed
+    if (lane == 0) {
+      for (int m = 0; m < N; ++m) {
+        const int row = rdma_slot[static_cast<std::size_t>(t) * N + m];
+        if (row < 0 || row >= Cn) continue;
+        atomicAdd(&w->consumed[c][m][((row - r0[m]) / s.rdma_chunk) % s.ring_chunks()], 1);
+      }
+    }
+  }
+}
+
+// Three blocks per channel: NVLink senders, reducer, RDMA receivers.
+template <DType D>
+__global__ void __launch_bounds__(kThreads) combine_rings(Args a, const char* y, HandleIO hio, char* out) {
   if (ll_put::detail::block_aborted(a.put, kOpCombineRail)) return;
-  if (threadIdx.x == 0) detail::end_call(a, call_number(a), kRailPartials, -1);
+  const Layout l = Layout::make(a.shape);
+  const unsigned long long call = call_number(a);
+  const int c = blockIdx.x / 3, role = blockIdx.x % 3;
+  if (role == 0) {
+    nvl_senders<D>(a, l, call, c, y);
+    return;
+  }
+  __shared__ int r0[kMaxRanks], len[kMaxRanks];
+  __shared__ unsigned long long base[kMaxRanks];
+  const RingWords* w = ring::words(a.put.peers.local, static_cast<int>(call & 1ull));
+  if (role == 1) {
+    // As the forwarder: the streams to each source node are the table's ranges.
+    const char* half = my_half(a, l, call);
+    for (int n = threadIdx.x; n < a.shape.num_nodes; n += blockDim.x) {
+      const auto* r = reinterpret_cast<const int*>(half + l.range(a.shape, 0, c, n));
+      len[n] = max(r[1] - r[0], 0);
+      base[n] = w->base[c][n];
+    }
+    __syncthreads();
+    if (threadIdx.x / 32 == 0) {
+      ring::rdma_coordinator(a, l, call, c, len, base, kOpCombineRail);
+    } else {
+      reducer<D>(a, l, call, c, hio, base);
+    }
+    return;
+  }
+  ring::source_streams(a, hio.rdma_slot, c, w, r0, len, base);
+  rdma_receivers<D>(a, l, call, c, hio.rdma_slot, r0, len, out);
 }
 
 template <DType D>
-cudaError_t launch_typed(const Args& a, const void* y, const int* recv_src_rank, const int* rdma_slot,
-                         const int* fwd_src_node, const int* fwd_src_token, const int* fwd_dst_row, void* out,
-                         int num_blocks, cudaStream_t stream) {
-  combine_stage<<<num_blocks, kThreads, 0, stream>>>(a, static_cast<const char*>(y), recv_src_rank);
-  combine_ready<<<1, kThreads, 0, stream>>>(a);
-  combine_reduce<D><<<num_blocks, kThreads, 0, stream>>>(a, fwd_src_node, fwd_src_token, fwd_dst_row);
-  combine_wait<<<1, kThreads, 0, stream>>>(a);
-  combine_sum<D><<<num_blocks, kThreads, 0, stream>>>(a, rdma_slot, static_cast<char*>(out));
-  combine_finish<<<1, 32, 0, stream>>>(a);
-  return cudaGetLastError();
+cudaError_t launch_typed(const Args& a, const void* y, const HandleIO& h, void* out, int num_blocks,
+                         cudaStream_t stream) {
+  if (cudaError_t err = launch_handle_start(a, h, kRailPartials, kOpCombineRail, num_blocks, stream);
+      err != cudaSuccess) {
+    return err;
+  }
+  combine_rings<D><<<3 * a.shape.channels, kThreads, 0, stream>>>(a, static_cast<const char*>(y), h,
+                                                                   static_cast<char*>(out));
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  return launch_handle_end(a, kRailPartials, kOpCombineNode, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_combine(const Args& a, DType dtype, const void* y, const int* recv_src_rank,
-                           const int* rdma_slot, const int* fwd_src_node, const int* fwd_src_token,
-                           const int* fwd_dst_row, void* out, int num_blocks, cudaStream_t stream) {
+cudaError_t launch_combine(const Args& a, DType dtype, const void* y, const HandleIO& h, void* out, int num_blocks,
+                           cudaStream_t stream) {
   switch (dtype) {
     case DType::kBF16:
-      return launch_typed<DType::kBF16>(a, y, recv_src_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,
-                                        out, num_blocks, stream);
+      return launch_typed<DType::kBF16>(a, y, h, out, num_blocks, stream);
     case DType::kF16:
-      return launch_typed<DType::kF16>(a, y, recv_src_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,
-                                       out, num_blocks, stream);
+      return launch_typed<DType::kF16>(a, y, h, out, num_blocks, stream);
     default:
-      return launch_typed<DType::kF32>(a, y, recv_src_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,
-                                       out, num_blocks, stream);
+      return launch_typed<DType::kF32>(a, y, h, out, num_blocks, stream);
   }
 }
 

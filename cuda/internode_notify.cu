@@ -1,6 +1,6 @@
 // Internode dispatch, source side: the notify (count messages along the
-// rail) and the RDMA leg (each token once to each node it goes to). See
-// internode.cuh for the protocol.
+// rail) and the metas' leg (each token's meta once to each node it goes
+// to). See internode.cuh for the protocol.
 #include "internode.cuh"
 
 namespace jax_ep {
@@ -29,7 +29,10 @@ __global__ void __launch_bounds__(kThreads) notify_send(Args a, const int* topk_
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   __shared__ int cnt_rank[kMaxRanks], cnt_node[kMaxRanks];
   __shared__ int cnt_expert[kMaxExperts];
+  __shared__ int cnt_chan[kMaxRanks * kMaxChannels];  // [node][channel]
+  const int ch = s.channels, Tc = s.channel_tokens();
   for (int i = threadIdx.x; i < kMaxRanks; i += blockDim.x) cnt_rank[i] = cnt_node[i] = 0;
+  for (int i = threadIdx.x; i < N * ch; i += blockDim.x) cnt_chan[i] = 0;
   for (int i = threadIdx.x; i < E; i += blockDim.x) cnt_expert[i] = 0;
   __syncthreads();
 
@@ -62,6 +65,7 @@ __global__ void __launch_bounds__(kThreads) notify_send(Args a, const int* topk_
       const bool in = t < T && ((tmask[t] >> (m * L)) & node_bits) != 0;
       const unsigned ballot = __ballot_sync(kFullWarpMask, in);
       if (t < T) send_pos[static_cast<std::size_t>(t) * N + m] = in ? base + __popc(ballot & ((1u << lane) - 1u)) : -1;
+      if (in) atomicAdd(&cnt_chan[m * ch + t / Tc], 1);
       base += __popc(ballot);
     }
     if (lane == 0) cnt_node[m] = base;
@@ -72,9 +76,11 @@ __global__ void __launch_bounds__(kThreads) notify_send(Args a, const int* topk_
   const unsigned long long sig = s.signature();
   for (int v = threadIdx.x; v < N * mi; v += blockDim.x) {
     const int m = v / mi, x = v % mi;
+    const int chan0 = Layout::msg_channel(s, 0);
     const int value = x < N            ? cnt_node[x]
                       : x < N + L      ? cnt_rank[m * L + (x - N)]
-                      : x < mi - 2     ? cnt_expert[m * L * le + (x - N - L)]
+                      : x < chan0      ? cnt_expert[m * L * le + (x - N - L)]
+                      : x < mi - 2     ? cnt_chan[m * ch + (x - chan0)]
                       : x == mi - 2    ? static_cast<int>(sig & 0xffffffffull)
                                        : static_cast<int>(sig >> 32);
     msg_ints_at(half, l, l.notify_src, m)[x] = value;
@@ -122,11 +128,26 @@ __global__ void __launch_bounds__(kThreads) notify_wait(Args a) {
     for (int n = 0; n < n_me; ++n) sum += *reinterpret_cast<volatile int*>(msg_ints_at(half, l, l.notify_in, n) + m);
     start[m] = sum;
   }
+  // This rank's streams as forwarder: source node n's tokens of channel c
+  // are the table rows [lo_n + (its tokens of earlier channels), + its
+  // tokens of c), cut at Cn. Node peers read them after barrier A.
+  const int ch = a.shape.channels, Cn = a.shape.node_capacity;
+  for (int v = threadIdx.x; v < N * ch; v += blockDim.x) {
+    const int n = v / ch, c = v % ch;
+    int row = 0;
+    for (int p = 0; p < n; ++p) row += *reinterpret_cast<volatile int*>(msg_ints_at(half, l, l.notify_in, p) + n_me);
+    const auto* msg = reinterpret_cast<volatile int*>(msg_ints_at(half, l, l.notify_in, n));
+    for (int q = 0; q < c; ++q) row += msg[Layout::msg_channel(a.shape, q)];
+    auto* r = reinterpret_cast<int*>(half + l.range(a.shape, 0, c, n));
+    r[0] = min(row, Cn);
+    r[1] = min(row + msg[Layout::msg_channel(a.shape, c)], Cn);
+  }
 }
 
-// The RDMA leg: a warp per token stages its message (meta, top-k ids and
-// weights, payload) and puts it into the table of each node's forwarder it
-// goes to; block 0 adds each stream's final count. No waits.
+// The metas' leg: a warp per token stages its meta (Meta, top-k ids and
+// weights) and puts it into the meta table of each node's forwarder it goes
+// to, recording the table row in rdma_slot; block 0 adds each stream's final
+// count. The rows follow through the rings (internode_pipeline.cu). No waits.
 __global__ void __launch_bounds__(kThreads) dispatch_send(Args a, DispatchIO io) {
   if (ll_put::detail::block_aborted(a.put, kOpDispatchRail)) return;
   const Shape s = a.shape;
@@ -153,27 +174,22 @@ __global__ void __launch_bounds__(kThreads) dispatch_send(Args a, DispatchIO io)
   for (int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < T; t += warps) {
     const unsigned long long mask = tmask[t];
     if (mask == 0) continue;
-    char* msg = half + l.stage + static_cast<std::size_t>(t) * l.tok_stride;
+    char* msg = half + l.stage + static_cast<std::size_t>(t) * l.meta_bytes;
     if (lane == 0) *reinterpret_cast<Meta*>(msg) = Meta{t, me, mask};
     if (lane < K) {
       reinterpret_cast<int*>(msg + sizeof(Meta))[lane] = io.topk_idx[static_cast<std::size_t>(t) * K + lane];
       reinterpret_cast<float*>(msg + sizeof(Meta) + 4 * K)[lane] = io.topk_weights[static_cast<std::size_t>(t) * K + lane];
     }
-    char* payload = msg + l.meta_bytes;
-    for (int p = 0; p < io.num_parts; ++p) {
-      detail::warp_copy(payload, io.x[p] + static_cast<std::size_t>(t) * io.part_bytes[p], io.part_bytes[p], lane);
-      payload += io.part_bytes[p];
-    }
     __syncwarp();
-    __threadfence_system();  // the staged message, before a put reads it
+    __threadfence_system();  // the staged meta, before a put reads it
     __syncwarp();
     for (int m = 0; m < N; ++m) {
       const int sp = send_pos[static_cast<std::size_t>(t) * N + m];
       if (sp < 0 || start[m] + sp >= Cn) continue;  // not to m, or past the forwarder's table (dropped)
       const int row = start[m] + sp;
       if (lane == 0) io.rdma_slot[static_cast<std::size_t>(t) * N + m] = row;
-      transport::warp_put_signal(a.put.peers, m * L + me % L, half_off + l.table + row * l.tok_stride, msg,
-                                 l.tok_stride, rail_word(h, kRailRows, n_me), 1, lane);
+      transport::warp_put_signal(a.put.peers, m * L + me % L, half_off + l.table + row * l.meta_bytes, msg,
+                                 l.meta_bytes, rail_word(h, kRailRows, n_me), 1, lane);
     }
   }
 }

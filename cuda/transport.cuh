@@ -106,6 +106,26 @@ __device__ __forceinline__ void warp_put_signal(const Peers& p, int peer, std::s
                                   peer);
 }
 
+// warp_put_signal, but the signal word is set to `value` (after the data)
+// rather than added to: for words that only grow (internode_ring.cuh's chunk
+// flags), where a set that arrives late is an older value.
+__device__ __forceinline__ void warp_put_signal_set(const Peers& p, int peer, std::size_t offset, const void* src,
+                                                    std::size_t bytes, std::size_t signal_offset,
+                                                    unsigned long long value, int lane) {
+  if (p.path[peer] == PeerPath::kPointer) {
+    auto* to = reinterpret_cast<int4*>(p.mapped[peer] + offset);
+    const auto* from = reinterpret_cast<const int4*>(src);
+    for (std::size_t v = lane; v < bytes / 16; v += 32) to[v] = from[v];
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) st_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), value);
+    return;
+  }
+  nvshmemx_putmem_signal_nbi_warp(p.local + offset, src, bytes,
+                                  reinterpret_cast<std::uint64_t*>(p.local + signal_offset), value, NVSHMEM_SIGNAL_SET,
+                                  peer);
+}
+
 // One thread's warp_put_signal: `bytes` (a multiple of 16, a few of them)
 // from `src` to `offset` of `peer`'s copy, then `add` on the signal word.
 __device__ __forceinline__ void thread_put_signal(const Peers& p, int peer, std::size_t offset, const void* src,

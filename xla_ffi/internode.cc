@@ -11,12 +11,15 @@
 //       recv_src_token s32[C], is_token_in_rank pred[T, R], rdma_slot s32[T, N],
 //       fwd_src_node s32[Cn], fwd_src_token s32[Cn], fwd_dst_row s32[Cn, L, S],
 //       recv_table_row s32[C]   (S = 1 rank-major, K expert-major)
-//   jax_ep_internode_cached_dispatch  x [T, B], rdma_slot, recv_src_rank, recv_table_row -> [C, B]
+//   jax_ep_internode_cached_dispatch  x [T, B], rdma_slot, recv_src_rank, recv_table_row,
+//                                  fwd_src_node, fwd_src_token, fwd_dst_row -> [C, B]
 //   jax_ep_internode_combine       y [C, B] (bf16/f16/f32), recv_src_rank, rdma_slot,
-//                                  fwd_src_node, fwd_src_token, fwd_dst_row -> [T, B]
+//                                  fwd_src_node, fwd_src_token, fwd_dst_row, recv_table_row -> [T, B]
 //
-//   attrs: buffer_id, ranks_per_node (L), node_capacity (Cn), num_sms; dispatch also
-//   num_experts, capacity (C), layout (0 rank-major, 1 expert-major), expert_alignment.
+//   attrs: buffer_id, ranks_per_node (L), node_capacity (Cn), num_sms, and the rings:
+//   num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring (tokens;
+//   jax_ep.internode_config); dispatch also num_experts, capacity (C), layout
+//   (0 rank-major, 1 expert-major), expert_alignment.
 //
 // Row bytes are multiples of 16 (jax_ep.cuda_ops pads them).
 #include <string>
@@ -40,8 +43,40 @@ struct Call {
   Args args{};
 };
 
+// The ring sizes of a call (the attrs every target takes).
+struct Rings {
+  int64_t channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring;
+};
+
+// The rings' conditions (docs/internode.md): a ring holds whole chunks,
+// at most kMaxRingChunks of them (their flags are fixed words).
+ffi::Error apply_rings(const char* target, const Rings& r, Shape* shape) {
+  if (r.channels < 1 || r.channels > kMaxChannels) {
+    return invalid_argument(target, "num_channels must be in [1, " + std::to_string(kMaxChannels) + "], got " +
+                                        std::to_string(r.channels));
+  }
+  if (r.rdma_chunk < 1 || r.rdma_ring < r.rdma_chunk || r.rdma_ring % r.rdma_chunk != 0 ||
+      r.rdma_ring / r.rdma_chunk > kMaxRingChunks || !fits_int(r.rdma_ring)) {
+    return invalid_argument(target, "rdma_ring must be a multiple of rdma_chunk >= 1, at most " +
+                                        std::to_string(kMaxRingChunks) + " chunks; got chunk " +
+                                        std::to_string(r.rdma_chunk) + ", ring " + std::to_string(r.rdma_ring));
+  }
+  if (r.nvl_chunk < 1 || r.nvl_ring < r.nvl_chunk || !fits_int(r.nvl_ring)) {
+    return invalid_argument(target, "nvl_ring must be >= nvl_chunk >= 1; got chunk " + std::to_string(r.nvl_chunk) +
+                                        ", ring " + std::to_string(r.nvl_ring));
+  }
+  shape->channels = static_cast<int>(r.channels);
+  shape->rdma_chunk = static_cast<int>(r.rdma_chunk);
+  shape->rdma_ring = static_cast<int>(r.rdma_ring);
+  shape->nvl_chunk = static_cast<int>(r.nvl_chunk);
+  shape->nvl_ring = static_cast<int>(r.nvl_ring);
+  return ffi::Error::Success();
+}
+
 // Finds the buffer, checks the topology and the sizes against it.
-ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, Shape shape, Call* call) {
+ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, const Rings& rings, Shape shape,
+                   Call* call) {
+  if (auto err = apply_rings(target, rings, &shape); err.failure()) return err;
   std::string error;
   call->buf = ll_put::find_put_buffer(buffer_id, device, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
@@ -77,8 +112,9 @@ int blocks(int64_t num_sms) { return static_cast<int>(num_sms > 0 ? num_sms : 1)
 
 ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, DispatchIO io, int64_t rows,
                     I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id, int64_t ranks_per_node,
-                    int64_t node_capacity, int64_t num_sms, int64_t num_experts, int64_t capacity, int64_t layout,
-                    int64_t expert_alignment,
+                    int64_t node_capacity, int64_t num_sms, int64_t num_channels, int64_t rdma_chunk,
+                    int64_t rdma_ring, int64_t nvl_chunk, int64_t nvl_ring, int64_t num_experts, int64_t capacity,
+                    int64_t layout, int64_t expert_alignment,
                     ffi::Result<I32_2>& recv_topk_idx, ffi::Result<F32_2>& recv_topk_weights,
                     ffi::Result<I32_1>& num_recv_per_expert, ffi::Result<I32_1>& expert_group_sizes,
                     ffi::Result<I32_0>& num_kept, ffi::Result<I32_0>& num_needed, ffi::Result<I32_1>& recv_src_rank,
@@ -104,7 +140,8 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
               io.part_bytes[0] + (io.num_parts > 1 ? io.part_bytes[1] : 0), 0, static_cast<int>(layout),
               static_cast<int>(expert_alignment)};
   Call c;
-  if (auto err = prepare(target, device, buffer_id, shape, &c); err.failure()) return err;
+  const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
+  if (auto err = prepare(target, device, buffer_id, rings, shape, &c); err.failure()) return err;
   const int R = c.buf->num_ranks(), N = c.args.shape.num_nodes, L = c.args.shape.ranks_per_node;
   if (num_experts < R || num_experts % R != 0 || num_experts > kMaxExperts || num_experts / R > kMaxLocalExperts) {
     return invalid_argument(target, "num_experts must be a multiple of the rank count " + std::to_string(R) +
@@ -161,9 +198,12 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
   return launch_status(target, err);
 }
 
+#define JAX_EP_INTERNODE_RING_PARAMS \
+  int64_t num_channels, int64_t rdma_chunk, int64_t rdma_ring, int64_t nvl_chunk, int64_t nvl_ring
 #define JAX_EP_INTERNODE_DISPATCH_PARAMS                                                                          \
   I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity,           \
-      int64_t num_sms, int64_t num_experts, int64_t capacity, int64_t layout, int64_t expert_alignment
+      int64_t num_sms, JAX_EP_INTERNODE_RING_PARAMS, int64_t num_experts, int64_t capacity, int64_t layout,       \
+      int64_t expert_alignment
 #define JAX_EP_INTERNODE_DISPATCH_RESULTS                                                                         \
   ffi::Result<I32_2> recv_topk_idx, ffi::Result<F32_2> recv_topk_weights, ffi::Result<I32_1> num_recv_per_expert, \
       ffi::Result<I32_1> expert_group_sizes, ffi::Result<I32_0> num_kept, ffi::Result<I32_0> num_needed,          \
@@ -171,8 +211,8 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
       ffi::Result<I32_2> rdma_slot, ffi::Result<I32_1> fwd_src_node, ffi::Result<I32_1> fwd_src_token,            \
       ffi::Result<I32_3> fwd_dst_row, ffi::Result<I32_1> recv_table_row
 #define JAX_EP_INTERNODE_DISPATCH_FORWARD                                                                         \
-  topk_idx, topk_weights, buffer_id, ranks_per_node, node_capacity, num_sms, num_experts, capacity, layout,       \
-      expert_alignment,                                                                                           \
+  topk_idx, topk_weights, buffer_id, ranks_per_node, node_capacity, num_sms, num_channels, rdma_chunk,           \
+      rdma_ring, nvl_chunk, nvl_ring, num_experts, capacity, layout, expert_alignment,                            \
       recv_topk_idx, recv_topk_weights, num_recv_per_expert, expert_group_sizes, num_kept, num_needed,            \
       recv_src_rank, recv_src_token, is_token_in_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,       \
       recv_table_row
@@ -221,28 +261,51 @@ ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuf
   return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
+// The handle's arrays, checked against T, C, Cn, L and the node count.
+ffi::Error handle_io(const char* target, int64_t T, int64_t C, int64_t node_capacity, int64_t ranks_per_node,
+                     I32_2& rdma_slot, I32_1& recv_src_rank, I32_1& recv_table_row, I32_1& fwd_src_node,
+                     I32_1& fwd_src_token, I32_3& fwd_dst_row, HandleIO* h) {
+  if (rdma_slot.dimensions()[0] != T || recv_src_rank.dimensions()[0] != C || recv_table_row.dimensions()[0] != C ||
+      fwd_src_node.dimensions()[0] != node_capacity || fwd_src_token.dimensions()[0] != node_capacity ||
+      fwd_dst_row.dimensions()[0] != node_capacity || fwd_dst_row.dimensions()[1] != ranks_per_node ||
+      fwd_dst_row.dimensions()[2] < 1 || fwd_dst_row.dimensions()[2] > kMaxTopk) {
+    return invalid_argument(target, "the handle's arrays disagree with the payload, the output or the node capacity");
+  }
+  *h = HandleIO{rdma_slot.typed_data(),    recv_src_rank.typed_data(), recv_table_row.typed_data(),
+                fwd_src_node.typed_data(), fwd_src_token.typed_data(), fwd_dst_row.typed_data()};
+  return ffi::Error::Success();
+}
+
 ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 rdma_slot,
-                                   I32_1 recv_src_rank, I32_1 recv_table_row, int64_t buffer_id,
+                                   I32_1 recv_src_rank, I32_1 recv_table_row, I32_1 fwd_src_node,
+                                   I32_1 fwd_src_token, I32_3 fwd_dst_row, int64_t buffer_id,
                                    int64_t ranks_per_node, int64_t node_capacity, int64_t num_sms,
-                                   ffi::Result<ffi::AnyBuffer> out) {
+                                   JAX_EP_INTERNODE_RING_PARAMS, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_internode_cached_dispatch";
   const int64_t T = rows_of(x), C = rows_of(*out), row = row_bytes_of(*out);
   if (row % 16 != 0 || row == 0) return invalid_argument(kTarget, "rows must be a nonzero multiple of 16 bytes");
-  if (rdma_slot.dimensions()[0] != T || recv_src_rank.dimensions()[0] != C || recv_table_row.dimensions()[0] != C ||
-      static_cast<int64_t>(x.size_bytes()) != T * row) {
-    return invalid_argument(kTarget, "x, the handle and the output disagree on T, C or the row bytes");
+  if (static_cast<int64_t>(x.size_bytes()) != T * row) {
+    return invalid_argument(kTarget, "x and the output disagree on the row bytes");
   }
-  Shape shape{Op::kCachedDispatch, static_cast<int>(T), 0, 0, 0, static_cast<int>(ranks_per_node),
-              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(row), 0};
+  HandleIO h;
+  if (auto err = handle_io(kTarget, T, C, node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
+                           fwd_src_node, fwd_src_token, fwd_dst_row, &h);
+      err.failure()) {
+    return err;
+  }
+  // num_topk carries the handle's slots S (expert-major: K) for Shape::slots.
+  const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
+  Shape shape{Op::kCachedDispatch, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node),
+              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(row), 0, S > 1 ? 1 : 0, 1};
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, shape, &c); err.failure()) return err;
+  const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
+  if (auto err = prepare(kTarget, device, buffer_id, rings, shape, &c); err.failure()) return err;
   if (rdma_slot.dimensions()[1] != c.args.shape.num_nodes) {
     return invalid_argument(kTarget, "rdma_slot must be [T, num_nodes]");
   }
   cudaError_t err = cudaMemsetAsync(out->untyped_data(), 0, static_cast<std::size_t>(C) * row, stream);
   if (err == cudaSuccess) {
-    err = launch_cached_dispatch(c.args, static_cast<const char*>(x.untyped_data()), rdma_slot.typed_data(),
-                                 recv_src_rank.typed_data(), recv_table_row.typed_data(),
+    err = launch_cached_dispatch(c.args, static_cast<const char*>(x.untyped_data()), h,
                                  static_cast<char*>(out->untyped_data()), blocks(num_sms), stream);
   }
   return launch_status(kTarget, err);
@@ -250,8 +313,8 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
 
 ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_src_rank,
                             I32_2 rdma_slot, I32_1 fwd_src_node, I32_1 fwd_src_token, I32_3 fwd_dst_row,
-                            int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity, int64_t num_sms,
-                            ffi::Result<ffi::AnyBuffer> out) {
+                            I32_1 recv_table_row, int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity,
+                            int64_t num_sms, JAX_EP_INTERNODE_RING_PARAMS, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_internode_combine";
   DType dtype;
   int item;
@@ -268,11 +331,11 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   if (out->dimensions()[1] != B || (B * item) % 16 != 0 || B % 4 != 0) {
     return invalid_argument(kTarget, "rows must be multiples of 16 bytes and of 4 elements, the same in y and out");
   }
-  if (recv_src_rank.dimensions()[0] != C || rdma_slot.dimensions()[0] != T ||
-      fwd_src_node.dimensions()[0] != node_capacity || fwd_src_token.dimensions()[0] != node_capacity ||
-      fwd_dst_row.dimensions()[0] != node_capacity || fwd_dst_row.dimensions()[1] != ranks_per_node ||
-      fwd_dst_row.dimensions()[2] < 1 || fwd_dst_row.dimensions()[2] > kMaxTopk) {
-    return invalid_argument(kTarget, "the handle's arrays disagree with y, out or the node capacity");
+  HandleIO h;
+  if (auto err = handle_io(kTarget, T, C, node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
+                           fwd_src_node, fwd_src_token, fwd_dst_row, &h);
+      err.failure()) {
+    return err;
   }
   // num_topk carries the handle's slots S (expert-major: K) for Shape::slots.
   const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
@@ -280,14 +343,13 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
               static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(B * item), static_cast<int>(B),
               S > 1 ? 1 : 0, 1};
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, shape, &c); err.failure()) return err;
+  const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
+  if (auto err = prepare(kTarget, device, buffer_id, rings, shape, &c); err.failure()) return err;
   if (rdma_slot.dimensions()[1] != c.args.shape.num_nodes) {
     return invalid_argument(kTarget, "rdma_slot must be [T, num_nodes]");
   }
-  return launch_status(kTarget, launch_combine(c.args, dtype, y.untyped_data(), recv_src_rank.typed_data(),
-                                               rdma_slot.typed_data(), fwd_src_node.typed_data(),
-                                               fwd_src_token.typed_data(), fwd_dst_row.typed_data(),
-                                               out->untyped_data(), blocks(num_sms), stream));
+  return launch_status(kTarget, launch_combine(c.args, dtype, y.untyped_data(), h, out->untyped_data(),
+                                               blocks(num_sms), stream));
 }
 
 }  // namespace
@@ -295,7 +357,8 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
 
 #define JAX_EP_INTERNODE_ATTRS                                                                       \
   .Attr<int64_t>("buffer_id").Attr<int64_t>("ranks_per_node").Attr<int64_t>("node_capacity")        \
-      .Attr<int64_t>("num_sms")
+      .Attr<int64_t>("num_sms").Attr<int64_t>("num_channels").Attr<int64_t>("rdma_chunk")              \
+      .Attr<int64_t>("rdma_ring").Attr<int64_t>("nvl_chunk").Attr<int64_t>("nvl_ring")
 #define JAX_EP_INTERNODE_DISPATCH_RETS                                                              \
   .Ret<I32_2>().Ret<F32_2>().Ret<I32_1>().Ret<I32_1>() \
       .Ret<I32_0>().Ret<I32_0>().Ret<I32_1>().Ret<I32_1>() \
@@ -337,7 +400,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCachedDispatchHandler, internode::Interno
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
                                   .Arg<I32_1>()
-                                  .Arg<I32_1>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_1>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_1>()
+                                  .Arg<I32_3>() JAX_EP_INTERNODE_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombine,
@@ -349,7 +415,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombi
                                   .Arg<I32_2>()
                                   .Arg<I32_1>()
                                   .Arg<I32_1>()
-                                  .Arg<I32_3>() JAX_EP_INTERNODE_ATTRS
+                                  .Arg<I32_3>()
+                                  .Arg<I32_1>() JAX_EP_INTERNODE_ATTRS
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -16,7 +16,8 @@
 //   self_test_bytes(num_pes), self_test(id, round=1) -> str   "" when it passed
 //   copy_to_device(ptr, bytes), copy_from_device(ptr, n) -> bytes
 //   registrations() -> dict                  FFI target name -> handler capsule (the put path, internode)
-//   internode_buffer_bytes(op, T, K, E, N, L, Cn, C, row_bytes, cols, layout=0) -> bytes an internode call needs
+//   internode_buffer_bytes(op, T, K, E, N, L, Cn, C, row_bytes, cols, layout=0, channels=1, rdma_chunk=1,
+//                          rdma_ring=1, nvl_chunk=1, nvl_ring=1) -> bytes an internode call needs
 //   create_put_buffer(device, rank, num_ranks, local, num_bytes, mapped, paths, timeout_s) -> int
 //   destroy_put_buffer(id)
 //   put_buffer_failure(id) -> dict           the failure record: code (0: none), rank, peer, op,
@@ -167,14 +168,16 @@ NB_MODULE(_nvshmem, m) {
       nb::arg("payload"), nb::arg("num_ranks"));
   m.def(
       "internode_buffer_bytes",
-      [](int op, int t, int k, int e, int n, int l, int cn, int c, int row_bytes, int cols, int layout) -> std::size_t {
+      [](int op, int t, int k, int e, int n, int l, int cn, int c, int row_bytes, int cols, int layout, int channels,
+         int rdma_chunk, int rdma_ring, int nvl_chunk, int nvl_ring) -> std::size_t {
         const jax_ep::internode::Shape s{static_cast<jax_ep::internode::Op>(op), t, k, e, n, l, cn, c, row_bytes,
-                                         cols, layout, 1};
+                                         cols, layout, 1, channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
         return jax_ep::internode::buffer_bytes(s);
       },
       nb::arg("op"), nb::arg("num_tokens"), nb::arg("num_topk"), nb::arg("num_experts"), nb::arg("num_nodes"),
       nb::arg("ranks_per_node"), nb::arg("node_capacity"), nb::arg("capacity"), nb::arg("row_bytes"),
-      nb::arg("cols"), nb::arg("layout") = 0);
+      nb::arg("cols"), nb::arg("layout") = 0, nb::arg("channels") = 1, nb::arg("rdma_chunk") = 1,
+      nb::arg("rdma_ring") = 1, nb::arg("nvl_chunk") = 1, nb::arg("nvl_ring") = 1);
   m.def(
       "copy_to_device",
       [](std::uintptr_t dst, nb::bytes data) {
