@@ -46,6 +46,8 @@ def parse():
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--ranks-per-node", type=int, default=None, help="ranks per virtual node (default R/2)")
     p.add_argument("--sms", type=int, default=24, help="blocks of the copy kernels per rank")
+    p.add_argument("--channels", type=int, default=None,
+                   help="ring channels per rank (default: what fits R ranks' ring blocks on one GPU, at most 12)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
@@ -118,11 +120,16 @@ def main():
     # Capacities from the routing (rounded up), so the buffer is not sized for the worst case.
     node_cap, capacity = internode_plan.capacity_hint(np.stack(idxs), num_experts=e, ranks_per_node=el)
     node_cap, capacity = -(-node_cap // 256) * 256, -(-capacity // 256) * 256
+    # The R ranks share one GPU: all of their ring blocks (3 per channel in a combine) must be resident.
+    channels = a.channels or max(1, min(12, 120 // (3 * R)))
+    internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap, num_channels=channels)
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
-                                           node_capacity=node_cap)
+                                           node_capacity=node_cap, fp8=True, internode=internode)
+    nbytes = max(nbytes, jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
+                                                       node_capacity=node_cap, internode=internode))
     buf = jax_ep.Buffer(num_experts=e, axis_name=None, num_nvl_bytes=nbytes, ranks_per_node=el,
                         normal=jax_ep.NormalOptions(backend="cuda", num_sms=a.sms, num_max_recv_tokens=capacity),
-                        internode=jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap))
+                        internode=internode)
     rng = np.random.default_rng(ME)
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
     idx, w = jnp.asarray(idxs[ME]), jnp.asarray(ws[ME])
@@ -164,7 +171,8 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, f"internode_R{R}_rpn{el}.json")
         with open(path, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0].device_kind), remote_token_node_pairs=remote_nodes,
+            json.dump(dict(device=str(jax.devices()[0].device_kind), num_channels=channels, buffer_bytes=nbytes,
+                           remote_token_node_pairs=remote_nodes,
                            remote_token_rank_pairs=remote_ranks, crossings_saved=saved, results=results), f,
                       indent=1)
         print(f"wrote {path}", flush=True)

@@ -13,7 +13,8 @@ bitwise for every moved row and every handle array (the internode plan's
 ``recv_table_row``), DeepEP's calc_diff for sums. Cases: uneven sizes, DeepEP's
 hidden 7168 with top-8, one hot rank, duplicate ids and masks, drops past the
 output capacity and at a forwarder's table, the expert-major layout (aligned,
-with drops), FP8 dispatch, cached dispatch and back-to-back routings (both
+with drops), rings of a few tokens that every stream wraps many times (two
+channels), FP8 dispatch, cached dispatch and back-to-back routings (both
 buffer halves), gradients. Other R: skipped.
 """
 
@@ -69,16 +70,25 @@ def global_inputs(seed, t, k, e, h, dtype=ml_dtypes.bfloat16, mask_prob=0.05, sk
     return xs, idxs, ws
 
 
-def make_buffer(el, t, h, k, e, capacity=None, node_capacity=None, itemsize=2, layout="rank_major", alignment=1):
+# Every rank's ring blocks (3 per channel in a combine, one block per SM at
+# their register use) must be resident at once: R ranks share this GPU.
+CHANNELS = max(1, min(4, 120 // (3 * R)))
+# Rings far smaller than a call's streams: every slot is reused many times.
+TINY_RINGS = dict(num_channels=2, rdma_chunk_tokens=2, rdma_ring_tokens=4, nvl_chunk_tokens=1, nvl_ring_tokens=3)
+
+
+def make_buffer(el, t, h, k, e, capacity=None, node_capacity=None, itemsize=2, layout="rank_major", alignment=1,
+                rings=None):
+    internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_capacity,
+                                        **(rings or dict(num_channels=CHANNELS)))
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
                                            node_capacity=node_capacity, itemsize=itemsize, layout=layout,
-                                           expert_alignment=alignment)
+                                           expert_alignment=alignment, internode=internode)
     return jax_ep.Buffer(num_experts=e, axis_name=None, num_nvl_bytes=nbytes, ranks_per_node=el,
                          normal=jax_ep.NormalOptions(backend="cuda", num_sms=max(2, 64 // R),
                                                      num_max_recv_tokens=capacity, layout=layout,
                                                      expert_alignment=alignment),
-                         internode=jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_capacity),
-                         timeout_s=60.0)
+                         internode=internode, timeout_s=60.0)
 
 
 def bits(a):
@@ -120,13 +130,13 @@ def check_dispatch(out, refs, flat, handle_ref, name, expert_major=False):
 
 
 def run_case(el, name, seed, t, k, e, h, capacity=None, node_capacity=None, skew=None, distinct=True,
-             layout="rank_major", alignment=1):
+             layout="rank_major", alignment=1, rings=None):
     xs, idxs, ws = global_inputs(seed, t, k, e, h, skew=skew, distinct=distinct)
     em = layout == "expert_major"
     cap = capacity or (R * t * min(k, e // R) + (e // R) * (alignment - 1) if em else R * t)
     cn = node_capacity or (R // el) * t
     buf = make_buffer(el, t, h, k, e, capacity=capacity, node_capacity=node_capacity, layout=layout,
-                      alignment=alignment)
+                      alignment=alignment, rings=rings)
 
     @jax.jit
     def step(x, i, w):
@@ -180,6 +190,15 @@ for EL in SHAPES:
     def _():
         run_case(EL, "expert_major_drops", 10, 64, 4, 4 * R, 128, capacity=50, node_capacity=70,
                  layout="expert_major", alignment=4)
+
+    @checks(f"{tag}_tiny_rings_wrap_many_times")
+    def _():
+        run_case(EL, "tiny_rings", 11, 96, 4, 4 * R, 256, rings=TINY_RINGS)
+
+    @checks(f"{tag}_tiny_rings_expert_major_with_drops")
+    def _():
+        run_case(EL, "tiny_rings_expert_major", 12, 80, 4, 4 * R, 128, capacity=60, node_capacity=90,
+                 layout="expert_major", alignment=4, rings=TINY_RINGS)
 
     @checks(f"{tag}_fp8_dispatch")
     def _():
