@@ -1,6 +1,7 @@
-"""Turn the benchmark JSON (docs/benchmarks/intranode_R*.json and
-low_latency_R*.json) into the markdown tables of docs/benchmarks/README.md
-and plots (intranode.png, low_latency.png).
+"""Turn the benchmark JSON (docs/benchmarks/intranode_R*.json,
+low_latency_R*.json and internode_R*_rpn*.json) into the markdown tables of
+docs/benchmarks/README.md and plots (intranode.png, low_latency.png,
+internode.png).
 
     python benchmarks/report.py docs/benchmarks
 """
@@ -137,6 +138,48 @@ def ll_plot(runs, path):
     fig.savefig(path, dpi=100)
 
 
+def load_internode(folder):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "internode_R*_rpn*.json"))):
+        d = json.load(open(path))
+        r = d["results"][0]
+        runs[(r["ranks"], r["ranks_per_node"])] = d
+    return runs
+
+
+def internode_table(runs):
+    lines = ["| R (nodes x ranks) | channels | op | time per call (us) | RDMA-leg GB/s | NVLink-leg GB/s | "
+             "crossings saved vs flat |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (r, el), d in sorted(runs.items()):
+        for row in d["results"]:
+            lines.append(f"| {r} ({r // el}x{el}) | {d.get('num_channels', '')} | {row['op']} | {row['time_us']:.1f} | "
+                         f"{row['rdma_gbps']:.1f} | {row['nvl_gbps']:.1f} | {d['crossings_saved']:.0%} |")
+    return "\n".join(lines)
+
+
+def internode_plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(runs)
+    ops = ["dispatch_fp8", "dispatch_bf16", "combine_bf16"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(keys)
+    for j, (r, el) in enumerate(keys):
+        rows = {row["op"]: row for row in runs[(r, el)]["results"]}
+        ax.bar([i + j * width for i in range(len(ops))], [rows[o]["time_us"] if o in rows else 0 for o in ops],
+               width, label=f"R = {r} ({r // el}x{el} virtual nodes)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ops))], ops)
+    ax.set_ylabel("time per call (us)")
+    ax.set_title(f"internode normal mode, one {runs[keys[0]]['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(folder):
     runs = load(folder)
     if runs:
@@ -145,7 +188,14 @@ def main(folder):
     if ll:
         print()
         print(ll_table(ll))
+    inter = load_internode(folder)
+    if inter:
+        print()
+        print(internode_table(inter))
     try:
+        if inter:
+            internode_plot(inter, os.path.join(folder, "internode.png"))
+            print(f"plot: {os.path.join(folder, 'internode.png')}")
         if runs:
             plot(runs, os.path.join(folder, "intranode.png"))
             print(f"\nplot: {os.path.join(folder, 'intranode.png')}")

@@ -50,7 +50,7 @@ for R in ${JAX_EP_LL_PUT_BENCH_RANKS-2 4 8}; do
       --sms "${JAX_EP_LL_SMS:-4,8,16}" --ranks-per-node $((R / 2)) --out "$OUT/bench" || status=1
 done
 for R in ${JAX_EP_INTERNODE_BENCH_RANKS-4 8}; do
-  # Its buffer at DeepEP's shape (staged, both halves) is about 2 GiB per rank: a symmetric heap above it.
+  # Its buffer (rings, metas and placements, both halves) is a few hundred MiB per rank at DeepEP's shape.
   NVSHMEM_SYMMETRIC_SIZE=${JAX_EP_INTERNODE_HEAP:-3221225472} \
   XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.3 / $R:.3f}')") \
     python3 -m jax_ep.launch -n "$R" --timeout 500 benchmarks/bench_internode.py \
