@@ -7,20 +7,23 @@
 // destination at once):
 //
 //   dispatch  notify: each source puts a count message to the forwarder of
-//             its rail on every node (its per-node token counts, and its
-//             per-rank and per-expert counts of that node's ranks);
-//             RDMA leg: each source puts each token once to every node it
-//             goes to, into the forwarder's table at row (tokens of earlier
-//             source nodes of the rail) + (its index in the source's stream),
-//             with a source meta (token, source rank, 64-bit rank mask);
-//             NVLink leg: after a node barrier, each destination reads the
-//             tables of its node's forwarders (pointers), places the rows
-//             that name it by the flat rule (docs/semantics.md), and a second
-//             node barrier ends the reads.
-//   combine   each rank stages its rows; after a node barrier each forwarder
-//             sums the rows of its table tokens over the node's ranks in
-//             float32 and puts the partial to the token's source, which sums
-//             one partial per node (float32, rounded once).
+//             its rail on every node (its per-node, per-channel token counts,
+//             and its per-rank and per-expert counts of that node's ranks);
+//             metas: each source puts each token's meta (token, source rank,
+//             64-bit rank mask, top-k ids and weights) once to every node it
+//             goes to, into the forwarder's meta table at row (tokens of
+//             earlier source nodes of the rail) + (its index in the source's
+//             stream); after node barrier A each destination reads the meta
+//             tables of its node's forwarders and places the rows that name
+//             it by the flat rule (docs/semantics.md);
+//             rows: through the rings (internode_pipeline.cu), each straight
+//             from the forwarder's receive ring into its destinations'
+//             outputs; node barrier B ends the reads.
+//   combine   each rank sends its rows of each forwarder's tokens through
+//             NVLink rings to the forwarder, which sums the node's rows of a
+//             token (float32, rounded to y's dtype) into an RDMA ring back to
+//             the token's source, which sums one partial per node
+//             (internode_combine.cu).
 //
 // Rows move through bounded rings (docs/internode.md, "Rings and flow
 // control"): the RDMA leg of each (channel, source, forwarder) stream goes in
@@ -33,25 +36,28 @@
 // internode_ring.cuh has the ring words; tests/protocol/internode_ring.py
 // models the pipeline.
 //
-// Reuse (every call): calls alternate between two halves (call % 2). Every
-// call has a rail exchange in which each rank signals and waits for every
-// rank of its rail, and a node barrier pair (A: data ready; B: reads done)
-// in which each rank signals and waits for every rank of its node; a rank
-// reads its node peers' memory between A and B (and, in dispatch_finish,
-// their placements after B). So a peer writes half h of call n + 2 only
-// after this rank signalled it in call n + 1, i.e. after this rank's call n
-// ended, and this rank's call n ended only after its node peers passed
-// barrier B of call n. The reads after B are safe too, although each op
-// lays its half out differently (a later call's puts may land on any
-// region): a rank ends call n + 1 only after every rank entered it (its
-// node's barrier A follows each node rank's rail wait in a dispatch or
-// cached dispatch; in a combine its rail wait needs each forwarder's
-// partials, sent after that forwarder's barrier A), so no put of call n + 2
-// lands before every rank left call n. Puts read their source (this
-// rank's symmetric staging) until delivered; it is rewritten two calls later,
-// after its receivers signalled call n + 1, which they did after waiting for
-// the put. Rail signal words count arrivals (transport.cuh) and are reset by
-// their reader at the end of the call; node flags are monotonic call numbers.
+// Reuse (every call; tests/protocol/internode_calls.py): calls alternate
+// between two halves (call % 2). Every call has a rail exchange in which
+// each rank signals and waits for every rank of its rail (a dispatch's
+// notify; a cached dispatch's or a combine's handle_meet), and a node
+// barrier pair (A: data ready; B: reads done) in which each rank signals and
+// waits for every rank of its node; a rank reads its node peers' memory
+// between A and B (and, in dispatch_finish, their placements after B). So a
+// peer writes half h of call n + 2 only after this rank signalled it in call
+// n + 1, i.e. after this rank's call n ended, and this rank's call n ended
+// only after its node peers passed barrier B of call n. The reads after B
+// are safe too, although each op lays its half out differently (a later
+// call's writes may land on any region): a rank ends call n + 1 only after
+// every rank entered it (its node's barrier A follows each node rank's rail
+// wait), so no write of call n + 2 lands before every rank left call n. A
+// stream that carries no rows orders nothing between its two ends, which is
+// why the rail exchange cannot be left to the rows. Puts read their source
+// (this rank's send ring and staged metas) until delivered; a ring slot is
+// refilled only after its chunk's credit, i.e. after the receiver read it,
+// and the metas are rewritten two calls later, after their receivers
+// signalled call n + 1. Rail signal words count arrivals (transport.cuh) and
+// are reset by their reader at the end of the call; node flags are monotonic
+// call numbers; the ring words carry call tags and are never reset.
 //
 // Faults (docs/faults.md): every wait goes through sync.cuh's wait_until
 // with the abort word; a failed wait records (code, rank, peer, op, call) in
