@@ -270,6 +270,7 @@ __device__ void rdma_receivers(const Args& a, const Layout& l, unsigned long lon
         }
         if (lane == 0) {
           *used = 0;
+          __threadfence();  // the reset, before the credit lets the slot's next chunk arrive
           transport::signal_add(a.put.peers, m * L + me % L, ring::credit_offset(h, c, n_me),
                                 static_cast<unsigned long long>(rows));
           next[m] = k + 1;

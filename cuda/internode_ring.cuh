@@ -150,7 +150,14 @@ __device__ __forceinline__ void rdma_coordinator(const Args& a, const Layout& l,
         if (waiting_on < 0) waiting_on = m;
         continue;
       }
-      __threadfence_system();  // the packers' rows (fenced before their counts) before the put or flag
+      // The slot's next chunk is written only after this one's credit (after its reader passed it); the
+      // reset is visible before the flag or put that starts that round trip.
+      if (lane == 0) {
+        *count = 0;
+        next[m] = k + 1;
+      }
+      __syncwarp();
+      __threadfence_system();  // the writers' rows (fenced before their counts) and the reset, before the put or flag
       const int q0 = k * s.rdma_chunk;
       if (m == n_me) {
         if (lane == 0) st_release_sys(&w->flag[c][n_me][slot], tag(call, k + 1));
@@ -159,12 +166,6 @@ __device__ __forceinline__ void rdma_coordinator(const Args& a, const Layout& l,
                                        half + l.rdma_row(l.send_ring, s, c, m, q0), rows * l.ring_stride,
                                        flag_offset(h, c, n_me, slot), tag(call, k + 1), lane);
       }
-      // The slot's next chunk is packed only after this one's credit, i.e. after the put delivered it.
-      if (lane == 0) {
-        *count = 0;
-        next[m] = k + 1;
-      }
-      __syncwarp();
       progressed = true;
     }
     if (!pending) break;
