@@ -295,9 +295,9 @@ __device__ void rdma_receivers(const Args& a, const Layout& l, unsigned long lon
       const int row = rdma_slot[static_cast<std::size_t>(t) * N + m];
       if (row < 0 || row >= Cn) continue;
       const int q = row - r0[m];
-      const unsigned long long want = ring::tag(call, q / s.rdma_chunk + 1);
+      const unsigned want = static_cast<unsigned>(q / s.rdma_chunk + 1);
       const unsigned long long* flag = &w->flag[c][m][(q / s.rdma_chunk) % s.ring_chunks()];
-      if (!ring::warp_wait(a, [&] { return __shfl_sync(kFullWarpMask, ld_acquire_sys(flag) >= want, 0); },
+      if (!ring::warp_wait(a, [&] { return __shfl_sync(kFullWarpMask, ring::tagged_value(ld_acquire_sys(flag), call) >= want, 0); },
                            m * L + me % L, kOpCombineRail, call)) {
         return;
       }

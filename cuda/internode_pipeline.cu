@@ -194,7 +194,7 @@ __device__ void receivers(const Args& a, const Layout& l, const DispatchIO& io, 
       RingWords* fw = ring::words(a.put.peers.mapped[me / L * L + f], h);
       const int slot = k % s.ring_chunks();
       const bool ready =
-          __shfl_sync(kFullWarpMask, lane == 0 && ld_acquire_sys(&fw->flag[c][n][slot]) >= ring::tag(call, k + 1), 0);
+          __shfl_sync(kFullWarpMask, lane == 0 && ring::tagged_value(ld_acquire_sys(&fw->flag[c][n][slot]), call) >= static_cast<unsigned>(k + 1), 0);
       if (!ready) {
         if (waiting_on < 0) waiting_on = n * L + f;  // the stream's source
         continue;

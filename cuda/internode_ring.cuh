@@ -14,8 +14,9 @@
 //               call, so a credit of an older call that lands late only
 //               makes this one look smaller.
 //
-// A tag carries the call number, so a word left by an older call of the half
-// reads as nothing yet; no word is ever reset.
+// A tag carries the call number (mod 2^32, compared for equality: no wrap),
+// so a word left by an older call of the half reads as nothing yet; no word
+// is ever reset.
 #pragma once
 
 #include <climits>
