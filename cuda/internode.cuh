@@ -99,8 +99,8 @@ static_assert(kMaxRanks <= 64, "the source meta's rank mask is one uint64");
 // Header of the buffer: ll_put::Control (abort word, the call counter in
 // Control::dispatch_call), the rail signal words and node flags, then the
 // ring words of each half (RingWords), at offsets that no op or shape
-// changes: a tagged word read by a later call is an older tag, never the
-// bytes of another op's rows.
+// changes: a tagged word read by a later call holds an older call's tag,
+// never the bytes of another op's rows.
 enum RailKind : int { kRailNotify = 0, kRailRows = 1, kRailPartials = 2, kRailKinds = 3 };
 inline constexpr std::size_t kRailWordsOffset = ll_put::kControlBytes;  // u64 [2][kRailKinds][kMaxRanks]
 inline constexpr std::size_t kNodeFlagsOffset = kRailWordsOffset + 2 * kRailKinds * kMaxRanks * 8;  // u64 [2][kMaxLocal]
@@ -111,7 +111,8 @@ static_assert(offsetof(ll_put::Control, abort) + 8 <= ll_put::kControlBytes, "Co
 
 // The ring words of one half (docs/internode.md). A tag is (call + 1) << 32
 // | value: chunk flags carry k + 1 of chunk k, heads and tails a row count;
-// a word of an older call reads as an older tag.
+// a reader compares the call part for equality, so a word of an older call
+// reads as nothing yet.
 struct RingWords {
   // RDMA chunk flags, in the receiving rank: [channel][sending node][chunk slot].
   unsigned long long flag[kMaxChannels][kMaxRanks][kMaxRingChunks];
