@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) combine_rings(Args a, const char* y,
     }
     return;
   }
-  ring::source_streams(a, hio.rdma_slot, c, w, r0, len, base);
+  if (!ring::source_streams(a, hio.rdma_slot, c, w, r0, len, base, kOpCombineRail)) return;
   rdma_receivers<D>(a, l, call, c, hio.rdma_slot, r0, len, out);
 }
 

@@ -233,7 +233,10 @@ __global__ void __launch_bounds__(kThreads) payload_pipeline(Args a, DispatchIO 
   }
   __shared__ int r0[kMaxRanks], len[kMaxRanks];
   __shared__ unsigned long long base[kMaxRanks];
-  ring::source_streams(a, io.rdma_slot, c, ring::words(a.put.peers.local, static_cast<int>(call & 1ull)), r0, len, base);
+  if (!ring::source_streams(a, io.rdma_slot, c, ring::words(a.put.peers.local, static_cast<int>(call & 1ull)), r0, len,
+                            base, kOpDispatchRail)) {
+    return;
+  }
   const int warp = threadIdx.x / 32;
   if (warp == kSourceCoordinator) {
     ring::rdma_coordinator(a, l, call, c, len, base, kOpDispatchRail);

@@ -93,15 +93,20 @@ __device__ __forceinline__ long long credit(const RingWords* w, int c, int n, un
 // node m: consecutive rows of that node's table, rdma_slot): r0[m] and
 // len[m], and the base of each credit word (dispatch: its own credits;
 // combine: the same streams as the receiving end). Every thread of the
-// block calls it.
-__device__ __forceinline__ void source_streams(const Args& a, const int* rdma_slot, int c, const RingWords* w, int* r0, int* len,
-                               unsigned long long* base) {
+// block calls it. False in every thread (recorded, kFailBadHandle) when a
+// stream's rows are not one row per token without gaps: the chunk counts
+// would not return to 0 and would corrupt the next call of the half.
+__device__ __forceinline__ bool source_streams(const Args& a, const int* rdma_slot, int c, const RingWords* w, int* r0,
+                                               int* len, unsigned long long* base, int op) {
   const Shape& s = a.shape;
   const int N = s.num_nodes, Cn = s.node_capacity, T = s.num_tokens;
   const int t0 = min(c * s.channel_tokens(), T), t1 = min(t0 + s.channel_tokens(), T);
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
   for (int m = threadIdx.x; m < N; m += blockDim.x) {
     r0[m] = INT_MAX;
-    len[m] = 0;  // the end row until the fix-up below
+    len[m] = 0;   // the end row until the fix-up below
+    base[m] = 0;  // the rows until the fix-up below
   }
   __syncthreads();
   for (int v = threadIdx.x; v < (t1 - t0) * N; v += blockDim.x) {
@@ -109,13 +114,19 @@ __device__ __forceinline__ void source_streams(const Args& a, const int* rdma_sl
     if (row < 0 || row >= Cn) continue;
     atomicMin(&r0[m], row);
     atomicMax(&len[m], row + 1);
+    atomicAdd(&base[m], 1ull);
   }
   __syncthreads();
   for (int m = threadIdx.x; m < N; m += blockDim.x) {
     len[m] = max(len[m] - r0[m], 0);
+    if (base[m] != static_cast<unsigned long long>(len[m])) {
+      ll_put::detail::fail(a.put, intranode::kFailBadHandle, -1, op, static_cast<unsigned long long>(t0), m);
+      bad = 1;
+    }
     base[m] = w->base[c][m];  // this rank's own word: written only at the end of its calls
   }
   __syncthreads();
+  return bad == 0;
 }
 
 // The RDMA coordinator (one warp) of the streams this rank sends (dispatch:
