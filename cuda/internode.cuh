@@ -105,8 +105,13 @@ enum RailKind : int { kRailNotify = 0, kRailRows = 1, kRailPartials = 2, kRailKi
 inline constexpr std::size_t kRailWordsOffset = ll_put::kControlBytes;  // u64 [2][kRailKinds][kMaxRanks]
 inline constexpr std::size_t kNodeFlagsOffset = kRailWordsOffset + 2 * kRailKinds * kMaxRanks * 8;  // u64 [2][kMaxLocal]
 inline constexpr std::size_t kNodeSigOffset = kNodeFlagsOffset + 2 * kMaxLocal * 8;  // u64 [2][kMaxLocal]
-inline constexpr std::size_t kRingWordsOffset = 4096;
-static_assert(kNodeSigOffset + 2 * kMaxLocal * 8 <= kRingWordsOffset, "header overflow");
+// A call along a handle (cached dispatch, combine) sends its signature with
+// its rail exchange: u64 [2][kMaxRanks] slots by source node (16 bytes
+// each), and this rank's own staged copy [2] (the put's source).
+inline constexpr std::size_t kRailSigOffset = kNodeSigOffset + 2 * kMaxLocal * 8;
+inline constexpr std::size_t kRailSigStageOffset = kRailSigOffset + 2 * kMaxRanks * 16;
+inline constexpr std::size_t kRingWordsOffset = 8192;
+static_assert(kRailSigStageOffset + 2 * 16 <= kRingWordsOffset, "header overflow");
 static_assert(offsetof(ll_put::Control, abort) + 8 <= ll_put::kControlBytes, "Control must fit its block");
 
 // The ring words of one half (docs/internode.md). A tag is (call + 1) << 32

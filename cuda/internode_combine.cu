@@ -122,15 +122,16 @@ __device__ void nvl_senders(const Args& a, const Layout& l, unsigned long long c
       const int count = my_rows(out_pos, S, static_cast<std::size_t>(f) * Cn + i, rows);
       if (count == 0) continue;
       const long long need = static_cast<long long>(p) - s.nvl_ring;
-      if (__shfl_sync(kFullWarpMask, static_cast<long long>(ring::tagged_value(ld_acquire_sys(&w->nvl_head[c][f]), call)) <= need, 0)) {
-        publish();
-        if (!ring::warp_wait(
-                a, [&] { return __shfl_sync(kFullWarpMask, static_cast<long long>(ring::tagged_value(
-                                                                ld_acquire_sys(&w->nvl_head[c][f]), call)) > need, 0); },
-                me / L * L + f, kOpCombineNode, call)) {
-          return;
-        }
+      auto room = [&] {
+        return static_cast<long long>(ring::tagged_value(ld_acquire_sys(&w->nvl_head[c][f]), call)) > need;
+      };
+      bool ready = false;
+      if (lane == 0) ready = room();
+      if (!__shfl_sync(kFullWarpMask, ready, 0)) {
+        publish();  // every written row visible before waiting: the reducer may need them to move its head
+        if (!ring::warp_wait(a, room, me / L * L + f, kOpCombineNode, call)) return;
       }
+      __syncwarp();
       char* dst = fh + l.nvl_row(s, c, l_me, p);
       for (int col = 4 * lane; col < s.cols; col += 128) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -193,15 +194,12 @@ __device__ void reducer(const Args& a, const Layout& l, unsigned long long call,
           pos[j] = at;
           ok = ring::warp_wait(
               a,
-              [&] {
-                return __shfl_sync(kFullWarpMask,
-                                   ring::tagged_value(ld_acquire_sys(&w->nvl_tail[c][j]), call) > static_cast<unsigned>(at), 0);
-              },
+              [&] { return ring::tagged_value(ld_acquire_sys(&w->nvl_tail[c][j]), call) > static_cast<unsigned>(at); },
               n_me * L + j, kOpCombineNode, call);
         }
         const long long need = static_cast<long long>(q) - s.rdma_ring;
         ok = ok && ring::warp_wait(
-                       a, [&] { return __shfl_sync(kFullWarpMask, ring::credit(w, c, n, base[n]) > need, 0); },
+                       a, [&] { return ring::credit(w, c, n, base[n]) > need; },
                        n * L + l_me, kOpCombineRail, call);
         if (!ok) {
           failed = 1;
@@ -215,7 +213,7 @@ __device__ void reducer(const Args& a, const Layout& l, unsigned long long call,
             store4<D>(dst, col, acc);
           }
           __syncwarp();
-          __threadfence_system();  // the partial, before its count
+          __threadfence();  // the partial, before its count (the coordinator's system fence follows the count)
           __syncwarp();
           if (lane == 0) atomicAdd(&w->filled[c][n][(q / s.rdma_chunk) % s.ring_chunks()], 1);
         }
@@ -297,7 +295,7 @@ __device__ void rdma_receivers(const Args& a, const Layout& l, unsigned long lon
       const int q = row - r0[m];
       const unsigned want = static_cast<unsigned>(q / s.rdma_chunk + 1);
       const unsigned long long* flag = &w->flag[c][m][(q / s.rdma_chunk) % s.ring_chunks()];
-      if (!ring::warp_wait(a, [&] { return __shfl_sync(kFullWarpMask, ring::tagged_value(ld_acquire_sys(flag), call) >= want, 0); },
+      if (!ring::warp_wait(a, [&] { return ring::tagged_value(ld_acquire_sys(flag), call) >= want; },
                            m * L + me % L, kOpCombineRail, call)) {
         return;
       }

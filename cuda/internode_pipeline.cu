@@ -48,7 +48,7 @@ __device__ void packers(const Args& a, const Layout& l, const DispatchIO& io, un
       const int q = row - r0[m];
       const long long need = static_cast<long long>(q) - s.rdma_ring;  // the credit must pass this
       if (!ring::warp_wait(
-              a, [&] { return __shfl_sync(kFullWarpMask, ring::credit(w, c, m, base[m]) > need, 0); },
+              a, [&] { return ring::credit(w, c, m, base[m]) > need; },
               m * L + me % L, kOpDispatchRail, call)) {
         return;
       }
@@ -59,7 +59,7 @@ __device__ void packers(const Args& a, const Layout& l, const DispatchIO& io, un
         dst += io.part_bytes[part];
       }
       __syncwarp();
-      __threadfence_system();  // the row, before its count (the coordinator puts or flags the chunk after)
+      __threadfence();  // the row, before its count (the coordinator's system fence follows the count)
       __syncwarp();
       if (lane == 0) atomicAdd(&w->filled[c][m][(q / s.rdma_chunk) % s.ring_chunks()], 1);
     }
@@ -309,17 +309,42 @@ __global__ void __launch_bounds__(kThreads) handle_scatter(Args a, HandleIO hio,
 
 // One block: the rail exchange of the call (every rank signals and waits for
 // every rank of its rail: the reuse argument of internode.cuh needs one per
-// call), then node barrier A.
+// call) carrying the call's signature, which each rank compares with its
+// rail's (node barrier A compares it with the node's), then node barrier A.
 __global__ void __launch_bounds__(kThreads) handle_meet(Args a, int rail_kind, int op) {
   if (ll_put::detail::block_aborted(a.put, op)) return;
   const Shape s = a.shape;
   const unsigned long long call = call_number(a);
   const int L = s.ranks_per_node, me = a.put.peers.rank, h = static_cast<int>(call & 1ull);
+  const unsigned long long sig = s.signature();
+  char* local = a.put.peers.local;
+  auto* stage = reinterpret_cast<unsigned long long*>(local + kRailSigStageOffset + 16 * static_cast<std::size_t>(h));
+  if (threadIdx.x == 0) {
+    stage[0] = sig;
+    stage[1] = 0;
+    __threadfence_system();  // the staged signature, before the puts read it
+  }
+  __syncthreads();
   for (int n = threadIdx.x; n < s.num_nodes; n += blockDim.x) {
-    transport::signal_add(a.put.peers, n * L + me % L, rail_word(h, rail_kind, me / L), transport::signal_final_value(0));
+    transport::thread_put_signal(a.put.peers, n * L + me % L,
+                                 kRailSigOffset + 16 * (static_cast<std::size_t>(h) * kMaxRanks + me / L), stage, 16,
+                                 rail_word(h, rail_kind, me / L), transport::signal_final_value(0));
   }
   __syncthreads();
   if (!detail::wait_rail(a, rail_kind, call, op)) return;
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  for (int n = threadIdx.x; n < s.num_nodes; n += blockDim.x) {
+    const unsigned long long theirs = ld_volatile(reinterpret_cast<const unsigned long long*>(
+        local + kRailSigOffset + 16 * (static_cast<std::size_t>(h) * kMaxRanks + n)));
+    if (theirs != sig) {
+      detail::mismatch(a, n * L + me % L, op, call + 1, theirs);
+      failed = 1;
+    }
+  }
+  __syncthreads();
+  if (failed) return;
   detail::node_barrier(a, 0, call, op);
 }
 

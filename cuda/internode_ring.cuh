@@ -72,14 +72,24 @@ struct PollClock {
   }
 };
 
-// A warp waits until `ready()` (lane-uniform) holds; false (recorded) on a
-// timeout or an abort, naming `peer`.
+// A warp waits until `ready()` holds, polled by lane 0 alone (an acquire in
+// every lane would invalidate the SM's L1 32 times per poll); the warp
+// barrier after it orders the other lanes' later reads after lane 0's
+// acquire. False (recorded) on a timeout or an abort, naming `peer`.
 template <typename Ready>
 __device__ __forceinline__ bool warp_wait(const Args& a, Ready ready, int peer, int op, unsigned long long call) {
-  const WaitOutcome w = wait_until(ready, &reinterpret_cast<ll_put::Control*>(a.put.peers.local)->abort,
-                                   a.put.timeout_ns, [](bool b) { return __shfl_sync(kFullWarpMask, b, 0); });
+  const bool lane0 = (threadIdx.x % 32) == 0;
+  const WaitOutcome w = wait_until(
+      [&] {
+        bool v = false;
+        if (lane0) v = ready();
+        return __shfl_sync(kFullWarpMask, v, 0);
+      },
+      &reinterpret_cast<ll_put::Control*>(a.put.peers.local)->abort, a.put.timeout_ns,
+      [](bool b) { return __shfl_sync(kFullWarpMask, b, 0); });
+  __syncwarp();
   if (w == kWaitReady) return true;
-  if ((threadIdx.x % 32) == 0) detail::wait_failed(a, w, peer, op, call + 1);
+  if (lane0) detail::wait_failed(a, w, peer, op, call + 1);
   return false;
 }
 
@@ -123,7 +133,7 @@ __device__ __forceinline__ bool source_streams(const Args& a, const int* rdma_sl
       ll_put::detail::fail(a.put, intranode::kFailBadHandle, -1, op, static_cast<unsigned long long>(t0), m);
       bad = 1;
     }
-    base[m] = w->base[c][m];  // this rank's own word: written only at the end of its calls
+    base[m] = w->base[c][m];  // this rank's own word (a combine's receivers read it and do not use it)
   }
   __syncthreads();
   return bad == 0;
