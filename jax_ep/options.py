@@ -88,7 +88,10 @@ class NormalOptions:
         (the compiled kernels).
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
         ``4 * num_sms`` blocks of 256 threads). With R ranks sharing one GPU keep
-        ``R * num_sms`` within its SM count.
+        ``R * num_sms`` within its SM count. Across nodes (internode mode) it
+        bounds the kernels around the rings; the ring kernels run one block
+        per SM, 2 per channel in a dispatch or cached dispatch and 3 per
+        channel in a combine (``InternodeOptions.num_channels``, at most 12).
       combine_chunk_rows: rows per readiness flag of the CUDA combine, which
         moves rows and sums them in one kernel: smaller chunks let the sums
         start sooner, larger ones publish fewer flags. (Expert-major: raised as
