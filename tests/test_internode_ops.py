@@ -105,6 +105,10 @@ def test_deepep_shape_sizes(nodes, el):
     assert got == DEEPEP_BYTES[nodes, el], f"{got}: update DEEPEP_BYTES and docs/internode.md's figures"
     if (nodes, el) == (2, 4):
         assert got[0] < 256 << 20 and got[0] < STAGED_2X4 // 8
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "internode.md").read_text()
+    assert all(f"{b:,} bytes" in doc for b in got), "docs/internode.md's \"Buffer size\" table is stale"
 
 
 def test_check_supported_names_the_limit():
