@@ -142,11 +142,11 @@ def kernel_call_bytes(op: str, cfg: InternodeConfig, *, num_tokens: int, num_top
 
     if nvshmem.available():
         em = layout == "expert_major"
-        try:
+        try:  # C and a combine's element count size no region: any valid value
             return int(nvshmem._module().internode_buffer_bytes(
                 _OPS[op], num_tokens, num_topk, num_experts, cfg.num_nodes, cfg.ranks_per_node, cfg.node_capacity,
-                0, cfg.row_bytes, 0, int(em), cfg.num_channels, cfg.rdma_chunk_tokens, cfg.rdma_ring_tokens,
-                cfg.nvl_chunk_tokens, cfg.nvl_ring_tokens))
+                1, cfg.row_bytes, cfg.row_bytes // 4, int(em), cfg.num_channels, cfg.rdma_chunk_tokens,
+                cfg.rdma_ring_tokens, cfg.nvl_chunk_tokens, cfg.nvl_ring_tokens))
         except TypeError:  # a module built before the rings: its sizes are the staged kernels'
             pass
     return call_bytes(op, cfg, num_tokens=num_tokens, num_topk=num_topk, num_experts=num_experts, layout=layout)
