@@ -14,10 +14,7 @@ fraction of (token, destination) crossings to another node that the
 hierarchy saves: (token, remote node) pairs against (token, remote rank)
 pairs of a flat all-to-all. Time per call: the median over repetitions of
 one compiled program of ``--iters`` back-to-back calls, divided by the
-calls; the slowest rank's time defines the op. ``--channels``,
-``--rdma-chunk``, ``--rdma-ring``, ``--nvl-chunk``, ``--nvl-ring`` set the
-``InternodeOptions`` rings (default: derived per call, docs/internode.md
-"Defaults"); each result names the rings its op ran with.
+calls; the slowest rank's time defines the op.
 """
 
 import argparse
@@ -35,7 +32,6 @@ import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
 from jax_ep import internode_plan  # noqa: E402
-from jax_ep.internode_config import resolve_call, ring_row_bytes  # noqa: E402
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
@@ -50,8 +46,6 @@ def parse():
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--ranks-per-node", type=int, default=None, help="ranks per virtual node (default R/2)")
     p.add_argument("--sms", type=int, default=24, help="blocks of the copy kernels per rank")
-    for ring in ("channels", "rdma-chunk", "rdma-ring", "nvl-chunk", "nvl-ring"):
-        p.add_argument(f"--{ring}", type=int, default=None, help="InternodeOptions ring field (default: derived)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
@@ -124,13 +118,11 @@ def main():
     # Capacities from the routing (rounded up), so the buffer is not sized for the worst case.
     node_cap, capacity = internode_plan.capacity_hint(np.stack(idxs), num_experts=e, ranks_per_node=el)
     node_cap, capacity = -(-node_cap // 256) * 256, -(-capacity // 256) * 256
-    internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap, num_channels=a.channels,
-                                        rdma_chunk_tokens=a.rdma_chunk, rdma_ring_tokens=a.rdma_ring,
-                                        nvl_chunk_tokens=a.nvl_chunk, nvl_ring_tokens=a.nvl_ring)
-    nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, fp8=True, internode=internode)
+    nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
+                                           node_capacity=node_cap)
     buf = jax_ep.Buffer(num_experts=e, axis_name=None, num_nvl_bytes=nbytes, ranks_per_node=el,
                         normal=jax_ep.NormalOptions(backend="cuda", num_sms=a.sms, num_max_recv_tokens=capacity),
-                        internode=internode)
+                        internode=jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap))
     rng = np.random.default_rng(ME)
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
     idx, w = jnp.asarray(idxs[ME]), jnp.asarray(ws[ME])
@@ -149,23 +141,20 @@ def main():
 
     rdma_bf16 = node_pairs[ME] * h * 2
     nvl_bf16 = recv_rows[ME] * h * 2
-    ops = [("dispatch_fp8", dispatch_fp8, (pair, idx, w), FP8_FACTOR, ring_row_bytes(h, fp8=True)),
-           ("dispatch_bf16", dispatch_bf16, (x, idx, w), 1.0, ring_row_bytes(h)),
-           ("combine_bf16", combine_bf16, (y, handle), 1.0, ring_row_bytes(h))]
+    ops = [("dispatch_fp8", dispatch_fp8, (pair, idx, w), FP8_FACTOR),
+           ("dispatch_bf16", dispatch_bf16, (x, idx, w), 1.0),
+           ("combine_bf16", combine_bf16, (y, handle), 1.0)]
     results = []
-    for name, fn, args, factor, row_bytes in ops:
+    for name, fn, args, factor in ops:
         sec = slowest(name, time_loop(fn, args, a.iters, a.reps))
-        rings = resolve_call(internode, num_nodes=R // el, ranks_per_node=el, num_tokens=t, row_bytes=row_bytes,
-                             num_topk=k).ffi_attrs()
         row = dict(op=name, ranks=R, ranks_per_node=el, tokens=t, hidden=h, topk=k, experts=e, sms=a.sms,
-                   capacity=capacity, node_capacity=node_cap, buffer_bytes=nbytes, **rings, time_us=sec * 1e6,
+                   capacity=capacity, node_capacity=node_cap, time_us=sec * 1e6,
                    rdma_bytes=float(rdma_bf16 * factor), nvl_bytes=float(nvl_bf16 * factor),
                    rdma_gbps=float(rdma_bf16 * factor / sec / 1e9), nvl_gbps=float(nvl_bf16 * factor / sec / 1e9))
         results.append(row)
         if ME == 0:
             print(f"R={R} nodes={R // el}x{el} {name:14s} {row['time_us']:9.1f} us  RDMA {row['rdma_gbps']:6.1f} GB/s"
-                  f"  NVL {row['nvl_gbps']:6.1f} GB/s  (rank 0's bytes; channels {rings['num_channels']}, RDMA "
-                  f"{rings['rdma_chunk']}/{rings['rdma_ring']}, NVL {rings['nvl_chunk']}/{rings['nvl_ring']})", flush=True)
+                  f"  NVL {row['nvl_gbps']:6.1f} GB/s  (rank 0's bytes)", flush=True)
     saved = 1 - remote_nodes / remote_ranks if remote_ranks else 0.0
     if ME == 0:
         print(f"crossings to another node: {remote_nodes} (token, node) vs {remote_ranks} (token, rank) flat: "

@@ -41,7 +41,7 @@ MAX_LOCAL_EXPERTS = 1024
 TARGETS = ("jax_ep_internode_dispatch", "jax_ep_internode_dispatch_fp8", "jax_ep_internode_cached_dispatch",
            "jax_ep_internode_combine")
 _OPS = {"dispatch": 0, "cached_dispatch": 1, "combine": 2}
-_HEADER_BYTES = 4096  # control words, rail signals and node flags (kRingWordsOffset); the ring words follow
+_HEADER_BYTES = 8192  # control words, rail signals, node flags, signatures (kRingWordsOffset)
 _ALIGN = 256
 
 

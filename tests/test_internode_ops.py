@@ -57,13 +57,13 @@ def test_python_sizes_equal_the_kernels_layout(op, t, n, el, cn, rings, layout):
 
 
 def test_ring_words_mirror_the_header():
-    """The header: 4096 bytes of control words, then two halves' RingWords
+    """The header: 8192 bytes of control words, then two halves' RingWords
     (chunk flags, heads, NVLink tails and heads, credits and bases, chunk
     counters at 12 channels, 64 ranks, 8 per node, 16 chunks)."""
     assert internode_ops._ring_words_bytes() == 259584
     cfg = icfg.InternodeConfig(1, 1, 1, 1, 1, 1, 1, 1, 16)
     # Each half: table starts, stream ranges, out_pos, send and receive ring, 256 bytes each.
-    assert internode_ops.call_bytes("cached_dispatch", cfg, num_tokens=0) == 4096 + 2 * 259584 + 2 * (5 * 256)
+    assert internode_ops.call_bytes("cached_dispatch", cfg, num_tokens=0) == 8192 + 2 * 259584 + 2 * (5 * 256)
 
 
 def test_buffer_bytes_cover_every_call_and_grow_with_node_capacity():
@@ -93,8 +93,8 @@ def test_buffer_bytes_cover_every_call_and_grow_with_node_capacity():
 # Per-rank bytes at DeepEP's shape (T = 4096, H = 7168, top-8 of 256 experts,
 # FP8 dispatch, BF16 combine, default options), as docs/internode.md gives
 # them: (nodes, ranks per node) -> (rank-major, expert-major).
-DEEPEP_BYTES = {(2, 4): (138412544, 140247552), (2, 8): (166199808, 169869824), (4, 8): (276825088, 284165120),
-                (8, 8): (498076160, 512756224)}
+DEEPEP_BYTES = {(2, 4): (138416640, 140251648), (2, 8): (166203904, 169873920), (4, 8): (276829184, 284169216),
+                (8, 8): (498080256, 512760320)}
 STAGED_2X4 = int(1.75 * (1 << 30))  # the staged kernels' whole tables, rank-major at 2x4
 
 
