@@ -125,8 +125,9 @@ def resolve_call(options: InternodeOptions, *, num_nodes: int, ranks_per_node: i
     check_channels(channels)
     tc = max(-(-num_tokens // channels), 1)  # the longest RDMA stream: one channel of one source
     nvl_most = num_nodes * tc  # the longest NVLink stream: one channel of a forwarder's table
-    rdma_chunk = options.rdma_chunk_tokens or min(rdma_target, tc)
-    nvl_chunk = options.nvl_chunk_tokens or min(math.ceil(NVL_CHUNK_BYTES / b), NVL_CHUNK_MAX, nvl_most)
+    rdma_chunk = options.rdma_chunk_tokens or _chunk_of(min(rdma_target, tc), options.rdma_ring_tokens)
+    nvl_chunk = options.nvl_chunk_tokens or _chunk_of(min(math.ceil(NVL_CHUNK_BYTES / b), NVL_CHUNK_MAX, nvl_most),
+                                                      options.nvl_ring_tokens)
     rdma_ring = options.rdma_ring_tokens
     if rdma_ring is None:
         fit = rdma_bytes // (2 * channels * num_nodes * b)
@@ -147,6 +148,15 @@ def resolve_internode(options: InternodeOptions, *, num_nodes: int, ranks_per_no
     elements (BF16/FP16/F32), or FP8 values and scales (``fp8``)."""
     return resolve_call(options, num_nodes=num_nodes, ranks_per_node=ranks_per_node, num_tokens=num_tokens,
                         row_bytes=ring_row_bytes(hidden, itemsize, fp8), num_topk=num_topk, rdma_bytes=rdma_bytes)
+
+
+def _chunk_of(target: int, ring: int | None) -> int:
+    """The derived chunk: ``target``, or with a ring given, its largest
+    divisor not above ``target`` (a ring holds whole chunks, whatever the
+    call's row bytes make ``target``)."""
+    if ring is None:
+        return target
+    return next(d for d in range(min(target, ring), 0, -1) if ring % d == 0)
 
 
 def _round_up(a: int, b: int) -> int:

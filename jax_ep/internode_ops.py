@@ -170,6 +170,8 @@ def internode_buffer_bytes(num_tokens: int, hidden: int, num_ranks: int, num_top
     if num_ranks % ranks_per_node:
         raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
     options = InternodeOptions() if internode is None else internode
+    if not isinstance(options, InternodeOptions):
+        raise TypeError(f"internode must be a jax_ep.InternodeOptions, got {type(options).__name__}")
     if node_capacity is not None:
         options = dataclasses.replace(options, num_max_rdma_recv_tokens=node_capacity)
     n = num_ranks // ranks_per_node

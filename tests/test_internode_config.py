@@ -39,16 +39,18 @@ def test_accepted_ring_shapes():
 
 
 def test_resolved_ring_condition_checked_against_the_derived_values():
-    # A ring given alone must still hold a whole number of derived chunks.
-    with pytest.raises(ValueError, match="rdma_chunk_tokens .18. must be at most rdma_ring_tokens .4."):
-        resolve_internode(InternodeOptions(rdma_ring_tokens=4), num_nodes=2, ranks_per_node=8, num_tokens=4096,
-                          hidden=7168, num_topk=8, fp8=True)
-    with pytest.raises(ValueError, match="rdma_ring_tokens .40. must be a multiple of rdma_chunk_tokens .18."):
-        resolve_internode(InternodeOptions(rdma_ring_tokens=40), num_nodes=2, ranks_per_node=8, num_tokens=4096,
-                          hidden=7168, num_topk=8, fp8=True)
-    with pytest.raises(ValueError, match="nvl_chunk_tokens .9. must be at most nvl_ring_tokens .4."):
-        resolve_internode(InternodeOptions(nvl_ring_tokens=4), num_nodes=2, ranks_per_node=8, num_tokens=4096,
-                          hidden=7168, num_topk=8, fp8=True)
+    kw = dict(num_nodes=2, ranks_per_node=8, num_tokens=4096, hidden=7168, num_topk=8, fp8=True)
+    # A ring given alone takes the largest divisor of it not above the derived chunk (18 here).
+    assert resolve_internode(InternodeOptions(rdma_ring_tokens=4), **kw).rdma_chunk_tokens == 4
+    assert resolve_internode(InternodeOptions(rdma_ring_tokens=40), **kw).rdma_chunk_tokens == 10
+    assert resolve_internode(InternodeOptions(nvl_ring_tokens=4), **kw).nvl_chunk_tokens == 4
+    assert resolve_internode(InternodeOptions(nvl_ring_tokens=35), **kw).nvl_chunk_tokens == 7
+    # ... and refuses one that needs more than 16 chunks of the largest such divisor.
+    with pytest.raises(ValueError, match="rdma_ring_tokens .37. must be at most 16 times rdma_chunk_tokens .1."):
+        resolve_internode(InternodeOptions(rdma_ring_tokens=37), **kw)
+    # A chunk given alone: the derived ring holds whole chunks.
+    cfg = resolve_internode(InternodeOptions(rdma_chunk_tokens=7, nvl_chunk_tokens=3), **kw)
+    assert cfg.rdma_ring_tokens == 56 and cfg.nvl_ring_tokens == 12
     with pytest.raises(ValueError, match="row_bytes must be >= 1"):
         resolve_call(InternodeOptions(), num_nodes=2, ranks_per_node=2, num_tokens=64, row_bytes=0, num_topk=2)
     with pytest.raises(ValueError, match="ranks_per_node must be in .1, 8."):

@@ -88,6 +88,14 @@ def test_buffer_bytes_cover_every_call_and_grow_with_node_capacity():
     assert wide > big
     with pytest.raises(ValueError, match="must divide num_ranks"):
         jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=3)
+    with pytest.raises(TypeError, match="internode must be a jax_ep.InternodeOptions"):
+        jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, internode={"num_channels": 2})
+    # A ring given alone serves every call's rows (its chunks: divisors of it), or is refused.
+    assert jax_ep.internode_buffer_bytes(4096, 7168, 8, 8, 256, ranks_per_node=4, fp8=True,
+                                         internode=InternodeOptions(rdma_ring_tokens=40, nvl_ring_tokens=20))
+    with pytest.raises(ValueError, match="rdma_ring_tokens .37. must be at most 16 times rdma_chunk_tokens .1."):
+        jax_ep.internode_buffer_bytes(4096, 7168, 8, 8, 256, ranks_per_node=4, fp8=True,
+                                      internode=InternodeOptions(rdma_ring_tokens=37))
 
 
 # Per-rank bytes at DeepEP's shape (T = 4096, H = 7168, top-8 of 256 experts,
