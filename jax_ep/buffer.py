@@ -59,7 +59,9 @@ class Buffer:
         NVLink): ``num_nvl_bytes`` sizes its NVSHMEM symmetric buffer
         (``jax_ep.internode_buffer_bytes``).
       internode: ``InternodeOptions`` of internode mode (the forwarders'
-        table capacity ``num_max_rdma_recv_tokens``).
+        table capacity ``num_max_rdma_recv_tokens``, the channels and rings
+        every call resolves its sizes from; give the same to
+        ``jax_ep.internode_buffer_bytes(..., internode=...)``).
 
     The methods are the functional API with these defaults filled in; call
     them inside ``jax.shard_map`` over ``axis_name``.

@@ -88,7 +88,10 @@ class NormalOptions:
         (the compiled kernels).
       num_sms: SM budget of the CUDA kernels (each copy kernel runs at most
         ``4 * num_sms`` blocks of 256 threads). With R ranks sharing one GPU keep
-        ``R * num_sms`` within its SM count.
+        ``R * num_sms`` within its SM count. Across nodes (internode mode) it
+        bounds the kernels around the rings; the ring kernels run one block
+        per SM, 2 per channel in a dispatch or cached dispatch and 3 per
+        channel in a combine (``InternodeOptions.num_channels``, at most 12).
       combine_chunk_rows: rows per readiness flag of the CUDA combine, which
         moves rows and sums them in one kernel: smaller chunks let the sums
         start sooner, larger ones publish fewer flags. (Expert-major: raised as
@@ -221,14 +224,15 @@ class InternodeOptions:
         tokens it receives over RDMA (from the ``N`` ranks of its rail), in
         (source node, source token) order; rows past it are dropped and
         reach no rank of that node. ``None``: ``N * T``, which never drops.
-      num_channels: independent ring sets, each on two SMs (``num_sms = 2 *
-        num_channels``); tokens are split into contiguous ranges, one per
-        channel.
+      num_channels: independent ring sets (at most ``MAX_CHANNELS``, 12);
+        tokens are split into contiguous ranges, one per channel. Each channel
+        runs on 2 blocks of a dispatch or cached dispatch and 3 of a combine
+        (one SM each: ``2 * num_channels`` and ``3 * num_channels`` SMs).
       rdma_chunk_tokens, rdma_ring_tokens: tokens per RDMA put and per
-        RDMA ring (one ring per (channel, destination node)); a ring must hold
-        at least one chunk (``rdma_chunk_tokens <= rdma_ring_tokens``).
-      nvl_chunk_tokens, nvl_ring_tokens: the same for the NVLink rings (one
-        per (channel, forwarder, NVL peer)); ``nvl_chunk_tokens <=
+        RDMA ring (one ring per (channel, node), on each side); a ring is a
+        whole number of chunks, from 1 to ``MAX_RING_CHUNKS`` (16).
+      nvl_chunk_tokens, nvl_ring_tokens: the same for the combine's NVLink
+        rings (one per (channel, forwarder, NVL peer)); ``nvl_chunk_tokens <=
         nvl_ring_tokens``.
     """
 
@@ -242,17 +246,41 @@ class InternodeOptions:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_positive_int(f.name, getattr(self, f.name), allow_none=True)
+        check_channels(self.num_channels)
         for leg in ("rdma", "nvl"):
             check_ring(leg, getattr(self, f"{leg}_chunk_tokens"), getattr(self, f"{leg}_ring_tokens"))
+
+
+MAX_CHANNELS = 12  # the kernels' per-channel ring words are fixed arrays (cuda/internode.cuh kMaxChannels)
+MAX_RING_CHUNKS = 16  # chunks per RDMA ring: its flags and counters are fixed arrays (kMaxRingChunks)
+
+
+def check_channels(channels: int | None) -> None:
+    """``num_channels`` within the kernels' fixed per-channel arrays."""
+    if channels is not None and not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"num_channels must be in [1, {MAX_CHANNELS}] (the kernels' ring words hold "
+                         f"{MAX_CHANNELS} channels), got {channels}")
 
 
 def check_ring(leg: str, chunk: int | None, ring: int | None) -> None:
     """The flow-control condition of one leg's rings (proved by the protocol
     model, tests/protocol/internode_model.py): a ring holds at least one chunk.
     A sender publishes only whole chunks until its stream ends, so a chunk
-    larger than the ring never fills and both sides wait forever."""
+    larger than the ring never fills and both sides wait forever. The RDMA
+    leg also puts whole chunks into the same slots on the other side (one put
+    per chunk: the ring is a whole number of chunks) and keeps a flag and a
+    counter per chunk slot (at most ``MAX_RING_CHUNKS``)."""
     if chunk is not None and ring is not None and chunk > ring:
         raise ValueError(
             f"{leg}_chunk_tokens ({chunk}) must be at most {leg}_ring_tokens ({ring}): a ring must hold a "
             f"whole chunk, or the {leg} leg deadlocks; raise {leg}_ring_tokens or lower {leg}_chunk_tokens"
         )
+    if leg == "rdma" and chunk is not None and ring is not None:
+        if ring % chunk:
+            raise ValueError(
+                f"{leg}_ring_tokens ({ring}) must be a multiple of {leg}_chunk_tokens ({chunk}): each chunk is "
+                f"put whole into the same slots of the receiving ring")
+        if ring // chunk > MAX_RING_CHUNKS:
+            raise ValueError(
+                f"{leg}_ring_tokens ({ring}) must be at most {MAX_RING_CHUNKS} times {leg}_chunk_tokens ({chunk}): "
+                f"the kernels keep a flag and a counter per chunk of a ring")

@@ -14,6 +14,7 @@ import pytest
 import jax_ep
 import np_internode as npi
 from jax_ep import _extension, internode_ops, nvshmem, runtime
+from jax_ep import internode_config as icfg
 from jax_ep import internode_plan as ip
 from jax_ep import topology as topo
 from jax_ep.options import InternodeOptions
@@ -24,35 +25,98 @@ needs_nvshmem = pytest.mark.skipif(not nvshmem.available(), reason=nvshmem.unava
 T, K, E, H, R, L = 8, 2, 8, 256, 4, 2
 
 
+def _kernel_sizing():
+    """``jax_ep._nvshmem.internode_buffer_bytes`` taking the rings, or a skip:
+    a module built before the ring kernels takes no ring arguments."""
+    fn = nvshmem._module().internode_buffer_bytes
+    try:
+        fn(0, 1, 1, 1, 1, 1, 1, 1, 16, 4, 0, 1, 1, 1, 1, 1)
+    except TypeError:
+        pytest.skip("the loaded jax_ep._nvshmem predates the ring kernels (internode_buffer_bytes takes no rings)")
+    return fn
+
+
 @needs_nvshmem
 @pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
 @pytest.mark.parametrize("op", ["dispatch", "cached_dispatch", "combine"])
-@pytest.mark.parametrize("t,n,el,cn,c", [(4096, 2, 4, 8192, 32768), (37, 2, 2, 74, 148), (5, 4, 1, 3, 20),
-                                         (0, 2, 1, 1, 1)])
-def test_python_sizes_equal_the_kernels_layout(op, t, n, el, cn, c, layout):
-    """internode_ops.call_bytes restates cuda/internode.cuh's Layout: equal bytes."""
-    kw = dict(row_bytes=7168 * 2, num_topk=8 if op == "dispatch" else 0, num_experts=256 if op == "dispatch" else 0,
-              cols=7168 if op == "combine" else 0)
-    py = internode_ops.call_bytes(op, num_tokens=t, num_nodes=n, ranks_per_node=el, node_capacity=cn, capacity=c,
-                                  layout=layout, **kw)
-    cc = nvshmem._module().internode_buffer_bytes(internode_ops._OPS[op], t, kw["num_topk"], kw["num_experts"], n,
-                                                  el, cn, c, kw["row_bytes"], kw["cols"], int(layout == "expert_major"))
-    assert py == cc
+@pytest.mark.parametrize("t,n,el,cn,rings", [(4096, 2, 4, 8192, (12, 18, 144, 9, 36)), (37, 2, 2, 74, (3, 2, 6, 3, 5)),
+                                             (5, 4, 1, 3, (1, 1, 16, 2, 2)), (0, 2, 1, 1, (1, 1, 1, 1, 1))])
+def test_python_sizes_equal_the_kernels_layout(op, t, n, el, cn, rings, layout):
+    """internode_ops.call_bytes restates cuda/internode.cuh's Layout and
+    RingWords: equal bytes."""
+    fn = _kernel_sizing()
+    k, e, em = 8, 256, layout == "expert_major"
+    kk = k if op == "dispatch" or em else 0  # the combine's and cached dispatch's K: the handle's slots
+    ee = e if op == "dispatch" else 0
+    for row in (7168 * 2, 7392, 32):
+        cfg = icfg.InternodeConfig(n, el, cn, *rings, row)
+        py = internode_ops.call_bytes(op, cfg, num_tokens=t, num_topk=kk, num_experts=ee, layout=layout)
+        cc = fn(internode_ops._OPS[op], t, kk, ee, n, el, cn, 1, row, row // 2, int(em), *rings)
+        assert py == cc, (row, py, cc)
+        assert internode_ops.kernel_call_bytes(op, cfg, num_tokens=t, num_topk=kk, num_experts=ee, layout=layout) == cc
 
 
-def test_buffer_bytes_cover_every_call_and_grow_with_capacity():
-    small = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, capacity=100, node_capacity=80)
+def test_ring_words_mirror_the_header():
+    """The header: 8192 bytes of control words, then two halves' RingWords
+    (chunk flags, heads, NVLink tails and heads, credits and bases, chunk
+    counters at 12 channels, 64 ranks, 8 per node, 16 chunks)."""
+    assert internode_ops._ring_words_bytes() == 259584
+    cfg = icfg.InternodeConfig(1, 1, 1, 1, 1, 1, 1, 1, 16)
+    # Each half: table starts, stream ranges, out_pos, send and receive ring, 256 bytes each.
+    assert internode_ops.call_bytes("cached_dispatch", cfg, num_tokens=0) == 8192 + 2 * 259584 + 2 * (5 * 256)
+
+
+def test_buffer_bytes_cover_every_call_and_grow_with_node_capacity():
+    small = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, node_capacity=80)
     big = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4)
     assert small < big
-    common = dict(num_tokens=64, num_nodes=2, ranks_per_node=4, node_capacity=128, capacity=512)
-    assert big >= internode_ops.call_bytes("combine", row_bytes=1024, cols=512, **common)
-    assert big >= internode_ops.call_bytes("dispatch", row_bytes=1024, num_topk=4, num_experts=32, **common)
+    assert jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, capacity=100) == big  # C: no region
+    assert jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4,
+                                         internode=InternodeOptions(num_max_rdma_recv_tokens=80)) == small
+    opts = InternodeOptions()
+    for op, row in (("combine", 1024), ("dispatch", 1024), ("cached_dispatch", 1024), ("combine", 16)):
+        cfg = icfg.resolve_call(opts, num_nodes=2, ranks_per_node=4, num_tokens=64, row_bytes=row, num_topk=4)
+        assert big >= internode_ops.call_bytes(op, cfg, num_tokens=64, num_topk=4, num_experts=32)
     fp8 = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, fp8=True)
     assert fp8 == big  # the combine's BF16 rows need more than FP8 dispatch rows
     em = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, layout="expert_major")
-    assert em > big  # K rows per token at most, and the placements per slot
+    assert em > big  # K placements per table row
+    # Rings given in the options size the buffer: more channels of rings larger than a channel's
+    # 16 tokens (the derived rings: one channel, rings of T = 64 tokens) need more.
+    wide = jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, internode=InternodeOptions(
+        num_channels=4, rdma_chunk_tokens=16, rdma_ring_tokens=64))
+    assert wide > big
     with pytest.raises(ValueError, match="must divide num_ranks"):
         jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=3)
+    with pytest.raises(TypeError, match="internode must be a jax_ep.InternodeOptions"):
+        jax_ep.internode_buffer_bytes(64, 512, 8, 4, 32, ranks_per_node=4, internode={"num_channels": 2})
+    # A ring given alone serves every call's rows (its chunks: divisors of it), or is refused.
+    assert jax_ep.internode_buffer_bytes(4096, 7168, 8, 8, 256, ranks_per_node=4, fp8=True,
+                                         internode=InternodeOptions(rdma_ring_tokens=40, nvl_ring_tokens=20))
+    with pytest.raises(ValueError, match="rdma_ring_tokens .37. must be at most 16 times rdma_chunk_tokens .1."):
+        jax_ep.internode_buffer_bytes(4096, 7168, 8, 8, 256, ranks_per_node=4, fp8=True,
+                                      internode=InternodeOptions(rdma_ring_tokens=37))
+
+
+# Per-rank bytes at DeepEP's shape (T = 4096, H = 7168, top-8 of 256 experts,
+# FP8 dispatch, BF16 combine, default options), as docs/internode.md gives
+# them: (nodes, ranks per node) -> (rank-major, expert-major).
+DEEPEP_BYTES = {(2, 4): (138416640, 140251648), (2, 8): (166203904, 169873920), (4, 8): (276829184, 284169216),
+                (8, 8): (498080256, 512760320)}
+STAGED_2X4 = int(1.75 * (1 << 30))  # the staged kernels' whole tables, rank-major at 2x4
+
+
+@pytest.mark.parametrize("nodes,el", sorted(DEEPEP_BYTES))
+def test_deepep_shape_sizes(nodes, el):
+    got = tuple(jax_ep.internode_buffer_bytes(4096, 7168, nodes * el, 8, 256, ranks_per_node=el, fp8=True,
+                                              layout=layout) for layout in ("rank_major", "expert_major"))
+    assert got == DEEPEP_BYTES[nodes, el], f"{got}: update DEEPEP_BYTES and docs/internode.md's figures"
+    if (nodes, el) == (2, 4):
+        assert got[0] < 256 << 20 and got[0] < STAGED_2X4 // 8
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "internode.md").read_text()
+    assert all(f"{b:,} bytes" in doc for b in got), "docs/internode.md's \"Buffer size\" table is stale"
 
 
 def test_check_supported_names_the_limit():
@@ -142,6 +206,56 @@ def test_dispatch_combine_and_gradient_lower_to_internode_targets(internode_buff
     dispatch = [line for line in lines if "@jax_ep_internode_dispatch(" in line][0]
     assert "ranks_per_node = 2" in dispatch and f"node_capacity = {2 * T}" in dispatch, dispatch
     assert "layout = 0" in dispatch and f"capacity = {R * T}" in dispatch, dispatch
+    # Every call carries the rings it resolves from the buffer's options (here
+    # T = 8 tokens of 512-byte rows: one channel, the rings capped by T).
+    rings = icfg.resolve_call(InternodeOptions(), num_nodes=2, ranks_per_node=L, num_tokens=T, row_bytes=2 * H,
+                              num_topk=K).ffi_attrs()
+    assert rings == dict(num_channels=1, rdma_chunk=8, rdma_ring=8, nvl_chunk=16, nvl_ring=16)
+    for line in lines:
+        if "x256xbf16>" in line.split("->")[-1] or "@jax_ep_internode_combine(" in line and "x256xbf16>" in line:
+            for name, value in rings.items():
+                assert f"{name} = {value} : i64" in line, (name, line)
+    # The handle's forwarder arrays (rdma_slot, recv_src_rank, recv_table_row, fwd_src_node,
+    # fwd_src_token, fwd_dst_row: cached dispatch; recv_src_rank, rdma_slot, fwd_*, recv_table_row: combine).
+    cached = [line for line in lines if "@jax_ep_internode_cached_dispatch(" in line][0]
+    assert (f"(tensor<{T}x{H}xbf16>, tensor<{T}x2xi32>, tensor<{R * T}xi32>, tensor<{R * T}xi32>, tensor<{2 * T}xi32>, "
+            f"tensor<{2 * T}xi32>, tensor<{2 * T}x{L}x1xi32>) -> tensor<{R * T}x{H}xbf16>") in cached, cached
+    combine = [line for line in lines if "@jax_ep_internode_combine(" in line][0]
+    assert (f"(tensor<{R * T}x{H}xbf16>, tensor<{R * T}xi32>, tensor<{T}x2xi32>, tensor<{2 * T}xi32>, "
+            f"tensor<{2 * T}xi32>, tensor<{2 * T}x{L}x1xi32>, tensor<{R * T}xi32>) -> tensor<{T}x{H}xbf16>") in combine
+    small = [line for line in lines if "@jax_ep_internode_combine(" in line and f"-> tensor<{T}x4xf32>" in line]
+    assert small, "the top-k weights' gradient: a combine of 16-byte rows"
+    assert "rdma_chunk = 8 : i64" in small[0] and "num_channels = 1 : i64" in small[0], small[0]
+
+
+@needs_extension
+def test_rings_follow_the_buffer_options(internode_buffer):
+    """Rings given in the buffer's InternodeOptions reach every call; the
+    FP8 dispatch resolves its rings from its 16-byte-rounded values and
+    scales together."""
+    internode_buffer.internode = InternodeOptions(num_channels=3, rdma_chunk_tokens=2, rdma_ring_tokens=6,
+                                                  nvl_chunk_tokens=3, nvl_ring_tokens=5)
+    opts = jax_ep.NormalOptions(backend="cuda", buffer_id=7)
+
+    def step(x, idx, w):
+        o = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=None, options=opts)
+        return jax_ep.combine(o.recv_x, o.handle)
+
+    lines = _lower(step, X, IDX, W)
+    assert len(lines) == 2
+    for line in lines:
+        assert ("num_channels = 3 : i64" in line and "rdma_chunk = 2 : i64" in line and "rdma_ring = 6 : i64" in line
+                and "nvl_chunk = 3 : i64" in line and "nvl_ring = 5 : i64" in line), line
+    internode_buffer.internode = InternodeOptions()
+    q = jax.ShapeDtypeStruct((T, 7168), jnp.float8_e4m3fn)
+    sc = jax.ShapeDtypeStruct((T, 56), jnp.float32)
+    fp8 = _lower(lambda q, s, i, w: jax_ep.dispatch((q, s), i, w, num_experts=E, axis_name=None,
+                                                    options=opts).recv_x, q, sc, IDX, W)
+    want = icfg.resolve_internode(InternodeOptions(), num_nodes=2, ranks_per_node=L, num_tokens=T, hidden=7168,
+                                  num_topk=K, fp8=True)
+    assert want.row_bytes == 7168 + 224
+    # ceil(64 KiB / 7392) = 9 (a BF16 row of 14336 bytes would give 5).
+    assert f"nvl_chunk = {want.nvl_chunk_tokens} : i64" in fp8[0] and want.nvl_chunk_tokens == 9, fp8[0]
 
 
 @needs_extension

@@ -12,11 +12,15 @@ from jax_ep.options import InternodeOptions
 
 
 def _accepted(cfg: RingConfig) -> bool:
-    try:
-        InternodeOptions(rdma_chunk_tokens=cfg.rdma_chunk, rdma_ring_tokens=cfg.rdma_ring,
-                         nvl_chunk_tokens=cfg.nvl_chunk, nvl_ring_tokens=cfg.nvl_ring)
-    except ValueError:
-        return False
+    """InternodeOptions takes each leg's rings, up to the kernels' layout: an
+    RDMA ring of whole chunks (one put each), which these models, of flow
+    control only, do not need."""
+    for leg, chunk, ring in (("rdma", cfg.rdma_chunk, cfg.rdma_ring), ("nvl", cfg.nvl_chunk, cfg.nvl_ring)):
+        try:
+            InternodeOptions(**{f"{leg}_chunk_tokens": chunk, f"{leg}_ring_tokens": ring})
+        except ValueError as e:
+            if "must be a multiple of" not in str(e):
+                return False
     return True
 
 
