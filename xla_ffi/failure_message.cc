@@ -9,7 +9,7 @@ namespace jax_ep {
 
 const char* signature_field_name(int field, int op) {
   if (field == intranode::kSigMode) {
-    return op == 0 ? "expert_alignment" : "mode (pull, or FP8 combine rows)";
+    return op == 0 ? "expert_alignment" : "mode (pull, FP8 combine rows)";
   }
   if (field == intranode::kSigDtype && op <= 2) return op == 2 ? "dtype" : "payload parts (FP8 or not)";
   switch (field) {
@@ -24,7 +24,6 @@ const char* signature_field_name(int field, int op) {
     case intranode::kSigRingRows: return "combine_ring_rows";
     case intranode::kSigLayout: return "layout";
     case intranode::kSigDtype: return "dtype / payload";
-    case intranode::kSigMode: return "mode (pull, FP8 combine rows)";
     default: return "unknown field";
   }
 }

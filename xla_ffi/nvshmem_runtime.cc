@@ -124,10 +124,13 @@ CUlibrary this_library() {
   using GetLibrary = CUresult (*)(CUlibrary*, CUkernel);
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  check(cudaGetDriverEntryPointByVersion("cuKernelGetLibrary", &fn, 12000, cudaEnableDefault, &found),
+  // The entry point exists from CUDA 12.5 (PFN_cuKernelGetLibrary_v12050): asking for an older
+  // ABI version finds nothing.
+  check(cudaGetDriverEntryPointByVersion("cuKernelGetLibrary", &fn, 12050, cudaEnableDefault, &found),
         "cudaGetDriverEntryPointByVersion(cuKernelGetLibrary)");
   if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
-    throw std::runtime_error("jax_ep nvshmem: the CUDA driver has no cuKernelGetLibrary");
+    throw std::runtime_error("jax_ep nvshmem: the CUDA driver has no cuKernelGetLibrary (it needs a driver "
+                             "for CUDA 12.5 or later)");
   }
   CUlibrary library = nullptr;
   const CUresult rc = reinterpret_cast<GetLibrary>(fn)(&library, reinterpret_cast<CUkernel>(kernel));
