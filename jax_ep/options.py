@@ -225,11 +225,12 @@ class InternodeOptions:
         num_channels``); tokens are split into contiguous ranges, one per
         channel.
       rdma_chunk_tokens, rdma_ring_tokens: tokens per RDMA put and per
-        RDMA ring (one ring per (channel, destination node)); a ring must hold
-        at least one chunk (``rdma_chunk_tokens <= rdma_ring_tokens``).
+        RDMA ring (one ring per (channel, destination node)); a ring holds a
+        whole number of chunks (``rdma_ring_tokens`` a multiple of
+        ``rdma_chunk_tokens``).
       nvl_chunk_tokens, nvl_ring_tokens: the same for the NVLink rings (one
-        per (channel, forwarder, NVL peer)); ``nvl_chunk_tokens <=
-        nvl_ring_tokens``.
+        per (channel, NVL peer, forwarder)); ``nvl_ring_tokens`` a
+        multiple of ``nvl_chunk_tokens``.
     """
 
     num_max_rdma_recv_tokens: int | None = None
@@ -247,12 +248,19 @@ class InternodeOptions:
 
 
 def check_ring(leg: str, chunk: int | None, ring: int | None) -> None:
-    """The flow-control condition of one leg's rings (proved by the protocol
-    model, tests/protocol/internode_model.py): a ring holds at least one chunk.
-    A sender publishes only whole chunks until its stream ends, so a chunk
-    larger than the ring never fills and both sides wait forever."""
+    """The flow-control condition of one leg's rings (docs/internode.md, "Rings
+    and flow control"; proved by the protocol model tests/protocol/internode_ring.py):
+    a ring holds a whole number of chunks. A chunk larger than its ring never
+    completes, so writer and reader wait on each other; a chunk occupies
+    contiguous slots (one put, one flag per chunk slot) only when the ring is a
+    multiple of the chunk."""
     if chunk is not None and ring is not None and chunk > ring:
         raise ValueError(
             f"{leg}_chunk_tokens ({chunk}) must be at most {leg}_ring_tokens ({ring}): a ring must hold a "
             f"whole chunk, or the {leg} leg deadlocks; raise {leg}_ring_tokens or lower {leg}_chunk_tokens"
+        )
+    if chunk is not None and ring is not None and ring % chunk:
+        raise ValueError(
+            f"{leg}_ring_tokens ({ring}) must be a multiple of {leg}_chunk_tokens ({chunk}): the {leg} leg's "
+            f"chunks occupy whole, contiguous ring slots"
         )

@@ -21,6 +21,8 @@ def test_options_are_static():
 @pytest.mark.parametrize("kw,match", [
     (dict(rdma_chunk_tokens=9, rdma_ring_tokens=8), "rdma_chunk_tokens .9. must be at most rdma_ring_tokens .8."),
     (dict(nvl_chunk_tokens=3, nvl_ring_tokens=2), "nvl_chunk_tokens .3. must be at most nvl_ring_tokens"),
+    (dict(rdma_chunk_tokens=3, rdma_ring_tokens=8), "rdma_ring_tokens .8. must be a multiple of rdma_chunk_tokens .3."),
+    (dict(nvl_chunk_tokens=2, nvl_ring_tokens=5), "nvl_ring_tokens .5. must be a multiple of nvl_chunk_tokens .2."),
     (dict(num_channels=0), "num_channels must be a positive int"),
     (dict(num_max_rdma_recv_tokens=-1), "num_max_rdma_recv_tokens must be a positive int or None"),
     (dict(rdma_ring_tokens=2.0), "rdma_ring_tokens must be a positive int"),
@@ -35,6 +37,10 @@ def test_resolved_ring_condition_checked_against_the_derived_values():
     with pytest.raises(ValueError, match="rdma_chunk_tokens .18. must be at most rdma_ring_tokens .4."):
         resolve_internode(InternodeOptions(rdma_ring_tokens=4), num_nodes=2, ranks_per_node=8, num_tokens=4096,
                           hidden=7168, num_topk=8, fp8=True)
+    # ... and be a multiple of it.
+    with pytest.raises(ValueError, match="rdma_ring_tokens .100. must be a multiple of rdma_chunk_tokens .18."):
+        resolve_internode(InternodeOptions(rdma_ring_tokens=100), num_nodes=2, ranks_per_node=8, num_tokens=4096,
+                          hidden=7168, num_topk=8, fp8=True)
     with pytest.raises(ValueError, match="ranks_per_node must be in .1, 8."):
         resolve_internode(InternodeOptions(), num_nodes=2, ranks_per_node=16, num_tokens=64, hidden=128, num_topk=2)
     with pytest.raises(TypeError, match="InternodeOptions"):
@@ -47,6 +53,7 @@ def test_derived_defaults(nn, el, t, h, fp8):
     cfg = resolve_internode(InternodeOptions(), num_nodes=nn, ranks_per_node=el, num_tokens=t, hidden=h, num_topk=8,
                             fp8=fp8)
     assert 1 <= cfg.rdma_chunk_tokens <= cfg.rdma_ring_tokens and 1 <= cfg.nvl_chunk_tokens <= cfg.nvl_ring_tokens
+    assert cfg.rdma_ring_tokens % cfg.rdma_chunk_tokens == 0 and cfg.nvl_ring_tokens % cfg.nvl_chunk_tokens == 0
     assert 1 <= cfg.num_channels <= 12 and cfg.num_sms == 2 * cfg.num_channels
     assert cfg.node_capacity == nn * t
     assert cfg.rdma_bytes <= 1 << 30 or cfg.rdma_ring_tokens == cfg.rdma_chunk_tokens

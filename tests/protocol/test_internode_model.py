@@ -68,7 +68,7 @@ def test_accepted_configurations_progress_and_rejected_ones_deadlock():
             assert res.ok, (cfg, res)
             res = explore_random(combine_model(heavy, 2, 2, cfg), runs=3, seed=rng.randrange(1 << 30))
             assert res.ok, (cfg, res)
-        else:
+        elif rc > rr or nc > nr:  # (a ring not a multiple of its chunk is refused for the ring pipeline's puts)
             if rc > rr or rc > nr:
                 res = explore_random(dispatch_model(heavy, 2, 2, cfg), runs=40, seed=rng.randrange(1 << 30))
                 assert res.kind == "deadlock", (cfg, res)
