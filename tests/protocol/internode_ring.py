@@ -51,7 +51,7 @@ import types
 from explore import wait
 
 MASK = (1 << 32) - 1
-BUGS = ("packer_ahead", "credit_max", "head_untagged", "flag_untagged")
+BUGS = ("packer_ahead", "credit_max", "head_untagged", "flag_untagged", "no_base")
 
 
 def tag(call: int, value: int) -> int:
@@ -110,7 +110,8 @@ class _Plan:
 
     def __init__(self, tokens, nn, el, channels, node_capacity):
         self.streams = st = plan(tokens, nn, el, channels, node_capacity)
-        self.tc = max(-(-len(tokens[0]) // channels), 1)
+        self.t = len(tokens[0])
+        self.tc = max(-(-self.t // channels), 1)
         # index[(s, c, m)]: {token: stream index} of source s's stream to node m
         self.index = {(n * el + f % el, c, f // el): {t: q for q, (_, t, _) in enumerate(rows)}
                       for (f, c, n), rows in st.items()}
@@ -139,15 +140,13 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
     P, W, RW = cfg.packers, cfg.receivers, cfg.reducers
     batch = cfg.batch or min(RW, NR)
     plans = [_Plan(tok, N, L, C, cfg.node_capacity) for _, tok in calls]
-    T = len(calls[0][1][0])
-    TC = plans[0].tc
     dispatch_roles = [f"pack{w}" for w in range(P)] + ["scoord", "fcoord"] + [f"recv{w}" for w in range(W)]
     combine_roles = ([f"nvl{f}" for f in range(L)] + [f"red{w}" for w in range(RW)] + ["rcoord"]
                      + [f"rrecv{w}" for w in range(P)] + ["credit"])
     nslots = max(len(dispatch_roles), len(combine_roles))
 
-    def chan(c):
-        return range(c * TC, min((c + 1) * TC, T))
+    def chan(c, p):  # channel c's tokens in the call of plan p
+        return range(c * p.tc, min((c + 1) * p.tc, p.t))
 
     def owned(d, c, w):  # a receiver warp's streams (forwarder local index, source node)
         return [s for i, s in enumerate(itertools.product(range(L), range(N))) if i % W == w]
@@ -161,7 +160,7 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
         into = [len(st[(x, c, n)]) for n in range(N)]           # x's streams as a forwarder
         if name.startswith("pack") or name.startswith("rrecv"):
             w = int(name[4:] if name[0] == "p" else name[5:])
-            return any(t in p.index[(x, c, m)] for t in chan(c)[w::P] for m in range(N))
+            return any(t in p.index[(x, c, m)] for t in chan(c, p)[w::P] for m in range(N))
         if name in ("scoord", "credit"):
             return any(to)
         if name in ("fcoord", "rcoord") or name.startswith("red"):
@@ -206,7 +205,7 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
 
         def credit_space(key, base, q):
             slack = RR + 1 if "packer_ahead" in bugs else RR
-            return q - (sh.word.get(key, 0) - base) < slack
+            return q - (sh.word.get(key, 0) - (0 if "no_base" in bugs else base)) < slack
 
         def in_order(lens, ready, act, label):
             """Chunks of each stream in order, whichever stream's next one is ready."""
@@ -242,7 +241,7 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
             node = x // L
             h = call % 2
             base = [sh.base.get((x, h, c, m), 0) for m in range(N)]
-            for t in chan(c)[w::P]:
+            for t in chan(c, p)[w::P]:
                 for m in range(N):
                     if t not in p.index[(x, c, m)]:
                         continue
@@ -354,7 +353,7 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
         def rdma_receiver(s, c, w, call, p):
             el = s % L
             h = call % 2
-            for t in chan(c)[w::P]:
+            for t in chan(c, p)[w::P]:
                 for m in range(N):
                     if t not in p.index[(s, c, m)]:
                         continue
@@ -414,9 +413,9 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
             if op == "combine":
                 for s in range(R):
                     n_me, el = divmod(s, L)
-                    for t in range(T):
+                    for t in range(p.t):
                         want = sorted((m, tuple(m * L + j for j in mask)) for m in range(N)
-                                      for _, tt, mask in p.streams[(m * L + el, t // TC, n_me)] if tt == t)
+                                      for _, tt, mask in p.streams[(m * L + el, t // p.tc, n_me)] if tt == t)
                         got = sorted(sh.out.get((s, t), []))
                         assert got == want, f"call {call}: rank {s} summed {got} for token {t}, expected {want}"
             else:

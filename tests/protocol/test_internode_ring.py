@@ -15,6 +15,7 @@ from jax_ep.options import InternodeOptions
 
 ONE = [[{1}], [set()]]                   # 2x1: one token across nodes
 TWO = [[{1}, {1}], [set(), set()]]       # 2x1: two tokens through a ring of one
+BACK = [[set(), set()], [{0}, {0}]]     # 2x1: TWO's reverse direction
 FAN = [[{0, 1}], [set()]]                # 1x2: a forwarder read by both ranks of its node
 FAN2 = [[{0, 1}, {0, 1}], [set(), set()]]
 HEAVY = [[{1, 2, 3}] * 5, [{3}] * 5, [{0}] * 5, [{0, 1, 2}] * 5]  # 2x2, streams longer than the rings
@@ -104,6 +105,10 @@ def test_rdma_chunk_larger_than_its_ring_deadlocks(op):
     # The previous call's flags in the same half: a receiver reads call 1's rows in call 3.
     ("flag_untagged", [("dispatch", TWO)] * 3, (2, 1), ("expected ('d', 3",)),
     ("flag_untagged", [("combine", TWO)] * 3, (2, 1), ("expected ('c', 3",)),
+    # The credit word read as this call's credits: call 1's count as call 3's.
+    ("no_base", [("dispatch", TWO)] * 3, (2, 1), ("overwritten", "counted")),
+    # ... also across ops: rank 1's word (half 1, node 0) counts its dispatch credits, then its combine's.
+    ("no_base", [("dispatch", BACK), ("dispatch", ONE), ("combine", TWO)], (2, 1), ("overwritten", "counted")),
 ])
 def test_broken_rules_are_caught(bug, calls, shape, expect):
     res = explore_exhaustive(make_model(calls, *shape, TINY_CFG, bugs=(bug,)), max_states=40_000)
