@@ -9,7 +9,7 @@ dispatch role in dispatch calls and a combine role in combine calls:
 * dispatch: ``pack<w>`` (packer warps, tokens ``w, w + P, ...`` of the
   channel; per destination node: wait for send-ring space, write the slot,
   count the chunk), ``scoord`` (source coordinator: chunks of each node in
-  order, put + flag SET ``tag(call, k)`` once complete; advances the credit
+  order, put + flag SET ``tag(call, k + 1)`` once complete; advances the credit
   bases at the end), ``fcoord`` (forwarder coordinator: credit = min of the
   node's tagged heads, signal ADD of the increase into the source's credit
   word), ``recv<w>`` (receiver warps: poll owned streams round-robin, take
@@ -238,7 +238,6 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
                 sh.base[(x, h, c, m)] = sh.base.get((x, h, c, m), 0) + lens[m]
 
         def packer(x, c, w, call, p):
-            node = x // L
             h = call % 2
             base = [sh.base.get((x, h, c, m), 0) for m in range(N)]
             for t in chan(c, p)[w::P]:
@@ -248,7 +247,6 @@ def make_model(calls, num_nodes: int, ranks_per_node: int, cfg: RingConfig, bugs
                     q, key = p.index[(x, c, m)][t], (x, h, c, m)
                     yield wait(lambda: credit_space(key, base[m], q), f"credit {key} for row {q}")
                     write_send(key, q, ("d", call, x, t, q))
-            del node
 
         def fcoord(f, c, call, p):
             m_me, el = divmod(f, L)
