@@ -53,7 +53,7 @@ def test_exhaustive_tiny(calls, shape, cfg):
     assert res.ok, str(res)
 
 
-@pytest.mark.parametrize("shape", [(2, 2), (3, 2), (2, 4)])
+@pytest.mark.parametrize("shape", [(2, 2), (3, 2), (2, 4), (4, 1)])
 @pytest.mark.parametrize("channels", [1, 2])
 def test_random_routings(shape, channels):
     """Random routings over four calls (both halves used twice), random accepted
