@@ -55,6 +55,7 @@ BUGS = ("packer_ahead", "credit_max", "head_untagged", "flag_untagged", "no_base
 
 
 def tag(call: int, value: int) -> int:
+    """A tagged word: the call in the upper 32 bits, so another call's word never matches."""
     return (call + 1) << 32 | value
 
 
