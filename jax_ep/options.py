@@ -263,13 +263,14 @@ def check_channels(channels: int | None) -> None:
 
 
 def check_ring(leg: str, chunk: int | None, ring: int | None) -> None:
-    """The flow-control condition of one leg's rings (proved by the protocol
-    model, tests/protocol/internode_model.py): a ring holds at least one chunk.
-    A sender publishes only whole chunks until its stream ends, so a chunk
-    larger than the ring never fills and both sides wait forever. The RDMA
-    leg also puts whole chunks into the same slots on the other side (one put
-    per chunk: the ring is a whole number of chunks) and keeps a flag and a
-    counter per chunk slot (at most ``MAX_RING_CHUNKS``)."""
+    """The flow-control condition of one leg's rings (docs/internode.md, "Rings
+    and flow control"; proved by the protocol model
+    tests/protocol/internode_ring.py): a ring holds at least one chunk. A
+    chunk larger than its RDMA ring never completes, so writer and reader
+    wait on each other. The RDMA leg also puts whole chunks into the same
+    slots on the other side (one put and one flag per chunk slot: the ring is
+    a whole number of chunks) and keeps a flag and a counter per chunk slot
+    (at most ``MAX_RING_CHUNKS``)."""
     if chunk is not None and ring is not None and chunk > ring:
         raise ValueError(
             f"{leg}_chunk_tokens ({chunk}) must be at most {leg}_ring_tokens ({ring}): a ring must hold a "

@@ -21,6 +21,8 @@ def test_options_are_static():
 @pytest.mark.parametrize("kw,match", [
     (dict(rdma_chunk_tokens=9, rdma_ring_tokens=8), "rdma_chunk_tokens .9. must be at most rdma_ring_tokens .8."),
     (dict(nvl_chunk_tokens=3, nvl_ring_tokens=2), "nvl_chunk_tokens .3. must be at most nvl_ring_tokens"),
+    (dict(rdma_chunk_tokens=3, rdma_ring_tokens=8), "rdma_ring_tokens .8. must be a multiple of rdma_chunk_tokens .3."),
+    (dict(nvl_chunk_tokens=2, nvl_ring_tokens=5), "nvl_ring_tokens .5. must be a multiple of nvl_chunk_tokens .2."),
     (dict(num_channels=0), "num_channels must be a positive int"),
     (dict(num_max_rdma_recv_tokens=-1), "num_max_rdma_recv_tokens must be a positive int or None"),
     (dict(rdma_ring_tokens=2.0), "rdma_ring_tokens must be a positive int"),
@@ -65,6 +67,7 @@ def test_derived_defaults(nn, el, t, h, fp8):
     cfg = resolve_internode(InternodeOptions(), num_nodes=nn, ranks_per_node=el, num_tokens=t, hidden=h, num_topk=8,
                             fp8=fp8)
     assert 1 <= cfg.rdma_chunk_tokens <= cfg.rdma_ring_tokens and 1 <= cfg.nvl_chunk_tokens <= cfg.nvl_ring_tokens
+    assert cfg.rdma_ring_tokens % cfg.rdma_chunk_tokens == 0 and cfg.nvl_ring_tokens % cfg.nvl_chunk_tokens == 0
     assert 1 <= cfg.num_channels <= 12 and cfg.num_sms == 2 * cfg.num_channels
     assert cfg.combine_sms == 3 * cfg.num_channels
     assert cfg.node_capacity == nn * t
