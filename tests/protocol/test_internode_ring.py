@@ -71,8 +71,9 @@ def test_random_routings(shape, channels):
 
 
 def test_accepted_configurations_finish():
-    """Every (chunk, ring) of both legs up to 4 that the options accept (ring a
-    multiple of chunk) finishes, over a routing longer than the rings."""
+    """Every (chunk, ring) of both legs up to 4 with the ring a multiple of the
+    chunk (what the derived defaults give) finishes, over a routing longer
+    than the rings; the options refuse an RDMA ring that is not."""
     pairs = [(c, r) for c, r in itertools.product(range(1, 5), repeat=2) if c <= r and r % c == 0]
     rng = random.Random(0)
     for (rc, rr), (nc, nr) in itertools.product(pairs, pairs):
@@ -82,8 +83,10 @@ def test_accepted_configurations_finish():
                              seed=rng.randrange(1 << 30))
         assert res.ok, (cfg, str(res))
     for c, r in itertools.product(range(1, 5), repeat=2):
-        if c > r or r % c:
-            assert not _accepted(c, r, 1, 1) and not _accepted(1, 1, c, r)
+        if c > r or r % c:  # an RDMA ring is a whole number of chunks (one put and one flag per chunk)
+            assert not _accepted(c, r, 1, 1)
+        if c > r:  # an NVLink ring holds at least one chunk
+            assert not _accepted(1, 1, c, r)
 
 
 @pytest.mark.parametrize("op", ["dispatch", "combine"])
