@@ -277,11 +277,7 @@ __device__ void rdma_receivers(const Args& a, const Layout& l, unsigned long lon
         progressed = true;
       }
       if (!pending) break;
-      const WaitOutcome o = clock.tick(a, progressed);
-      if (__shfl_sync(kFullWarpMask, static_cast<int>(o), 0) != kWaitReady) {
-        if (lane == 0) detail::wait_failed(a, o, waiting_on < 0 ? me : waiting_on, kOpCombineRail, call + 1);
-        return;
-      }
+      if (!clock.go_on(a, progressed, waiting_on < 0 ? me : waiting_on, kOpCombineRail, call)) return;
     }
     return;
   }

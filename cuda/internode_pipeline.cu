@@ -113,14 +113,11 @@ __device__ void forwarder_coordinator(const Args& a, const Layout& l, unsigned l
       }
     }
     if (!__any_sync(kFullWarpMask, pending)) break;
-    const WaitOutcome o = clock.tick(a, __any_sync(kFullWarpMask, progressed));
-    if (__shfl_sync(kFullWarpMask, static_cast<int>(o), 0) != kWaitReady) {
-      // A receiver of this node has not passed a chunk: the first waiting lane names the slowest one.
-      const unsigned who = __ballot_sync(kFullWarpMask, waiting_on >= 0);
-      const int peer = __shfl_sync(kFullWarpMask, waiting_on, who != 0 ? __ffs(who) - 1 : 0);
-      if (lane == 0) detail::wait_failed(a, o, peer >= 0 ? peer : me, kOpDispatchNode, call + 1);
-      return;
-    }
+    // Waiting on a receiver of this node that has not passed a chunk: the first waiting lane names the
+    // slowest one.
+    const unsigned who = __ballot_sync(kFullWarpMask, waiting_on >= 0);
+    const int peer = __shfl_sync(kFullWarpMask, waiting_on, who != 0 ? __ffs(who) - 1 : 0);
+    if (!clock.go_on(a, __any_sync(kFullWarpMask, progressed), peer >= 0 ? peer : me, kOpDispatchNode, call)) return;
   }
 }
 
@@ -214,11 +211,7 @@ __device__ void receivers(const Args& a, const Layout& l, const DispatchIO& io, 
       progressed = true;
     }
     if (!pending) break;
-    const WaitOutcome o = clock.tick(a, progressed);
-    if (__shfl_sync(kFullWarpMask, static_cast<int>(o), 0) != kWaitReady) {
-      if (lane == 0) detail::wait_failed(a, o, waiting_on < 0 ? me : waiting_on, kOpDispatchRail, call + 1);
-      return;
-    }
+    if (!clock.go_on(a, progressed, waiting_on < 0 ? me : waiting_on, kOpDispatchRail, call)) return;
   }
 }
 

@@ -55,20 +55,26 @@ __device__ __forceinline__ int chunk_rows(const Shape& s, int len, int k) {
 }
 __device__ __forceinline__ int num_chunks(const Shape& s, int len) { return (len + s.rdma_chunk - 1) / s.rdma_chunk; }
 
-// A loop that polls several things: it fails after timeout_ns without
-// progress, or when the abort word is raised (every lane of a warp agrees
-// when `progressed` does).
+// A warp's loop that polls several things: each round calls
+// `go_on(progressed)` (lane-uniform), which is false, recorded naming
+// `peer` (lane 0's), after timeout_ns without progress or once the abort
+// word is raised.
 struct PollClock {
   unsigned long long since;
   __device__ __forceinline__ PollClock() : since(global_timer_ns()) {}
-  __device__ __forceinline__ WaitOutcome tick(const Args& a, bool progressed) {
+  __device__ __forceinline__ bool go_on(const Args& a, bool progressed, int peer, int op, unsigned long long call) {
+    WaitOutcome o = kWaitReady;
     if (progressed) {
       since = global_timer_ns();
-      return kWaitReady;
+    } else if (ld_volatile(&reinterpret_cast<ll_put::Control*>(a.put.peers.local)->abort) != 0) {
+      o = kWaitAborted;
+    } else if (global_timer_ns() - since > a.put.timeout_ns) {
+      o = kWaitTimeout;
     }
-    if (ld_volatile(&reinterpret_cast<ll_put::Control*>(a.put.peers.local)->abort) != 0) return kWaitAborted;
-    if (global_timer_ns() - since > a.put.timeout_ns) return kWaitTimeout;
-    return kWaitReady;
+    o = static_cast<WaitOutcome>(__shfl_sync(kFullWarpMask, static_cast<int>(o), 0));
+    if (o == kWaitReady) return true;
+    if (threadIdx.x % 32 == 0) detail::wait_failed(a, o, peer, op, call + 1);
+    return false;
   }
 };
 
@@ -191,11 +197,7 @@ __device__ __forceinline__ void rdma_coordinator(const Args& a, const Layout& l,
       progressed = true;
     }
     if (!pending) break;
-    const WaitOutcome o = clock.tick(a, progressed);
-    if (__shfl_sync(kFullWarpMask, static_cast<int>(o), 0) != kWaitReady) {
-      if (lane == 0) detail::wait_failed(a, o, (waiting_on < 0 ? 0 : waiting_on) * L + me % L, op, call + 1);
-      return;
-    }
+    if (!clock.go_on(a, progressed, (waiting_on < 0 ? 0 : waiting_on) * L + me % L, op, call)) return;
   }
   for (int m = lane; m < N; m += 32) w->base[c][m] = base[m] + len[m];
 }
