@@ -22,7 +22,6 @@ def test_options_are_static():
     (dict(rdma_chunk_tokens=9, rdma_ring_tokens=8), "rdma_chunk_tokens .9. must be at most rdma_ring_tokens .8."),
     (dict(nvl_chunk_tokens=3, nvl_ring_tokens=2), "nvl_chunk_tokens .3. must be at most nvl_ring_tokens"),
     (dict(rdma_chunk_tokens=3, rdma_ring_tokens=8), "rdma_ring_tokens .8. must be a multiple of rdma_chunk_tokens .3."),
-    (dict(nvl_chunk_tokens=2, nvl_ring_tokens=5), "nvl_ring_tokens .5. must be a multiple of nvl_chunk_tokens .2."),
     (dict(num_channels=0), "num_channels must be a positive int"),
     (dict(num_max_rdma_recv_tokens=-1), "num_max_rdma_recv_tokens must be a positive int or None"),
     (dict(rdma_ring_tokens=2.0), "rdma_ring_tokens must be a positive int"),

@@ -391,6 +391,7 @@ def test_gpu_test_checks_accept_the_plan(el, layout, alignment, capacity, node_c
     """The GPU test's reference and checks (its helpers, run here without a
     GPU) accept outputs made from internode_plan for every rank: rows, top-k,
     counts, drops, group sizes, every handle array, and the combine."""
+    import os
     import pathlib
     import types as _types
 
@@ -406,7 +407,7 @@ def test_gpu_test_checks_accept_the_plan(el, layout, alignment, capacity, node_c
     c = capacity or ip.default_output_capacity(layout, r, t, k, e // r, alignment)
     cn = node_capacity or (r // el) * t
     def helpers_of(me):
-        ns = dict(R=r, ME=me, np=np, ml_dtypes=ml_dtypes, npi=npi, npr=npr, calc_diff=calc_diff, jax=jax, jnp=jnp)
+        ns = dict(R=r, ME=me, os=os, np=np, ml_dtypes=ml_dtypes, npi=npi, npr=npr, calc_diff=calc_diff, jax=jax, jnp=jnp)
         exec(helpers, ns)  # noqa: S102 - the GPU script's own helpers
         return ns
 
