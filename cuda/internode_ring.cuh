@@ -190,9 +190,10 @@ __device__ __forceinline__ void rdma_coordinator(const Args& a, const Layout& l,
       if (m == n_me) {
         if (lane == 0) st_release_sys(&w->flag[c][n_me][slot], tag(call, k + 1));
       } else {
-        transport::warp_put_signal_set(a.put.peers, m * L + me % L, half_off + l.rdma_row(l.recv_ring, s, c, n_me, q0),
-                                       half + l.rdma_row(l.send_ring, s, c, m, q0), rows * l.ring_stride,
-                                       flag_offset(h, c, n_me, slot), tag(call, k + 1), lane);
+        transport::warp_put_signal<transport::SignalOp::kSet>(
+            a.put.peers, m * L + me % L, half_off + l.rdma_row(l.recv_ring, s, c, n_me, q0),
+            half + l.rdma_row(l.send_ring, s, c, m, q0), rows * l.ring_stride, flag_offset(h, c, n_me, slot),
+            tag(call, k + 1), lane);
       }
       progressed = true;
     }

@@ -84,46 +84,41 @@ __device__ __forceinline__ void red_add_release_sys(unsigned long long* p, unsig
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// A warp writes `bytes` (a multiple of 16) from `src` to `offset` of `peer`'s
-// copy, then adds `add` to the signal word at `signal_offset` of that copy,
-// after the data. Every lane calls it with the same arguments. Put peers:
-// `src` must lie in this rank's symmetric buffer (registered with the NIC),
-// and must not change until the row has been delivered.
-__device__ __forceinline__ void warp_put_signal(const Peers& p, int peer, std::size_t offset, const void* src,
-                                                std::size_t bytes, std::size_t signal_offset, unsigned long long add,
-                                                int lane) {
-  if (p.path[peer] == PeerPath::kPointer) {
-    auto* to = reinterpret_cast<int4*>(p.mapped[peer] + offset);
-    const auto* from = reinterpret_cast<const int4*>(src);
-    for (std::size_t v = lane; v < bytes / 16; v += 32) to[v] = from[v];
-    __threadfence_system();  // each lane's stores, before the warp's release add
-    __syncwarp();
-    if (lane == 0) red_add_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), add);
-    return;
-  }
-  nvshmemx_putmem_signal_nbi_warp(p.local + offset, src, bytes,
-                                  reinterpret_cast<std::uint64_t*>(p.local + signal_offset), add, NVSHMEM_SIGNAL_ADD,
-                                  peer);
-}
+// How the signal word of a put changes once its data is there: an add
+// (arrival counts), or a set (words that only grow, such as
+// internode_ring.cuh's chunk flags, where a set that arrives late is an
+// older value).
+enum class SignalOp { kAdd, kSet };
 
-// warp_put_signal, but the signal word is set to `value` (after the data)
-// rather than added to: for words that only grow (internode_ring.cuh's chunk
-// flags), where a set that arrives late is an older value.
-__device__ __forceinline__ void warp_put_signal_set(const Peers& p, int peer, std::size_t offset, const void* src,
-                                                    std::size_t bytes, std::size_t signal_offset,
-                                                    unsigned long long value, int lane) {
+// A warp writes `bytes` (a multiple of 16) from `src` to `offset` of `peer`'s
+// copy, then adds `value` to (or sets it in) the signal word at
+// `signal_offset` of that copy, after the data. Every lane calls it with the
+// same arguments. Put peers: `src` must lie in this rank's symmetric buffer
+// (registered with the NIC), and must not change until the row has been
+// delivered.
+template <SignalOp kOp = SignalOp::kAdd>
+__device__ __forceinline__ void warp_put_signal(const Peers& p, int peer, std::size_t offset, const void* src,
+                                                std::size_t bytes, std::size_t signal_offset,
+                                                unsigned long long value, int lane) {
   if (p.path[peer] == PeerPath::kPointer) {
     auto* to = reinterpret_cast<int4*>(p.mapped[peer] + offset);
     const auto* from = reinterpret_cast<const int4*>(src);
     for (std::size_t v = lane; v < bytes / 16; v += 32) to[v] = from[v];
-    __threadfence_system();
+    __threadfence_system();  // each lane's stores, before the warp's release
     __syncwarp();
-    if (lane == 0) st_release_sys(reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset), value);
+    if (lane == 0) {
+      auto* word = reinterpret_cast<unsigned long long*>(p.mapped[peer] + signal_offset);
+      if constexpr (kOp == SignalOp::kSet) {
+        st_release_sys(word, value);
+      } else {
+        red_add_release_sys(word, value);
+      }
+    }
     return;
   }
   nvshmemx_putmem_signal_nbi_warp(p.local + offset, src, bytes,
-                                  reinterpret_cast<std::uint64_t*>(p.local + signal_offset), value, NVSHMEM_SIGNAL_SET,
-                                  peer);
+                                  reinterpret_cast<std::uint64_t*>(p.local + signal_offset), value,
+                                  kOp == SignalOp::kSet ? NVSHMEM_SIGNAL_SET : NVSHMEM_SIGNAL_ADD, peer);
 }
 
 // One thread's warp_put_signal: `bytes` (a multiple of 16, a few of them)
