@@ -261,15 +261,26 @@ ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuf
   return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
-// The handle's arrays, checked against T, C, Cn, L and the node count.
-ffi::Error handle_io(const char* target, int64_t T, int64_t C, int64_t node_capacity, int64_t ranks_per_node,
-                     I32_2& rdma_slot, I32_1& recv_src_rank, I32_1& recv_table_row, I32_1& fwd_src_node,
-                     I32_1& fwd_src_token, I32_3& fwd_dst_row, HandleIO* h) {
+// A call along a handle (cached dispatch, combine): the handle's arrays,
+// checked against T, C, Cn, L and the node count, and the call's shape
+// (num_topk carries the handle's slots S, expert-major K, for Shape::slots).
+ffi::Error prepare_handle_call(const char* target, int32_t device, int64_t buffer_id, const Rings& rings, Op op,
+                               int64_t T, int64_t C, int64_t row_bytes, int64_t cols, int64_t node_capacity,
+                               int64_t ranks_per_node, I32_2& rdma_slot, I32_1& recv_src_rank,
+                               I32_1& recv_table_row, I32_1& fwd_src_node, I32_1& fwd_src_token, I32_3& fwd_dst_row,
+                               HandleIO* h, Call* call) {
   if (rdma_slot.dimensions()[0] != T || recv_src_rank.dimensions()[0] != C || recv_table_row.dimensions()[0] != C ||
       fwd_src_node.dimensions()[0] != node_capacity || fwd_src_token.dimensions()[0] != node_capacity ||
       fwd_dst_row.dimensions()[0] != node_capacity || fwd_dst_row.dimensions()[1] != ranks_per_node ||
       fwd_dst_row.dimensions()[2] < 1 || fwd_dst_row.dimensions()[2] > kMaxTopk) {
     return invalid_argument(target, "the handle's arrays disagree with the payload, the output or the node capacity");
+  }
+  const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
+  Shape shape{op, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node), static_cast<int>(node_capacity),
+              static_cast<int>(C), static_cast<int>(row_bytes), static_cast<int>(cols), S > 1 ? 1 : 0, 1};
+  if (auto err = prepare(target, device, buffer_id, rings, shape, call); err.failure()) return err;
+  if (rdma_slot.dimensions()[1] != call->args.shape.num_nodes) {
+    return invalid_argument(target, "rdma_slot must be [T, num_nodes]");
   }
   *h = HandleIO{rdma_slot.typed_data(),    recv_src_rank.typed_data(), recv_table_row.typed_data(),
                 fwd_src_node.typed_data(), fwd_src_token.typed_data(), fwd_dst_row.typed_data()};
@@ -288,20 +299,13 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
     return invalid_argument(kTarget, "x and the output disagree on the row bytes");
   }
   HandleIO h;
-  if (auto err = handle_io(kTarget, T, C, node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
-                           fwd_src_node, fwd_src_token, fwd_dst_row, &h);
-      err.failure()) {
-    return err;
-  }
-  // num_topk carries the handle's slots S (expert-major: K) for Shape::slots.
-  const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
-  Shape shape{Op::kCachedDispatch, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node),
-              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(row), 0, S > 1 ? 1 : 0, 1};
   Call c;
   const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
-  if (auto err = prepare(kTarget, device, buffer_id, rings, shape, &c); err.failure()) return err;
-  if (rdma_slot.dimensions()[1] != c.args.shape.num_nodes) {
-    return invalid_argument(kTarget, "rdma_slot must be [T, num_nodes]");
+  if (auto err = prepare_handle_call(kTarget, device, buffer_id, rings, Op::kCachedDispatch, T, C, row, 0,
+                                     node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
+                                     fwd_src_node, fwd_src_token, fwd_dst_row, &h, &c);
+      err.failure()) {
+    return err;
   }
   cudaError_t err = cudaMemsetAsync(out->untyped_data(), 0, static_cast<std::size_t>(C) * row, stream);
   if (err == cudaSuccess) {
@@ -332,21 +336,13 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     return invalid_argument(kTarget, "rows must be multiples of 16 bytes and of 4 elements, the same in y and out");
   }
   HandleIO h;
-  if (auto err = handle_io(kTarget, T, C, node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
-                           fwd_src_node, fwd_src_token, fwd_dst_row, &h);
-      err.failure()) {
-    return err;
-  }
-  // num_topk carries the handle's slots S (expert-major: K) for Shape::slots.
-  const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
-  Shape shape{Op::kCombine, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node),
-              static_cast<int>(node_capacity), static_cast<int>(C), static_cast<int>(B * item), static_cast<int>(B),
-              S > 1 ? 1 : 0, 1};
   Call c;
   const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
-  if (auto err = prepare(kTarget, device, buffer_id, rings, shape, &c); err.failure()) return err;
-  if (rdma_slot.dimensions()[1] != c.args.shape.num_nodes) {
-    return invalid_argument(kTarget, "rdma_slot must be [T, num_nodes]");
+  if (auto err = prepare_handle_call(kTarget, device, buffer_id, rings, Op::kCombine, T, C, B * item, B,
+                                     node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
+                                     fwd_src_node, fwd_src_token, fwd_dst_row, &h, &c);
+      err.failure()) {
+    return err;
   }
   return launch_status(kTarget, launch_combine(c.args, dtype, y.untyped_data(), h, out->untyped_data(),
                                                blocks(num_sms), stream));
