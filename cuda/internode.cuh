@@ -211,8 +211,9 @@ struct Layout {
   std::size_t msg_stride, meta_bytes, ring_stride;
   std::size_t notify_src, notify_in;  // [N] count messages: this rank's (put source), and from its rail
   std::size_t locals;                 // int [N] table starts on each node, [L] forwarders' valid rows
-  std::size_t ranges;                 // int [2][channels][N][2]: streams' table rows [r0, r1), as forwarder
-                                      // (by source node; node peers read it) and as source (by node)
+  std::size_t ranges;                 // int [channels][N][2]: this rank's streams as forwarder, table rows
+                                      // [r0, r1) by source node (node peers read them); a source derives its
+                                      // own from rdma_slot
   std::size_t tmask, send_pos;        // u64 [T] rank mask; int [T, N] index in the stream to node m
   std::size_t out_pos;                // int [L, Cn, S]: this rank's output row of each row of its node's tables
   std::size_t local_ids;              // int [L, Cn, K] (expert-major): each row's first-slot local experts here, -1
@@ -247,7 +248,7 @@ struct Layout {
     region(l.notify_src, dispatch ? N * l.msg_stride : 0);
     region(l.notify_in, dispatch ? N * l.msg_stride : 0);
     region(l.locals, 4 * (N + L));
-    region(l.ranges, 4 * 2 * ch * N * 2);
+    region(l.ranges, 4 * ch * N * 2);
     region(l.tmask, dispatch ? 8 * T : 0);
     region(l.send_pos, dispatch ? 4 * T * N : 0);
     region(l.out_pos, 4 * L * Cn * s.slots());
@@ -267,10 +268,9 @@ struct Layout {
   __host__ __device__ std::size_t nvl_row(const Shape& s, int c, int j, int p) const {
     return nvl_ring + ((static_cast<std::size_t>(c) * s.ranks_per_node + j) * s.nvl_ring + p % s.nvl_ring) * ring_stride;
   }
-  // The stream range [r0, r1) of (channel c, node n): side 0 as forwarder (n: source node), 1 as source
-  // (n: destination node).
-  __host__ __device__ std::size_t range(const Shape& s, int side, int c, int n) const {
-    return ranges + 4 * 2 * ((static_cast<std::size_t>(side) * s.channels + c) * s.num_nodes + n);
+  // This rank's stream range [r0, r1) as forwarder of (channel c, source node n).
+  __host__ __device__ std::size_t range(const Shape& s, int c, int n) const {
+    return ranges + 4 * 2 * (static_cast<std::size_t>(c) * s.num_nodes + n);
   }
 };
 

@@ -115,7 +115,7 @@ __device__ void nvl_senders(const Args& a, const Layout& l, unsigned long long c
     published = p;
   };
   for (int n = 0; n < N; ++n) {
-    const auto* r = reinterpret_cast<const volatile int*>(fh + l.range(s, 0, c, n));
+    const auto* r = reinterpret_cast<const volatile int*>(fh + l.range(s, c, n));
     const int r0 = r[0], r1 = r[1];
     for (int i = r0; i < r1; ++i) {
       int rows[kMaxTopk];
@@ -167,7 +167,7 @@ __device__ void reducer(const Args& a, const Layout& l, unsigned long long call,
   for (int v = threadIdx.x - 32; v < 32 * kMaxLocal; v += warps * 32) has[v / kMaxLocal][v % kMaxLocal] = 0;
   reducer_sync(warps * 32);
   for (int n = 0; n < N; ++n) {
-    const auto* r = reinterpret_cast<const int*>(half + l.range(s, 0, c, n));
+    const auto* r = reinterpret_cast<const int*>(half + l.range(s, c, n));
     const int r0 = r[0], r1 = max(r[1], r[0]);
     for (int b0 = r0; b0 < r1; b0 += batch) {
       const int i = b0 + warp;
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) combine_rings(Args a, const char* y,
     // As the forwarder: the streams to each source node are the table's ranges.
     const char* half = my_half(a, l, call);
     for (int n = threadIdx.x; n < a.shape.num_nodes; n += blockDim.x) {
-      const auto* r = reinterpret_cast<const int*>(half + l.range(a.shape, 0, c, n));
+      const auto* r = reinterpret_cast<const int*>(half + l.range(a.shape, c, n));
       len[n] = max(r[1] - r[0], 0);
       base[n] = w->base[c][n];
     }

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) notify_wait(Args a) {
     for (int p = 0; p < n; ++p) row += *reinterpret_cast<volatile int*>(msg_ints_at(half, l, l.notify_in, p) + n_me);
     const auto* msg = reinterpret_cast<volatile int*>(msg_ints_at(half, l, l.notify_in, n));
     for (int q = 0; q < c; ++q) row += msg[Layout::msg_channel(a.shape, q)];
-    auto* r = reinterpret_cast<int*>(half + l.range(a.shape, 0, c, n));
+    auto* r = reinterpret_cast<int*>(half + l.range(a.shape, c, n));
     r[0] = min(row, Cn);
     r[1] = min(row + msg[Layout::msg_channel(a.shape, c)], Cn);
   }

@@ -81,7 +81,7 @@ __device__ void forwarder_coordinator(const Args& a, const Layout& l, unsigned l
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int n = lane + 32 * i;
-    const int* r = n < N ? reinterpret_cast<const int*>(half + l.range(s, 0, c, n)) : nullptr;
+    const int* r = n < N ? reinterpret_cast<const int*>(half + l.range(s, c, n)) : nullptr;
     len[i] = r != nullptr ? max(r[1] - r[0], 0) : 0;
     sent[i] = 0;
   }
@@ -171,7 +171,7 @@ __device__ void receivers(const Args& a, const Layout& l, const DispatchIO& io, 
   __shared__ int r0[kMaxLocal * kMaxRanks], len[kMaxLocal * kMaxRanks], next[kMaxLocal * kMaxRanks];
   for (int sid = warp; sid < L * N; sid += warps) {
     const int f = sid / N, n = sid % N;
-    const auto* r = reinterpret_cast<const volatile int*>(node_half(a, l, call, f) + l.range(s, 0, c, n));
+    const auto* r = reinterpret_cast<const volatile int*>(node_half(a, l, call, f) + l.range(s, c, n));
     if (lane == 0) {
       r0[sid] = r[0];
       len[sid] = max(r[1] - r[0], 0);
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) handle_clear(Args a, int op) {
   }
   if (blockIdx.x == 0) {
     for (int v = threadIdx.x; v < s.channels * s.num_nodes; v += blockDim.x) {
-      auto* r = reinterpret_cast<int*>(half + l.range(s, 0, v / s.num_nodes, v % s.num_nodes));
+      auto* r = reinterpret_cast<int*>(half + l.range(s, v / s.num_nodes, v % s.num_nodes));
       r[0] = INT_MAX;
       r[1] = 0;
     }
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) handle_scatter(Args a, HandleIO hio,
       ll_put::detail::fail(a.put, intranode::kFailBadHandle, -1, op, i, t);
       continue;
     }
-    auto* r = reinterpret_cast<int*>(half + l.range(s, 0, t / Tc, n));
+    auto* r = reinterpret_cast<int*>(half + l.range(s, t / Tc, n));
     atomicMin(&r[0], i);
     atomicMax(&r[1], i + 1);
   }

@@ -121,7 +121,7 @@ def call_bytes(op: str, cfg: InternodeConfig, *, num_tokens: int, num_topk: int 
     ring_row = _align(cfg.row_bytes, 16)
     sizes = [n * msg_stride if dispatch else 0, n * msg_stride if dispatch else 0,  # count messages out, in
              4 * (n + el),  # table starts, forwarders' valid rows
-             4 * 2 * ch * n * 2,  # stream ranges, as forwarder and as source
+             4 * ch * n * 2,  # stream ranges, as forwarder
              8 * t if dispatch else 0, 4 * t * n if dispatch else 0,  # rank masks, stream indices
              4 * el * cn * slots,  # out_pos
              4 * el * cn * num_topk if dispatch and expert_major else 0,  # local expert ids

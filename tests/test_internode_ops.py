@@ -101,8 +101,8 @@ def test_buffer_bytes_cover_every_call_and_grow_with_node_capacity():
 # Per-rank bytes at DeepEP's shape (T = 4096, H = 7168, top-8 of 256 experts,
 # FP8 dispatch, BF16 combine, default options), as docs/internode.md gives
 # them: (nodes, ranks per node) -> (rank-major, expert-major).
-DEEPEP_BYTES = {(2, 4): (138416640, 140251648), (2, 8): (166203904, 169873920), (4, 8): (276829184, 284169216),
-                (8, 8): (498080256, 512760320)}
+DEEPEP_BYTES = {(2, 4): (138416128, 140251136), (2, 8): (166203392, 169873408), (4, 8): (276828672, 284168704),
+                (8, 8): (498078720, 512758784)}
 STAGED_2X4 = int(1.75 * (1 << 30))  # the staged kernels' whole tables, rank-major at 2x4
 
 
