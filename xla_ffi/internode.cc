@@ -74,19 +74,12 @@ ffi::Error apply_rings(const char* target, const Rings& r, Shape* shape) {
 }
 
 // Finds the buffer, checks the topology and the sizes against it.
-ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, const Rings& rings, Shape shape,
+ffi::Error prepare(const char* target, int32_t device, int64_t run, int64_t buffer_id, const Rings& rings, Shape shape,
                    Call* call) {
   if (auto err = apply_rings(target, rings, &shape); err.failure()) return err;
   std::string error;
-  call->buf = ll_put::find_put_buffer(buffer_id, device, &error);
+  call->buf = ll_put::find_live_put_buffer(buffer_id, device, run, "internode", &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
-  if (const intranode::TimeoutRecord rec = call->buf->failure(); rec.code != 0) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      std::string(target) + ": jax_ep internode buffer " + std::to_string(buffer_id) +
-                          " failed earlier (" + std::string(intranode::op_name(rec.op)) + ", failure code " +
-                          std::to_string(rec.code) + ", rank at fault " + std::to_string(rec.peer) +
-                          "; Buffer.check() raises the whole message): destroy it and create a new one");
-  }
   const int R = call->buf->num_ranks(), L = shape.ranks_per_node;
   if (L < 1 || L > kMaxLocal || R % L != 0 || R > kMaxRanks) {
     return invalid_argument(target, "ranks_per_node must be in [1, 8] and divide the rank count " +
@@ -110,7 +103,7 @@ ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, const 
 
 int blocks(int64_t num_sms) { return static_cast<int>(num_sms > 0 ? num_sms : 1); }
 
-ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, DispatchIO io, int64_t rows,
+ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, int64_t run, DispatchIO io, int64_t rows,
                     I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id, int64_t ranks_per_node,
                     int64_t node_capacity, int64_t num_sms, int64_t num_channels, int64_t rdma_chunk,
                     int64_t rdma_ring, int64_t nvl_chunk, int64_t nvl_ring, int64_t num_experts, int64_t capacity,
@@ -141,7 +134,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
               static_cast<int>(expert_alignment)};
   Call c;
   const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
-  if (auto err = prepare(target, device, buffer_id, rings, shape, &c); err.failure()) return err;
+  if (auto err = prepare(target, device, run, buffer_id, rings, shape, &c); err.failure()) return err;
   const int R = c.buf->num_ranks(), N = c.args.shape.num_nodes, L = c.args.shape.ranks_per_node;
   if (num_experts < R || num_experts % R != 0 || num_experts > kMaxExperts || num_experts / R > kMaxLocalExperts) {
     return invalid_argument(target, "num_experts must be a multiple of the rank count " + std::to_string(R) +
@@ -217,7 +210,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Dis
       recv_src_rank, recv_src_token, is_token_in_rank, rdma_slot, fwd_src_node, fwd_src_token, fwd_dst_row,       \
       recv_table_row
 
-ffi::Error InternodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, JAX_EP_INTERNODE_DISPATCH_PARAMS,
+ffi::Error InternodeDispatch(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, JAX_EP_INTERNODE_DISPATCH_PARAMS,
                              ffi::Result<ffi::AnyBuffer> recv_x, JAX_EP_INTERNODE_DISPATCH_RESULTS) {
   constexpr const char* kTarget = "jax_ep_internode_dispatch";
   DispatchIO io{};
@@ -231,10 +224,10 @@ ffi::Error InternodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   if (rows_of(*recv_x) != capacity || static_cast<int64_t>(x.size_bytes()) != rows_of(x) * io.part_bytes[0]) {
     return invalid_argument(kTarget, "recv_x must be [capacity, ...] with the rows of x");
   }
-  return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
+  return Dispatch(kTarget, stream, device, run.run_id, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
-ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::AnyBuffer scales,
+ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, ffi::AnyBuffer scales,
                                 JAX_EP_INTERNODE_DISPATCH_PARAMS, ffi::Result<ffi::AnyBuffer> recv_x,
                                 ffi::Result<ffi::AnyBuffer> recv_scales, JAX_EP_INTERNODE_DISPATCH_RESULTS) {
   constexpr const char* kTarget = "jax_ep_internode_dispatch_fp8";
@@ -258,13 +251,13 @@ ffi::Error InternodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuf
       static_cast<int64_t>(scales.size_bytes()) != rows_of(x) * io.part_bytes[1]) {
     return invalid_argument(kTarget, "recv_x and recv_scales must be [capacity, ...] with the rows of x and scales");
   }
-  return Dispatch(kTarget, stream, device, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
+  return Dispatch(kTarget, stream, device, run.run_id, io, rows_of(x), JAX_EP_INTERNODE_DISPATCH_FORWARD);
 }
 
 // A call along a handle (cached dispatch, combine): the handle's arrays,
 // checked against T, C, Cn, L and the node count, and the call's shape
 // (num_topk carries the handle's slots S, expert-major K, for Shape::slots).
-ffi::Error prepare_handle_call(const char* target, int32_t device, int64_t buffer_id, const Rings& rings, Op op,
+ffi::Error prepare_handle_call(const char* target, int32_t device, int64_t run, int64_t buffer_id, const Rings& rings, Op op,
                                int64_t T, int64_t C, int64_t row_bytes, int64_t cols, int64_t node_capacity,
                                int64_t ranks_per_node, I32_2& rdma_slot, I32_1& recv_src_rank,
                                I32_1& recv_table_row, I32_1& fwd_src_node, I32_1& fwd_src_token, I32_3& fwd_dst_row,
@@ -278,7 +271,7 @@ ffi::Error prepare_handle_call(const char* target, int32_t device, int64_t buffe
   const int S = static_cast<int>(fwd_dst_row.dimensions()[2]);
   Shape shape{op, static_cast<int>(T), S, 0, 0, static_cast<int>(ranks_per_node), static_cast<int>(node_capacity),
               static_cast<int>(C), static_cast<int>(row_bytes), static_cast<int>(cols), S > 1 ? 1 : 0, 1};
-  if (auto err = prepare(target, device, buffer_id, rings, shape, call); err.failure()) return err;
+  if (auto err = prepare(target, device, run, buffer_id, rings, shape, call); err.failure()) return err;
   if (rdma_slot.dimensions()[1] != call->args.shape.num_nodes) {
     return invalid_argument(target, "rdma_slot must be [T, num_nodes]");
   }
@@ -287,7 +280,7 @@ ffi::Error prepare_handle_call(const char* target, int32_t device, int64_t buffe
   return ffi::Error::Success();
 }
 
-ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 rdma_slot,
+ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, I32_2 rdma_slot,
                                    I32_1 recv_src_rank, I32_1 recv_table_row, I32_1 fwd_src_node,
                                    I32_1 fwd_src_token, I32_3 fwd_dst_row, int64_t buffer_id,
                                    int64_t ranks_per_node, int64_t node_capacity, int64_t num_sms,
@@ -301,7 +294,7 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
   HandleIO h;
   Call c;
   const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
-  if (auto err = prepare_handle_call(kTarget, device, buffer_id, rings, Op::kCachedDispatch, T, C, row, 0,
+  if (auto err = prepare_handle_call(kTarget, device, run.run_id, buffer_id, rings, Op::kCachedDispatch, T, C, row, 0,
                                      node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
                                      fwd_src_node, fwd_src_token, fwd_dst_row, &h, &c);
       err.failure()) {
@@ -315,7 +308,7 @@ ffi::Error InternodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
   return launch_status(kTarget, err);
 }
 
-ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_src_rank,
+ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer y, I32_1 recv_src_rank,
                             I32_2 rdma_slot, I32_1 fwd_src_node, I32_1 fwd_src_token, I32_3 fwd_dst_row,
                             I32_1 recv_table_row, int64_t buffer_id, int64_t ranks_per_node, int64_t node_capacity,
                             int64_t num_sms, JAX_EP_INTERNODE_RING_PARAMS, ffi::Result<ffi::AnyBuffer> out) {
@@ -338,7 +331,7 @@ ffi::Error InternodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   HandleIO h;
   Call c;
   const Rings rings{num_channels, rdma_chunk, rdma_ring, nvl_chunk, nvl_ring};
-  if (auto err = prepare_handle_call(kTarget, device, buffer_id, rings, Op::kCombine, T, C, B * item, B,
+  if (auto err = prepare_handle_call(kTarget, device, run.run_id, buffer_id, rings, Op::kCombine, T, C, B * item, B,
                                      node_capacity, ranks_per_node, rdma_slot, recv_src_rank, recv_table_row,
                                      fwd_src_node, fwd_src_token, fwd_dst_row, &h, &c);
       err.failure()) {
@@ -365,6 +358,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchHandler, internode::InternodeDisp
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
                                   .Arg<F32_2>() JAX_EP_INTERNODE_ATTRS
@@ -378,6 +372,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeDispatchFp8Handler, internode::InternodeD
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
@@ -393,6 +388,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCachedDispatchHandler, internode::Interno
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
                                   .Arg<I32_1>()
@@ -406,6 +402,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InternodeCombineHandler, internode::InternodeCombi
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_2>()

@@ -29,9 +29,10 @@ using intranode::RowParts;
 
 constexpr int kBlocksPerSm = 4;  // copy-kernel blocks (256 threads) per SM of the budget
 
-ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, std::shared_ptr<IntranodeBuffer>* out) {
+ffi::Error lookup(const char* target, int64_t buffer_id, int32_t device, int64_t run,
+                  std::shared_ptr<IntranodeBuffer>* out) {
   std::string error;
-  *out = Runtime::get().find(buffer_id, device, &error);
+  *out = Runtime::get().find(buffer_id, device, run, &error);
   if (*out == nullptr) return invalid_argument(target, error);
   return ffi::Error::Success();
 }
@@ -63,7 +64,7 @@ ffi::Error check_fits(const char* target, const IntranodeBuffer& buf, std::size_
   return ffi::Error::Success();
 }
 
-ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, RowParts parts, I32_2 topk_idx,
+ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, int64_t run, RowParts parts, I32_2 topk_idx,
                     F32_2 topk_weights, int64_t buffer_id, int64_t num_experts, int64_t capacity,
                     int64_t expert_alignment, int64_t layout, int64_t num_sms,
                     I32_2* recv_topk_idx, F32_2* recv_topk_weights, I32_1* num_recv_per_expert,
@@ -71,7 +72,7 @@ ffi::Error Dispatch(const char* target, cudaStream_t stream, int32_t device, Row
                     I32_1* recv_src_rank, I32_1* recv_src_token, Pred2* is_token_in_rank,
                     I32_2* send_pos) {
   std::shared_ptr<IntranodeBuffer> buf;
-  if (auto err = lookup(target, buffer_id, device, &buf); err.failure()) return err;
+  if (auto err = lookup(target, buffer_id, device, run, &buf); err.failure()) return err;
   const int64_t T = topk_idx.dimensions()[0], K = topk_idx.dimensions()[1];
   const int R = buf->num_ranks();
   if (K < 1 || K > intranode::kMaxTopk) return invalid_argument(target, "num_topk must be in [1, 16]");
@@ -140,7 +141,7 @@ RowParts one_part(const ffi::AnyBuffer& src, ffi::Result<ffi::AnyBuffer>& dst) {
   return p;
 }
 
-ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_2 topk_idx, F32_2 topk_weights,
+ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, I32_2 topk_idx, F32_2 topk_weights,
                              int64_t buffer_id, int64_t num_experts, int64_t capacity,
                              int64_t expert_alignment, int64_t layout, int64_t num_sms,
                              ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<I32_2> recv_topk_idx,
@@ -153,13 +154,13 @@ ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   if (auto err = check_row_bytes(kTarget, "x", row_bytes_of(x)); err.failure() && rows_of(x) > 0) return err;
   RowParts parts = one_part(x, recv_x);
   if (rows_of(x) == 0) parts.part_bytes[0] = static_cast<int>(row_bytes_of(*recv_x));
-  return Dispatch(kTarget, stream, device, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
+  return Dispatch(kTarget, stream, device, run.run_id, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
                   expert_alignment, layout, num_sms, &*recv_topk_idx, &*recv_topk_weights,
                   &*num_recv_per_expert, &*expert_group_sizes, &*num_kept, &*num_needed,
                   &*recv_src_rank, &*recv_src_token, &*is_token_in_rank, &*send_pos);
 }
 
-ffi::Error IntranodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::AnyBuffer scales,
+ffi::Error IntranodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, ffi::AnyBuffer scales,
                                 I32_2 topk_idx, F32_2 topk_weights, int64_t buffer_id,
                                 int64_t num_experts, int64_t capacity, int64_t expert_alignment,
                                 int64_t layout, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x,
@@ -179,18 +180,18 @@ ffi::Error IntranodeDispatchFp8(cudaStream_t stream, int32_t device, ffi::AnyBuf
   parts.num_parts = 2;
   if (auto err = check_row_bytes(kTarget, "x_fp8", parts.part_bytes[0]); err.failure()) return err;
   if (auto err = check_row_bytes(kTarget, "scales", parts.part_bytes[1]); err.failure()) return err;
-  return Dispatch(kTarget, stream, device, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
+  return Dispatch(kTarget, stream, device, run.run_id, parts, topk_idx, topk_weights, buffer_id, num_experts, capacity,
                   expert_alignment, layout, num_sms, &*recv_topk_idx, &*recv_topk_weights,
                   &*num_recv_per_expert, &*expert_group_sizes, &*num_kept, &*num_needed,
                   &*recv_src_rank, &*recv_src_token, &*is_token_in_rank, &*send_pos);
 }
 
-ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32_1 recv_src_rank,
+ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x, I32_1 recv_src_rank,
                                    I32_1 recv_src_token, int64_t buffer_id, int64_t num_sms,
                                    ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_cached_dispatch";
   std::shared_ptr<IntranodeBuffer> buf;
-  if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
+  if (auto err = lookup(kTarget, buffer_id, device, run.run_id, &buf); err.failure()) return err;
   RowParts parts = one_part(x, out);
   parts.part_bytes[0] = static_cast<int>(row_bytes_of(*out));
   if (auto err = check_row_bytes(kTarget, "x", parts.part_bytes[0]); err.failure()) return err;
@@ -208,13 +209,13 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Any
                                     recv_src_rank.typed_data(), recv_src_token.typed_data(), parts, cfg));
 }
 
-ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, I32_1 recv_src_rank,
+ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer y, I32_1 recv_src_rank,
                             I32_1 recv_src_token, I32_2 send_pos,
                             int64_t buffer_id, int64_t num_sms, int64_t layout, int64_t chunk_rows,
                             int64_t ring_rows, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_intranode_combine";
   std::shared_ptr<IntranodeBuffer> buf;
-  if (auto err = lookup(kTarget, buffer_id, device, &buf); err.failure()) return err;
+  if (auto err = lookup(kTarget, buffer_id, device, run.run_id, &buf); err.failure()) return err;
   intranode::CombineArgs args{};
   switch (y.element_type()) {
     case ffi::BF16: args.dtype = intranode::DType::kBF16; break;
@@ -314,6 +315,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchHandler, IntranodeDispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
                                   .Arg<F32_2>() JAX_EP_DISPATCH_ATTRS
@@ -324,6 +326,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeDispatchFp8Handler, IntranodeDispatchFp8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
@@ -336,6 +339,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCachedDispatchHandler, IntranodeCachedDis
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_1>()
@@ -348,6 +352,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IntranodeCombineHandler, IntranodeCombine,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_1>()
                                   .Arg<I32_1>()

@@ -53,19 +53,12 @@ struct Call {
 };
 
 // Finds the buffer and checks the attributes against it and the kernels.
-ffi::Error prepare(const char* target, int32_t device, const Mask& rank_mask, int64_t buffer_id,
+ffi::Error prepare(const char* target, int32_t device, int64_t run, const Mask& rank_mask, int64_t buffer_id,
                    int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                    int64_t payload, int64_t combine_payload, Call* call) {
   std::string error;
-  call->buf = find_put_buffer(buffer_id, device, &error);
+  call->buf = find_live_put_buffer(buffer_id, device, run, "put-path", &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
-  if (const intranode::TimeoutRecord rec = call->buf->failure(); rec.code != 0) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      std::string(target) + ": jax_ep put-path buffer " + std::to_string(buffer_id) +
-                          " failed earlier (" + std::string(intranode::op_name(rec.op)) + ", failure code " +
-                          std::to_string(rec.code) + ", rank at fault " + std::to_string(rec.peer) +
-                          "; Buffer.check() raises the whole message): destroy it and create a new one");
-  }
   const int R = call->buf->num_ranks();
   if (num_experts < R || num_experts % R != 0 || num_experts > kMaxWords) {
     return invalid_argument(target, "num_experts must be a multiple of the rank count " + std::to_string(R) +
@@ -116,7 +109,7 @@ void sign(Call& c, int op, int64_t num_sms, int64_t mode) {
 
 int blocks(int64_t num_sms) { return static_cast<int>(num_sms > 0 ? num_sms : 1); }
 
-ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
                         int64_t buffer_id, int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = "jax_ep_ll_put_dispatch_send";
@@ -133,7 +126,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi
     return shape_error(kTarget, "topk_idx", topk_idx.dimensions(), {t, num_topk});
   }
   Call c;
-  if (auto err = prepare(kTarget, device, rank_mask, buffer_id, t, num_experts, max_tokens, hidden, num_topk, payload,
+  if (auto err = prepare(kTarget, device, run.run_id, rank_mask, buffer_id, t, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
@@ -147,7 +140,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi
   return launch_status(kTarget, err);
 }
 
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*unread*/, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
                         int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload,
                         int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::AnyBuffer> recv_scales,
@@ -155,7 +148,7 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32
                         ffi::Result<I32_2> src_slot) {
   constexpr const char* kTarget = "jax_ep_ll_put_dispatch_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden,
+  if (auto err = prepare(kTarget, device, run.run_id, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden,
                          num_topk, payload, combine_payload, &c);
       err.failure()) {
     return err;
@@ -186,14 +179,14 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32
                                                      blocks(num_sms), stream));
 }
 
-ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
                        int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload,
                        int64_t combine_payload, int64_t num_sms, ffi::Result<I32_0> token) {
   constexpr const char* kTarget = "jax_ep_ll_put_combine_send";
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16 (the put path's combine)");
   Call c;
-  if (auto err = prepare(kTarget, device, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
+  if (auto err = prepare(kTarget, device, run.run_id, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
                          payload, combine_payload, &c);
       err.failure()) {
     return err;
@@ -213,14 +206,14 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi:
   return launch_status(kTarget, err);
 }
 
-ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                        I32_2 topk_idx, F32_2 topk_weights, ffi::RemainingArgs /*unread*/, int64_t buffer_id,
                        int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t combine_payload, int64_t num_sms,
                        ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_ll_put_combine_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
+  if (auto err = prepare(kTarget, device, run.run_id, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
                          payload, combine_payload, &c);
       err.failure()) {
     return err;
@@ -240,14 +233,14 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_
 }
 
 // The rows of a combine send unsummed, [T, K, H] bf16 (BF16 rows only).
-ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                              I32_2 topk_idx, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
                              int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload,
                              int64_t combine_payload, int64_t num_sms, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = "jax_ep_ll_put_combine_gather_recv";
   if (combine_payload != 0) return invalid_argument(kTarget, "the unsummed combine takes BF16 rows only");
   Call c;
-  if (auto err = prepare(kTarget, device, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
+  if (auto err = prepare(kTarget, device, run.run_id, rank_mask, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk,
                          payload, combine_payload, &c);
       err.failure()) {
     return err;
@@ -293,6 +286,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutDispatchSendHandler, ll_put::Dispatch
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>() JAX_EP_LL_PUT_ATTRS.Ret<I32_0>(),
@@ -301,6 +295,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutDispatchRecvHandler, ll_put::Dispatch
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .RemainingArgs() JAX_EP_LL_PUT_ATTRS_T
@@ -315,6 +310,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineSendHandler, ll_put::CombineSe
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<I32_2>()
@@ -325,6 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineRecvHandler, ll_put::CombineRe
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>()
@@ -336,6 +333,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyPutCombineGatherRecvHandler, ll_put::Com
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>() JAX_EP_LL_PUT_ATTRS_T

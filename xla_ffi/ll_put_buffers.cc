@@ -140,6 +140,20 @@ std::shared_ptr<PutBuffer> find_put_buffer(int64_t id, int device, std::string* 
   return it->second;
 }
 
+std::shared_ptr<PutBuffer> find_live_put_buffer(int64_t id, int device, int64_t run, const char* kind,
+                                                std::string* error) {
+  std::shared_ptr<PutBuffer> buf = find_put_buffer(id, device, error);
+  if (buf == nullptr) return nullptr;
+  // Outside the registry's lock: reading a record being written may take a moment.
+  const intranode::TimeoutRecord rec = buf->failure();
+  if (buf->gate().admit(rec.code != 0, run)) return buf;
+  *error = "jax_ep " + std::string(kind) + " buffer " + std::to_string(id) + " failed earlier (" +
+           std::string(intranode::op_name(rec.op)) + ", failure code " + std::to_string(rec.code) +
+           ", rank at fault " + std::to_string(rec.peer) +
+           "; Buffer.check() raises the whole message): destroy it and create a new one";
+  return nullptr;
+}
+
 intranode::TimeoutRecord put_buffer_failure(int id) {
   std::shared_ptr<PutBuffer> buf;
   {

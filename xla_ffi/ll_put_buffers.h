@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../cuda/ll_put.cuh"
+#include "failure_gate.h"
 
 namespace jax_ep {
 namespace ll_put {
@@ -41,6 +42,8 @@ class PutBuffer {
   // own: the kernel writes the code last; -1 (being written) is read again
   // for up to 100 ms, then returned as is.
   intranode::TimeoutRecord failure() const;
+  // Which executions' handlers may still launch on it once it failed.
+  FailureGate& gate() { return gate_; }
 
  private:
   int device_;
@@ -49,6 +52,7 @@ class PutBuffer {
   double timeout_s_;
   intranode::TimeoutRecord* record_host_ = nullptr;    // pinned, mapped
   intranode::TimeoutRecord* record_device_ = nullptr;  // its device address
+  FailureGate gate_;
 };
 
 // Registers a buffer (throws std::runtime_error on bad arguments or a CUDA error); its id.
@@ -57,6 +61,11 @@ int create_put_buffer(int device, int rank, int num_ranks, std::uintptr_t local,
 void destroy_put_buffer(int id);
 // The buffer, or null with *error set (unknown id, or on another device).
 std::shared_ptr<PutBuffer> find_put_buffer(int64_t id, int device, std::string* error);
+// The buffer for a handler of XLA execution `run`: find_put_buffer, and
+// refused (null, *error naming the failure) when it failed before `run`
+// (FailureGate). `kind` names the buffer in the message ("put-path", "internode").
+std::shared_ptr<PutBuffer> find_live_put_buffer(int64_t id, int device, int64_t run, const char* kind,
+                                                std::string* error);
 // PutBuffer::failure of a live buffer (a zero record when unknown).
 intranode::TimeoutRecord put_buffer_failure(int id);
 

@@ -70,11 +70,11 @@ struct Call {
   }
 };
 
-ffi::Error prepare(const char* target, int32_t device, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
+ffi::Error prepare(const char* target, int32_t device, int64_t run, int64_t buffer_id, int64_t num_tokens, int64_t num_experts,
                    int64_t max_tokens, int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
                    Call* call) {
   std::string error;
-  call->buf = Runtime::get().find(buffer_id, device, &error);
+  call->buf = Runtime::get().find(buffer_id, device, run, &error);
   if (call->buf == nullptr) return invalid_argument(target, error);
   const int R = call->buf->num_ranks();
   if (num_experts < R || num_experts % R != 0) {
@@ -162,7 +162,7 @@ ffi::Error join_send_stream(const char* target, const std::shared_ptr<IntranodeB
 }
 
 template <bool kAsync>
-ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
+ffi::Error DispatchSend(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, ffi::AnyBuffer x, I32_2 topk_idx,
                         int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
@@ -177,7 +177,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi
     return invalid_argument(kTarget, "per-slot rows must be bfloat16 [T, K, H] matching topk_idx, with a BF16 payload");
   }
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
+  if (auto err = prepare(kTarget, device, run.run_id, buffer_id, topk_idx.dimensions()[0], num_experts, max_tokens, hidden,
                          num_topk, payload, combine_payload, &c);
       err.failure()) {
     return err;
@@ -200,7 +200,7 @@ ffi::Error DispatchSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi
 }
 
 template <bool kAsync>
-ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                         ffi::RemainingArgs /*the send's inputs, kept alive*/, int64_t buffer_id, int64_t num_tokens,
                         int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                         int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t pull,
@@ -209,7 +209,7 @@ ffi::Error DispatchRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32
                         ffi::Result<I32_2> src_rank, ffi::Result<I32_2> src_token, ffi::Result<I32_2> src_slot) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_dispatch_recv_async" : "jax_ep_ll_dispatch_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+  if (auto err = prepare(kTarget, device, run.run_id, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
@@ -245,7 +245,7 @@ low_latency::XlaMemory xla_memory(const IntranodeBuffer& buf) {
 }
 
 template <bool kAsync>
-ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
+ffi::Error CombineSend(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, ffi::AnyBuffer y, I32_2 src_rank,
                        I32_2 src_token, I32_2 src_slot, int64_t buffer_id, int64_t num_tokens,
                        int64_t num_experts, int64_t max_tokens, int64_t hidden, int64_t num_topk,
                        int64_t payload, int64_t combine_payload, int64_t num_sms, int64_t zero_copy,
@@ -254,7 +254,7 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi:
   if (y.element_type() != ffi::BF16) return invalid_argument(kTarget, "y must be bfloat16");
   if (kAsync && zero_copy != 0) return invalid_argument(kTarget, "an asynchronous send pushes: pass zero_copy=0");
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+  if (auto err = prepare(kTarget, device, run.run_id, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
@@ -275,7 +275,7 @@ ffi::Error CombineSend(cudaStream_t stream, int32_t device, Mask rank_mask, ffi:
 }
 
 template <bool kAsync>
-ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error CombineRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                        I32_2 topk_idx,
                        F32_2 topk_weights, ffi::RemainingArgs sent /*the send's inputs, kept alive*/,
                        int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens, int64_t hidden,
@@ -283,7 +283,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_
                        int64_t zero_copy, ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kTarget = kAsync ? "jax_ep_ll_combine_recv_async" : "jax_ep_ll_combine_recv";
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+  if (auto err = prepare(kTarget, device, run.run_id, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
@@ -321,7 +321,7 @@ ffi::Error CombineRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_
                                     static_cast<int>(num_sms) * kBlocksPerSm, stream));
 }
 
-ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask, I32_0 /*token: orders the call*/,
+ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, ffi::RunId run, Mask rank_mask, I32_0 /*token: orders the call*/,
                              I32_2 topk_idx,
                              int64_t buffer_id, int64_t num_tokens, int64_t num_experts, int64_t max_tokens,
                              int64_t hidden, int64_t num_topk, int64_t payload, int64_t combine_payload,
@@ -329,7 +329,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask
   constexpr const char* kTarget = "jax_ep_ll_combine_gather_recv";
   if (combine_payload != 0) return invalid_argument(kTarget, "the unsummed combine takes BF16 rows only");
   Call c;
-  if (auto err = prepare(kTarget, device, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
+  if (auto err = prepare(kTarget, device, run.run_id, buffer_id, num_tokens, num_experts, max_tokens, hidden, num_topk, payload,
                          combine_payload, &c);
       err.failure()) {
     return err;
@@ -357,6 +357,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Ctx<ffi::RunId>()                                                                         \
       .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>() JAX_EP_LL_SEND_ATTRS.Ret<I32_0>()
@@ -364,6 +365,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Ctx<ffi::RunId>()                                                                         \
       .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .RemainingArgs() JAX_EP_LL_ATTRS.Attr<int64_t>("pull")                                     \
@@ -377,6 +379,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Ctx<ffi::RunId>()                                                                         \
       .Arg<Mask>()                                                                               \
       .Arg<ffi::AnyBuffer>()                                                                     \
       .Arg<I32_2>()                                                                              \
@@ -387,6 +390,7 @@ ffi::Error CombineGatherRecv(cudaStream_t stream, int32_t device, Mask rank_mask
   ffi::Ffi::Bind()                                                                               \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                  \
       .Ctx<ffi::DeviceOrdinal>()                                                                 \
+      .Ctx<ffi::RunId>()                                                                         \
       .Arg<Mask>()                                                                               \
       .Arg<I32_0>()                                                                              \
       .Arg<I32_2>()                                                                              \
@@ -411,6 +415,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowLatencyCombineGatherRecvHandler, CombineGatherR
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::RunId>()
                                   .Arg<Mask>()
                                   .Arg<I32_0>()
                                   .Arg<I32_2>() JAX_EP_LL_ATTRS

@@ -455,11 +455,11 @@ void Runtime::destroy(int id) {
   }
 }
 
-std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, std::string* error) {
+std::shared_ptr<IntranodeBuffer> Runtime::find(int64_t id, int device, int64_t run, std::string* error) {
   std::shared_ptr<IntranodeBuffer> found = find_ready(id, device, error);
   // Outside the lock: reading a record being written may take a moment.
   if (found != nullptr) {
-    if (const intranode::TimeoutRecord rec = found->failure(); rec.code != 0) {
+    if (const intranode::TimeoutRecord rec = found->failure(); !found->gate().admit(rec.code != 0, run)) {
       *error = "jax_ep buffer " + std::string(members(static_cast<int>(id)).empty() ? "" : "group ") +
                std::to_string(id) + " failed earlier: " + timeout_message(rec);
       return nullptr;

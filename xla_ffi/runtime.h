@@ -24,6 +24,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../cuda/intranode.cuh"
+#include "failure_gate.h"
 
 namespace jax_ep {
 
@@ -76,6 +77,8 @@ class IntranodeBuffer {
   // abort): the record, read from mapped host memory (code 0: none). The
   // buffer is then unusable (its kernels return at once) until re-created.
   intranode::TimeoutRecord failure() const;
+  // Which executions' handlers may still launch on it once it failed.
+  FailureGate& gate() { return gate_; }
 
   // Ranks whose buffer is on this rank's GPU (this one included), and that
   // GPU's SM count: kernels that spin need blocks x ranks <= SMs.
@@ -121,6 +124,7 @@ class IntranodeBuffer {
   intranode::TimeoutRecord* timeout_device_ = nullptr;  // its device address
   std::atomic<bool> stop_watch_{false};
   std::thread watcher_;  // prints a timeout record as soon as a kernel writes it
+  FailureGate gate_;
 };
 
 // Runs one barrier across the members of a group, each on its own stream,
@@ -177,10 +181,11 @@ class Runtime {
   // A buffer's xla_memory_enabled, or for a group whether every member's is.
   bool xla_memory_enabled(int id);
   void destroy(int id);  // a buffer, or every member of a group
-  // The buffer (a group's member on `device`), or null with *error set when
-  // the id is unknown, not ready, or the group has no member there. Shared
-  // ownership: a concurrent destroy frees it only after the caller is done.
-  std::shared_ptr<IntranodeBuffer> find(int64_t id, int device, std::string* error);
+  // The buffer (a group's member on `device`) for a handler of XLA execution
+  // `run`, or null with *error set when the id is unknown, not ready, the
+  // group has no member there, or it failed before `run` (FailureGate).
+  // Shared ownership: a concurrent destroy frees it only after the caller is done.
+  std::shared_ptr<IntranodeBuffer> find(int64_t id, int device, int64_t run, std::string* error);
   std::shared_ptr<IntranodeBuffer> at(int id);  // throws when unknown
   // Like find, but also a buffer that failed (null when absent).
   std::shared_ptr<IntranodeBuffer> find_any(int64_t id, int device);

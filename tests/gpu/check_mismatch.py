@@ -40,8 +40,12 @@ for differ, (op, field) in cases.items():
                want=field, forbid=("UNEXPECTED", "timed out"), max_seconds=60.0, output=lines)
     text = "\n".join(lines)
     ranks = set(int(r) for r in re.findall(r"rank (\d+) raised CommunicationError kind=(?:mismatch|aborted)", text))
+    # The program run again on the dead buffer: refused by its handlers, or a status that is not ok.
+    again = set(int(r) for r in re.findall(r"rank (\d+) ran the program again: (?:refused|status .* \(not ok\))", text))
     named = re.search(rf"rank (\d+) and rank (\d+) made different calls in the {re.escape(op)}", text)
-    ok = code == 0 and ranks == set(range(R)) and named is not None and str(R - 1) in named.groups()
-    print(f"{'PASS' if ok else 'FAIL'} mismatch_{differ}: ranks that raised {sorted(ranks)}")
+    ok = (code == 0 and ranks == set(range(R)) and again == set(range(R)) and named is not None
+          and str(R - 1) in named.groups())
+    print(f"{'PASS' if ok else 'FAIL'} mismatch_{differ}: ranks that raised {sorted(ranks)}, "
+          f"refused or not ok when run again {sorted(again)}")
     failed += not ok
 sys.exit(1 if failed else 0)

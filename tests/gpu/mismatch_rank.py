@@ -6,7 +6,9 @@ JAX_EP_TEST_RANKS_PER_NODE: "put_sms" another SM budget, "put_fp8" an FP8
 dispatch where the others send BF16, "put_combine_fp8" FP8 combine rows
 where the others send BF16). The call's signature differs, so every rank
 must stop at once (no timeout: 60 s) with a jax_ep.CommunicationError naming
-the ranks and the field."""
+the ranks and the field. The same compiled program run again on the dead
+buffer must not go through: its handlers refuse the buffer ("failed earlier"),
+or (a replayed CUDA graph runs no handler) its status is not ok."""
 
 import dataclasses
 import os
@@ -46,28 +48,48 @@ x = rng.standard_normal((t_here, h_here)).astype(np.float32)
 idx = rng.integers(0, e, (t_here, k)).astype(np.int32)
 w = rng.random((t_here, k)).astype(np.float32)
 t0 = time.time()
+mode = "low_latency" if ll else "normal"
 if DIFFER == "put_combine_fp8":  # the same dispatch, then a combine whose rows differ
     options = dataclasses.replace(buf.low_latency, combine_fp8=odd)
 
     def step(x, i, w):
         o = buf.low_latency_dispatch(x, i, options=options)
-        return buf.low_latency_combine(o.recv_x, w, o.handle)
+        y = buf.low_latency_combine(o.recv_x, w, o.handle)
+        return y, jax_ep.status(buf, y, mode=mode)
 
-    out = jax.jit(step)(x[:, :h].astype(jnp.bfloat16), idx, w)
+    args = (x[:, :h].astype(jnp.bfloat16), idx, w)
 elif ll:
     change = dict(fp8=jax_ep.FP8Options()) if DIFFER == "put_fp8" else dict(num_sms=8)
     options = dataclasses.replace(buf.low_latency, **change) if odd else None  # a per-call override
-    out = jax.jit(lambda x, i: buf.low_latency_dispatch(x, i, options=options).recv_count)(
-        x[:, :h].astype(jnp.bfloat16), idx)
+
+    def step(x, i):
+        count = buf.low_latency_dispatch(x, i, options=options).recv_count
+        return count, jax_ep.status(buf, count, mode=mode)
+
+    args = (x[:, :h].astype(jnp.bfloat16), idx)
 else:
-    out = jax.jit(lambda x, i, w: buf.dispatch(x, i, w).recv_x)(x, idx, w)
+    def step(x, i, w):
+        y = buf.dispatch(x, i, w).recv_x
+        return y, jax_ep.status(buf, y, mode=mode)
+
+    args = (x, idx, w)
+program = jax.jit(step)
+out, status = program(*args)
 out.block_until_ready()
-status = np.asarray(jax_ep.status(buf, out, mode="low_latency" if ll else "normal")).tolist()
+status = np.asarray(status).tolist()
 print(f"jax_ep test: rank {ME} left after {time.time() - t0:.2f} s status {status}", flush=True)
 try:
     buf.check()
 except jax_ep.CommunicationError as err:
     print(f"jax_ep test: rank {ME} raised CommunicationError kind={err.kind}: {err}", flush=True)
+    try:  # the same compiled program again, on the dead buffer
+        again = np.asarray(program(*args)[1]).tolist()
+        verdict = "not ok" if again[0] != 0 else "UNEXPECTED ok"
+        print(f"jax_ep test: rank {ME} ran the program again: status {again} ({verdict})", flush=True)
+    except Exception as again_err:  # noqa: BLE001 - XLA raises its own type
+        refused = "failed earlier" in str(again_err)
+        print(f"jax_ep test: rank {ME} ran the program again: "
+              f"{'refused' if refused else 'UNEXPECTED error'}: {str(again_err)[:300]}", flush=True)
     time.sleep(3)  # the launcher stops every rank once one exits non-zero: let the others print first
     sys.exit(1)
 print("UNEXPECTED: the different calls went through", flush=True)
