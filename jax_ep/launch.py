@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -201,11 +202,41 @@ def visible_gpus(gpus: int | None = None, environ: dict | None = None, run: Call
     return listed
 
 
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int | None:
+    """The first port of the kernel's ephemeral range (Linux), or None."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
+    """A TCP port free on ``host`` (and on every address) right now.
+
+    Chosen below the kernel's ephemeral range where there is one: a port
+    from ``bind(0)`` lies in that range, and between this check and the
+    coordinator's own bind any process's outgoing connection may be given
+    it (seen on a loaded GPU host: the coordinator failed with "Address
+    already in use" and rank 0 died).
+    """
+    low = _ephemeral_low()
+    if low is not None and low > _LOW_PORT + 1024:
+        pick = random.SystemRandom()
+        for _ in range(64):
+            port = pick.randrange(_LOW_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("", port))  # the wildcard: the coordinator listens on every address
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_LOW_PORT = 20000  # below it: well-known services' ports
 
 
 def child_environment(

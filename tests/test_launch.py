@@ -426,3 +426,26 @@ def test_main_runs_mps_when_ranks_share_gpus(tmp_path, monkeypatch, capfd):
     assert rc == 0, out
     assert fake.calls == []
     assert _lines(out, 0) == ["0 None 0.850"] and _lines(out, 1) == ["1 None 0.850"]
+
+
+def test_free_port_lies_below_the_ephemeral_range(tmp_path, monkeypatch):
+    """The coordinator's port is bindable on every address and, where the
+    kernel names its ephemeral range, below it (outgoing connections are given
+    ports from that range and could take it before the coordinator binds)."""
+    import socket
+
+    low = launch._ephemeral_low()
+    for _ in range(20):
+        port = launch.free_port()
+        if low is not None and low > launch._LOW_PORT + 1024:
+            assert launch._LOW_PORT <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", port))  # still free
+    bad = tmp_path / "range"
+    bad.write_text("garbage")
+    assert launch._ephemeral_low(str(bad)) is None
+    bad.write_text("32768\t60999\n")
+    assert launch._ephemeral_low(str(bad)) == 32768
+    # Without a readable range: a port from bind(0).
+    monkeypatch.setattr(launch, "_ephemeral_low", lambda: None)
+    assert 0 < launch.free_port() < 65536
