@@ -55,7 +55,8 @@ def main():
     r = args.ranks
     mesh = jax.make_mesh((r,), ("ep",), devices=jax.devices()[:r], axis_types=(jax.sharding.AxisType.Auto,))
     cfg = moe.MoEConfig(num_experts=args.experts, hidden=args.hidden, ffn=args.ffn, topk=args.topk,
-                        expert_alignment=8)
+                        expert_alignment=8, expert_matmul="ragged_dot")
+    grouped = dataclasses.replace(cfg, expert_matmul="grouped")
     specs = moe.param_specs(cfg)
     params = moe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (r * args.tokens, args.hidden))
@@ -64,6 +65,7 @@ def main():
 
     layers = {
         "jax_ep normal (expert-major + ragged_dot)": lambda p, x: moe.moe_layer(p, x, cfg),
+        "jax_ep normal (expert-major + grouped_matmul)": lambda p, x: moe.moe_layer(p, x, grouped),
         "jax_ep low-latency (packed + einsum)": lambda p, x: moe.moe_layer(p, x, dataclasses.replace(cfg, mode="low_latency")),
         "baseline (argsort + all_to_all + ragged_dot)": lambda p, x: baseline_moe.baseline_moe_layer(p, x, cfg),
     }
@@ -75,6 +77,8 @@ def main():
                                    capacity=args.tokens * args.topk + args.experts * 8, itemsize=4))
         cuda_cfg = dataclasses.replace(cfg, backend="cuda", buffer_id=buffer.normal.buffer_id)
         layers["jax_ep normal, backend='cuda'"] = lambda p, x: moe.moe_layer(p, x, cuda_cfg)
+        cuda_grouped = dataclasses.replace(cuda_cfg, expert_matmul="grouped")
+        layers["jax_ep normal, backend='cuda', grouped_matmul"] = lambda p, x: moe.moe_layer(p, x, cuda_grouped)
 
     def timed(f, *a):
         jax.block_until_ready(f(*a))

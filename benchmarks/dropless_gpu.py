@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--alignment", type=int, default=128)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--expert-matmul", default="auto", choices=("auto", "ragged_dot", "grouped"),
+                   help="MoEConfig.expert_matmul (ragged_dot does not fit a GPU at DeepEP's shape)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.factor = None if args.capacity_factor == "worst" else float(args.capacity_factor)
@@ -102,7 +104,7 @@ def main(argv=None):
     r, me = info.num_ranks, info.rank
     t, h, k, e = args.tokens, args.hidden, args.topk, args.experts
     cfg = moe.MoEConfig(num_experts=e, hidden=h, ffn=args.ffn, topk=k, expert_alignment=args.alignment,
-                        backend="cuda", capacity_factor=args.factor)
+                        backend="cuda", capacity_factor=args.factor, expert_matmul=args.expert_matmul)
     opts0 = cfg.normal_options(num_tokens=t, num_ranks=r) if args.factor is not None else cfg.normal_options()
     worst = r * t * min(k, e // r) + (e // r) * (args.alignment - 1)
     capacity = opts0.num_max_recv_tokens or worst
@@ -127,6 +129,7 @@ def main(argv=None):
     dev = jax.local_devices()[0]
     result = dict(R=r, rank=me, device=dev.device_kind, T=t, H=h, F=args.ffn, K=k, E=e, dtype="bfloat16",
                   alignment=args.alignment, capacity_factor=args.factor, capacity=capacity, worst_capacity=worst,
+                  expert_matmul=args.expert_matmul,
                   nvl_buffer_bytes=nvl_bytes)
     try:
         compiled = step.lower(params, x, idx, w).compile()

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_ep import validation
 from jax_ep.fp8 import per_token_cast_back
+from jax_ep.grouped_matmul import grouped_matmul
 from jax_ep.low_latency import low_latency_combine, low_latency_dispatch
 from jax_ep.moe_local import local_round
 from jax_ep.normal import combine, dispatch
@@ -50,6 +51,10 @@ Mode = Literal["normal", "low_latency"]
 Activation = Literal["swiglu", "gelu"]
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+EXPERT_MATMULS = ("auto", "ragged_dot", "grouped")
+# expert_matmul="auto" takes grouped_matmul where ragged_dot's dense operand
+# ([rows, G*H] in the rows' dtype) would exceed this many bytes.
+AUTO_GROUPED_BYTES = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,14 @@ class MoEConfig:
         rounds per call; rows that fit in none are dropped. ``None``: as many
         as any routing needs with ``capacity_factor`` (never drops), 1 with
         ``capacity`` (one dispatch that drops what does not fit).
+      expert_matmul: normal mode's expert MLP over the grouped rows:
+        ``"ragged_dot"`` (``jax.lax.ragged_dot``, which XLA computes as one
+        dense dot of ``[rows, G*H]``: ``G`` = local experts times the work,
+        and an operand of 90 GB at DeepEP's shape), ``"grouped"``
+        (``jax_ep.grouped_matmul.grouped_matmul``: work and memory linear
+        in the rows that hold data; reverse-mode differentiation only) or
+        ``"auto"`` (``"grouped"`` where ragged_dot's dense operand would
+        exceed ``AUTO_GROUPED_BYTES``, else ``"ragged_dot"``).
     """
 
     num_experts: int
@@ -119,6 +132,7 @@ class MoEConfig:
     ll_buffer_id: int | None = None
     capacity_factor: float | None = None
     max_rounds: int | None = None
+    expert_matmul: Literal["auto", "ragged_dot", "grouped"] = "auto"
 
     def __post_init__(self):
         def fail(name, what, cls=ValueError):
@@ -141,7 +155,7 @@ class MoEConfig:
         if self.topk > self.num_experts:
             raise ValueError(f"MoEConfig.topk={self.topk} exceeds num_experts={self.num_experts}")
         for name, choices in (("activation", ("swiglu", "gelu")), ("mode", ("normal", "low_latency")),
-                              ("backend", BACKENDS)):
+                              ("backend", BACKENDS), ("expert_matmul", EXPERT_MATMULS)):
             if getattr(self, name) not in choices:
                 fail(name, f"one of {choices}")
         axes = self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
@@ -398,8 +412,19 @@ def _act(config: MoEConfig, gate, up):
     return jax.nn.gelu(up)
 
 
+def grouped_matmul_for(config: MoEConfig, rows: int, groups: int, width: int, dtype) -> bool:
+    """Whether the expert MLP of ``rows`` rows over ``groups`` local experts
+    (input width ``width``, ``dtype``) runs on ``grouped_matmul`` rather than
+    ``ragged_dot`` (``MoEConfig.expert_matmul``)."""
+    if config.expert_matmul != "auto":
+        return config.expert_matmul == "grouped"
+    return rows * groups * width * jnp.dtype(dtype).itemsize > AUTO_GROUPED_BYTES
+
+
 def expert_mlp_ragged(x: jax.Array, params: dict, group_sizes: jax.Array, config: MoEConfig) -> jax.Array:
-    """Experts on the expert-major layout: one ``ragged_dot`` per projection.
+    """Experts on the expert-major layout: one grouped matmul per projection
+    (``jax.lax.ragged_dot`` or ``jax_ep.grouped_matmul.grouped_matmul``, as
+    ``config.expert_matmul`` says).
 
     Args:
       x: ``[C, H]``, rows grouped by local expert.
@@ -411,9 +436,12 @@ def expert_mlp_ragged(x: jax.Array, params: dict, group_sizes: jax.Array, config
       ``[C, H]`` in x's dtype.
     """
     w = {n: params[n].astype(x.dtype) for n in config.expert_param_names}
-    up = jax.lax.ragged_dot(x, w["w_up"], group_sizes)
-    gate = jax.lax.ragged_dot(x, w["w_gate"], group_sizes) if config.activation == "swiglu" else None
-    return jax.lax.ragged_dot(_act(config, gate, up), w["w_down"], group_sizes)
+    g = w["w_up"].shape[0]
+    widest = max(config.hidden, config.ffn)
+    mm = grouped_matmul if grouped_matmul_for(config, x.shape[0], g, widest, x.dtype) else jax.lax.ragged_dot
+    up = mm(x, w["w_up"], group_sizes)
+    gate = mm(x, w["w_gate"], group_sizes) if config.activation == "swiglu" else None
+    return mm(_act(config, gate, up), w["w_down"], group_sizes)
 
 
 def expert_mlp_batched(x: jax.Array, params: dict, config: MoEConfig) -> jax.Array:

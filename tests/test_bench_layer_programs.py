@@ -38,10 +38,11 @@ def test_profile_layer_runs_on_cpu(tmp_path):
     assert "moe_layer (total)" in proc.stdout
 
 
-@pytest.mark.parametrize("factor", [None, 0.5])
-def test_dropless_gpu_step_equals_the_layers_expert_block(factor):
+@pytest.mark.parametrize("factor,matmul", [(None, "auto"), (0.5, "auto"), (0.5, "grouped")])
+def test_dropless_gpu_step_equals_the_layers_expert_block(factor, matmul):
     r, t = 2, 12
-    cfg = moe.MoEConfig(num_experts=8, hidden=8, ffn=16, topk=3, expert_alignment=4, capacity_factor=factor)
+    cfg = moe.MoEConfig(num_experts=8, hidden=8, ffn=16, topk=3, expert_alignment=4, capacity_factor=factor,
+                        expert_matmul=matmul)
     opts = cfg.normal_options(num_tokens=t, num_ranks=r) if factor is not None else cfg.normal_options()
     params = {k: v for k, v in moe.init_params(jax.random.key(0), cfg).items() if k != "router"}
     rng = np.random.default_rng(0)
@@ -75,6 +76,7 @@ def test_dropless_gpu_step_equals_the_layers_expert_block(factor):
 def test_dropless_gpu_arguments():
     a = dropless_gpu.parse_args([])
     assert (a.factor, a.tokens, a.hidden, a.experts, a.topk) == (None, 4096, 7168, 256, 8)
-    assert dropless_gpu.label(a.factor) == "worst"
-    b = dropless_gpu.parse_args(["--capacity-factor", "1.25"])
+    assert dropless_gpu.label(a.factor) == "worst" and a.expert_matmul == "auto"
+    b = dropless_gpu.parse_args(["--capacity-factor", "1.25", "--expert-matmul", "grouped"])
+    assert b.expert_matmul == "grouped"
     assert b.factor == 1.25 and dropless_gpu.label(b.factor) == "f1.25"

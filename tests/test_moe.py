@@ -221,6 +221,8 @@ def test_missing_extension_hint_names_a_command_that_works_here(monkeypatch):
     ("fp8", "e4m3", TypeError, r"MoEConfig.fp8 must be None or a jax_ep.FP8Options"),
     ("buffer_id", -1, ValueError, r"MoEConfig.buffer_id must be None or the id of a jax_ep.Buffer"),
     ("ll_buffer_id", "0", ValueError, r"MoEConfig.ll_buffer_id must be None or the id of a jax_ep.Buffer"),
+    ("expert_matmul", "dense", ValueError,
+     r"MoEConfig.expert_matmul must be one of \('auto', 'ragged_dot', 'grouped'\), got 'dense'"),
 ])
 def test_config_validates_every_field(field, value, error, match):
     with pytest.raises(error, match=match):
