@@ -100,6 +100,7 @@ def main():
             loss = lambda p, x, fwd=fwd: (lambda y, aux: jnp.sum(y ** 2) + aux)(*fwd(p, x))
             rows.append((name, timed(jax.jit(lambda p, x, fwd=fwd: fwd(p, x)[0]), params, x),
                          timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)))
+            print(f"[compare_moe] {name}: {rows[-1][1]:.2f} / {rows[-1][2]:.2f} ms", file=sys.stderr, flush=True)
 
     where = (f"CPU ONLY ({r} virtual XLA:CPU devices; not indicative of GPU performance)" if args.platform == "cpu"
              else f"{jax.devices()[0].device_kind}, {r} device(s) in one process")
