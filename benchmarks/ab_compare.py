@@ -3,7 +3,7 @@
     python benchmarks/ab_compare.py RUNS_DIR [--json SUMMARY.json] [--md TABLE.md]
 
 RUNS_DIR holds one folder per configuration and run, ``RUNS_DIR/<config>/<tree>_r<round>/``
-(``tree``: ``base``, ``head``, or another variant such as ``nosig``), each with the JSON that benchmarks/bench_low_latency.py
+(``tree``: ``base``, ``head``, or another tree such as ``base2`` or ``nosig``), each with the JSON that benchmarks/bench_low_latency.py
 (``low_latency_R{R}.json``) or benchmarks/bench_intranode.py (``intranode_R{R}.json``) wrote
 with ``--out``. Every time both trees report for the same (benchmark, R, SM budget, op, timing)
 becomes one row: the median over the rounds of each tree, and each tree over base (above 1:
@@ -108,9 +108,11 @@ def load_runs(runs_dir: str) -> dict:
 
 
 def tree_order(runs: dict) -> list[str]:
-    """base, head, then any other variant (e.g. nosig: head without call signatures), by name."""
+    """base, base2 (a second older tree) where present, head, nosig (head without call
+    signatures) where present, then any other tree by name."""
     found = {tree for _, tree, _ in runs}
-    return [t for t in TREES] + sorted(found - set(TREES))
+    known = [t for t in ("base", "base2", "head", "nosig") if t in TREES or t in found]
+    return known + sorted(found - set(known))
 
 
 def _sort_key(key):

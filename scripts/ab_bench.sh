@@ -34,6 +34,8 @@
 #   AB_SMS_<config>=LIST                    SM budgets of that configuration
 #   AB_NOSIG=1                              also run head with --no-signatures (tree "nosig",
 #                                           JAX_EP_CALL_SIGNATURES=0): the cost of the call signatures
+#   AB_BASE2=TARBALL                        a second older tree (tree "base2", run between base and
+#                                           head), e.g. to tell which range of commits moved a time
 #   AB_RUN_TIMEOUT=200                      seconds allowed to one run
 #   AB_WORK=/tmp/jax_ep_ab                  scratch folder (emptied first)
 #   AB_HEAD=DIR                             the head tree (default: this repository)
@@ -60,15 +62,23 @@ FAILED=0
 COMPARED=1
 
 rm -rf "$WORK" && mkdir -p "$WORK/runs" "$WORK/logs" || exit 1
-tar -xzf "$BASE_TGZ" -C "$WORK" || { echo "cannot unpack $BASE_TGZ" >&2; exit 1; }
-BASE="$WORK/jax_ep_base"
-[ -d "$BASE/jax_ep" ] || { echo "$BASE_TGZ has no jax_ep_base/jax_ep (not from scripts/ab_prepare.sh?)" >&2; exit 1; }
+# unpack_base TARBALL DIR: a tree from scripts/ab_prepare.sh, with its extension, into DIR/jax_ep_base.
+unpack_base() {
+  mkdir -p "$2" && tar -xzf "$1" -C "$2" || { echo "cannot unpack $1" >&2; exit 1; }
+  [ -d "$2/jax_ep_base/jax_ep" ] || { echo "$1 has no jax_ep_base/jax_ep (not from scripts/ab_prepare.sh?)" >&2; exit 1; }
+  compgen -G "$2/jax_ep_base/jax_ep/_C*.so" >/dev/null || { echo "no jax_ep/_C*.so in $1" >&2; exit 1; }
+}
+unpack_base "$BASE_TGZ" "$WORK/base"
+BASE="$WORK/base/jax_ep_base"
+BASE2=
+if [ -n "${AB_BASE2:-}" ]; then
+  unpack_base "$(realpath "$AB_BASE2")" "$WORK/base2"
+  BASE2="$WORK/base2/jax_ep_base"
+fi
 shopt -s nullglob
 head_so=("$ROOT"/jax_ep/_C*.so)
-base_so=("$BASE"/jax_ep/_C*.so)
 shopt -u nullglob
 [ ${#head_so[@]} -gt 0 ] || { echo "no $ROOT/jax_ep/_C*.so: build head in place (pip install --no-build-isolation -e .) and carry it" >&2; exit 1; }
-[ ${#base_so[@]} -gt 0 ] || { echo "no jax_ep/_C*.so in $BASE_TGZ" >&2; exit 1; }
 
 # The NVSHMEM wheels for head, as scripts/gpu_suite.sh sets them up.
 HEAD_PYTHONPATH="$ROOT"
@@ -88,6 +98,7 @@ in_tree() {
   shift
   case $tree in
     base) (cd "$BASE" && env PYTHONPATH="$BASE" "$@") ;;
+    base2) (cd "$BASE2" && env PYTHONPATH="$BASE2" "$@") ;;
     head) (cd "$ROOT" && env PYTHONPATH="$HEAD_PYTHONPATH" LD_LIBRARY_PATH="$HEAD_LD" \
              JAX_EP_NVSHMEM_HOST_LIB="$HEAD_NVSHMEM_LIB" "$@") ;;
     nosig) (cd "$ROOT" && env PYTHONPATH="$HEAD_PYTHONPATH" LD_LIBRARY_PATH="$HEAD_LD" \
@@ -95,23 +106,27 @@ in_tree() {
   esac
 }
 
-tree_dir() { case $1 in base) echo "$BASE" ;; *) echo "$ROOT" ;; esac; }
+tree_dir() { case $1 in base) echo "$BASE" ;; base2) echo "$BASE2" ;; *) echo "$ROOT" ;; esac; }
 
 {
   echo "date: $(date -u)"
   echo "host: $(hostname)"
   echo "base tarball: $BASE_TGZ"
   sed 's/^/base /' "$BASE/AB_REVISION" 2>/dev/null
+  [ -z "$BASE2" ] || sed 's/^/base2 /' "$BASE2/AB_REVISION" 2>/dev/null
   if git -C "$ROOT" rev-parse --verify -q HEAD >/dev/null 2>&1; then
     echo "head commit: $(git -C "$ROOT" rev-parse HEAD), $(git -C "$ROOT" status --porcelain | wc -l) changed file(s)"
   fi
   echo "head extension: $(ls -l "${head_so[@]}" | awk '{print $5, $6, $7, $8, $9}')"
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1
-  python3 -c 'import jax; print("jax", jax.__version__)' 2>&1
+  python3 -c 'import jax; print("jax", jax.__version__)' 2>&1 | tail -1
 } > "$WORK/env.txt"
-TREES=(base head)
-[ -n "${AB_NOSIG:-}" ] && TREES+=(nosig)
-for tree in base head; do
+TREES=(base)
+[ -z "$BASE2" ] || TREES+=(base2)
+TREES+=(head)
+[ -z "${AB_NOSIG:-}" ] || TREES+=(nosig)
+for tree in "${TREES[@]}"; do
+  [ "$tree" != nosig ] || continue
   # Each tree must import its own jax_ep and load its own extension.
   in_tree "$tree" python3 -c '
 import os, sys, jax_ep, jax_ep._extension as e
@@ -128,9 +143,10 @@ publish() {
   cp "$WORK/env.txt" "$OUT/env.txt"
   python3 "$SELF/benchmarks/ab_compare.py" "$WORK/runs" --json "$OUT/ab_summary.json" --md "$OUT/ab_table.md" \
     --meta "base=$(sed -n 's/^commit: //p' "$BASE/AB_REVISION")" \
-    --meta "head=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" > "$WORK/table.txt" 2>&1
+    --meta "head=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
+    ${BASE2:+--meta "base2=$(sed -n 's/^commit: //p' "$BASE2/AB_REVISION")"} > "$WORK/table.txt" 2>&1
   COMPARED=$?
-  tar -czf "$OUT/ab_runs.tar.gz" -C "$WORK" runs logs env.txt 2>/dev/null
+  tar -czf "$OUT/ab_runs.tar.gz" -C "$WORK" runs logs env.txt table.txt 2>/dev/null
 }
 
 # run_one CONFIG TREE ROUND: one benchmark process group; output to its log, a line to the console.

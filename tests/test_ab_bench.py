@@ -209,10 +209,16 @@ def test_ab_bench_runs_both_trees_interleaved(tmp_path):
     tgz = tmp_path / "base-aaaaaaa.tar.gz"
     with tarfile.open(tgz, "w:gz") as t:
         t.add(str(base), arcname="jax_ep_base")
+    base2 = tmp_path / "src2" / "jax_ep_base"
+    fake_tree(str(base2), 1.1)
+    (base2 / "AB_REVISION").write_text("commit: " + "c" * 40 + "\n")
+    tgz2 = tmp_path / "base-ccccccc.tar.gz"
+    with tarfile.open(tgz2, "w:gz") as t:
+        t.add(str(base2), arcname="jax_ep_base")
     head = tmp_path / "head"
     fake_tree(str(head), 1.25)
     work, out = tmp_path / "work", tmp_path / "out"
-    env = dict(os.environ, AB_HEAD=str(head), AB_WORK=str(work), AB_NOSIG="1",
+    env = dict(os.environ, AB_HEAD=str(head), AB_WORK=str(work), AB_NOSIG="1", AB_BASE2=str(tgz2),
                PATH=plain_python(tmp_path))
     env.pop("PYTHONPATH", None)
     res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "ab_bench.sh"), str(tgz), str(out)],
@@ -222,22 +228,23 @@ def test_ab_bench_runs_both_trees_interleaved(tmp_path):
 
     # ABBA order per round, each configuration in turn; base's first run failed fast and was retried.
     runs = [line.split()[:3] for line in res.stdout.splitlines() if " exit " in line]
-    expect = [[c, t, f"r{r}"] for r, trees in ((1, ("base", "head", "nosig")), (2, ("nosig", "head", "base")))
-              for c in ("ll_R1", "ll_R8", "intranode_R8") for t in trees]
+    trees = ("base", "base2", "head", "nosig")
+    expect = [[c, t, f"r{r}"] for r, order in ((1, trees), (2, trees[::-1]))
+              for c in ("ll_R1", "ll_R8", "intranode_R8") for t in order]
     assert runs == expect[:1] + expect, res.stdout
     assert "coordinator port taken" in res.stdout
     calls = (head / "calls.log").read_text().splitlines()
     assert calls[:3] == ["bench_low_latency.py 1 ", "bench_low_latency.py 1 0", "bench_low_latency.py 8 "]
 
     s = json.loads((out / "ab_summary.json").read_text())
-    assert s["base"] == "a" * 40
+    assert (s["base"], s["base2"]) == ("a" * 40, "c" * 40)
     rows = {(r["bench"], r["ranks"], r["sms"], r["op"], r["timing"]): r for r in s["rows"]}
     r = rows[("low_latency", 8, 16, "dispatch FP8", "64 unrolled")]
     assert r["runs"]["base"] == [66.0, 66.0] and r["ratio"]["head"] == pytest.approx(1.25)
     assert ("low_latency", 1, 16, "dispatch BF16", "64 unrolled") in rows
     assert ("low_latency", 1, 8, "dispatch BF16", "64 unrolled") not in rows  # R = 1: 16 SMs only
     assert rows[("intranode", 8, 8, "dispatch_bf16", "per call")]["us"]["head"] == 1250.0
-    assert "| intranode | 8 | 16 | dispatch_bf16 | per call | 1000.0 | 1250.0 | 1125.0 | 1.250 | 1.125 |" \
+    assert "| intranode | 8 | 16 | dispatch_bf16 | per call | 1000.0 | 1100.0 | 1250.0 | 1125.0 | 1.100 | 1.250 | 1.125 |" \
         in res.stdout
     with tarfile.open(out / "ab_runs.tar.gz") as t:
         names = t.getnames()
