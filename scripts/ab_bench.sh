@@ -36,7 +36,7 @@
 #                                           JAX_EP_CALL_SIGNATURES=0): the cost of the call signatures
 #   AB_BASE2=TARBALL                        a second older tree (tree "base2", run between base and
 #                                           head), e.g. to tell which range of commits moved a time
-#   AB_RUN_TIMEOUT=200                      seconds allowed to one run
+#   AB_RUN_TIMEOUT=150                      seconds allowed to one run
 #   AB_WORK=/tmp/jax_ep_ab                  scratch folder (emptied first)
 #   AB_HEAD=DIR                             the head tree (default: this repository)
 set -uo pipefail
@@ -53,7 +53,7 @@ WORK=${AB_WORK:-/tmp/jax_ep_ab}
 ROUNDS=${AB_ROUNDS:-2}
 BUDGET_S=${AB_BUDGET_S:-450}
 END_S=${AB_END_S:-480}
-RUN_TIMEOUT=${AB_RUN_TIMEOUT:-200}
+RUN_TIMEOUT=${AB_RUN_TIMEOUT:-150}
 CONFIGS=(${AB_CONFIGS:-ll_R1 ll_R8 intranode_R8})
 LL_ARGS=${AB_LL_ARGS---no-profile --no-overlap}
 INTRANODE_ARGS=${AB_INTRANODE_ARGS:-}
