@@ -201,20 +201,23 @@ def plain_python(tmp_path):
     return str(bin_dir) + os.pathsep + os.environ["PATH"]
 
 
-def test_ab_bench_runs_both_trees_interleaved(tmp_path):
-    base = tmp_path / "src" / "jax_ep_base"
-    fake_tree(str(base), 1.0)
-    (base / "AB_REVISION").write_text("commit: " + "a" * 40 + "\n")
-    (base / "FAIL_ONCE").write_text("")
-    tgz = tmp_path / "base-aaaaaaa.tar.gz"
+def base_tarball(tmp_path, sub: str, speed: float, rev: str, fail_once: bool = False):
+    """A stand-in base tree (``fake_tree`` at ``speed``, revision ``rev`` * 40)
+    packed as scripts/ab_prepare.sh packs one; its path."""
+    base = tmp_path / sub / "jax_ep_base"
+    fake_tree(str(base), speed)
+    (base / "AB_REVISION").write_text("commit: " + rev * 40 + "\n")
+    if fail_once:
+        (base / "FAIL_ONCE").write_text("")
+    tgz = tmp_path / f"base-{rev * 7}.tar.gz"
     with tarfile.open(tgz, "w:gz") as t:
         t.add(str(base), arcname="jax_ep_base")
-    base2 = tmp_path / "src2" / "jax_ep_base"
-    fake_tree(str(base2), 1.1)
-    (base2 / "AB_REVISION").write_text("commit: " + "c" * 40 + "\n")
-    tgz2 = tmp_path / "base-ccccccc.tar.gz"
-    with tarfile.open(tgz2, "w:gz") as t:
-        t.add(str(base2), arcname="jax_ep_base")
+    return tgz
+
+
+def test_ab_bench_runs_both_trees_interleaved(tmp_path):
+    tgz = base_tarball(tmp_path, "src", 1.0, "a", fail_once=True)
+    tgz2 = base_tarball(tmp_path, "src2", 1.1, "c")
     head = tmp_path / "head"
     fake_tree(str(head), 1.25)
     work, out = tmp_path / "work", tmp_path / "out"
@@ -252,12 +255,7 @@ def test_ab_bench_runs_both_trees_interleaved(tmp_path):
 
 
 def test_ab_bench_stops_starting_runs_at_the_budget(tmp_path):
-    base = tmp_path / "src" / "jax_ep_base"
-    fake_tree(str(base), 1.0)
-    (base / "AB_REVISION").write_text("commit: " + "b" * 40 + "\n")
-    tgz = tmp_path / "base.tar.gz"
-    with tarfile.open(tgz, "w:gz") as t:
-        t.add(str(base), arcname="jax_ep_base")
+    tgz = base_tarball(tmp_path, "src", 1.0, "b")
     head = tmp_path / "head"
     fake_tree(str(head), 1.0)
     env = dict(os.environ, AB_HEAD=str(head), AB_WORK=str(tmp_path / "work"), AB_BUDGET_S="0",
