@@ -281,13 +281,15 @@ def markdown(result) -> str:
         lines += ["", f"A second round at factor 1.25: {two} ms against {one} ms for one round, "
                   f"+{100 * (two / one - 1):.0f} % on the step."]
     lines += ["", "## Reading the numbers", "",
-              "- DeepEP's shape is compiled with its real expert width (F = 2048) and never run. Its temp bytes "
-              "are dominated by XLA:CPU's lowering of `jax.lax.ragged_dot`, which works on every local expert for "
-              "every buffer row (it grows as C·(E/R)·H); a GPU compiler holds less, but on both the "
-              "activations of the expert MLP, forward and backward, scale with C. The ratio therefore follows "
-              "C_worst / C (5.9x at factor 1.25) less what does not scale with C (parameters, the reference "
-              "backend's [R, T, H] exchange buffers) and what the rounds add (a later round's loop, recomputed "
-              "in the backward pass after round 0's residuals are freed).",
+              "- DeepEP's shape is compiled with its real expert width (F = 2048) and never run. Its expert MLP "
+              "runs on `jax_ep.grouped_matmul` (`MoEConfig.expert_matmul=\"auto\"`; XLA's rewrite of "
+              "`jax.lax.ragged_dot` works on every local expert for every buffer row, C·(E/R)·H, and needed "
+              "718 GiB of temporaries at the worst case). The activations of the expert MLP and the dispatch's "
+              "rows, forward and backward, scale with C; the ratio is C_worst / C (5.9x at factor 1.25) less what "
+              "does not scale with C (the parameters, their gradients and the grouped matmul's float32 "
+              "weight-gradient accumulator, the reference backend's [R, T, H] exchange buffers) and what the "
+              "rounds add (a later round's loop, recomputed in the backward pass after round 0's residuals are "
+              "freed).",
               "- At the training example's shape everything is small and the part that does not scale with C "
               "(the reference backend's exchange of all R·T tokens, the router, the loss) weighs more: the "
               "same factors save 2-3x there.",
@@ -299,8 +301,9 @@ def markdown(result) -> str:
               "and drops nothing.",
               "- Time: on a shared 2-core CPU, so noisy; read the ratios. A second round adds its dispatch, "
               "experts and combine of C rows, once in the forward pass and twice in the backward pass (a "
-              "recomputed forward and its VJP). XLA:CPU's expert MLP costs grow with C, so there the worst "
-              "case is the slowest of all; with GPU kernels that skip padding rows it is the memory, not the "
+              "recomputed forward and its VJP). At this small shape the expert MLP is `ragged_dot` (below "
+              "`auto`'s threshold), whose cost grows with C, so there the worst case is the slowest of all; "
+              "with an expert MLP that skips empty rows (`jax_ep.grouped_matmul`) it is the memory, not the "
               "time, that the worst case wastes."]
     return "\n".join(lines) + "\n"
 
