@@ -94,9 +94,11 @@ def _zeros_varying_like(shape, dtype, *inputs) -> jax.Array:
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
 
-def _row_mask(start, end, tile, tile_rows):
+def _segment_rows(x_tiles, start, end, tile, tile_rows):
+    """[chunk, tile_rows, K]: each segment's tile of x, zero outside its rows."""
     rows = tile[:, None] * tile_rows + jnp.arange(tile_rows, dtype=jnp.int32)[None, :]
-    return (rows >= start[:, None]) & (rows < end[:, None])  # [chunk, tile_rows]
+    inside = (rows >= start[:, None]) & (rows < end[:, None])
+    return jnp.where(inside[..., None], x_tiles[tile], 0)
 
 
 def _apply(x_tiles: jax.Array, w: jax.Array, seg: _Segments, tile_rows: int, chunk: int,
@@ -110,8 +112,7 @@ def _apply(x_tiles: jax.Array, w: jax.Array, seg: _Segments, tile_rows: int, chu
 
     def body(c, out):
         start, end, tile, group = take(c)
-        m = _row_mask(start, end, tile, tile_rows)
-        xs = jnp.where(m[..., None], x_tiles[tile], 0)
+        xs = _segment_rows(x_tiles, start, end, tile, tile_rows)
         y = jnp.einsum(spec, xs, w[group], preferred_element_type=jnp.float32)
         # Segments of one tile cover disjoint rows: adding their zeros is exact.
         return out.at[tile].add(y.astype(out.dtype), indices_are_sorted=True)
@@ -126,8 +127,7 @@ def _weight_grad(x_tiles, dy_tiles, seg: _Segments, num_groups: int, tile_rows: 
 
     def body(c, dw):
         start, end, tile, group = take(c)
-        m = _row_mask(start, end, tile, tile_rows)
-        xs = jnp.where(m[..., None], x_tiles[tile], 0)
+        xs = _segment_rows(x_tiles, start, end, tile, tile_rows)
         part = jnp.einsum("bak,ban->bkn", xs, dy_tiles[tile], preferred_element_type=jnp.float32)
         return dw.at[group].add(part, indices_are_sorted=True)
 

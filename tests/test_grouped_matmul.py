@@ -30,7 +30,6 @@ CASES = [
     (37, [8, 8, 16, 4], 8, 4),            # M not a multiple of the tile
     (64, [8, 16, 8, 0, 24, 8], 8, 2),     # aligned groups: one segment per tile
     (64, [1] * 20, 8, 4),                 # many groups in one tile
-    (24, [30, 5], 8, 2),                  # sizes past M are clipped at M
 ]
 
 
@@ -38,9 +37,6 @@ CASES = [
 def test_matches_ragged_dot_values_and_gradients(m, sizes, tile, chunk):
     rng = np.random.default_rng(len(sizes) * 100 + m)
     x, w, gs = _pair(rng, m, 16, 12, sizes)
-    gs = jnp.minimum(gs, m)  # ragged_dot's own reading of sizes past M differs; compare within M
-    if int(jnp.sum(gs)) > m:
-        gs = gs.at[-1].set(m - int(jnp.sum(gs[:-1])))
     probe = jnp.cos(jnp.arange(m * 12, dtype=jnp.float32).reshape(m, 12))
 
     def loss(fn):
