@@ -379,7 +379,11 @@ __global__ void __launch_bounds__(kRouteThreads)
 }
 
 // out rows [C]: the row of (recv_src_rank, recv_src_token) in that rank's
-// staging, or zeros on padding. kUnroll loads in flight per thread.
+// staging, or zeros on padding. kUnroll loads in flight per thread. A row
+// whose handle names a rank or token out of range (a stale or foreign
+// handle) stays zero and reads no peer memory; the thread records the first
+// such row after its copy loop, so the loop itself holds no call and its
+// loads stay predicated (every index, then every row load, in flight).
 __global__ void __launch_bounds__(kCopyThreads, 4)
     pull_rows_kernel(PeerTable peers, RowParts parts, int capacity, std::size_t rows_offset,
                      std::size_t row_stride, const int* src_rank, const int* src_token, int source_rows, int op) {
@@ -389,6 +393,7 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
   const int vecs = parts.row_bytes() / 16;
   const long long total = static_cast<long long>(capacity) * vecs;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x * kUnroll;
+  int bad_row = -1, bad_index = 0;  // this thread's first out-of-range handle row
   for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) * kUnroll + threadIdx.x;
        base < total; base += step) {
     int4 value[kUnroll];
@@ -399,10 +404,13 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
       if (i >= total) continue;
       const int c = static_cast<int>(i / vecs), v = static_cast<int>(i % vecs);
       const int s = src_rank[c], token = src_token[c];
-      if (s >= 0 && (s >= peers.num_ranks || token < 0 || token >= source_rows)) {
-        // A stale or foreign handle: the row stays zero, no peer memory is read.
-        if (v == 0) record_bad_handle(peers, op, c, s >= peers.num_ranks ? s : token);
-      } else if (s >= 0) {
+      const bool in_range = static_cast<unsigned>(s) < static_cast<unsigned>(peers.num_ranks) &&
+                            static_cast<unsigned>(token) < static_cast<unsigned>(source_rows);
+      if (s >= 0 && !in_range && bad_row < 0) {
+        bad_row = c;
+        bad_index = s >= peers.num_ranks ? s : token;
+      }
+      if (in_range) {
         const char* row = staging_half(peers.base[s], half, peers.staging_half_bytes) + rows_offset +
                           static_cast<long long>(token) * row_stride;
         value[u] = ld_nc_v4(reinterpret_cast<const int4*>(row) + v);
@@ -419,6 +427,7 @@ __global__ void __launch_bounds__(kCopyThreads, 4)
       reinterpret_cast<int4*>(dst + static_cast<long long>(c) * part_bytes)[first ? v : v - vec0] = value[u];
     }
   }
+  if (bad_row >= 0) record_bad_handle(peers, op, bad_row, bad_index);
 }
 
 int copy_blocks(const LaunchConfig& cfg, long long work_items) {

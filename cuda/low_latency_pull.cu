@@ -78,30 +78,19 @@ __device__ __forceinline__ unsigned long long* pull_flags(char* base, int half) 
 
 // Rank r's routing of the staged call, read by the receivers:
 // pull_counts(r, half)[e] = serial_word(call, how many of r's tokens name
-// expert e) (their first slot naming it). Only r writes them, raising them
-// with raise_in_call, so a word of another call is always of an earlier one.
+// expert e). One warp of r's stage kernel counts and stores each expert's
+// word: a single writer per word, so no atomic, and no word of another call
+// is ever compared with this one's (serial.cuh).
 __device__ __forceinline__ unsigned long long* pull_counts(char* base, int half) {
   return reinterpret_cast<unsigned long long*>(base + intranode::kSignalBytes + workspace::kPullCounts) + half * kCountSlots;
-}
-
-// Raise *word to serial_word(call, value) unless it holds this call's word
-// with at least that value. (An atomicMax of the packed words would keep an
-// older call's word once the serial wrapped.)
-__device__ __forceinline__ void raise_in_call(unsigned long long* word, unsigned long long call, unsigned int value) {
-  const unsigned long long want = serial_word(call, value);
-  unsigned long long cur = ld_volatile(word);
-  while (!word_reached(cur, call, value)) {
-    const unsigned long long seen = atomicCAS(word, cur, want);
-    if (seen == cur) break;
-    cur = seen;
-  }
 }
 
 // Stage: every block reads this rank's top-k ids into shared memory and
 // routes its own tokens (blockIdx.x, + gridDim.x, ...), a warp per (token,
 // slot) naming an expert first: the token's index among this rank's tokens
 // naming that expert places token * K + slot in the routing table
-// (stage_rows, [E][M]) and raises the expert's count. Then the block writes
+// (stage_rows, [E][M]). A warp per expert (over the grid's warps) counts the
+// tokens naming it and stores its pull_counts word. Then the block writes
 // its tokens' messages (the FP8 cast when asked) into this rank's own half;
 // the last block to finish flags every peer. Routing once here, at the
 // source, leaves each receiver only its experts' counts to read: were every
@@ -128,10 +117,13 @@ __global__ void __launch_bounds__(kThreads)
     if (!first_slot(tok, k, s.num_experts)) continue;  // uniform across the warp
     const int e = tok[k];
     const int idx = earlier_tokens_naming<true>(ids, t, K, e, lane);
-    if (lane == 0) {
-      rows[static_cast<long long>(e) * M + idx] = t * K + k;
-      raise_in_call(&counts[e], call, static_cast<unsigned int>(idx + 1));
-    }
+    if (lane == 0) rows[static_cast<long long>(e) * M + idx] = t * K + k;
+  }
+  // Every expert's count, also 0 (plain stores: a cross-block atomic raise of
+  // each count cost a round trip to memory per (token, slot)).
+  for (int e = blockIdx.x * kWarps + warp; e < s.num_experts; e += gridDim.x * kWarps) {
+    const int n = earlier_tokens_naming<true>(ids, s.num_tokens, K, e, lane);
+    if (lane == 0) *reinterpret_cast<volatile unsigned long long*>(&counts[e]) = serial_word(call, n);
   }
   stage_messages(s, x, stage, stride, my_tokens);  // (a staged message's header is left unused)
   if (last_block_done<true>(p, 0) && threadIdx.x < p.num_ranks && !skipped(p, threadIdx.x)) {

@@ -357,13 +357,19 @@ def _all_rounds_bwd(round_fn, dtype, res, ct):
     diff = (params, x, topk_weights)
     # Round 0's gradients first: the later rounds' loop starts from them, so
     # round 0's residuals are freed before the loop recomputes a round.
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), round0_vjp(ct.astype(dtype)))
+    # Accumulators: x's and the weights' gradients (per token, small) in
+    # float32; the parameters' in their own gradient dtype, as one dispatch
+    # returns them: a float32 copy of bfloat16 experts' gradients would hold
+    # twice their bytes (11 GiB per rank at DeepEP's shape, R = 2), more than
+    # the rounds save in activations where the weights dominate.
+    g_params, g_x, g_w = round0_vjp(ct.astype(dtype))
+    grads = (g_params, g_x.astype(jnp.float32), g_w.astype(jnp.float32))
 
     def body(carry):
         r, acc = carry
         _, vjp = jax.vjp(lambda p, x, w: _round_term(round_fn, p, x, w, topk_idx, slot_round, r).astype(jnp.float32),
                          *diff)
-        return r + 1, jax.tree.map(lambda g, d: g + d.astype(jnp.float32), acc, vjp(ct))
+        return r + 1, jax.tree.map(lambda g, d: g + d.astype(g.dtype), acc, vjp(ct))
 
     _, grads = lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), grads))
     grads = jax.tree.map(lambda g, a: g.astype(a.dtype), grads, diff)
@@ -391,7 +397,10 @@ def sum_over_rounds(
     to ``params`` (any pytree of float arrays; ``None`` for none), ``x`` and
     ``topk_weights``, in reverse mode (no ``jax.jvp`` through the rounds).
 
-    Rounds add up in float32 and round once to ``round_fn``'s output dtype.
+    Rounds add up in float32 and round once to ``round_fn``'s output dtype;
+    so do the gradients of ``x`` and ``topk_weights``. The gradients of
+    ``params`` add up in their own dtype (that of one round's gradient), so
+    that the rounds hold no float32 copy of the experts' gradients.
 
     Returns:
       ``[T, ...]`` in ``round_fn``'s output dtype.

@@ -426,3 +426,49 @@ def test_plan_rounds_without_axis_lowers_for_cuda(monkeypatch):
     dispatches = [line for line in text.splitlines() if "@jax_ep_intranode_dispatch(" in line]
     assert len(dispatches) == 3  # the counts' gather, round 0, the later rounds
     assert sum(f"capacity = {r} : i64" in line and "layout = 0 : i64" in line for line in dispatches) == 1
+
+
+def test_rounds_hold_no_float32_copy_of_bfloat16_parameter_gradients(rng):
+    """Where the experts' weights dominate (here 2 MiB of bfloat16 per rank
+    against a few KiB of rows), the backward pass through the rounds holds no
+    more temporaries than one plain dispatch at worst-case capacity: the
+    parameters' gradients add up in their own dtype, not in a float32 copy
+    (which alone would be twice the weights). The gradients keep the
+    parameters' dtype and equal the plain dispatch's to bfloat16 rounding."""
+    r, c, g, h = 2, 8, 8, 512
+    idxs = _routing("skewed", rng, r, t=6, k=2, e=g)
+    x0 = jnp.asarray(rng.standard_normal((r * 6, h)), jnp.bfloat16)
+    w0 = jnp.asarray(rng.random((r * 6, 2)), jnp.float32)
+    p0 = jnp.asarray(rng.standard_normal((g, h, h)) / h, jnp.bfloat16)
+    mesh = make_mesh(r)
+    idx = jnp.asarray(np.concatenate(idxs))
+
+    def compiled(capacity):
+        opts = jax_ep.NormalOptions(layout="expert_major", num_max_recv_tokens=capacity, expert_alignment=2)
+
+        def round_fn(p, x, i, w):
+            o = jax_ep.dispatch(x, i, w, num_experts=g, options=opts)
+            y = jax.lax.ragged_dot(o.recv_x, p, o.expert_group_sizes)
+            return jax_ep.combine(y * jnp.sum(o.recv_topk_weights, -1, keepdims=True).astype(y.dtype), o.handle)
+
+        def local(p, x, i, w):
+            if capacity is None:  # one plain dispatch, no rounds
+                return round_fn(p, x, i, w), jnp.ones((1,), jnp.int32)
+            plan = jax_ep.plan_rounds(i, num_experts=g, options=opts)
+            return jax_ep.sum_over_rounds(round_fn, p, x, i, w, plan), plan.num_rounds[None]
+
+        f = jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) * 4, out_specs=(P(AXIS), P(AXIS)))
+        step = jax.jit(jax.grad(lambda p, x, w: jnp.sum(f(p, x, idx, w)[0].astype(jnp.float32) ** 2), (0, 1, 2)))
+        return jax.jit(f)(p0, x0, idx, w0)[1], step(p0, x0, w0), step.lower(p0, x0, w0).compile().memory_analysis()
+
+    with jax.set_mesh(mesh):
+        n1, g1, m1 = compiled(None)
+        n2, g2, m2 = compiled(c)
+    assert int(n1.max()) == 1 and int(n2.max()) >= 2
+    assert [a.dtype for a in g2] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    for a, b in zip(g2, g1, strict=True):
+        b = np.asarray(b, np.float32)
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=2e-2 * np.abs(b).max())
+    per_rank_weights = p0.nbytes // r
+    extra = m2.temp_size_in_bytes - m1.temp_size_in_bytes
+    assert extra < 0.5 * per_rank_weights, (m2.temp_size_in_bytes, m1.temp_size_in_bytes, per_rank_weights)
