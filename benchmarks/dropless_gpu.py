@@ -24,7 +24,10 @@ beside XLA's pool, sized for ``C``), XLA's compiled memory analysis of the
 step, ``peak_bytes_in_use`` after the timed steps and the bytes in use
 before the first one, and the median step time. Writes
 ``dropless_gpu_R{R}_{label}.json`` into ``--out``. A run that does not fit
-in memory reports that instead (every rank fails alike).
+in memory reports that instead. Ranks sharing one GPU need not fail alike:
+the rank that allocates last fails, and a rank that got its memory waits in
+its dispatch for the other until the buffer's timeout (120 s here), then
+ends with ``CommunicationError``.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def main(argv=None):
         stats = dev.memory_stats() or {}
         result.update(rounds=int(rounds), step_ms=round(statistics.median(times) * 1e3, 2),
                       peak_bytes_in_use=stats.get("peak_bytes_in_use"), status="ok")
-    except Exception as err:  # out of memory: every rank alike
+    except Exception as err:  # out of memory (on this rank; see the module docstring)
         if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
             raise
         result.update(status="out of memory", error=str(err).splitlines()[0][:300])

@@ -281,13 +281,15 @@ def markdown(result) -> str:
         lines += ["", f"A second round at factor 1.25: {two} ms against {one} ms for one round, "
                   f"+{100 * (two / one - 1):.0f} % on the step."]
     lines += ["", "## Reading the numbers", "",
-              "- DeepEP's shape is compiled with its real expert width (F = 2048) and never run. Its expert MLP "
+              "- DeepEP's shape is compiled here with its real expert width (F = 2048) and not run (with the "
+              "kernels, at R = 2 and F = 1024 on one H100: [dropless_gpu.md](dropless_gpu.md)). Its expert MLP "
               "runs on `jax_ep.grouped_matmul` (`MoEConfig.expert_matmul=\"auto\"`; XLA's rewrite of "
               "`jax.lax.ragged_dot` works on every local expert for every buffer row, C·(E/R)·H, and needed "
               "718 GiB of temporaries at the worst case). The activations of the expert MLP and the dispatch's "
               "rows, forward and backward, scale with C; the ratio is C_worst / C (5.9x at factor 1.25) less what "
-              "does not scale with C (the parameters, their gradients and the grouped matmul's float32 "
-              "weight-gradient accumulator, the reference backend's [R, T, H] exchange buffers) and what the "
+              "does not scale with C (the parameters, their gradients (added up over rounds in their own "
+              "dtype) and the grouped matmul's float32 weight-gradient accumulator, the reference backend's "
+              "[R, T, H] exchange buffers) and what the "
               "rounds add (a later round's loop, recomputed in the backward pass after round 0's residuals are "
               "freed).",
               "- At the training example's shape everything is small and the part that does not scale with C "
