@@ -196,6 +196,19 @@ ffi::Error IntranodeCachedDispatch(cudaStream_t stream, int32_t device, ffi::Run
   parts.part_bytes[0] = static_cast<int>(row_bytes_of(*out));
   if (auto err = check_row_bytes(kTarget, "x", parts.part_bytes[0]); err.failure()) return err;
   const int64_t T = rows_of(x), C = recv_src_rank.dimensions()[0];
+  // The kernels stage T rows of x and write C rows of out, both of out's row
+  // bytes, and read recv_src_token[c] for every c < C.
+  if (recv_src_token.dimensions()[0] != C || rows_of(*out) != C) {
+    return invalid_argument(kTarget, "recv_src_token and out must have C = " + std::to_string(C) +
+                                         " rows like recv_src_rank, got " +
+                                         std::to_string(recv_src_token.dimensions()[0]) + " and " +
+                                         std::to_string(rows_of(*out)));
+  }
+  if (T > 0 && row_bytes_of(x) != parts.part_bytes[0]) {
+    return invalid_argument(kTarget, "x and out rows must have the same bytes, got " +
+                                         std::to_string(row_bytes_of(x)) + " and " +
+                                         std::to_string(parts.part_bytes[0]));
+  }
   if (auto err = check_fits(kTarget, *buf, intranode::row_staging_bytes(static_cast<int>(T), parts.row_bytes()));
       err.failure()) {
     return err;

@@ -383,7 +383,8 @@ def test_low_latency_combine_refuses_a_negative_rank_in_a_valid_row(rng):
 def test_handlers_refuse_what_the_kernels_cannot_do(rng):
     """Handler checks that a bypassed Python check would otherwise leave to
     the kernels: low-latency K = 17 (the kernels send and sum 16 slots),
-    expert_alignment 0, num_experts below the rank count."""
+    expert_alignment 0, num_experts below the rank count, a cached
+    dispatch whose routing and output disagree in rows or row bytes."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_ep import cuda_ops
@@ -419,5 +420,22 @@ def test_handlers_refuse_what_the_kernels_cannot_do(rng):
                 mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
             with pytest.raises(Exception, match=message):
                 f(x, ids, w).block_until_ready()
+
+        # A cached dispatch called past the Python API with a routing whose
+        # arrays disagree with each other or with the output's rows.
+        c = 16
+        src_rank, src_token = put(np.zeros((c,), np.int32)), put(np.zeros((c,), np.int32))
+        attrs = dict(buffer_id=np.int64(group.buffer_id), num_sms=np.int64(4))
+        for out_rows, tokens, x_cols, message in (
+            (c - 1, c, h, "recv_src_token and out must have C = 16 rows"),
+            (c, c - 1, h, "recv_src_token and out must have C = 16 rows"),
+            (c, c, h // 2, "x and out rows must have the same bytes"),
+        ):
+            call = jax.ffi.ffi_call("jax_ep_intranode_cached_dispatch",
+                                    jax.ShapeDtypeStruct((out_rows, h), jnp.bfloat16))
+            f = jax.jit(jax.shard_map(lambda x, r, tok, call=call: call(x, r, tok, **attrs), mesh=mesh,
+                                      in_specs=P("ep"), out_specs=P("ep"), check_vma=False))
+            with pytest.raises(Exception, match=message):
+                f(x[:, :x_cols], src_rank, src_token[:tokens]).block_until_ready()
     finally:
         group.destroy()
