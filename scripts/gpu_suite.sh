@@ -15,6 +15,9 @@
 #   JAX_EP_GPU_RANKS="2 4"      rank counts for the multi-rank scripts
 #   JAX_EP_STEP_TIMEOUT=900     seconds allowed to each pytest / benchmark step
 #   JAX_EP_SKIP_BENCH=1         skip benchmarks/run_all.sh
+#   JAX_EP_AB_BASE=TARBALL      last, the "ab" step: scripts/ab_bench.sh TARBALL OUT_DIR/ab (an older build
+#                               from scripts/ab_prepare.sh against this tree; AB_BASE2, AB_CONFIGS... apply;
+#                               JAX_EP_AB_TIMEOUT=540 seconds)
 #   JAX_EP_TRY_UCX=1            also run the put kernels over NVSHMEM's UCX proxy transport
 #   JAX_EP_GPU_ONLY='regex'     run only the steps whose names match (bash =~)
 #   JAX_EP_GPU_SKIP='regex'     skip the steps whose names match
@@ -222,6 +225,11 @@ step put_mismatch_2x2 "$OUT/put_mismatch_2x2.log" \
 
 if [ -f benchmarks/run_all.sh ] && [ -z "${JAX_EP_SKIP_BENCH:-}" ]; then
   step benchmarks "$OUT/benchmarks.log" timeout --kill-after=30 "$STEP_TIMEOUT" bash benchmarks/run_all.sh "$OUT"
+fi
+
+# An A/B of an older build against this tree (scripts/ab_bench.sh; its AB_* variables apply).
+if [ -n "${JAX_EP_AB_BASE:-}" ]; then
+  step ab "$OUT/ab.log" timeout --kill-after=30 "${JAX_EP_AB_TIMEOUT:-540}" bash scripts/ab_bench.sh "$JAX_EP_AB_BASE" "$OUT/ab"
 fi
 
 {
