@@ -360,7 +360,7 @@ def _all_rounds_bwd(round_fn, dtype, res, ct):
     # Accumulators: x's and the weights' gradients (per token, small) in
     # float32; the parameters' in their own gradient dtype, as one dispatch
     # returns them: a float32 copy of bfloat16 experts' gradients would hold
-    # twice their bytes (11 GiB per rank at DeepEP's shape, R = 2), more than
+    # twice their bytes (10.5 GiB per rank at DeepEP's shape, F = 1024), more than
     # the rounds save in activations where the weights dominate.
     g_params, g_x, g_w = round0_vjp(ct.astype(dtype))
     grads = (g_params, g_x.astype(jnp.float32), g_w.astype(jnp.float32))
