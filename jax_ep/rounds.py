@@ -339,30 +339,33 @@ def _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_r
     return lax.while_loop(lambda c: c[0] < num_rounds, body, (jnp.int32(1), init))[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _all_rounds(round_fn, dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _all_rounds(round_fn, dtype, grad_dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
     y0 = _round_term(round_fn, params, x, topk_weights, topk_idx, slot_round, 0)
     return _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds, y0.astype(jnp.float32))
 
 
-def _all_rounds_fwd(round_fn, dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
+def _all_rounds_fwd(round_fn, dtype, grad_dtype, params, x, topk_weights, topk_idx, slot_round, num_rounds):
     y0, round0_vjp = jax.vjp(
         lambda p, x, w: _round_term(round_fn, p, x, w, topk_idx, slot_round, 0), params, x, topk_weights)
     y = _later_rounds(round_fn, params, x, topk_weights, topk_idx, slot_round, num_rounds, y0.astype(jnp.float32))
     return y, (round0_vjp, params, x, topk_weights, topk_idx, slot_round, num_rounds)
 
 
-def _all_rounds_bwd(round_fn, dtype, res, ct):
+def _all_rounds_bwd(round_fn, dtype, grad_dtype, res, ct):
     round0_vjp, params, x, topk_weights, topk_idx, slot_round, num_rounds = res
     diff = (params, x, topk_weights)
     # Round 0's gradients first: the later rounds' loop starts from them, so
     # round 0's residuals are freed before the loop recomputes a round.
     # Accumulators: x's and the weights' gradients (per token, small) in
-    # float32; the parameters' in their own gradient dtype, as one dispatch
-    # returns them: a float32 copy of bfloat16 experts' gradients would hold
-    # twice their bytes (10.5 GiB per rank at DeepEP's shape, F = 1024), more than
-    # the rounds save in activations where the weights dominate.
+    # float32; the parameters' in `grad_dtype`, by default their own gradient
+    # dtype, as one dispatch returns them: a float32 copy of bfloat16
+    # experts' gradients would hold twice their bytes (10.5 GiB per rank at
+    # DeepEP's shape, F = 1024), more than the rounds save in activations
+    # where the weights dominate.
     g_params, g_x, g_w = round0_vjp(ct.astype(dtype))
+    if grad_dtype is not None:
+        g_params = jax.tree.map(lambda g: g.astype(grad_dtype), g_params)
     grads = (g_params, g_x.astype(jnp.float32), g_w.astype(jnp.float32))
 
     def body(carry):
@@ -381,7 +384,7 @@ _all_rounds.defvjp(_all_rounds_fwd, _all_rounds_bwd)
 
 def sum_over_rounds(
     round_fn: Callable, params, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
-    rounds: DispatchRounds,
+    rounds: DispatchRounds, *, param_grad_dtype=None,
 ) -> jax.Array:
     """``sum_r round_fn(params, x, rounds.topk_idx_of(topk_idx, r), rounds.weights_of(topk_weights, r))``
     over the rounds ``r < rounds.num_rounds``.
@@ -399,12 +402,20 @@ def sum_over_rounds(
 
     Rounds add up in float32 and round once to ``round_fn``'s output dtype;
     so do the gradients of ``x`` and ``topk_weights``. The gradients of
-    ``params`` add up in their own dtype (that of one round's gradient), so
-    that the rounds hold no float32 copy of the experts' gradients.
+    ``params`` add up in ``param_grad_dtype``: by default (``None``) their
+    own dtype (that of one round's gradient), so that the rounds hold no
+    float32 copy of the experts' gradients; ``jnp.float32`` adds bfloat16
+    parameters' gradients in float32 (one rounding instead of one per round)
+    at the cost of that copy, twice the parameters' bytes.
 
     Returns:
       ``[T, ...]`` in ``round_fn``'s output dtype.
     """
+    if param_grad_dtype is not None:
+        param_grad_dtype = jnp.dtype(param_grad_dtype)
+        if not jnp.issubdtype(param_grad_dtype, jnp.floating):
+            raise ValueError(f"param_grad_dtype must be a float dtype or None, got {param_grad_dtype}")
     dtype = jax.eval_shape(lambda: _round_term(round_fn, params, x, topk_weights, topk_idx, rounds.slot_round, 0)).dtype
-    y = _all_rounds(round_fn, jnp.dtype(dtype), params, x, topk_weights, topk_idx, rounds.slot_round, rounds.num_rounds)
+    y = _all_rounds(round_fn, jnp.dtype(dtype), param_grad_dtype, params, x, topk_weights, topk_idx,
+                    rounds.slot_round, rounds.num_rounds)
     return y.astype(dtype)

@@ -428,12 +428,14 @@ def test_plan_rounds_without_axis_lowers_for_cuda(monkeypatch):
     assert sum(f"capacity = {r} : i64" in line and "layout = 0 : i64" in line for line in dispatches) == 1
 
 
-def test_rounds_hold_no_float32_copy_of_bfloat16_parameter_gradients(rng):
+@pytest.mark.parametrize("param_grad_dtype", [None, jnp.float32])
+def test_rounds_hold_no_float32_copy_of_bfloat16_parameter_gradients(rng, param_grad_dtype):
     """Where the experts' weights dominate (here 2 MiB of bfloat16 per rank
     against a few KiB of rows), the backward pass through the rounds holds no
     more temporaries than one plain dispatch at worst-case capacity: the
     parameters' gradients add up in their own dtype, not in a float32 copy
-    (which alone would be twice the weights). The gradients keep the
+    (which alone would be twice the weights). ``param_grad_dtype=float32``
+    asks for that copy: about one more weight's bytes. The gradients keep the
     parameters' dtype and equal the plain dispatch's to bfloat16 rounding."""
     r, c, g, h = 2, 8, 8, 512
     idxs = _routing("skewed", rng, r, t=6, k=2, e=g)
@@ -455,7 +457,8 @@ def test_rounds_hold_no_float32_copy_of_bfloat16_parameter_gradients(rng):
             if capacity is None:  # one plain dispatch, no rounds
                 return round_fn(p, x, i, w), jnp.ones((1,), jnp.int32)
             plan = jax_ep.plan_rounds(i, num_experts=g, options=opts)
-            return jax_ep.sum_over_rounds(round_fn, p, x, i, w, plan), plan.num_rounds[None]
+            return (jax_ep.sum_over_rounds(round_fn, p, x, i, w, plan, param_grad_dtype=param_grad_dtype),
+                    plan.num_rounds[None])
 
         f = jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) * 4, out_specs=(P(AXIS), P(AXIS)))
         step = jax.jit(jax.grad(lambda p, x, w: jnp.sum(f(p, x, idx, w)[0].astype(jnp.float32) ** 2), (0, 1, 2)))
@@ -471,4 +474,14 @@ def test_rounds_hold_no_float32_copy_of_bfloat16_parameter_gradients(rng):
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=2e-2 * np.abs(b).max())
     per_rank_weights = p0.nbytes // r
     extra = m2.temp_size_in_bytes - m1.temp_size_in_bytes
-    assert extra < 0.5 * per_rank_weights, (m2.temp_size_in_bytes, m1.temp_size_in_bytes, per_rank_weights)
+    if param_grad_dtype is None:
+        assert extra < 0.5 * per_rank_weights, (m2.temp_size_in_bytes, m1.temp_size_in_bytes, per_rank_weights)
+    else:
+        assert 0.5 * per_rank_weights < extra < 2.5 * per_rank_weights, (extra, per_rank_weights)
+
+
+def test_sum_over_rounds_refuses_a_non_float_param_grad_dtype():
+    plan = rd.DispatchRounds(jnp.zeros((2, 1), jnp.int32), jnp.int32(1), jnp.int32(0))
+    with pytest.raises(ValueError, match="param_grad_dtype must be a float dtype"):
+        jax_ep.sum_over_rounds(lambda p, x, i, w: x, None, jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32),
+                               jnp.ones((2, 1)), plan, param_grad_dtype=jnp.int32)
