@@ -31,6 +31,39 @@ def test_train_moe_transformer_loss_falls_and_compiles_once():
     assert len(re.findall(r"Compiling jit\(train_step\)", err)) == 1, err[-4000:]
 
 
+# "loss A -> B in 60 steps": the main example's default run as README.md and docs/ quote it.
+QUOTED_RUN = re.compile(r"loss (\d+\.\d+) -> (\d+\.\d+) in 60 steps")
+
+
+def _quoted_runs():
+    """``{path: [(first, last), ...]}`` of every quote of the default run in README.md and docs/."""
+    paths = ["README.md"] + [os.path.join(d, n) for d, _, names in os.walk(os.path.join(ROOT, "docs"))
+                             for n in names if n.endswith(".md")]
+    found = {}
+    for path in paths:
+        text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        quotes = [tuple(map(float, m.groups())) for m in QUOTED_RUN.finditer(text)]
+        if quotes:
+            found[os.path.relpath(os.path.join(ROOT, path), ROOT)] = quotes
+    return found
+
+
+def test_docs_quote_one_default_run():
+    found = _quoted_runs()
+    assert "README.md" in found, "README.md no longer quotes the main example's run"
+    assert len({q for quotes in found.values() for q in quotes}) == 1, found
+
+
+def test_train_moe_transformer_default_run_matches_readme():
+    """The README's first command runs this example with its defaults; the
+    figures it quotes are what that run prints (to 0.005: another CPU may
+    round differently over 60 steps)."""
+    out, _ = _run("train_moe_transformer.py", timeout=300)
+    first, last = map(float, QUOTED_RUN.search(out).groups())
+    quoted_first, quoted_last = _quoted_runs()["README.md"][0]
+    assert abs(first - quoted_first) <= 0.005 and abs(last - quoted_last) <= 0.005, out
+
+
 def test_decode_loop_runs_and_matches_dense():
     out, _ = _run("decode_loop.py", "--steps", "6", "--repeats", "1", "--check")
     assert re.search(r"= \d+ tokens/s on CPU", out), out
