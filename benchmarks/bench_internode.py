@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
-from jax_ep import internode_plan  # noqa: E402
+from jax_ep import internode_config, internode_plan  # noqa: E402
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
@@ -121,7 +121,7 @@ def main():
     node_cap, capacity = internode_plan.capacity_hint(np.stack(idxs), num_experts=e, ranks_per_node=el)
     node_cap, capacity = -(-node_cap // 256) * 256, -(-capacity // 256) * 256
     # The R ranks share one GPU: all of their ring blocks (3 per channel in a combine) must be resident.
-    channels = a.channels or max(1, min(12, 120 // (3 * R)))
+    channels = a.channels or internode_config.channel_cap(jax.local_devices()[0].core_count, R)
     internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap, num_channels=channels)
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
                                            node_capacity=node_cap, fp8=True, internode=internode)

@@ -96,17 +96,22 @@ class Buffer:
         if self.ranks_per_node is not None:
             _topology.check_ranks_per_node(self.ranks_per_node)
         self._nodes = self.ranks_per_node or _topology.ranks_per_node_from_env()
+        channel_cap = None
         if "cuda" in (self.normal.backend, self.low_latency.backend):
             self._topo = _topology.discover(self._nodes, timeout_s=120.0)
             _check_node_support(self._topo, self.normal.backend, self.low_latency, self.ll_transport)
             from jax_ep.runtime import agree_on_buffer
 
-            agree_on_buffer(self._agreed_config())
+            if self.normal.backend == "cuda" and not self._topo.single_node:
+                from jax_ep.internode_ops import local_channel_cap
+
+                channel_cap = local_channel_cap()  # every rank must derive the same rings from it
+            agree_on_buffer(dict(self._agreed_config(), channel_cap=channel_cap))
         if self.normal.backend == "cuda" and not self._topo.single_node:
             from jax_ep.internode_ops import InternodeRuntime
 
             self._runtime = InternodeRuntime.create(self.num_nvl_bytes, self._topo, timeout_s=self.timeout_s,
-                                                    internode=self.internode)
+                                                    internode=self.internode, max_channels=channel_cap)
             self.normal = dataclasses.replace(self.normal, buffer_id=self._runtime.buffer_id)
         elif self.normal.backend == "cuda":
             from jax_ep.runtime import IntranodeRuntime

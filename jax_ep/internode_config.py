@@ -15,8 +15,8 @@ import math
 
 from jax_ep.options import MAX_CHANNELS, MAX_RING_CHUNKS, InternodeOptions, check_channels, check_ring
 
-__all__ = ["InternodeConfig", "resolve_call", "resolve_internode", "ring_row_bytes", "MAX_RANKS_PER_NODE",
-           "MAX_CHANNELS", "MAX_RING_CHUNKS"]
+__all__ = ["InternodeConfig", "resolve_call", "resolve_internode", "ring_row_bytes", "channel_cap",
+           "MAX_RANKS_PER_NODE", "MAX_CHANNELS", "MAX_RING_CHUNKS", "RESERVED_SMS"]
 
 MAX_RANKS_PER_NODE = 8  # NVL peers per forwarder block (one warp each); the source-meta bitmask is a byte
 RDMA_CHUNK_BYTES = 128 << 10  # one put of about this size runs at a NIC's line rate
@@ -25,6 +25,7 @@ RDMA_CHUNK_MAX, NVL_CHUNK_MAX = 64, 32  # tokens: small rows still publish often
 RDMA_RING_CHUNKS = 8  # chunks in flight per RDMA ring: covers a put's round trip at line rate
 NVL_RING_CHUNKS = 4  # NVLink's round trip is shorter
 DEFAULT_RDMA_BYTES = 1 << 30  # the budget of the RDMA rings (send and receive) of one call, per rank
+RESERVED_SMS = 12  # SMs of a GPU left to the other work of the ranks sharing it (120 of an H100's 132)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,23 @@ class InternodeConfig:
                     rdma_ring=self.rdma_ring_tokens, nvl_chunk=self.nvl_chunk_tokens, nvl_ring=self.nvl_ring_tokens)
 
 
+def channel_cap(sm_count: int | None, ranks_per_gpu: int = 1) -> int:
+    """The most channels whose ring blocks all fit on one GPU at once.
+
+    A combine runs ``3 * num_channels`` blocks that spin on each other, and
+    every rank sharing the GPU (CUDA MPS) runs its own at the same time, so
+    ``3 * num_channels * ranks_per_gpu`` must fit the GPU's SMs less
+    ``RESERVED_SMS``: ``(sm_count - RESERVED_SMS) // (3 * ranks_per_gpu)``,
+    clamped to ``[1, MAX_CHANNELS]``. ``sm_count`` None (unknown, e.g. on
+    CPU) gives ``MAX_CHANNELS``.
+    """
+    if not isinstance(ranks_per_gpu, int) or ranks_per_gpu < 1:
+        raise ValueError(f"ranks_per_gpu must be a positive int, got {ranks_per_gpu!r}")
+    if sm_count is None:
+        return MAX_CHANNELS
+    return min(max((int(sm_count) - RESERVED_SMS) // (3 * ranks_per_gpu), 1), MAX_CHANNELS)
+
+
 def ring_row_bytes(hidden: int, itemsize: int = 2, fp8: bool = False) -> int:
     """Bytes of one token's row in a ring: ``hidden * itemsize``, or FP8 values
     (1 byte per channel) then float32 scales (one per 128 channels), each part
@@ -92,7 +110,8 @@ def ring_row_bytes(hidden: int, itemsize: int = 2, fp8: bool = False) -> int:
 
 
 def resolve_call(options: InternodeOptions, *, num_nodes: int, ranks_per_node: int, num_tokens: int,
-                 row_bytes: int, num_topk: int, rdma_bytes: int = DEFAULT_RDMA_BYTES) -> InternodeConfig:
+                 row_bytes: int, num_topk: int, rdma_bytes: int = DEFAULT_RDMA_BYTES,
+                 max_channels: int = MAX_CHANNELS) -> InternodeConfig:
     """The rings of one call: ``options``' ``None`` fields filled by the
     documented rule, the result checked.
 
@@ -104,6 +123,9 @@ def resolve_call(options: InternodeOptions, *, num_nodes: int, ranks_per_node: i
         values and scales together; combine: y's row), rounded up to 16.
       rdma_bytes: budget of the RDMA rings per rank; the derived ring shrinks
         (never below one chunk) to fit it.
+      max_channels: ``channel_cap`` of the GPU and the ranks sharing it: the
+        derived channel count stays within it, and a ``num_channels`` option
+        above it is refused (the ring blocks could not all be resident).
     """
     if not isinstance(options, InternodeOptions):
         raise TypeError(f"options must be a jax_ep.options.InternodeOptions, got {type(options).__name__}")
@@ -121,7 +143,13 @@ def resolve_call(options: InternodeOptions, *, num_nodes: int, ranks_per_node: i
         # Enough tokens per (channel, node) stream for two chunks: with uniform
         # top-K routing a token goes to a given node with p = 1 - (1 - 1/N)^K.
         p_node = 1.0 - (1.0 - 1.0 / num_nodes) ** num_topk
-        channels = min(max(int(num_tokens * p_node // (2 * min(rdma_target, max(num_tokens, 1)))), 1), MAX_CHANNELS)
+        channels = min(max(int(num_tokens * p_node // (2 * min(rdma_target, max(num_tokens, 1)))), 1), MAX_CHANNELS,
+                       max_channels)
+    elif channels > max_channels:
+        raise ValueError(
+            f"num_channels={channels}: a combine's 3 * num_channels spinning blocks per rank, times the ranks "
+            f"sharing this GPU, must all be resident at once; at most {max_channels} channels fit here "
+            f"(jax_ep.internode_config.channel_cap; docs/internode.md, \"Defaults\")")
     check_channels(channels)
     tc = max(-(-num_tokens // channels), 1)  # the longest RDMA stream: one channel of one source
     nvl_most = num_nodes * tc  # the longest NVLink stream: one channel of a forwarder's table
@@ -143,11 +171,12 @@ def resolve_call(options: InternodeOptions, *, num_nodes: int, ranks_per_node: i
 
 def resolve_internode(options: InternodeOptions, *, num_nodes: int, ranks_per_node: int, num_tokens: int,
                       hidden: int, num_topk: int, itemsize: int = 2, fp8: bool = False,
-                      rdma_bytes: int = DEFAULT_RDMA_BYTES) -> InternodeConfig:
+                      rdma_bytes: int = DEFAULT_RDMA_BYTES, max_channels: int = MAX_CHANNELS) -> InternodeConfig:
     """``resolve_call`` for rows of ``hidden`` channels: ``itemsize``-byte
     elements (BF16/FP16/F32), or FP8 values and scales (``fp8``)."""
     return resolve_call(options, num_nodes=num_nodes, ranks_per_node=ranks_per_node, num_tokens=num_tokens,
-                        row_bytes=ring_row_bytes(hidden, itemsize, fp8), num_topk=num_topk, rdma_bytes=rdma_bytes)
+                        row_bytes=ring_row_bytes(hidden, itemsize, fp8), num_topk=num_topk, rdma_bytes=rdma_bytes,
+                        max_channels=max_channels)
 
 
 def _chunk_of(target: int, ring: int | None) -> int:

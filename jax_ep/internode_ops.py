@@ -27,12 +27,12 @@ import numpy as np
 
 from jax_ep import ll_put_runtime
 from jax_ep import topology as _topology
-from jax_ep.internode_config import (MAX_CHANNELS, MAX_RANKS_PER_NODE, MAX_RING_CHUNKS, InternodeConfig, resolve_call,
-                                     ring_row_bytes)
+from jax_ep.internode_config import (MAX_CHANNELS, MAX_RANKS_PER_NODE, MAX_RING_CHUNKS, InternodeConfig, channel_cap,
+                                     resolve_call, ring_row_bytes)
 from jax_ep.options import InternodeOptions
 
 __all__ = ["InternodeRuntime", "internode_buffer_bytes", "call_bytes", "kernel_call_bytes", "resolve_for",
-           "check_supported", "node_capacity_for",
+           "check_supported", "node_capacity_for", "local_channel_cap",
            "MAX_RANKS", "MAX_LOCAL_EXPERTS", "TARGETS"]
 
 MAX_RANKS = 64  # the source meta's rank mask is one uint64 (cuda/internode.cuh)
@@ -52,17 +52,19 @@ class InternodeRuntime(ll_put_runtime.PutRuntime):
     with."""
 
     internode: InternodeOptions = InternodeOptions()
+    max_channels: int = MAX_CHANNELS  # channel_cap of this GPU and the ranks sharing it (every rank agrees)
     xla_memory_note = "internode normal mode moves every row through the rings of its symmetric buffer"
 
     @staticmethod
     def create(num_bytes: int, topology: _topology.Topology, *, timeout_s: float = 100.0,
-               internode: InternodeOptions = InternodeOptions()) -> "InternodeRuntime":
+               internode: InternodeOptions = InternodeOptions(),
+               max_channels: int = MAX_CHANNELS) -> "InternodeRuntime":
         """Allocate and register the buffer (collective: every rank, same order)."""
         from jax_ep import runtime
 
         put = ll_put_runtime.PutRuntime.create(num_bytes, topology, timeout_s=timeout_s)
         fields = {f.name: getattr(put, f.name) for f in dataclasses.fields(ll_put_runtime.PutRuntime)}
-        rt = InternodeRuntime(**fields, internode=internode)
+        rt = InternodeRuntime(**fields, internode=internode, max_channels=max_channels)
         with runtime._lock:
             runtime._live[rt.buffer_id] = rt
         return rt
@@ -79,6 +81,19 @@ def check_supported(topology: _topology.Topology) -> None:
         raise NotImplementedError(
             f"jax_ep: normal.backend='cuda' with {where}: internode mode takes at most {MAX_RANKS} ranks "
             f"(the source meta's rank mask is 64 bits)")
+
+
+def local_channel_cap() -> int:
+    """``channel_cap`` of this process's GPU (its SM count, ``core_count`` of
+    the local JAX device) and the ranks sharing it (``jax_ep.launch.ranks_per_gpu``)."""
+    from jax_ep.launch import ranks_per_gpu
+
+    return channel_cap(_local_sm_count(), ranks_per_gpu())
+
+
+def _local_sm_count() -> int | None:
+    """SMs of this process's GPU (None where the device does not say, e.g. a CPU)."""
+    return getattr(jax.local_devices()[0], "core_count", None)
 
 
 def node_capacity_for(options: InternodeOptions, num_nodes: int, num_tokens: int) -> int:
@@ -164,6 +179,8 @@ def internode_buffer_bytes(num_tokens: int, hidden: int, num_ranks: int, num_top
     (default ``internode.num_max_rdma_recv_tokens``, else ``N*T``) sizes the
     forwarders' metas and placements; ``capacity`` and ``expert_alignment``
     are accepted for compatibility (no buffer region depends on them now).
+    With ``num_channels`` left to the rule, the size covers every channel
+    count a buffer may resolve (fewer where ranks share a GPU).
     The buffer is NVSHMEM symmetric memory: ``NVSHMEM_SYMMETRIC_SIZE`` must
     hold it (and any other symmetric buffer of the process)."""
     del capacity, expert_alignment
@@ -180,12 +197,16 @@ def internode_buffer_bytes(num_tokens: int, hidden: int, num_ranks: int, num_top
              ("cached_dispatch", small), ("combine", ring_row_bytes(hidden, itemsize)), ("combine", small)]
     if fp8:
         calls.append(("dispatch", ring_row_bytes(hidden, fp8=True)))
+    # A buffer resolves fewer channels where ranks share a GPU (channel_cap), which
+    # this function cannot know: size for every cap the rule may apply.
+    caps = range(1, MAX_CHANNELS + 1) if options.num_channels is None else (MAX_CHANNELS,)
     sizes = []
     for op, row in calls:
-        cfg = resolve_call(options, num_nodes=n, ranks_per_node=ranks_per_node, num_tokens=num_tokens, row_bytes=row,
-                           num_topk=num_topk)
-        sizes.append(kernel_call_bytes(op, cfg, num_tokens=num_tokens, num_topk=num_topk, num_experts=num_experts,
-                                       layout=layout))
+        for cap in caps:
+            cfg = resolve_call(options, num_nodes=n, ranks_per_node=ranks_per_node, num_tokens=num_tokens,
+                               row_bytes=row, num_topk=num_topk, max_channels=cap)
+            sizes.append(kernel_call_bytes(op, cfg, num_tokens=num_tokens, num_topk=num_topk,
+                                           num_experts=num_experts, layout=layout))
     return max(sizes)
 
 
@@ -194,7 +215,8 @@ def resolve_for(spec, row_bytes: int) -> InternodeConfig:
     are ``row_bytes``, from its buffer's ``InternodeOptions``."""
     rt = _runtime(spec)
     return resolve_call(rt.internode, num_nodes=rt.topology.num_nodes, ranks_per_node=rt.topology.ranks_per_node,
-                        num_tokens=spec.num_tokens, row_bytes=row_bytes, num_topk=spec.num_topk)
+                        num_tokens=spec.num_tokens, row_bytes=row_bytes, num_topk=spec.num_topk,
+                        max_channels=rt.max_channels)
 
 
 # --- the calls ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ from jax_ep.mps import (  # noqa: F401
 
 __all__ = [
     "RankInfo", "rank_info", "initialize_distributed", "main",
-    "visible_gpus", "child_environment", "rank_command", "MPSDaemon",
+    "visible_gpus", "child_environment", "rank_command", "MPSDaemon", "ranks_per_gpu",
 ]
 
 # --------------------------------------------------------------------------
@@ -63,6 +63,7 @@ ENV_RANK = "JAX_EP_RANK"
 ENV_NUM_RANKS = "JAX_EP_NUM_RANKS"
 ENV_COORDINATOR = "JAX_EP_COORDINATOR"
 ENV_LOCAL_GPU = "JAX_EP_LOCAL_GPU"
+ENV_RANKS_PER_GPU = "JAX_EP_RANKS_PER_GPU"
 
 EXIT_TIMEOUT = 124
 
@@ -113,6 +114,24 @@ def rank_info(environ: dict | None = None) -> RankInfo:
         raise RuntimeError(f"bad jax_ep.launch environment: rank {rank} of {num_ranks} ranks")
     gpu = env.get(ENV_LOCAL_GPU, "")
     return RankInfo(rank, num_ranks, env[ENV_COORDINATOR], gpu if gpu not in ("", "-1") else None)
+
+
+def ranks_per_gpu(environ: dict | None = None) -> int:
+    """How many rank processes share this process's GPU: the launcher's
+    ``JAX_EP_RANKS_PER_GPU`` (``ceil(ranks / GPUs)``; set it by hand for
+    another launcher that puts several ranks on one GPU), else 1. Internode
+    mode sizes its default rings by it (``jax_ep.internode_config.channel_cap``)."""
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_RANKS_PER_GPU, "")
+    if not value:
+        return 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{ENV_RANKS_PER_GPU}={value!r}: a positive integer expected")
+    return n
 
 
 _init_lock = threading.Lock()
@@ -266,12 +285,14 @@ def child_environment(
         gpu = gpus[rank % len(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[ENV_LOCAL_GPU] = gpu
-        ranks_per_gpu = math.ceil(num_ranks / len(gpus))
+        sharing = math.ceil(num_ranks / len(gpus))
+        env[ENV_RANKS_PER_GPU] = str(sharing)
         if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in base and "XLA_PYTHON_CLIENT_PREALLOCATE" not in base:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.85 / ranks_per_gpu:.3f}"
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.85 / sharing:.3f}"
     else:
         env["JAX_PLATFORMS"] = "cpu"
         env[ENV_LOCAL_GPU] = ""
+        env.pop(ENV_RANKS_PER_GPU, None)
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     if single_host:
         env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")

@@ -228,6 +228,9 @@ class InternodeOptions:
         tokens are split into contiguous ranges, one per channel. Each channel
         runs on 2 blocks of a dispatch or cached dispatch and 3 of a combine
         (one SM each: ``2 * num_channels`` and ``3 * num_channels`` SMs).
+        All of them, of every rank sharing a GPU, must be resident at once:
+        ``None`` derives a count that fits (``jax_ep.internode_config.channel_cap``),
+        and a count above that cap is refused.
       rdma_chunk_tokens, rdma_ring_tokens: tokens per RDMA put and per
         RDMA ring (one ring per (channel, node), on each side); a ring is a
         whole number of chunks, from 1 to ``MAX_RING_CHUNKS`` (16).

@@ -7,7 +7,7 @@ import pytest
 
 import jax
 from jax_ep import internode_plan as ip
-from jax_ep.internode_config import resolve_call, resolve_internode, ring_row_bytes
+from jax_ep.internode_config import MAX_CHANNELS, channel_cap, resolve_call, resolve_internode, ring_row_bytes
 from jax_ep.options import InternodeOptions
 
 
@@ -131,3 +131,28 @@ def test_default_capacities_never_drop(rng):
         assert int(np.max(plan.num_dropped)) == 0
         assert plan.fwd_src_node.shape[1] == ip.default_node_capacity(t, r // el) == int(np.max(plan.num_rdma_needed))
         assert plan.recv_src_rank.shape[1] == int(np.max(plan.num_recv_rows))
+
+
+def test_channel_cap_fits_the_ranks_sharing_a_gpu():
+    # An H100's 132 SMs less 12: a combine's 3 blocks per channel, per rank on the GPU.
+    assert [channel_cap(132, n) for n in (1, 2, 4, 8)] == [12, 12, 10, 5]
+    assert channel_cap(None, 8) == MAX_CHANNELS  # unknown SMs (a CPU): no cap
+    assert channel_cap(20, 8) == 1  # never below one channel
+    for n in (1, 2, 3, 4, 5, 6, 7, 8):
+        cap = channel_cap(132, n)
+        assert cap == MAX_CHANNELS or 3 * cap * n <= 120 < 3 * (cap + 1) * n
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="ranks_per_gpu"):
+            channel_cap(132, bad)
+
+
+def test_derived_channels_stay_within_the_cap_and_explicit_ones_are_checked():
+    kw = dict(num_nodes=4, ranks_per_node=2, num_tokens=2048, row_bytes=2048, num_topk=4)
+    assert resolve_call(InternodeOptions(), **kw).num_channels == 10
+    for cap in (1, 5, 10, 12):
+        assert resolve_call(InternodeOptions(), max_channels=cap, **kw).num_channels == min(10, cap)
+    assert resolve_internode(InternodeOptions(), num_nodes=4, ranks_per_node=2, num_tokens=2048, hidden=1024,
+                             num_topk=4, max_channels=5).num_channels == 5
+    assert resolve_call(InternodeOptions(num_channels=5), max_channels=5, **kw).num_channels == 5
+    with pytest.raises(ValueError, match=r"num_channels=6: .* at most 5 channels fit"):
+        resolve_call(InternodeOptions(num_channels=6), max_channels=5, **kw)

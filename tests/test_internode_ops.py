@@ -127,6 +127,22 @@ def test_check_supported_names_the_limit():
         internode_ops.check_supported(topo.Topology(128, 8, virtual=True))
 
 
+@pytest.mark.parametrize("t,h,el,k", [(4096, 7168, 4, 8), (2048, 1024, 2, 4), (300, 512, 1, 2), (64, 512, 4, 4)])
+def test_buffer_bytes_cover_the_rings_of_every_channel_cap(t, h, el, k):
+    """Where ranks share a GPU a buffer resolves fewer channels (channel_cap);
+    the size internode_buffer_bytes gives, which cannot know that, holds the
+    calls of every cap."""
+    r = 8
+    size = jax_ep.internode_buffer_bytes(t, h, r, k, 64, ranks_per_node=el)
+    most = 0
+    for cap in range(1, icfg.MAX_CHANNELS + 1):
+        for op, row in (("dispatch", 2 * h), ("cached_dispatch", 2 * h), ("combine", 2 * h), ("combine", 16)):
+            cfg = icfg.resolve_call(InternodeOptions(), num_nodes=r // el, ranks_per_node=el, num_tokens=t,
+                                    row_bytes=row, num_topk=k, max_channels=cap)
+            most = max(most, internode_ops.call_bytes(op, cfg, num_tokens=t, num_topk=k, num_experts=64))
+    assert size >= most
+
+
 def test_node_capacity_default_never_drops():
     assert internode_ops.node_capacity_for(InternodeOptions(), 4, 100) == 400
     assert internode_ops.node_capacity_for(InternodeOptions(num_max_rdma_recv_tokens=7), 4, 100) == 7
@@ -172,7 +188,7 @@ def test_handle_arrays_equal_the_plan(rng, node_capacity, capacity, el, layout, 
 def internode_buffer(monkeypatch):
     """Stand-in for a live internode buffer with id 7 (lowering needs no GPU)."""
     fake = types.SimpleNamespace(put_path=True, rank=0, num_ranks=R, buffer_id=7, internode=InternodeOptions(),
-                                 topology=topo.Topology(R, L, virtual=True))
+                                 topology=topo.Topology(R, L, virtual=True), max_channels=icfg.MAX_CHANNELS)
     monkeypatch.setattr(runtime, "lookup", lambda buffer_id: fake)
     monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: R)
     return fake
@@ -256,6 +272,46 @@ def test_rings_follow_the_buffer_options(internode_buffer):
     assert want.row_bytes == 7168 + 224
     # ceil(64 KiB / 7392) = 9 (a BF16 row of 14336 bytes would give 5).
     assert f"nvl_chunk = {want.nvl_chunk_tokens} : i64" in fp8[0] and want.nvl_chunk_tokens == 9, fp8[0]
+
+
+@needs_extension
+def test_buffer_rings_fit_the_ranks_sharing_a_gpu(monkeypatch):
+    """A CUDA normal-mode Buffer over virtual nodes (an internode buffer: a
+    stand-in here, no GPU) with 8 ranks on one 132-SM GPU derives at most
+    channel_cap(132, 8) = 5 channels, which its calls lower with; a
+    num_channels option above that is refused when a call resolves it."""
+    from jax_ep import ll_put_runtime
+
+    def create(num_bytes, topology, *, timeout_s=100.0):
+        return ll_put_runtime.PutRuntime(1 << 23, 0, topology.num_ranks, int(num_bytes), topology,
+                                         ("local",) * topology.num_ranks, timeout_s=timeout_s)
+
+    monkeypatch.setattr(ll_put_runtime.PutRuntime, "create", staticmethod(create))
+    monkeypatch.setattr(internode_ops.InternodeRuntime, "destroy",
+                        lambda self, timeout_s=60.0: runtime._live.pop(self.buffer_id, None))
+    monkeypatch.setattr(internode_ops, "_local_sm_count", lambda: 132)
+    monkeypatch.setenv("JAX_EP_RANKS_PER_GPU", "8")
+    n, t, h, k = len(jax.devices()), 2048, 1024, 4
+    x = jax.ShapeDtypeStruct((t, h), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((t, k), jnp.int32)
+    w = jax.ShapeDtypeStruct((t, k), jnp.float32)
+    assert icfg.resolve_call(InternodeOptions(), num_nodes=n // 2, ranks_per_node=2, num_tokens=t, row_bytes=2 * h,
+                             num_topk=k).num_channels == 10  # without the cap
+    for internode, want in ((InternodeOptions(), 5), (InternodeOptions(num_channels=6), None)):
+        with jax_ep.Buffer(num_experts=2 * n, axis_name=None, ranks_per_node=2, num_nvl_bytes=1 << 20,
+                           normal=jax_ep.NormalOptions(backend="cuda"), internode=internode) as buf:
+            assert buf._runtime.max_channels == 5
+            monkeypatch.setattr(jax_ep.validation, "num_ranks_for", lambda axis, backend, buffer_id: n)
+
+            def step(x, idx, w):
+                return buf.dispatch(x, idx, w).recv_x
+
+            if want is None:
+                with pytest.raises(ValueError, match="num_channels=6: .* at most 5 channels fit"):
+                    _lower(step, x, idx, w)
+                continue
+            line = [line for line in _lower(step, x, idx, w) if "@jax_ep_internode_dispatch(" in line][0]
+            assert f"num_channels = {want} : i64" in line, line
 
 
 @needs_extension

@@ -310,6 +310,8 @@ def test_child_environment_gpu_sharing_under_mps():
     assert [e["JAX_EP_LOCAL_GPU"] for e in envs] == ["4", "6", "4", "6", "4"]
     e = envs[3]
     assert e["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.283"  # 0.85 / 3 ranks on GPU 4
+    assert {x["JAX_EP_RANKS_PER_GPU"] for x in envs} == {"3"}  # the most on one GPU, the same on every rank
+    assert launch.ranks_per_gpu(e) == 3
     assert e["JAX_EP_RANK"] == "3" and e["JAX_EP_NUM_RANKS"] == "5" and e["JAX_EP_COORDINATOR"] == "127.0.0.1:9"
     assert e["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/p" and e["CUDA_MPS_LOG_DIRECTORY"] == "/tmp/l"
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in e
@@ -331,6 +333,17 @@ def test_child_environment_memory_and_cpu():
     cpu = launch.child_environment({"CUDA_VISIBLE_DEVICES": "0"}, rank=1, num_ranks=2, gpus=[], coordinator="c:1")
     assert cpu["JAX_PLATFORMS"] == "cpu" and cpu["JAX_EP_LOCAL_GPU"] == ""
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in cpu
+    assert one["JAX_EP_RANKS_PER_GPU"] == "1"
+    stale = launch.child_environment({"JAX_EP_RANKS_PER_GPU": "4"}, rank=0, num_ranks=2, gpus=[], coordinator="c:1")
+    assert "JAX_EP_RANKS_PER_GPU" not in stale and launch.ranks_per_gpu(stale) == 1
+
+
+def test_ranks_per_gpu_reads_the_launcher_variable():
+    assert launch.ranks_per_gpu({}) == 1 and launch.ranks_per_gpu({"JAX_EP_RANKS_PER_GPU": ""}) == 1
+    assert launch.ranks_per_gpu({"JAX_EP_RANKS_PER_GPU": "8"}) == 8
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ValueError, match="JAX_EP_RANKS_PER_GPU"):
+            launch.ranks_per_gpu({"JAX_EP_RANKS_PER_GPU": bad})
 
 
 class FakeMPS:

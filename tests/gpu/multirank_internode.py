@@ -40,7 +40,7 @@ import jax_ep  # noqa: E402
 import np_internode as npi  # noqa: E402
 import np_reference as npr  # noqa: E402
 from gpu.rank_checks import Checks, calc_diff  # noqa: E402
-from jax_ep import nvshmem  # noqa: E402
+from jax_ep import launch, nvshmem  # noqa: E402
 
 R, ME = info.num_ranks, info.rank
 SHAPES = {2: (1,), 4: (2,), 8: (4, 2)}.get(R, ())  # ranks per node
@@ -81,8 +81,9 @@ TINY_RINGS = dict(num_channels=2, rdma_chunk_tokens=2, rdma_ring_tokens=4, nvl_c
 
 def make_buffer(el, t, h, k, e, capacity=None, node_capacity=None, itemsize=2, layout="rank_major", alignment=1,
                 rings=None):
-    internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_capacity,
-                                        **(rings or dict(num_channels=CHANNELS)))
+    # rings: InternodeOptions ring fields, None for CHANNELS channels, "default" for the library's rule.
+    rings = {} if rings == "default" else (rings or dict(num_channels=CHANNELS))
+    internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_capacity, **rings)
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
                                            node_capacity=node_capacity, itemsize=itemsize, layout=layout,
                                            expert_alignment=alignment, internode=internode)
@@ -201,6 +202,14 @@ for EL in SHAPES:
     def _():
         run_case(EL, "tiny_rings_expert_major", 12, 80, 4, 4 * R, 128, capacity=60, node_capacity=90,
                  layout="expert_major", alignment=4, rings=TINY_RINGS)
+
+    @checks(f"{tag}_default_rings_fit_the_shared_gpu")
+    def _():
+        # T = 2048 of top-4: the rule asks for 10-12 channels, whose blocks would not all
+        # be resident with R ranks on this GPU at R >= 4; the launcher says R share it
+        # (JAX_EP_RANKS_PER_GPU), so the buffer keeps to channel_cap (5 at R = 8 on 132 SMs).
+        assert launch.ranks_per_gpu() == R, launch.ranks_per_gpu()
+        run_case(EL, "default_rings", 13, 2048, 4, 4 * R, 256, rings="default")
 
     @checks(f"{tag}_fp8_dispatch")
     def _():
