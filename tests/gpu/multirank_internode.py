@@ -206,9 +206,9 @@ for EL in SHAPES:
     @checks(f"{tag}_default_rings_fit_the_shared_gpu")
     def _():
         # T = 2048 of top-4: the rule asks for 10-12 channels, whose blocks would not all
-        # be resident with R ranks on this GPU at R >= 4; the launcher says R share it
-        # (JAX_EP_RANKS_PER_GPU), so the buffer keeps to channel_cap (5 at R = 8 on 132 SMs).
-        assert launch.ranks_per_gpu() == R, launch.ranks_per_gpu()
+        # be resident with R ranks on one GPU at R >= 4; the launcher says how many share
+        # it (JAX_EP_RANKS_PER_GPU), so the buffer keeps to channel_cap (5 at R = 8 on 132 SMs).
+        assert os.environ.get("JAX_EP_RANKS_PER_GPU") == str(launch.ranks_per_gpu()), "not set by the launcher"
         run_case(EL, "default_rings", 13, 2048, 4, 4 * R, 256, rings="default")
 
     @checks(f"{tag}_fp8_dispatch")
