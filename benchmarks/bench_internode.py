@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_ep  # noqa: E402
-from jax_ep import internode_config, internode_plan  # noqa: E402
+from jax_ep import internode_ops, internode_plan  # noqa: E402
 from unrolled import unrolled_loop  # noqa: E402  (benchmarks/unrolled.py)
 
 R, ME = info.num_ranks, info.rank
@@ -47,7 +47,8 @@ def parse():
     p.add_argument("--ranks-per-node", type=int, default=None, help="ranks per virtual node (default R/2)")
     p.add_argument("--sms", type=int, default=24, help="blocks of the copy kernels per rank")
     p.add_argument("--channels", type=int, default=None,
-                   help="ring channels per rank (default: what fits R ranks' ring blocks on one GPU, at most 12)")
+                   help="ring channels per rank (default: the most whose ring blocks fit with the ranks sharing "
+                        "this GPU, at most 12: jax_ep.internode_ops.local_channel_cap)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="folder for the JSON results (rank 0 writes)")
@@ -120,8 +121,8 @@ def main():
     # Capacities from the routing (rounded up), so the buffer is not sized for the worst case.
     node_cap, capacity = internode_plan.capacity_hint(np.stack(idxs), num_experts=e, ranks_per_node=el)
     node_cap, capacity = -(-node_cap // 256) * 256, -(-capacity // 256) * 256
-    # The R ranks share one GPU: all of their ring blocks (3 per channel in a combine) must be resident.
-    channels = a.channels or internode_config.channel_cap(jax.local_devices()[0].core_count, R)
+    # All ring blocks (3 per channel in a combine) of the ranks sharing this GPU must be resident.
+    channels = a.channels or internode_ops.local_channel_cap()
     internode = jax_ep.InternodeOptions(num_max_rdma_recv_tokens=node_cap, num_channels=channels)
     nbytes = jax_ep.internode_buffer_bytes(t, h, R, k, e, ranks_per_node=el, capacity=capacity,
                                            node_capacity=node_cap, fp8=True, internode=internode)
